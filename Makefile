@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` (the whole bootstrap against the local sandbox)
+# and `make test` (the whole suite). Each installs what it needs on a fresh machine.
+SHELL := /bin/bash
+export PATH := $(HOME)/.local/bin:$(PATH)
+export UV_LINK_MODE := copy
+RUN := uv run --frozen
+
+.PHONY: setup system lint test demo bench clean
+
+setup:
+	@command -v uv >/dev/null || python3 -m pip install --quiet uv
+	uv sync --frozen
+
+# Debian packages, the services venv, the guest image and the guests' wheels (root; cached).
+system: setup
+	$(RUN) sails-bootstrap sandbox install
+
+lint: setup
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) mypy
+
+test: system lint
+	$(RUN) pytest
+
+demo: system
+	$(RUN) sails-bootstrap sandbox up
+	$(RUN) sails-bootstrap up --config examples/sandbox.yaml
+
+bench: system
+	$(RUN) python -m bench
+
+clean:
+	-$(RUN) sails-bootstrap sandbox down

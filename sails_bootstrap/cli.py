@@ -1,0 +1,140 @@
+"""The ``sails-bootstrap`` command.
+
+Start-up stays light: Prefect, openstacksdk and fabric are imported inside the commands that
+need them, so ``--help`` and ``config validate`` answer at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from sails_bootstrap.config import BootstrapConfig, ConfigError, dump_config, load_config
+
+app = typer.Typer(
+    help="Build, check and repair the ALMA-SAILS orchestration VM on an OpenStack cloud.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Check and show a configuration file.", no_args_is_help=True)
+blocks_app = typer.Typer(help="Prefect blocks of this package.", no_args_is_help=True)
+sandbox_app = typer.Typer(
+    help="The local sandbox: an OpenStack cloud and CANFAR stand-ins on this machine.",
+    no_args_is_help=True,
+)
+app.add_typer(config_app, name="config")
+app.add_typer(blocks_app, name="blocks")
+app.add_typer(sandbox_app, name="sandbox")
+
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="Configuration file (YAML).", show_default=False)
+]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(message, err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def read_config(path: Path) -> BootstrapConfig:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    for warning in config.warnings():
+        typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
+    return config
+
+
+# -- config ------------------------------------------------------------------------------------
+@config_app.command("validate")
+def config_validate(file: Annotated[Path, typer.Argument(help="Configuration file.")]) -> None:
+    """Check FILE; exit non-zero with the fields to fix."""
+    config = read_config(file)
+    typer.echo(f"{file}: valid (environment {config.environment!r})")
+
+
+@config_app.command("show")
+def config_show(file: Annotated[Path, typer.Argument(help="Configuration file.")]) -> None:
+    """Print FILE with every default filled in, and the resource names it derives."""
+    config = read_config(file)
+    typer.echo(dump_config(config), nl=False)
+    typer.echo("# derived names")
+    typer.echo(f"#   keypair: {config.keypair_name}")
+    typer.echo(f"#   server:  {config.server_name}")
+    typer.echo(f"#   volume:  {config.volume_name}")
+    typer.echo(f"#   tag:     {config.tag}")
+    typer.echo("# secrets live in the named Prefect blocks, never in this file")
+
+
+# -- blocks ------------------------------------------------------------------------------------
+@blocks_app.command("register")
+def blocks_register() -> None:
+    """Register this package's block types with the Prefect API in use."""
+    from blocks import register_block_types
+
+    for slug in register_block_types():
+        typer.echo(f"registered block type {slug}")
+
+
+# -- sandbox -----------------------------------------------------------------------------------
+def _sandbox_manager() -> Any:
+    if os.geteuid() != 0:
+        raise fail(
+            "the sandbox needs root: it installs Debian packages, creates network namespaces, "
+            "bridges, loop devices and mounts. Run it with sudo (or as root in a container)."
+        )
+    import importlib
+
+    return importlib.import_module("sandbox.manager")
+
+
+@sandbox_app.command("up")
+def sandbox_up() -> None:
+    """Install what is missing and start the sandbox (idempotent)."""
+    info = _sandbox_manager().up()
+    typer.echo("sandbox is up")
+    for key, value in (info or {}).items():
+        typer.echo(f"  {key}: {value}")
+    typer.echo('use it with: eval "$(sails-bootstrap sandbox env)"')
+
+
+@sandbox_app.command("down")
+def sandbox_down() -> None:
+    """Stop every sandbox process and remove its namespaces, devices and mounts (keeps volumes)."""
+    _sandbox_manager().down()
+    typer.echo("sandbox is down")
+
+
+@sandbox_app.command("status")
+def sandbox_status() -> None:
+    """Say what runs."""
+    status = _sandbox_manager().status()
+    for key, value in status.items():
+        typer.echo(f"{key}: {value}")
+
+
+@sandbox_app.command("env")
+def sandbox_env() -> None:
+    """Print export lines for: eval "$(sails-bootstrap sandbox env)"."""
+    import shlex
+
+    for key, value in _sandbox_manager().env().items():
+        typer.echo(f"export {key}={shlex.quote(str(value))}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

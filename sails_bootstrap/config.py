@@ -1,0 +1,360 @@
+"""The desired state of one orchestration VM environment.
+
+One typed model, loaded from YAML, is the single source of what the VM should be. Its defaults
+reproduce the hand-written procedure the project automates (an Ubuntu 24.04 server on flavor
+``c1-7.5gb-36`` on Arbutus, a 50 GB volume at /mnt/pspace, CANFAR's /arc over sshfs and a Prefect
+server on port 4200). Every cloud resource name derives from ``environment``, so several
+environments can share one OpenStack project.
+
+The model is also a Prefect flow parameter: it holds no secrets, only the *names* of the blocks
+that hold them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# Names OpenStack, Prefect block slugs and ssh aliases all accept.
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+SEED_IMAGE = "Ubuntu-24.04-Noble-x64-2024-06"
+SEED_FLAVOR = "c1-7.5gb-36"
+CADC_REGISTRY_URL = "https://ws.cadc-ccda.hia-iha.nrc-cnrc.gc.ca/reg/resource-caps"
+CANFAR_SESSION_URL = "https://ws-uv.canfar.net/skaha/v1"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngressRule(_Model):
+    """One ingress rule of the security group (IPv4 or IPv6 follows the CIDR)."""
+
+    protocol: Literal["icmp", "tcp", "udp"] = Field(description="IP protocol.")
+    port: Port | None = Field(
+        default=None, description="Port (tcp/udp); empty for ICMP, which allows any type."
+    )
+    cidr: str = Field(default="0.0.0.0/0", description="Remote IP prefix allowed in.")
+    description: str = ""
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_network(value.strip(), strict=True))
+        except ValueError as exc:
+            raise ValueError(
+                f"{value!r} is not a network in CIDR notation ({exc}); "
+                "write it as address/prefix with no host bits set, e.g. 203.0.113.0/24"
+            ) from None
+
+    @model_validator(mode="after")
+    def _port_matches_protocol(self) -> IngressRule:
+        if self.protocol == "icmp" and self.port is not None:
+            raise ValueError("an ICMP rule has no port: remove 'port' from it")
+        if self.protocol != "icmp" and self.port is None:
+            raise ValueError(f"a {self.protocol} rule needs a 'port' between 1 and 65535")
+        return self
+
+    @property
+    def ethertype(self) -> str:
+        return "IPv6" if ipaddress.ip_network(self.cidr).version == 6 else "IPv4"
+
+    @property
+    def world_open(self) -> bool:
+        return ipaddress.ip_network(self.cidr).prefixlen == 0
+
+    def key(self) -> tuple[str, str, int | None, int | None, str]:
+        """How the rule is compared with what the cloud has (direction is always ingress)."""
+        return (self.ethertype, self.protocol, self.port, self.port, self.cidr)
+
+
+def _seed_rules() -> list[IngressRule]:
+    return [
+        IngressRule(protocol="icmp", description="ping"),
+        IngressRule(protocol="tcp", port=22, description="ssh"),
+        IngressRule(protocol="tcp", port=4200, description="Prefect API and UI"),
+    ]
+
+
+class CloudSettings(_Model):
+    """How to reach the OpenStack project."""
+
+    credentials_block: Name | None = Field(
+        default=None,
+        description="Name of an OpenStackCredentials block. Empty: use the clouds.yaml entry.",
+    )
+    cloud: str | None = Field(
+        default=None,
+        description="clouds.yaml entry to use when no block is named; empty means $OS_CLOUD.",
+    )
+    api_timeout: float = Field(default=60, gt=0, description="Seconds per API request.")
+
+
+class ServerSettings(_Model):
+    image: NonEmpty = Field(default=SEED_IMAGE, description="Glance image name or id.")
+    flavor: NonEmpty = Field(default=SEED_FLAVOR, description="Nova flavor name or id.")
+    network: str | None = Field(
+        default=None, description="Project network; empty when the project has exactly one."
+    )
+    floating_network: str | None = Field(
+        default=None, description="External network for the floating IP; empty when only one."
+    )
+    security_group: NonEmpty = Field(
+        default="default", description="Security group that receives the ingress rules."
+    )
+    ingress: list[IngressRule] = Field(default_factory=_seed_rules)
+    user: NonEmpty = Field(default="ubuntu", description="Login user of the image.")
+    build_timeout: float = Field(default=900, gt=0, description="Seconds to wait for ACTIVE.")
+
+
+class VolumeSettings(_Model):
+    size_gb: int = Field(default=50, ge=1, description="Size of the persistent volume in GB.")
+    mount_point: str = Field(default="/mnt/pspace", description="Where the volume is mounted.")
+    owner: NonEmpty = Field(default="ubuntu", description="Owner of the mounted volume.")
+    label: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,16}$")] = Field(
+        default="pspace", description="ext4 label given when the volume is first formatted."
+    )
+    device_hint: str = Field(
+        default="/dev/vdc",
+        description="Device name asked of Nova; a hint only (the guest path is found by id).",
+    )
+    timeout: float = Field(default=300, gt=0, description="Seconds to wait for the volume.")
+
+    @field_validator("mount_point")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not PurePosixPath(value).is_absolute() or value == "/":
+            raise ValueError(f"{value!r} must be an absolute path below /, e.g. /mnt/pspace")
+        return value
+
+
+class SSHSettings(_Model):
+    key_block: Name = Field(
+        default="sails-vm-key", description="Name of the SSHKeyPair block for the VM's keypair."
+    )
+    alias: Name = Field(default="prefect-vm", description="Host alias written for `ssh ALIAS`.")
+    config_dir: str = Field(default="~/.ssh", description="Where the ssh config and keys live.")
+    connect_timeout: float = Field(default=300, gt=0, description="Seconds to wait for SSH.")
+    operator_keys: list[str] = Field(
+        default_factory=list,
+        description="Extra public keys allowed to log in as the VM user (the team's keys).",
+    )
+
+    @field_validator("operator_keys")
+    @classmethod
+    def _public_keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if not re.match(r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp\d+) [A-Za-z0-9+/=]+", key):
+                raise ValueError(
+                    f"{key[:30]!r}… is not an OpenSSH public key line ('ssh-ed25519 AAAA… comment')"
+                )
+        return keys
+
+
+class ArcSettings(_Model):
+    """CANFAR's /arc, mounted on the VM with sshfs."""
+
+    enabled: bool = True
+    host: NonEmpty = Field(default="ws-uv.canfar.net", description="SFTP host serving /arc.")
+    port: Port = 64022
+    user: str | None = Field(
+        default=None, description="CANFAR user name on the /arc host (default: the CANFAR block's)."
+    )
+    remote_path: str = "/"
+    mount_point: str = Field(default="~/canfar_arc", description="Mount point on the VM.")
+    key_path: str = Field(default="~/.ssh/canfar_key", description="Key on the VM for /arc.")
+    options: list[str] = Field(
+        default_factory=lambda: ["reconnect", "ServerAliveInterval=15", "ServerAliveCountMax=10"],
+        description="sshfs -o options.",
+    )
+    probe_timeout: float = Field(default=8, gt=0, le=60, description="Seconds before 'stale'.")
+
+
+class SmokeTest(_Model):
+    """The CANFAR headless session launched to prove the VM can run the pipeline."""
+
+    enabled: bool = True
+    image: NonEmpty = "images.canfar.net/skaha/astroml:latest"
+    cmd: NonEmpty = "echo"
+    args: str = "alma-sails smoke test"
+    cores: int = Field(default=1, ge=1)
+    ram: int = Field(default=1, ge=1, description="GB")
+    timeout: float = Field(default=600, gt=0)
+
+
+class CanfarSettings(_Model):
+    credentials_block: Name = Field(
+        default="canfar", description="Name of the CanfarCredentials block."
+    )
+    smoke_test: SmokeTest = SmokeTest()
+    renew_days_before: int = Field(default=7, ge=0, description="Warn when fewer days remain.")
+
+
+class WorkPool(_Model):
+    name: Name
+    concurrency: int | None = Field(default=None, ge=1)
+    workers: int = Field(default=1, ge=0, le=8)
+
+
+def _seed_pools() -> list[WorkPool]:
+    return [
+        WorkPool(name="pipeline-state-monitoring"),
+        WorkPool(name="vm-runs", concurrency=2),
+        WorkPool(name="headless-runs", concurrency=12),
+        WorkPool(name="sails-bootstrap"),
+    ]
+
+
+class PrefectSettings(_Model):
+    """The Prefect server run on the VM."""
+
+    port: Port = 4200
+    home: str = "/mnt/pspace/prefect-data"
+    venv: str = "/mnt/pspace/prefect-env"
+    version: str | None = Field(
+        default=None, description="Prefect version for the VM; empty: the local one."
+    )
+    requirements: str | None = Field(
+        default=None, description="Local requirements file to install in the VM's venv."
+    )
+    package_index: str | None = Field(
+        default=None, description="Package index URL the VM installs from (air-gapped clouds)."
+    )
+    api_auth: bool = Field(default=True, description="Require the API auth string.")
+    auth_block: Name = Field(
+        default="sails-prefect-auth", description="Secret block holding the API auth string."
+    )
+    work_pools: list[WorkPool] = Field(default_factory=_seed_pools)
+    health_cron: str = Field(default="*/15 * * * *", description="Health check schedule.")
+
+
+class BootstrapConfig(_Model):
+    """Desired state of one orchestration VM environment."""
+
+    environment: Name = Field(
+        default="alma-sails", description="Environment name; every resource name derives from it."
+    )
+    cloud: CloudSettings = CloudSettings()
+    server: ServerSettings = ServerSettings()
+    volume: VolumeSettings = VolumeSettings()
+    ssh: SSHSettings = SSHSettings()
+    arc: ArcSettings = ArcSettings()
+    canfar: CanfarSettings = CanfarSettings()
+    prefect: PrefectSettings = PrefectSettings()
+    ca_bundle: str | None = Field(
+        default=None, description="Extra CA certificates (PEM file) for private endpoints."
+    )
+
+    @model_validator(mode="after")
+    def _pools_unique(self) -> BootstrapConfig:
+        names = [p.name for p in self.prefect.work_pools]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"prefect.work_pools: {', '.join(dupes)} listed twice")
+        return self
+
+    # -- names derived from the environment -------------------------------------------------
+    @property
+    def keypair_name(self) -> str:
+        return f"{self.environment}-key"
+
+    @property
+    def server_name(self) -> str:
+        return f"{self.environment}-vm"
+
+    @property
+    def volume_name(self) -> str:
+        return f"{self.environment}-pspace"
+
+    @property
+    def tag(self) -> str:
+        """Marks (server metadata, volume metadata, floating IP description) what we created."""
+        return f"sails-bootstrap:{self.environment}"
+
+    def warnings(self) -> list[str]:
+        """Things that are allowed but probably not meant."""
+        out = []
+        for rule in self.server.ingress:
+            if rule.port == self.prefect.port and rule.world_open and not self.prefect.api_auth:
+                out.append(
+                    f"port {rule.port} is open to {rule.cidr} and prefect.api_auth is off: "
+                    "anyone can read block secrets through the API. Turn api_auth on or "
+                    "narrow the rule's cidr."
+                )
+        return out
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message says what to fix."""
+
+
+_HINTS = {
+    "extra_forbidden": "unknown key: remove it or check its spelling",
+    "string_pattern_mismatch": (
+        "use lowercase letters, digits and dashes (start and end with a letter or digit)"
+    ),
+    "greater_than_equal": "value too small",
+    "less_than_equal": "value too large",
+    "missing": "required",
+}
+
+
+def format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        hint = _HINTS.get(err["type"])
+        if err["type"] == "string_pattern_mismatch":
+            msg = f"{err['input']!r} is not a valid name"
+        if hint and hint not in msg:
+            msg = f"{msg} ({hint})"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> BootstrapConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        return BootstrapConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source} is not valid:\n{format_errors(exc)}") from None
+
+
+def load_config(path: str | Path) -> BootstrapConfig:
+    """Read and validate a YAML config file; errors name the field and the fix."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(data, str(path))
+
+
+def dump_config(config: BootstrapConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

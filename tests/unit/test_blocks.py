@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import logging
+import stat
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from blocks import CanfarCredentials, OpenStackCredentials, SSHKeyPair, register_block_types
+from blocks.ssh import fingerprint
+
+PASSWORD = "pw-7f3a9c1e-do-not-log"
+APP_SECRET = "appsecret-51bd-do-not-log"
+CADC_PASSWORD = "cadc-1e2d-do-not-log"
+
+
+def test_generated_keys_have_matching_fingerprints() -> None:
+    for kind in ("ed25519", "rsa"):
+        key = SSHKeyPair.generate(kind, comment="t")  # type: ignore[arg-type]
+        assert key.public_key.endswith(" t")
+        assert key.fingerprint == key.pkey().fingerprint == fingerprint(key.public_key)
+    assert SSHKeyPair.generate("rsa").pkey().get_bits() == 4096
+
+
+def test_private_key_files_are_0600_and_removed(tmp_path: Path) -> None:
+    key = SSHKeyPair.generate()
+    path = key.write_private_key(tmp_path / "sub" / "id")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() == key.private_key.get_secret_value()
+    with key.private_key_file() as temp:
+        assert stat.S_IMODE(temp.stat().st_mode) == 0o600
+    assert not temp.exists()
+
+
+def test_secrets_stay_out_of_reprs_and_errors() -> None:
+    creds = OpenStackCredentials(
+        auth_url="http://127.0.0.1:1/v3",
+        auth_type="password",
+        username="u",
+        password=SecretStr(PASSWORD),
+        project_name="p",
+    )
+    assert PASSWORD not in repr(creds) and PASSWORD not in str(creds.model_dump())
+    with pytest.raises(ValueError, match="application_credential_id") as info:
+        OpenStackCredentials(auth_url="http://x/v3").get_connection()
+    assert APP_SECRET not in str(info.value)
+
+
+def test_canfar_credentials_need_a_way_in() -> None:
+    with pytest.raises(ValueError, match="password, a certificate or a token"):
+        CanfarCredentials(username="someone")
+
+
+def test_openstack_credentials_from_clouds_yaml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clouds = tmp_path / "clouds.yaml"
+    clouds.write_text(
+        "clouds:\n  mycloud:\n    auth_type: v3applicationcredential\n    region_name: RegionOne\n"
+        "    auth:\n      auth_url: http://127.0.0.1:5000/v3\n"
+        f"      application_credential_id: abc\n      application_credential_secret: {APP_SECRET}\n"
+    )
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
+    creds = OpenStackCredentials.from_clouds_yaml("mycloud")
+    assert creds.auth_type == "v3applicationcredential"
+    assert creds.application_credential_id == "abc"
+    assert creds.application_credential_secret is not None
+    assert creds.application_credential_secret.get_secret_value() == APP_SECRET
+    assert creds.region_name == "RegionOne"
+    conn = creds.get_connection()  # lazy: no request is sent
+    assert conn.config.get_auth_args()["application_credential_secret"] == APP_SECRET
+
+
+def test_blocks_round_trip_through_a_real_server(prefect_server, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.DEBUG)
+    assert register_block_types() == ["openstack-credentials", "ssh-key-pair", "canfar-credentials"]
+    register_block_types()  # idempotent
+
+    key = SSHKeyPair.generate()
+    key.save("test-vm-key", overwrite=True)
+    OpenStackCredentials(
+        auth_url="http://127.0.0.1:5000/v3",
+        auth_type="password",
+        username="sails",
+        password=SecretStr(PASSWORD),
+        project_name="alma-sails",
+    ).save("test-cloud", overwrite=True)
+    CanfarCredentials(username="sailsuser", password=SecretStr(CADC_PASSWORD)).save(
+        "test-canfar", overwrite=True
+    )
+
+    loaded_key = SSHKeyPair.load("test-vm-key")
+    assert loaded_key.private_key.get_secret_value() == key.private_key.get_secret_value()
+    assert loaded_key.fingerprint == key.fingerprint
+    cloud = OpenStackCredentials.load("test-cloud")
+    assert cloud.password is not None and cloud.password.get_secret_value() == PASSWORD
+    canfar = CanfarCredentials.load("test-canfar")
+    assert canfar.password is not None and canfar.password.get_secret_value() == CADC_PASSWORD
+
+    # Through the API, as the UI and `prefect block inspect` read them: masked.
+    docs = httpx.post(f"{prefect_server.url}/block_documents/filter", json={}).json()
+    by_name = {d["name"]: d["data"] for d in docs}
+    assert by_name["test-cloud"]["password"] == "********"
+    assert by_name["test-vm-key"]["private_key"] == "********"
+    assert by_name["test-canfar"]["password"] == "********"
+    wire = str(docs)
+    for secret in (PASSWORD, CADC_PASSWORD, key.private_key.get_secret_value()):
+        assert secret not in wire
+
+    # No secret in any log line: this process's and the server's.
+    logged = caplog.text + prefect_server.log.read_text()
+    for secret in (PASSWORD, CADC_PASSWORD, "PRIVATE KEY"):
+        assert secret not in logged

@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sails_bootstrap.config import (
+    BootstrapConfig,
+    ConfigError,
+    IngressRule,
+    load_config,
+    parse_config,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_reproduce_the_seed() -> None:
+    c = BootstrapConfig()
+    assert c.server.image == "Ubuntu-24.04-Noble-x64-2024-06"
+    assert c.server.flavor == "c1-7.5gb-36"
+    assert [(r.protocol, r.port, r.cidr) for r in c.server.ingress] == [
+        ("icmp", None, "0.0.0.0/0"),
+        ("tcp", 22, "0.0.0.0/0"),
+        ("tcp", 4200, "0.0.0.0/0"),
+    ]
+    assert all(r.ethertype == "IPv4" for r in c.server.ingress)
+    assert (c.volume.size_gb, c.volume.mount_point, c.volume.owner) == (50, "/mnt/pspace", "ubuntu")
+    assert c.volume.device_hint == "/dev/vdc"
+    assert c.ssh.alias == "prefect-vm"
+    assert (c.arc.host, c.arc.port) == ("ws-uv.canfar.net", 64022)
+    assert c.arc.options == ["reconnect", "ServerAliveInterval=15", "ServerAliveCountMax=10"]
+    assert (c.arc.mount_point, c.arc.key_path) == ("~/canfar_arc", "~/.ssh/canfar_key")
+    assert c.prefect.port == 4200
+    assert c.prefect.home == "/mnt/pspace/prefect-data"
+    assert c.prefect.venv == "/mnt/pspace/prefect-env"
+    pools = {p.name: p.concurrency for p in c.prefect.work_pools}
+    assert pools["vm-runs"] == 2 and pools["headless-runs"] == 12
+    assert "pipeline-state-monitoring" in pools
+
+
+def test_names_derive_from_the_environment() -> None:
+    c = parse_config({"environment": "test-2"})
+    assert (c.keypair_name, c.server_name, c.volume_name) == (
+        "test-2-key",
+        "test-2-vm",
+        "test-2-pspace",
+    )
+    assert c.tag == "sails-bootstrap:test-2"
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "fix"),
+    [
+        (
+            {"server": {"ingress": [{"protocol": "tcp", "port": 22, "cidr": "10.0.0.1/33"}]}},
+            "server.ingress.0.cidr",
+            "CIDR notation",
+        ),
+        (
+            {"server": {"ingress": [{"protocol": "tcp", "port": 22, "cidr": "10.0.0.1/24"}]}},
+            "server.ingress.0.cidr",
+            "no host bits",
+        ),
+        (
+            {"server": {"ingress": [{"protocol": "tcp", "port": 70000}]}},
+            "server.ingress.0.port",
+            "less than or equal to 65535",
+        ),
+        ({"server": {"ingress": [{"protocol": "tcp"}]}}, "server.ingress.0", "needs a 'port'"),
+        ({"server": {"ingress": [{"protocol": "icmp", "port": 8}]}}, "server.ingress.0", "no port"),
+        ({"prefect": {"port": 0}}, "prefect.port", "greater than or equal to 1"),
+        ({"volume": {"size_gb": 0}}, "volume.size_gb", "greater than or equal to 1"),
+        ({"volume": {"mount_point": "pspace"}}, "volume.mount_point", "absolute path"),
+        ({"environment": ""}, "environment", "lowercase letters"),
+        ({"environment": "Alma_Sails"}, "environment", "lowercase letters"),
+        ({"server": {"image": "  "}}, "server.image", "at least 1 character"),
+        ({"sever": {}}, "sever", "unknown key"),
+        ({"server": {"flavour": "x"}}, "server.flavour", "unknown key"),
+        ({"ssh": {"operator_keys": ["not a key"]}}, "ssh.operator_keys", "public key"),
+        ({"prefect": {"work_pools": [{"name": "a"}, {"name": "a"}]}}, "work_pools", "twice"),
+    ],
+)
+def test_bad_input_names_field_and_fix(data: dict, field: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "test.yaml")
+    message = str(info.value)
+    assert field in message, message
+    assert fix in message, message
+
+
+def test_world_open_prefect_port_without_auth_warns() -> None:
+    assert BootstrapConfig().warnings() == []
+    c = parse_config({"prefect": {"api_auth": False}})
+    (warning,) = c.warnings()
+    assert "4200" in warning and "api_auth" in warning
+    narrow = parse_config(
+        {
+            "prefect": {"api_auth": False},
+            "server": {"ingress": [{"protocol": "tcp", "port": 4200, "cidr": "198.51.100.0/24"}]},
+        }
+    )
+    assert narrow.warnings() == []
+
+
+def test_ipv6_rule_gets_ipv6_ethertype() -> None:
+    assert IngressRule(protocol="tcp", port=22, cidr="::/0").ethertype == "IPv6"
+
+
+def test_examples_are_valid() -> None:
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        assert load_config(path).environment
+
+
+def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+
+
+def test_config_is_a_flow_parameter_schema() -> None:
+    from prefect import flow
+    from prefect.utilities.callables import parameter_schema
+
+    @flow
+    def f(config: BootstrapConfig = BootstrapConfig()) -> None: ...
+
+    schema = parameter_schema(f).model_dump()
+    assert "BootstrapConfig" in str(schema["properties"]["config"])
+    assert "ServerSettings" in schema["definitions"]
