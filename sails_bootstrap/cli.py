@@ -128,6 +128,68 @@ def sandbox_env() -> None:
         typer.echo(f"export {key}={shlex.quote(str(value))}")
 
 
+# -- flows -------------------------------------------------------------------------------------
+def _run(fn: Any) -> Any:
+    """Run a flow function; errors that name a fix are printed without a traceback."""
+    from tasks.errors import BootstrapError
+
+    try:
+        return fn()
+    except (BootstrapError, ConfigError) as exc:
+        raise fail(f"error: {exc}", code=1) from None
+
+
+def _print_records(records: list[Any]) -> None:
+    width = max((len(f"{r.kind} {r.name}") for r in records), default=10)
+    for r in records:
+        label = f"{r.kind} {r.name}"
+        typer.echo(f"  {label:<{width}}  {r.action!s:<15} {r.reason}")
+
+
+@app.command("plan")
+def plan_cmd(config: ConfigOption) -> None:
+    """Say what provisioning would change, changing nothing."""
+    from flows.provision import provision
+
+    cfg = read_config(config)
+    result = _run(lambda: provision(cfg, plan=True))
+    typer.echo(f"plan for {cfg.environment}:")
+    _print_records(result.records)
+
+
+@app.command("provision")
+def provision_cmd(config: ConfigOption) -> None:
+    """Create or fix the keypair, rules, server, floating IP, volume and the local ssh alias."""
+    from flows.provision import provision
+
+    cfg = read_config(config)
+    result = _run(lambda: provision(cfg))
+    _print_records(result.records)
+    typer.echo(f"ready: ssh {cfg.ssh.alias}  ({cfg.server.user}@{result.address})")
+
+
+@app.command("down")
+def down_cmd(
+    config: ConfigOption,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    delete_volume: Annotated[
+        bool, typer.Option("--delete-volume", help="Also delete the volume and its data.")
+    ] = False,
+) -> None:
+    """Delete the server and release its floating IP (the volume is kept unless asked)."""
+    from flows.teardown import teardown
+
+    cfg = read_config(config)
+    what = f"server {cfg.server_name} and its floating IP"
+    if delete_volume:
+        what += f", and volume {cfg.volume_name} WITH ITS DATA"
+    if not yes and not typer.confirm(f"Delete {what}?", default=False):
+        raise fail("nothing deleted", code=1)
+    records = _run(lambda: teardown(cfg, delete_data_volume=delete_volume))
+    _print_records(records)
+    typer.echo("nothing to remove" if not records else "removed")
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,185 @@
+"""Provision the cloud side of the VM: keypair, rules, server, floating IP, volume, local ssh.
+
+Independent work runs at once (keypair, rules and volume while the server builds), so the wall
+time approaches the critical path: keypair → server → floating IP → host keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
+
+from sails_bootstrap.config import BootstrapConfig
+from tasks.cloud import (
+    console_fingerprints,
+    ensure_attachment,
+    ensure_floating_ip,
+    ensure_keypair,
+    ensure_rules,
+    ensure_server,
+    ensure_volume,
+    open_connection,
+    preflight,
+)
+from tasks.errors import PreflightError
+from tasks.local_ssh import ensure_local_ssh
+from tasks.log import logger
+from tasks.records import (
+    Action,
+    AttachmentRecord,
+    FloatingIPRecord,
+    LocalSSHRecord,
+    Record,
+    ServerRecord,
+    VolumeRecord,
+)
+
+
+class ProvisionResult(BaseModel):
+    """What the cloud holds for this environment after the run (or would, in plan mode)."""
+
+    environment: str
+    plan: bool
+    records: list[Record] = Field(default_factory=list)
+    server: ServerRecord | None = None
+    floating_ip: FloatingIPRecord | None = None
+    volume: VolumeRecord | None = None
+    attachment: AttachmentRecord | None = None
+    local_ssh: LocalSSHRecord | None = None
+    console_fingerprints: list[str] = Field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return any(r.changed for r in self.records)
+
+    @property
+    def address(self) -> str | None:
+        return self.floating_ip.address if self.floating_ip else None
+
+    def table(self) -> list[dict[str, str]]:
+        return [r.row() for r in self.records]
+
+
+def load_key(config: BootstrapConfig, apply: bool) -> Any:
+    """The VM's SSHKeyPair block; created (ed25519) on the first run when it does not exist."""
+    from blocks.ssh import SSHKeyPair
+
+    try:
+        return SSHKeyPair.load(config.ssh.key_block)
+    except ValueError:
+        key = SSHKeyPair.generate(comment=config.keypair_name, username=config.server.user)
+        if apply:
+            key.save(config.ssh.key_block)
+            logger().info(
+                "generated a new ed25519 key and saved it as SSHKeyPair block %r (%s)",
+                config.ssh.key_block,
+                key.fingerprint,
+            )
+        return key
+
+
+def artifact_key(kind: str, config: BootstrapConfig) -> str:
+    return f"{kind}-{config.environment}"
+
+
+def _publish(result: ProvisionResult, config: BootstrapConfig) -> None:
+    kind = "plan" if result.plan else "provision"
+    create_table_artifact(
+        key=artifact_key(f"{kind}-resources", config),
+        table=result.table(),
+        description=f"{kind} of environment {config.environment}: one row per resource",
+    )
+    if result.plan:
+        lines = [f"# Plan for `{config.environment}`", ""]
+        for r in result.records:
+            lines.append(f"- **{r.kind}** `{r.name}`: {r.action} — {r.reason or '-'}")
+        create_markdown_artifact(key=artifact_key("plan", config), markdown="\n".join(lines))
+        return
+    server, att = result.server, result.attachment
+    md = [
+        f"# `{config.environment}` provisioned",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| server | `{server.name if server else '-'}` (`{server.id if server else '-'}`), "
+        f"{server.status if server else '-'} |",
+        f"| floating IP | `{result.address or '-'}` |",
+        f"| fixed IP | `{server.fixed_ip if server else '-'}` |",
+        f"| volume | `{att.volume_id if att else '-'}` at `{att.device_path if att else '-'}` |",
+        f"| ssh | `ssh {config.ssh.alias}` (user {config.server.user}) |",
+        f"| host keys | {', '.join(result.console_fingerprints) or 'not shown on console'} |",
+        "",
+        "Changed: "
+        + (", ".join(f"{r.kind} ({r.action})" for r in result.records if r.changed) or "nothing"),
+    ]
+    create_markdown_artifact(key=artifact_key("provision", config), markdown="\n".join(md))
+
+
+@flow(name="provision", task_runner=ThreadPoolTaskRunner(max_workers=8))  # type: ignore[arg-type]
+def provision(config: BootstrapConfig = BootstrapConfig(), plan: bool = False) -> ProvisionResult:
+    """Make the cloud hold exactly what ``config`` describes; ``plan=True`` only reports."""
+    apply = not plan
+    log = logger()
+    key = load_key(config, apply)
+    conn = open_connection(config)
+    result = ProvisionResult(environment=config.environment, plan=plan)
+    try:
+        facts = preflight(conn, config, key)
+    except PreflightError as exc:
+        if apply:
+            raise
+        result.records = [
+            Record(
+                kind="preflight",
+                name=config.environment,
+                action=Action.BLOCKED,
+                reason=p,
+                applied=False,
+            )
+            for p in exc.problems
+        ]
+        _publish(result, config)
+        return result
+
+    keypair = ensure_keypair.submit(conn, config, key, apply)
+    rules = ensure_rules.submit(conn, config, facts.security_group_id, apply)
+    volume = ensure_volume.submit(conn, config, apply)
+    server = ensure_server.submit(conn, config, facts, apply, wait_for=[keypair])  # type: ignore[call-overload]
+    fip = ensure_floating_ip.submit(conn, config, server, facts, apply)
+    attachment = ensure_attachment.submit(conn, config, server, volume, apply)  # type: ignore[call-overload]
+
+    result.server = server.result()
+    result.floating_ip = fip.result()
+    result.volume = volume.result()
+    result.attachment = attachment.result()
+    result.records = [
+        keypair.result(),
+        rules.result(),
+        result.server,
+        result.floating_ip,
+        result.volume,
+        result.attachment,
+    ]
+    if apply and result.server.id and result.address:
+        result.console_fingerprints = console_fingerprints(conn, result.server.id)
+        result.local_ssh = ensure_local_ssh(
+            config, key, result.address, result.console_fingerprints, apply
+        )
+        result.records.append(result.local_ssh)
+    blocked = [r for r in result.records if r.action == Action.BLOCKED]
+    _publish(result, config)
+    if blocked and apply:
+        from tasks.errors import BootstrapError
+
+        raise BootstrapError("; ".join(f"{r.kind} {r.name}: {r.reason}" for r in blocked))
+    log.info(
+        "%s %s: %s",
+        "plan for" if plan else "provisioned",
+        config.environment,
+        ", ".join(f"{r.kind}={r.action}" for r in result.records),
+    )
+    return result

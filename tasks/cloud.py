@@ -1,0 +1,720 @@
+"""Cloud steps on openstacksdk: read what exists, compare with the config, change only what differs.
+
+Every ``ensure_*`` function takes ``apply``: with ``apply=False`` it computes the same decision
+and returns the same record without writing (plan mode is this code path, not a second one).
+What this tool created is found again by name plus a marker (server and volume metadata, the
+floating IP's description), so no state file is kept and a run killed anywhere converges.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from sails_bootstrap.config import BootstrapConfig
+from tasks.errors import BootstrapError, PreflightError, http_detail, retry_transient
+from tasks.log import Progress, logger
+from tasks.records import (
+    Action,
+    AttachmentRecord,
+    FloatingIPRecord,
+    KeypairRecord,
+    RulesRecord,
+    ServerRecord,
+    VolumeRecord,
+    by_id_path,
+)
+
+if TYPE_CHECKING:
+    from openstack.connection import Connection
+
+    from blocks.ssh import SSHKeyPair
+
+MARKER = "sails-bootstrap"  # metadata key on servers and volumes we create
+
+# Side-effect steps never cache (a cached "create" would silently skip work); transient errors
+# retry with exponential backoff and jitter, permanent ones fail at once.
+CLOUD_TASK: dict[str, Any] = {
+    "cache_policy": NO_CACHE,
+    "retries": 4,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=1),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_transient,
+}
+
+
+def open_connection(config: BootstrapConfig) -> Connection:
+    """A connection through the named OpenStackCredentials block, or the clouds.yaml entry."""
+    from blocks.openstack import OpenStackCredentials
+
+    if config.cloud.credentials_block:
+        creds = cast(
+            OpenStackCredentials, OpenStackCredentials.load(config.cloud.credentials_block)
+        )
+    else:
+        try:
+            creds = OpenStackCredentials.from_clouds_yaml(config.cloud.cloud)
+        except Exception as exc:
+            raise BootstrapError(
+                f"no cloud credentials: {exc}. Name an OpenStackCredentials block in "
+                "cloud.credentials_block, or a clouds.yaml entry in cloud.cloud (or set OS_CLOUD)"
+            ) from None
+    creds.api_timeout = config.cloud.api_timeout
+    return creds.get_connection()
+
+
+def _ours(resource_meta: dict[str, Any] | None, config: BootstrapConfig) -> bool:
+    return (resource_meta or {}).get(MARKER) == config.environment
+
+
+# -- preflight ---------------------------------------------------------------------------------
+@dataclass
+class CloudFacts:
+    """What preflight found; later steps use these ids instead of looking them up again."""
+
+    project_id: str
+    image_id: str
+    flavor_id: str
+    flavor_vcpus: int
+    flavor_ram: int
+    network_id: str
+    floating_network_id: str
+    security_group_id: str
+    problems: list[str] = field(default_factory=list)
+
+
+def _single(items: list[Any], what: str, setting: str, wanted: str | None) -> Any | None:
+    if wanted:
+        matches = [i for i in items if wanted in (i.name, i.id)]
+        if not matches:
+            names = ", ".join(sorted(i.name for i in items)) or "none"
+            raise LookupError(f"{what} {wanted!r} not found (available: {names}); fix {setting}")
+        return matches[0]
+    if len(items) == 1:
+        return items[0]
+    names = ", ".join(sorted(i.name for i in items)) or "none"
+    raise LookupError(f"{len(items)} {what}s to choose from ({names}); set {setting}")
+
+
+@task(name="preflight", **CLOUD_TASK)
+def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> CloudFacts:
+    """Check credentials, image, flavor, networks, key and quota. Makes no writes."""
+    from openstack import exceptions as os_exc
+
+    log = logger()
+    try:
+        conn.authorize()
+    except os_exc.HttpException as exc:
+        if exc.status_code in (401, 403):
+            raise PreflightError(
+                [
+                    f"the cloud refused the credentials ({http_detail(exc)}); fix the "
+                    "OpenStackCredentials block or the clouds.yaml entry"
+                ]
+            ) from None
+        raise
+    project_id = str(conn.current_project_id)
+    problems: list[str] = []
+
+    image = conn.image.find_image(config.server.image, ignore_missing=True)
+    if image is None:
+        names = sorted(i.name for i in conn.image.images() if i.name)[:20]
+        problems.append(
+            f"image {config.server.image!r} not found; fix server.image (some images: "
+            f"{', '.join(names) or 'none'})"
+        )
+    flavor = conn.compute.find_flavor(config.server.flavor, ignore_missing=True)
+    if flavor is None:
+        names = sorted(f.name for f in conn.compute.flavors())
+        problems.append(
+            f"flavor {config.server.flavor!r} not found; fix server.flavor "
+            f"(available: {', '.join(names) or 'none'})"
+        )
+
+    networks = list(conn.network.networks())
+    internal = [n for n in networks if not n.is_router_external]
+    external = [n for n in networks if n.is_router_external]
+    network = floating = None
+    try:
+        network = _single(internal, "project network", "server.network", config.server.network)
+    except LookupError as exc:
+        problems.append(str(exc))
+    try:
+        floating = _single(
+            external, "external network", "server.floating_network", config.server.floating_network
+        )
+    except LookupError as exc:
+        problems.append(str(exc))
+
+    groups = list(
+        conn.network.security_groups(name=config.server.security_group, project_id=project_id)
+    )
+    if not groups:
+        problems.append(
+            f"security group {config.server.security_group!r} not found in the project; "
+            "fix server.security_group"
+        )
+
+    existing_kp = conn.compute.find_keypair(config.keypair_name, ignore_missing=True)
+    if existing_kp is not None and not _same_key(existing_kp.public_key, key.public_key):
+        from blocks.ssh import fingerprint
+
+        problems.append(
+            f"keypair {config.keypair_name!r} exists with another public key "
+            f"({fingerprint(existing_kp.public_key)}) than the SSHKeyPair block "
+            f"{config.ssh.key_block!r} ({key.fingerprint}); delete the keypair in the cloud or "
+            "point ssh.key_block at the matching key"
+        )
+
+    # Quota: only what this run would create counts.
+    server = _find_ours(conn.compute.servers(name=f"^{re.escape(config.server_name)}$"), config)
+    volume = _find_ours(
+        conn.block_storage.volumes(name=config.volume_name), config, meta="metadata"
+    )
+    if flavor is not None and not server:
+        limits = conn.compute.get_limits().absolute
+        checks = [
+            ("instances", 1, limits.instances, limits.instances_used),
+            ("vCPUs", flavor.vcpus, limits.total_cores, limits.total_cores_used),
+            ("RAM (MB)", flavor.ram, limits.total_ram, limits.total_ram_used),
+        ]
+        for what, need, limit, used in checks:
+            if limit is not None and limit >= 0 and used + need > limit:
+                problems.append(
+                    f"quota: the server needs {need} {what} but {used} of {limit} are in use; "
+                    "free some or ask for more quota"
+                )
+    if not volume:
+        vlimits = conn.block_storage.get_limits().absolute
+        cap, used = vlimits.max_total_volume_gigabytes, vlimits.total_gigabytes_used
+        if cap is not None and cap >= 0 and used + config.volume.size_gb > cap:
+            problems.append(
+                f"quota: the volume needs {config.volume.size_gb} GB but {used} of {cap} GB are "
+                "in use; lower volume.size_gb or free volume space"
+            )
+    if problems:
+        raise PreflightError(problems)
+    assert image and flavor and network and floating  # for the type checker
+    log.info("preflight passed: image, flavor, networks, security group, keypair and quota")
+    return CloudFacts(
+        project_id=project_id,
+        image_id=image.id,
+        flavor_id=flavor.id,
+        flavor_vcpus=flavor.vcpus,
+        flavor_ram=flavor.ram,
+        network_id=network.id,
+        floating_network_id=floating.id,
+        security_group_id=groups[0].id,
+    )
+
+
+def _same_key(a: str | None, b: str) -> bool:
+    return (a or "").split()[:2] == b.split()[:2]
+
+
+def _find_ours(items: Any, config: BootstrapConfig, meta: str = "metadata") -> list[Any]:
+    return [i for i in items if _ours(getattr(i, meta, None), config)]
+
+
+# -- keypair -----------------------------------------------------------------------------------
+@task(name="ensure-keypair", **CLOUD_TASK)
+def ensure_keypair(
+    conn: Connection, config: BootstrapConfig, key: SSHKeyPair, apply: bool = True
+) -> KeypairRecord:
+    from openstack import exceptions as os_exc
+
+    name = config.keypair_name
+    existing = conn.compute.find_keypair(name, ignore_missing=True)
+    if existing is not None:
+        if not _same_key(existing.public_key, key.public_key):
+            raise BootstrapError(
+                f"keypair {name!r} holds another public key than block {config.ssh.key_block!r} "
+                f"({key.fingerprint}); delete it in the cloud or use the matching key"
+            )
+        return KeypairRecord(name=name, id=name, fingerprint=key.fingerprint, reason="matches")
+    record = KeypairRecord(
+        name=name,
+        id=name,
+        action=Action.CREATE,
+        applied=apply,
+        fingerprint=key.fingerprint,
+        reason="missing",
+    )
+    if apply:
+        try:
+            conn.compute.create_keypair(name=name, public_key=key.public_key)
+        except os_exc.ConflictException:  # created by a concurrent or retried request
+            return ensure_keypair.fn(conn, config, key, apply)
+        logger().info("imported keypair %s (%s)", name, key.fingerprint)
+    return record
+
+
+# -- security group rules ----------------------------------------------------------------------
+def _rule_key(rule: Any) -> tuple[str, str, int | None, int | None, str]:
+    return (
+        rule["ethertype"],
+        (rule["protocol"] or "any").lower(),
+        rule["port_range_min"],
+        rule["port_range_max"],
+        rule["remote_ip_prefix"] or ("::/0" if rule["ethertype"] == "IPv6" else "0.0.0.0/0"),
+    )
+
+
+def _describe(key: tuple[str, str, int | None, int | None, str]) -> str:
+    _, proto, low, _high, cidr = key
+    return f"{proto}{'/' + str(low) if low else ''} from {cidr}"
+
+
+@task(name="ensure-rules", **CLOUD_TASK)
+def ensure_rules(
+    conn: Connection, config: BootstrapConfig, group_id: str, apply: bool = True
+) -> RulesRecord:
+    """Add the missing ingress rules; never remove a rule."""
+    from openstack import exceptions as os_exc
+
+    group = conn.network.get_security_group(group_id)
+    have = {_rule_key(r) for r in group.security_group_rules if r["direction"] == "ingress"}
+    wanted = {rule.key(): rule for rule in config.server.ingress}
+    missing = [k for k in wanted if k not in have]
+    record = RulesRecord(
+        name=group.name,
+        id=group.id,
+        present=[_describe(k) for k in wanted if k in have],
+        added=[_describe(k) for k in missing],
+        action=Action.CREATE if missing else Action.KEEP,
+        reason=(
+            f"missing: {', '.join(_describe(k) for k in missing)}"
+            if missing
+            else "all rules present"
+        ),
+        applied=apply,
+    )
+    if apply:
+        for k in missing:
+            rule = wanted[k]
+            try:
+                conn.network.create_security_group_rule(
+                    security_group_id=group.id,
+                    direction="ingress",
+                    ethertype=rule.ethertype,
+                    protocol=rule.protocol,
+                    port_range_min=rule.port,
+                    port_range_max=rule.port,
+                    remote_ip_prefix=rule.cidr,
+                    description=rule.description or MARKER,
+                )
+                logger().info("added rule %s to %s", _describe(k), group.name)
+            except os_exc.ConflictException:
+                logger().info("rule %s already present (409)", _describe(k))
+    return record
+
+
+# -- server ------------------------------------------------------------------------------------
+def _fixed_ip(server: Any) -> str | None:
+    for addresses in (server.addresses or {}).values():
+        for addr in addresses:
+            if addr.get("OS-EXT-IPS:type") == "fixed" and addr.get("version") == 4:
+                return addr["addr"]
+    return None
+
+
+def _server_record(server: Any, action: Action, reason: str, apply: bool = True) -> ServerRecord:
+    return ServerRecord(
+        name=server.name,
+        id=server.id,
+        status=server.status,
+        fixed_ip=_fixed_ip(server),
+        action=action,
+        reason=reason,
+        applied=apply,
+        created=action == Action.CREATE,
+    )
+
+
+def _our_servers(conn: Connection, config: BootstrapConfig) -> list[Any]:
+    servers = conn.compute.servers(name=f"^{re.escape(config.server_name)}$")
+    return sorted(_find_ours(servers, config), key=lambda s: s.created_at or "")
+
+
+def wait_for_server(conn: Connection, server: Any, timeout: float) -> Any:
+    progress = Progress(f"server {server.name}")
+    deadline = time.monotonic() + timeout
+    while True:
+        server = conn.compute.get_server(server.id)
+        if server.status == "ACTIVE":
+            return server
+        if server.status == "ERROR":
+            fault = (server.fault or {}).get("message", "no fault message")
+            raise BootstrapError(
+                f"server {server.name} went to ERROR: {fault}. Check the flavor, image and "
+                "quota; the failed server was deleted so the next run starts clean"
+            )
+        if time.monotonic() > deadline:
+            from openstack import exceptions as os_exc
+
+            raise os_exc.ResourceTimeout(
+                f"server {server.name} still {server.status} after {timeout:.0f} s"
+            )
+        progress.tick(f"{server.status} ({server.task_state or 'no task'})")
+        time.sleep(2)
+
+
+@task(name="ensure-server", **CLOUD_TASK)
+def ensure_server(
+    conn: Connection, config: BootstrapConfig, facts: CloudFacts | None, apply: bool = True
+) -> ServerRecord:
+    """One server of ours, ACTIVE. Extra copies of ours are deleted; ERROR ones replaced."""
+    log = logger()
+    servers = _our_servers(conn, config)
+    broken = [s for s in servers if s.status == "ERROR"]
+    healthy = [s for s in servers if s.status != "ERROR"]
+    if apply:
+        for s in broken:
+            log.warning("deleting server %s in ERROR: %s", s.id, (s.fault or {}).get("message"))
+            conn.compute.delete_server(s.id, ignore_missing=True)
+        for s in healthy[1:]:  # a retried create that had succeeded: keep the oldest
+            log.warning("deleting duplicate server %s of %s", s.id, s.name)
+            conn.compute.delete_server(s.id, ignore_missing=True)
+    if healthy:
+        server = healthy[0]
+        if server.status == "SHUTOFF":
+            if apply:
+                conn.compute.start_server(server.id)
+                server = wait_for_server(conn, server, config.server.build_timeout)
+            return _server_record(server, Action.CHANGE, "was SHUTOFF: started", apply)
+        if server.status != "ACTIVE" and apply:
+            server = wait_for_server(conn, server, config.server.build_timeout)
+        reason = "ACTIVE" if server.status == "ACTIVE" else f"{server.status}, not yet ACTIVE"
+        if len(healthy) > 1:
+            reason += f"; {len(healthy) - 1} duplicate(s) removed"
+        return _server_record(server, Action.KEEP, reason, apply)
+    reason = "replacing a server in ERROR" if broken else "missing"
+    if not apply or facts is None:
+        return ServerRecord(
+            name=config.server_name, action=Action.CREATE, reason=reason, applied=False
+        )
+    server = conn.compute.create_server(
+        name=config.server_name,
+        image_id=facts.image_id,
+        flavor_id=facts.flavor_id,
+        networks=[{"uuid": facts.network_id}],
+        key_name=config.keypair_name,
+        security_groups=[{"name": config.server.security_group}],
+        metadata={MARKER: config.environment},
+    )
+    log.info("creating server %s (%s)", config.server_name, server.id)
+    try:
+        server = wait_for_server(conn, server, config.server.build_timeout)
+    except BootstrapError:
+        conn.compute.delete_server(server.id, ignore_missing=True)
+        raise
+    return _server_record(server, Action.CREATE, reason)
+
+
+# -- floating IP -------------------------------------------------------------------------------
+def _server_port(conn: Connection, server_id: str) -> Any | None:
+    ports = list(conn.network.ports(device_id=server_id))
+    return ports[0] if ports else None
+
+
+def wait_for_ip(conn: Connection, fip: Any, timeout: float = 120) -> Any:
+    progress = Progress(f"floating IP {fip.floating_ip_address}")
+    deadline = time.monotonic() + timeout
+    while fip.status != "ACTIVE":
+        if time.monotonic() > deadline:
+            from openstack import exceptions as os_exc
+
+            raise os_exc.ResourceTimeout(
+                f"floating IP {fip.floating_ip_address} still {fip.status} after {timeout:.0f} s"
+            )
+        progress.tick(fip.status)
+        time.sleep(1)
+        fip = conn.network.get_ip(fip.id)
+    return fip
+
+
+@task(name="ensure-floating-ip", **CLOUD_TASK)
+def ensure_floating_ip(
+    conn: Connection,
+    config: BootstrapConfig,
+    server: ServerRecord,
+    facts: CloudFacts | None,
+    apply: bool = True,
+) -> FloatingIPRecord:
+    """The server's floating IP: the one on its port, else one of ours that is free, else new."""
+    log = logger()
+    ours = sorted(conn.network.ips(description=config.tag), key=lambda f: f.created_at or "")
+    port = _server_port(conn, server.id) if server.id else None
+    if port is not None:
+        on_port = list(conn.network.ips(port_id=port.id))
+        if on_port:
+            fip = on_port[0]
+            if apply and fip.status != "ACTIVE":
+                fip = wait_for_ip(conn, fip)
+            extras = [f for f in ours if f.id != fip.id and not f.port_id]
+            if apply:
+                for extra in extras:
+                    log.warning(
+                        "releasing unused floating IP %s of ours", extra.floating_ip_address
+                    )
+                    conn.network.delete_ip(extra.id, ignore_missing=True)
+            return FloatingIPRecord(
+                name=config.server_name,
+                id=fip.id,
+                address=fip.floating_ip_address,
+                reason="attached",
+            )
+    free = [f for f in ours if not f.port_id]
+    if not apply or port is None or facts is None:
+        action = Action.CHANGE if free else Action.CREATE
+        reason = (
+            f"attach free address {free[0].floating_ip_address} of ours"
+            if free
+            else "allocate and attach"
+        )
+        return FloatingIPRecord(
+            name=config.server_name,
+            id=free[0].id if free else None,
+            address=free[0].floating_ip_address if free else None,
+            action=action,
+            reason=reason,
+            applied=False,
+        )
+    if free:
+        fip = conn.network.update_ip(free[0].id, port_id=port.id)
+        action, reason = Action.CHANGE, "reused a free address of ours"
+        for extra in free[1:]:
+            log.warning("releasing unused floating IP %s of ours", extra.floating_ip_address)
+            conn.network.delete_ip(extra.id, ignore_missing=True)
+    else:
+        # Allocate unattached first, marked as ours, then attach: a run killed in between
+        # leaves an address that the next run finds and reuses instead of leaking it.
+        fip = conn.network.create_ip(
+            floating_network_id=facts.floating_network_id, description=config.tag
+        )
+        log.info("allocated floating IP %s", fip.floating_ip_address)
+        fip = conn.network.update_ip(fip.id, port_id=port.id)
+        action, reason = Action.CREATE, "allocated and attached"
+    fip = wait_for_ip(conn, fip)
+    log.info("floating IP %s attached to %s", fip.floating_ip_address, server.name)
+    return FloatingIPRecord(
+        name=config.server_name,
+        id=fip.id,
+        address=fip.floating_ip_address,
+        action=action,
+        reason=reason,
+    )
+
+
+# -- volume ------------------------------------------------------------------------------------
+def _our_volumes(conn: Connection, config: BootstrapConfig) -> list[Any]:
+    vols = _find_ours(conn.block_storage.volumes(name=config.volume_name), config)
+    return sorted(vols, key=lambda v: (not v.attachments, v.created_at or ""))
+
+
+def wait_for_volume(conn: Connection, volume: Any, status: str, timeout: float) -> Any:
+    progress = Progress(f"volume {volume.name} to be {status}")
+    deadline = time.monotonic() + timeout
+    while True:
+        volume = conn.block_storage.get_volume(volume.id)
+        if volume.status == status:
+            return volume
+        if volume.status in ("error", "error_attaching", "error_detaching"):
+            raise BootstrapError(
+                f"volume {volume.name} ({volume.id}) is in status {volume.status}; check the "
+                "block storage service and its quota"
+            )
+        if time.monotonic() > deadline:
+            from openstack import exceptions as os_exc
+
+            raise os_exc.ResourceTimeout(
+                f"volume {volume.name} still {volume.status} after {timeout:.0f} s"
+            )
+        progress.tick(volume.status)
+        time.sleep(1)
+
+
+@task(name="ensure-volume", **CLOUD_TASK)
+def ensure_volume(conn: Connection, config: BootstrapConfig, apply: bool = True) -> VolumeRecord:
+    """The persistent volume. Extra empty copies of ours (retried creates) are deleted."""
+    log = logger()
+    vols = _our_volumes(conn, config)
+    if vols:
+        volume = vols[0]
+        if apply:
+            for extra in vols[1:]:
+                if extra.status == "available" and not extra.attachments:
+                    log.warning("deleting duplicate unattached volume %s", extra.id)
+                    conn.block_storage.delete_volume(extra.id, ignore_missing=True)
+            if volume.status not in ("available", "in-use"):
+                volume = wait_for_volume(conn, volume, "available", config.volume.timeout)
+        reason = f"{volume.status}, {volume.size} GB"
+        if volume.size < config.volume.size_gb:
+            reason += f" (smaller than the {config.volume.size_gb} GB asked; not resized)"
+        return VolumeRecord(
+            name=volume.name,
+            id=volume.id,
+            size_gb=volume.size,
+            status=volume.status,
+            reason=reason,
+            applied=apply,
+        )
+    if not apply:
+        return VolumeRecord(
+            name=config.volume_name,
+            size_gb=config.volume.size_gb,
+            action=Action.CREATE,
+            reason="missing",
+            applied=False,
+        )
+    volume = conn.block_storage.create_volume(
+        name=config.volume_name,
+        size=config.volume.size_gb,
+        description=f"Prefect data of {config.environment} (created by {MARKER})",
+        metadata={MARKER: config.environment},
+    )
+    log.info("creating volume %s (%s, %s GB)", volume.name, volume.id, volume.size)
+    volume = wait_for_volume(conn, volume, "available", config.volume.timeout)
+    return VolumeRecord(
+        name=volume.name,
+        id=volume.id,
+        size_gb=volume.size,
+        status=volume.status,
+        action=Action.CREATE,
+        reason="missing",
+    )
+
+
+@task(name="ensure-attachment", **CLOUD_TASK)
+def ensure_attachment(
+    conn: Connection,
+    config: BootstrapConfig,
+    server: ServerRecord,
+    volume: VolumeRecord,
+    apply: bool = True,
+) -> AttachmentRecord:
+    base: dict[str, Any] = {
+        "name": config.volume_name,
+        "server_id": server.id,
+        "volume_id": volume.id,
+        "device_hint": config.volume.device_hint,
+        "device_path": by_id_path(volume.id) if volume.id else None,
+    }
+    if not (server.id and volume.id):
+        return AttachmentRecord(
+            **base, action=Action.CREATE, reason="after creation", applied=False
+        )
+    current = conn.block_storage.get_volume(volume.id)
+    for att in current.attachments or []:
+        if att.get("server_id") == server.id:
+            return AttachmentRecord(**base, id=att.get("attachment_id"), reason="attached")
+    others = [a.get("server_id") for a in current.attachments or []]
+    live_others = [s for s in others if conn.compute.find_server(s, ignore_missing=True)]
+    if live_others:
+        return AttachmentRecord(
+            **base,
+            action=Action.BLOCKED,
+            applied=False,
+            reason=f"attached to another server ({', '.join(live_others)}); detach it there first",
+        )
+    if not apply:
+        return AttachmentRecord(**base, action=Action.CREATE, reason="not attached", applied=False)
+    if current.status != "available":
+        current = wait_for_volume(conn, current, "available", config.volume.timeout)
+    att = conn.compute.create_volume_attachment(
+        server.id, volume_id=volume.id, device=config.volume.device_hint
+    )
+    logger().info("attaching volume %s to %s", volume.name, server.name)
+    wait_for_volume(conn, current, "in-use", config.volume.timeout)
+    return AttachmentRecord(**base, id=att.id, action=Action.CREATE, reason="attached now")
+
+
+@task(name="console-fingerprints", **CLOUD_TASK)
+def console_fingerprints(conn: Connection, server_id: str, wait: float = 60) -> list[str]:
+    """SSH host key fingerprints the server printed on its console (cloud-init's block)."""
+    deadline = time.monotonic() + wait
+    while True:
+        output = conn.compute.get_server_console_output(server_id).get("output") or ""
+        found = parse_fingerprints(output)
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(2)
+
+
+def parse_fingerprints(console: str) -> list[str]:
+    match = re.search(
+        r"-----BEGIN SSH HOST KEY FINGERPRINTS-----(.*?)-----END SSH HOST KEY FINGERPRINTS-----",
+        console,
+        re.S,
+    )
+    if not match:
+        return []
+    return re.findall(r"(SHA256:[A-Za-z0-9+/]+)", match.group(1))
+
+
+# -- teardown ----------------------------------------------------------------------------------
+@task(name="delete-server", **CLOUD_TASK)
+def delete_server(
+    conn: Connection, config: BootstrapConfig, apply: bool = True
+) -> list[ServerRecord]:
+    out = []
+    for server in _our_servers(conn, config):
+        out.append(_server_record(server, Action.DELETE, "teardown", apply))
+        if apply:
+            conn.compute.delete_server(server.id, ignore_missing=True)
+            conn.compute.wait_for_delete(server, interval=1, wait=config.server.build_timeout)
+            logger().info("deleted server %s", server.id)
+    return out
+
+
+@task(name="release-floating-ips", **CLOUD_TASK)
+def release_floating_ips(
+    conn: Connection, config: BootstrapConfig, apply: bool = True
+) -> list[FloatingIPRecord]:
+    out = []
+    for fip in conn.network.ips(description=config.tag):
+        out.append(
+            FloatingIPRecord(
+                name=config.server_name,
+                id=fip.id,
+                address=fip.floating_ip_address,
+                action=Action.DELETE,
+                reason="teardown",
+                applied=apply,
+            )
+        )
+        if apply:
+            conn.network.delete_ip(fip.id, ignore_missing=True)
+            logger().info("released floating IP %s", fip.floating_ip_address)
+    return out
+
+
+@task(name="delete-volume", **CLOUD_TASK)
+def delete_volume(
+    conn: Connection, config: BootstrapConfig, apply: bool = True
+) -> list[VolumeRecord]:
+    out = []
+    for vol in _our_volumes(conn, config):
+        out.append(
+            VolumeRecord(
+                name=vol.name,
+                id=vol.id,
+                size_gb=vol.size,
+                status=vol.status,
+                action=Action.DELETE,
+                reason="teardown --delete-volume",
+                applied=apply,
+            )
+        )
+        if apply:
+            if vol.status != "available":
+                wait_for_volume(conn, vol, "available", config.volume.timeout)
+            conn.block_storage.delete_volume(vol.id, ignore_missing=True)
+            logger().info("deleted volume %s", vol.id)
+    return out

@@ -1,0 +1,203 @@
+"""The operator's own ssh set-up: a managed host alias, the key file, and verified host keys.
+
+The alias lives in its own file, included from ~/.ssh/config (the user's file gets one Include
+line, nothing else). known_hosts entries for the floating IP are replaced only by host keys
+that match the fingerprints the server printed on its console; where the console shows none,
+the fallback to accept-new is explicit and reported.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from blocks.ssh import fingerprint, write_private
+from sails_bootstrap.config import BootstrapConfig
+from tasks.errors import BootstrapError, retry_transient
+from tasks.log import logger
+from tasks.records import Action, LocalSSHRecord
+
+if TYPE_CHECKING:
+    from blocks.ssh import SSHKeyPair
+
+MANAGED_FILE = "sails-bootstrap.conf"
+HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "rsa-sha2-512")
+
+
+def ssh_dir(config: BootstrapConfig) -> Path:
+    return Path(config.ssh.config_dir).expanduser()
+
+
+def key_file(config: BootstrapConfig) -> Path:
+    """Where the VM's private key is written for ssh (0600), named after the keypair."""
+    return ssh_dir(config) / f"{config.keypair_name}.pem"
+
+
+def known_hosts_file(config: BootstrapConfig) -> Path:
+    return ssh_dir(config) / "known_hosts"
+
+
+def _alias_block(config: BootstrapConfig, address: str) -> str:
+    return (
+        f"# BEGIN {config.environment} (managed by sails-bootstrap)\n"
+        f"Host {config.ssh.alias}\n"
+        f"    HostName {address}\n"
+        f"    User {config.server.user}\n"
+        f"    IdentityFile {key_file(config)}\n"
+        f"    IdentitiesOnly yes\n"
+        f"    UserKnownHostsFile {known_hosts_file(config)}\n"
+        f"# END {config.environment}\n"
+    )
+
+
+def _replace_block(text: str, env: str, block: str | None) -> str:
+    pattern = re.compile(
+        rf"# BEGIN {re.escape(env)} \(managed by sails-bootstrap\)\n.*?# END {re.escape(env)}\n",
+        re.S,
+    )
+    text = pattern.sub("", text)
+    return text + (block or "")
+
+
+def host_matches(entry_hosts: str, address: str) -> bool:
+    """Does a known_hosts host field (plain list or |1|salt|hash) name this address?"""
+    if entry_hosts.startswith("|1|"):
+        _, _, salt, digest = entry_hosts.split("|", 3)
+        mac = hmac.new(base64.b64decode(salt), address.encode(), hashlib.sha1).digest()
+        return hmac.compare_digest(base64.b64encode(mac).decode(), digest)
+    return address in entry_hosts.split(",")
+
+
+def scan_host_keys(address: str, port: int = 22, timeout: float = 10) -> list[str]:
+    """The server's host keys as 'type base64' strings, one handshake per key type."""
+    import socket
+
+    import paramiko
+
+    keys = []
+    for key_type in HOST_KEY_TYPES:
+        sock = socket.create_connection((address, port), timeout=timeout)
+        transport = paramiko.Transport(sock)
+        try:
+            transport.get_security_options().key_types = [key_type]
+            transport.start_client(timeout=timeout)
+            key = transport.get_remote_server_key()
+            keys.append(f"{key.get_name()} {key.get_base64()}")
+        except paramiko.SSHException:
+            continue  # the server has no key of this type
+        finally:
+            transport.close()
+    return keys
+
+
+@task(
+    name="ensure-local-ssh",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,
+)
+def ensure_local_ssh(
+    config: BootstrapConfig,
+    key: SSHKeyPair,
+    address: str,
+    console_fingerprints: list[str],
+    apply: bool = True,
+) -> LocalSSHRecord:
+    """Key file, alias and verified known_hosts entries so that ``ssh ALIAS`` just works."""
+    log = logger()
+    directory = ssh_dir(config)
+    record = LocalSSHRecord(
+        name=config.ssh.alias, alias=config.ssh.alias, key_file=str(key_file(config)), applied=apply
+    )
+    changes: list[str] = []
+
+    kf = key_file(config)
+    if not kf.exists() or kf.read_text() != key.private_key.get_secret_value():
+        changes.append("key file")
+    elif kf.stat().st_mode & 0o077:
+        changes.append("key file mode")
+
+    user_config = directory / "config"
+    managed = directory / MANAGED_FILE
+    include = f"Include {managed}\n"
+    user_text = user_config.read_text() if user_config.exists() else ""
+    if include not in user_text:
+        changes.append("Include line in ssh config")
+    managed_text = managed.read_text() if managed.exists() else ""
+    new_managed = _replace_block(managed_text, config.environment, _alias_block(config, address))
+    if new_managed != managed_text:
+        changes.append(f"alias {config.ssh.alias} -> {address}")
+
+    # Host keys: the ones on the console are the truth; anything else for this address is stale.
+    kh = known_hosts_file(config)
+    kh_lines = kh.read_text().splitlines() if kh.exists() else []
+    scanned = scan_host_keys(address)
+    if console_fingerprints:
+        verified = [k for k in scanned if fingerprint(k) in console_fingerprints]
+        if not verified:
+            raise BootstrapError(
+                f"none of the host keys {address} presents "
+                f"({', '.join(fingerprint(k) for k in scanned) or 'none'}) matches the "
+                f"fingerprints on the server's console ({', '.join(console_fingerprints)}): "
+                "possible man-in-the-middle or a reused address; check the console log"
+            )
+        record.host_key_check = "console"
+    else:
+        log.warning(
+            "the console of %s shows no SSH host key fingerprints: accepting its current keys "
+            "without verification (accept-new)",
+            address,
+        )
+        verified = scanned
+        record.host_key_check = "accept-new"
+    wanted = [f"{address} {k}" for k in verified]
+    kept: list[str] = []
+    stale: list[str] = []
+    for line in kh_lines:
+        fields = line.split()
+        if len(fields) >= 3 and not line.startswith("#") and host_matches(fields[0], address):
+            (kept if f"{address} {fields[1]} {fields[2]}" in wanted else stale).append(line)
+        else:
+            kept.append(line)
+    missing = [w for w in wanted if w not in kept]
+    if stale:
+        changes.append(
+            f"removed {len(stale)} stale known_hosts entr{'y' if len(stale) == 1 else 'ies'}"
+        )
+    if missing:
+        changes.append(f"added {len(missing)} verified host key(s)")
+
+    record.details = {"changes": changes, "host_keys": [fingerprint(k) for k in verified]}
+    if changes:
+        record.action = Action.CHANGE if kf.exists() else Action.CREATE
+        record.reason = "; ".join(changes)
+    else:
+        record.reason = f"ssh {config.ssh.alias} ready"
+    if not apply or not changes:
+        return record
+
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key.write_private_key(kf)
+    if include not in user_text:
+        write_private(user_config, include + user_text)
+    if new_managed != managed_text:
+        write_private(managed, new_managed)
+    if stale or missing:
+        write_private(kh, "\n".join(kept + missing) + "\n")
+    log.info("local ssh: %s", record.reason)
+    return record
+
+
+def remove_local_ssh(config: BootstrapConfig) -> None:
+    """Drop this environment's alias (teardown keeps the key file and known_hosts)."""
+    managed = ssh_dir(config) / MANAGED_FILE
+    if managed.exists():
+        write_private(managed, _replace_block(managed.read_text(), config.environment, None))
