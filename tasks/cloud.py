@@ -718,3 +718,45 @@ def delete_volume(
             conn.block_storage.delete_volume(vol.id, ignore_missing=True)
             logger().info("deleted volume %s", vol.id)
     return out
+
+
+# -- locating the VM (read-only) ---------------------------------------------------------------
+@dataclass
+class VMTarget:
+    """Where the VM is, as the cloud says: what the configure and health flows need."""
+
+    server_id: str
+    address: str
+    volume_id: str | None
+    host_keys: list[str]
+    status: str
+
+
+@task(name="locate-vm", **CLOUD_TASK)
+def locate_vm(conn: Connection, config: BootstrapConfig) -> VMTarget:
+    """Find this environment's server, floating IP and volume. Makes no writes."""
+    servers = [s for s in _our_servers(conn, config) if s.status != "ERROR"]
+    if not servers:
+        raise BootstrapError(
+            f"no server {config.server_name!r} of environment {config.environment!r}; "
+            "run `sails-bootstrap provision` first"
+        )
+    server = servers[0]
+    port = _server_port(conn, server.id)
+    fips = list(conn.network.ips(port_id=port.id)) if port is not None else []
+    if not fips:
+        raise BootstrapError(
+            f"server {server.name} has no floating IP; run `sails-bootstrap provision`"
+        )
+    volumes = [
+        v
+        for v in _our_volumes(conn, config)
+        if any(a.get("server_id") == server.id for a in v.attachments or [])
+    ]
+    return VMTarget(
+        server_id=server.id,
+        address=fips[0].floating_ip_address,
+        volume_id=volumes[0].id if volumes else None,
+        host_keys=console_fingerprints.fn(conn, server.id, wait=0),
+        status=server.status,
+    )

@@ -1,0 +1,124 @@
+"""Configure the VM over SSH: volume, /arc, CANFAR auth, the Prefect server, operator keys."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel, Field
+
+from sails_bootstrap.config import BootstrapConfig
+from tasks.arc import arc_user, ensure_arc_mount, ensure_canfar_key
+from tasks.canfar import ensure_ca_bundle, ensure_canfar_auth
+from tasks.cloud import VMTarget, locate_vm, open_connection
+from tasks.errors import BootstrapError
+from tasks.log import logger
+from tasks.prefect_server import (
+    ensure_prefect_server,
+    ensure_prefect_venv,
+    server_secrets,
+)
+from tasks.records import Action
+from tasks.vm import VM, StepRecord, ensure_operator_keys, ensure_volume_mounted, wait_for_ssh
+
+
+class ConfigureResult(BaseModel):
+    environment: str
+    address: str
+    records: list[StepRecord] = Field(default_factory=list)
+    ui_url: str = ""
+    canfar_public_key: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return any(r.changed for r in self.records)
+
+
+def vm_for(config: BootstrapConfig, target: VMTarget) -> VM:
+    from blocks.ssh import SSHKeyPair
+
+    key = cast(SSHKeyPair, SSHKeyPair.load(config.ssh.key_block))
+    return VM(target.address, key, target.host_keys)
+
+
+def load_canfar(config: BootstrapConfig) -> Any:
+    from blocks.canfar import CanfarCredentials
+
+    try:
+        return CanfarCredentials.load(config.canfar.credentials_block)
+    except ValueError:
+        raise BootstrapError(
+            f"no CanfarCredentials block named {config.canfar.credentials_block!r}: create it "
+            "(username + password, or a certificate) or fix canfar.credentials_block"
+        ) from None
+
+
+def _publish(result: ConfigureResult, config: BootstrapConfig) -> None:
+    create_table_artifact(
+        key=f"configure-{config.environment}",
+        table=[r.row() for r in result.records],
+        description=f"what configure checked and changed on {result.address}",
+    )
+    create_markdown_artifact(
+        key=f"vm-{config.environment}",
+        markdown=(
+            f"# `{config.environment}` configured\n\n"
+            f"- Prefect UI: [{result.ui_url}]({result.ui_url})\n"
+            f"- ssh: `ssh {config.ssh.alias}`\n"
+            f"- changed: {', '.join(r.name for r in result.records if r.changed) or 'nothing'}\n"
+        ),
+    )
+    if result.canfar_public_key:
+        create_markdown_artifact(
+            key=f"canfar-key-{config.environment}",
+            markdown=(
+                "# The VM's key for CANFAR /arc\n\nAdd this line to `~/.ssh/authorized_keys` in "
+                "your CANFAR home (for example from a CANFAR session's terminal), then run "
+                f"`sails-bootstrap configure` again:\n\n```\n{result.canfar_public_key}\n```\n"
+            ),
+        )
+
+
+@flow(name="configure")
+def configure(
+    config: BootstrapConfig = BootstrapConfig(), target: VMTarget | None = None
+) -> ConfigureResult:
+    """Bring the VM to the configured state; a second run changes nothing."""
+    log = logger()
+    if target is None:
+        target = locate_vm(open_connection(config), config)
+    if target.volume_id is None:
+        raise BootstrapError("the volume is not attached to the server; run provision first")
+    vm = vm_for(config, target)
+    result = ConfigureResult(environment=config.environment, address=target.address)
+    records = result.records
+    try:
+        records.append(wait_for_ssh(vm, config.ssh.connect_timeout))
+        records.append(ensure_volume_mounted(vm, config, target.volume_id))
+        records.append(ensure_operator_keys(vm, config))
+        records.append(ensure_ca_bundle(vm, config))
+        if config.arc.enabled or config.canfar.smoke_test.enabled:
+            creds = load_canfar(config)
+            records.append(ensure_canfar_auth(vm, config, creds))
+        if config.arc.enabled:
+            key = ensure_canfar_key(vm, config)
+            result.canfar_public_key = key.details["public_key"]
+            records.append(key)
+            records.append(ensure_arc_mount(vm, config, arc_user(config, creds.username)))
+        records.append(ensure_prefect_venv(vm, config))
+        secret = server_secrets(config)
+        server = ensure_prefect_server(vm, config, target.address, secret)
+        records.append(server)
+        result.ui_url = f"http://{target.address}:{config.prefect.port}"
+    finally:
+        vm.close()
+        if records:
+            _publish(result, config)
+    blocked = [r for r in records if r.action == Action.BLOCKED]
+    if blocked:
+        raise BootstrapError("; ".join(f"{r.name}: {r.reason}" for r in blocked))
+    log.info(
+        "configured %s: %s", target.address, ", ".join(f"{r.name}={r.action}" for r in records)
+    )
+    return result

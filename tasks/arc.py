@@ -1,0 +1,166 @@
+"""CANFAR's /arc on the VM: its key, the sshfs mount as a systemd unit, a probe that never hangs.
+
+A frozen sshfs server makes any access to the mount block in the kernel, where no timeout or
+signal can reach the caller. So the probe runs the access in a detached process on the VM and
+only polls for its result with a deadline; the SSH command itself always returns.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from prefect import task
+
+from sails_bootstrap.config import BootstrapConfig
+from tasks.errors import BootstrapError
+from tasks.log import logger
+from tasks.records import Action
+from tasks.vm import MANAGED, VM, VM_TASK, StepRecord
+
+UNIT = "sails-arc.service"
+
+
+def home(config: BootstrapConfig) -> str:
+    return f"/home/{config.server.user}"
+
+
+def vm_path(config: BootstrapConfig, path: str) -> str:
+    return path.replace("~", home(config), 1) if path.startswith("~") else path
+
+
+def arc_user(config: BootstrapConfig, canfar_username: str | None) -> str:
+    user = config.arc.user or canfar_username
+    if not user:
+        raise BootstrapError("no /arc user: set arc.user or the CanfarCredentials username")
+    return user
+
+
+@task(name="ensure-canfar-key", **VM_TASK)
+def ensure_canfar_key(vm: VM, config: BootstrapConfig) -> StepRecord:
+    """The VM's key for /arc: generated once (RSA 4096, as CANFAR documents), never replaced."""
+    key = vm_path(config, config.arc.key_path)
+    q = shlex.quote(key)
+    exists = vm.run(f"test -f {q} && test -f {q}.pub", check=False).ok
+    if not exists:
+        vm.run(
+            f"mkdir -p -m 700 $(dirname {q}) && ssh-keygen -q -t rsa -b 4096 -N '' "
+            f"-C {shlex.quote(config.environment + '-arc')} -f {q}"
+        )
+    public = vm.run(f"cat {q}.pub").stdout.strip()
+    return StepRecord(
+        name="canfar key",
+        action=Action.KEEP if exists else Action.CREATE,
+        reason="present (kept)" if exists else f"generated {key}",
+        details={"public_key": public, "path": key},
+    )
+
+
+def unit_text(config: BootstrapConfig, user: str) -> str:
+    mp = vm_path(config, config.arc.mount_point)
+    key = vm_path(config, config.arc.key_path)
+    options = ",".join(
+        [
+            f"IdentityFile={key}",
+            *config.arc.options,
+            "StrictHostKeyChecking=accept-new",
+            "BatchMode=yes",
+        ]
+    )
+    return (
+        f"{MANAGED}\n"
+        "[Unit]\n"
+        "Description=CANFAR /arc over sshfs\n"
+        "After=network-online.target\n"
+        "Wants=network-online.target\n"
+        "StartLimitIntervalSec=0\n"
+        "[Service]\n"
+        f"User={config.server.user}\n"
+        "Type=simple\n"
+        f"ExecStartPre=-/bin/fusermount3 -u -z {mp}\n"
+        f"ExecStartPre=/bin/mkdir -p {mp}\n"
+        f"ExecStart=/usr/bin/sshfs -f -p {config.arc.port} -o {options} "
+        f"{user}@{config.arc.host}:{config.arc.remote_path} {mp}\n"
+        f"ExecStopPost=-/bin/fusermount3 -u -z {mp}\n"
+        "Restart=always\n"
+        "RestartSec=10\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+PROBE = r"""
+mp={mp}; deadline={deadline}
+if ! pgrep -u {user} -f "sshfs.* $mp\$" >/dev/null; then echo "dead no sshfs process"; exit 0; fi
+if ! grep -qs " $mp fuse.sshfs " /proc/mounts; then echo "dead not mounted"; exit 0; fi
+rc=$(mktemp)
+rm -f "$rc"
+setsid sh -c "ls -a '$mp' >/dev/null 2>&1; echo \$? > '$rc'" </dev/null >/dev/null 2>&1 &
+i=0
+while [ $i -lt $((deadline * 10)) ]; do
+  if [ -s "$rc" ]; then
+    code=$(cat "$rc"); rm -f "$rc"
+    if [ "$code" = 0 ]; then echo "live"; else echo "dead listing failed ($code)"; fi
+    exit 0
+  fi
+  sleep 0.1; i=$((i + 1))
+done
+echo "stale no answer within {deadline} s"
+"""
+
+
+def probe_arc(vm: VM, config: BootstrapConfig) -> tuple[str, str]:
+    """('live'|'stale'|'dead', detail). Returns within the probe timeout plus a few seconds."""
+    script = PROBE.format(
+        mp=shlex.quote(vm_path(config, config.arc.mount_point)),
+        deadline=max(1, round(config.arc.probe_timeout)),
+        user=config.server.user,
+    )
+    r = vm.run(script, timeout=config.arc.probe_timeout + 20, check=False)
+    state, _, detail = r.stdout.strip().partition(" ")
+    return (state or "dead"), (detail or r.stderr.strip())
+
+
+@task(name="ensure-arc-mount", **VM_TASK)
+def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str) -> StepRecord:
+    """sshfs under systemd (back after a reboot, restarted if it dies); verified by listing."""
+    log = logger()
+    changes = []
+    if not vm.run("command -v sshfs", check=False).ok:
+        vm.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -q sshfs", sudo=True, timeout=600)
+        changes.append("installed sshfs")
+    if vm.write_file(f"/etc/systemd/system/{UNIT}", unit_text(config, user)):
+        vm.run("systemctl daemon-reload", sudo=True)
+        changes.append(f"wrote {UNIT}")
+        vm.run(f"systemctl enable {UNIT} && systemctl restart {UNIT}", sudo=True)
+    elif not vm.run(f"systemctl is-enabled --quiet {UNIT}", check=False).ok:
+        vm.run(f"systemctl enable {UNIT}", sudo=True)
+        changes.append("enabled the unit")
+    if not vm.run(f"systemctl is-active --quiet {UNIT}", check=False).ok:
+        vm.run(f"systemctl restart {UNIT}", sudo=True)
+        changes.append("started the unit")
+    state, detail = "dead", ""
+    for _ in range(20):
+        state, detail = probe_arc(vm, config)
+        if state == "live":
+            break
+        vm.run("sleep 1", check=False)
+    if state != "live":
+        journal = vm.run(
+            f"journalctl -u {UNIT} -n 5 --no-pager -o cat", sudo=True, check=False
+        ).stdout.strip()
+        return StepRecord(
+            name="/arc mount",
+            action=Action.BLOCKED,
+            reason=(
+                f"{state}: {detail}. Add the VM's CANFAR public key (artifact "
+                f"'canfar-key-{config.environment}') to ~/.ssh/authorized_keys on CANFAR, "
+                f"then run configure again. Last log: {journal[-300:]}"
+            ),
+        )
+    if changes:
+        log.info("/arc: %s", "; ".join(changes))
+    return StepRecord(
+        name="/arc mount",
+        action=Action.CHANGE if changes else Action.KEEP,
+        reason="; ".join(changes) or f"{config.arc.host} mounted at {config.arc.mount_point}",
+    )

@@ -1,0 +1,209 @@
+"""The Prefect server on the VM: its venv and home on the volume, run by systemd.
+
+The layout is the operators' own (venv at /mnt/pspace/prefect-env, PREFECT_HOME at
+/mnt/pspace/prefect-data); what used to run by hand in ``screen`` becomes a unit that restarts on
+failure and comes back after a reboot, with API auth and a server encryption key so block
+secrets are protected at rest and in transit to callers without the auth string.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from sails_bootstrap.config import BootstrapConfig
+from tasks.errors import BootstrapError
+from tasks.log import Progress, logger
+from tasks.records import Action
+from tasks.vm import MANAGED, VM, VM_TASK, StepRecord
+
+SERVER_UNIT = "prefect-server.service"
+SERVER_ENV = "/etc/sails-bootstrap/prefect-server.env"
+
+
+def local_prefect_version() -> str:
+    import prefect
+
+    return str(prefect.__version__)
+
+
+def server_secrets(config: BootstrapConfig, apply: bool = True) -> dict[str, str]:
+    """The API auth string and encryption key, kept in a Prefect Secret block (made once)."""
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(config.prefect.auth_block).get()  # type: ignore[union-attr]
+        if isinstance(value, dict) and {"auth_string", "encryption_key"} <= value.keys():
+            return {k: str(v) for k, v in value.items()}
+    except ValueError:
+        pass
+    from cryptography.fernet import Fernet
+
+    value = {
+        "auth_string": f"admin:{secrets.token_urlsafe(24)}",
+        "encryption_key": Fernet.generate_key().decode(),
+    }
+    if apply:
+        Secret(value=value).save(  # type: ignore[arg-type]config.prefect.auth_block, overwrite=True)
+        logger().info("created Secret block %r for the VM server's auth", config.prefect.auth_block)
+    return value
+
+
+def pip_index_args(config: BootstrapConfig) -> str:
+    if not config.prefect.package_index:
+        return ""
+    return f"--index-url {shlex.quote(config.prefect.package_index)}"
+
+
+@task(name="ensure-prefect-venv", **VM_TASK)
+def ensure_prefect_venv(
+    vm: VM, config: BootstrapConfig, extra: list[str] | None = None
+) -> StepRecord:
+    """A venv on the volume with the wanted Prefect (and the canfar client) installed."""
+    version = config.prefect.version or local_prefect_version()
+    venv = config.prefect.venv
+    py = f"{venv}/bin/python"
+    packages = [f"prefect=={version}", "canfar==1.5.2", *(extra or [])]
+    check = (
+        f"{py} -c 'import importlib.metadata as m; "
+        'print(" ".join(f"{p}=={m.version(p)}" for p in '
+        f"{[p.split('==')[0] for p in packages]!r}))'"
+    )
+    have = vm.run(check, check=False)
+    if (
+        have.ok
+        and sorted(have.stdout.split()) == sorted(packages)
+        and not config.prefect.requirements
+    ):
+        return StepRecord(name="prefect venv", reason=f"{venv} has prefect {version}")
+    progress = Progress("the VM's Prefect venv (pip install)")
+    progress.tick("starting")
+    user = config.server.user
+    vm.run(f"test -x {py} || python3 -m venv {shlex.quote(venv)}", timeout=300)
+    vm.run(f"chown -R {user}:{user} {shlex.quote(venv)}", sudo=True, check=False)
+    reqs = ""
+    if config.prefect.requirements:
+        text = Path(config.prefect.requirements).expanduser().read_text()
+        vm.write_file(f"{venv}/requirements.txt", text, owner=f"{user}:{user}", sudo=False)
+        reqs = f"-r {venv}/requirements.txt"
+    quoted = " ".join(shlex.quote(p) for p in packages)
+    vm.run(
+        f"{py} -m pip install -q --disable-pip-version-check {pip_index_args(config)} "
+        f"{quoted} {reqs}",
+        timeout=1800,
+    )
+    logger().info("installed %s in %s (%.0f s)", ", ".join(packages), venv, progress.elapsed)
+    return StepRecord(
+        name="prefect venv",
+        action=Action.CHANGE if have.ok else Action.CREATE,
+        reason=f"installed {', '.join(packages)}",
+    )
+
+
+def server_env(config: BootstrapConfig, address: str, secret: dict[str, str]) -> str:
+    p = config.prefect
+    lines = [
+        f"PREFECT_HOME={p.home}",
+        "PREFECT_SERVER_API_HOST=0.0.0.0",
+        f"PREFECT_SERVER_API_PORT={p.port}",
+        f"PREFECT_UI_API_URL=http://{address}:{p.port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED=false",
+        "DO_NOT_TRACK=1",
+        "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED=events,flow_runs",
+        f"PREFECT_SERVER_ENCRYPTION_KEY={secret['encryption_key']}",
+    ]
+    if p.api_auth:
+        lines.append(f"PREFECT_SERVER_API_AUTH_STRING={secret['auth_string']}")
+    return "\n".join(lines) + "\n"
+
+
+def server_unit(config: BootstrapConfig) -> str:
+    p = config.prefect
+    return (
+        f"{MANAGED}\n"
+        "[Unit]\n"
+        "Description=Prefect server (ALMA-SAILS orchestration)\n"
+        "After=network-online.target\n"
+        "Wants=network-online.target\n"
+        f"RequiresMountsFor={p.home} {p.venv}\n"
+        "[Service]\n"
+        f"User={config.server.user}\n"
+        f"EnvironmentFile={SERVER_ENV}\n"
+        f"ExecStartPre=/bin/mkdir -p {p.home}\n"
+        f"ExecStart={p.venv}/bin/prefect server start\n"
+        "KillSignal=SIGINT\n"
+        "TimeoutStopSec=30\n"
+        "Restart=on-failure\n"
+        "RestartSec=5\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+def wait_for_health(url: str, timeout: float) -> None:
+    import httpx
+
+    progress = Progress(f"Prefect server at {url}")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError as exc:
+            if time.monotonic() > deadline:
+                raise BootstrapError(
+                    f"the Prefect server at {url} did not become healthy within {timeout:.0f} s "
+                    f"({exc}); see `journalctl -u {SERVER_UNIT}` on the VM"
+                ) from None
+            progress.tick(type(exc).__name__)
+        time.sleep(1)
+
+
+@task(name="ensure-prefect-server", **VM_TASK)
+def ensure_prefect_server(
+    vm: VM, config: BootstrapConfig, address: str, secret: dict[str, str]
+) -> StepRecord:
+    changes: list[str] = []
+    user = config.server.user
+    vm.run(
+        f"mkdir -p {shlex.quote(config.prefect.home)} && "
+        f"chown {user}:{user} {shlex.quote(config.prefect.home)}",
+        sudo=True,
+    )
+    env_changed = vm.write_file(
+        SERVER_ENV, server_env(config, address, secret), mode="0600", owner="root"
+    )
+    unit_changed = vm.write_file(f"/etc/systemd/system/{SERVER_UNIT}", server_unit(config))
+    if env_changed:
+        changes.append("server environment")
+    if unit_changed:
+        changes.append(f"wrote {SERVER_UNIT}")
+        vm.run("systemctl daemon-reload", sudo=True)
+    if not vm.run(f"systemctl is-enabled --quiet {SERVER_UNIT}", check=False).ok:
+        vm.run(f"systemctl enable {SERVER_UNIT}", sudo=True)
+        changes.append("enabled")
+    active = vm.run(f"systemctl is-active --quiet {SERVER_UNIT}", check=False).ok
+    if not active or env_changed or unit_changed:
+        vm.run(f"systemctl restart {SERVER_UNIT}", sudo=True)
+        changes.append("restarted" if active else "started")
+    url = f"http://{address}:{config.prefect.port}/api"
+    wait_for_health(url, timeout=300)
+    return StepRecord(
+        name="prefect server",
+        action=Action.CHANGE if changes else Action.KEEP,
+        reason="; ".join(changes) or f"healthy at {url}",
+        details={"url": url},
+    )
+
+
+def api_check(url: str, auth_string: str | None) -> int:
+    """Status code of an API call that needs auth (for verification and tests)."""
+    import httpx
+
+    auth: Any = tuple(auth_string.split(":", 1)) if auth_string else None
+    return httpx.post(f"{url}/flows/filter", json={}, auth=auth, timeout=10).status_code

@@ -1,0 +1,334 @@
+"""Steps on the VM over SSH (fabric): each reads the VM's state first and changes only what differs.
+
+Commands run as the login user with ``sudo -n`` where root is needed. Secrets reach the VM on
+standard input, never on a command line, and are never echoed back.
+"""
+
+from __future__ import annotations
+
+import io
+import shlex
+import socket
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from blocks.ssh import fingerprint
+from sails_bootstrap.config import BootstrapConfig
+from tasks.errors import BootstrapError, RemoteCommandError, retry_transient
+from tasks.log import Progress, logger
+from tasks.records import Action, Record
+
+if TYPE_CHECKING:
+    import fabric
+    import paramiko
+
+    from blocks.ssh import SSHKeyPair
+
+VM_TASK: dict[str, Any] = {
+    "cache_policy": NO_CACHE,
+    "retries": 2,
+    "retry_delay_seconds": 5,
+    "retry_condition_fn": retry_transient,
+}
+MANAGED = "# managed by sails-bootstrap"
+
+
+class StepRecord(Record):
+    kind: str = "vm"
+
+
+@dataclass
+class Result:
+    stdout: str
+    stderr: str
+    code: int
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+
+def _verify_policy(expected: list[str]) -> paramiko.MissingHostKeyPolicy:
+    import paramiko
+
+    class VerifyAgainstConsole(paramiko.MissingHostKeyPolicy):
+        """Accept the host key only if its fingerprint is one the console printed."""
+
+        def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+            fp = fingerprint(f"{key.get_name()} {key.get_base64()}")
+            if expected and fp not in expected:
+                raise paramiko.BadHostKeyException(hostname, key, key)
+
+    return VerifyAgainstConsole()
+
+
+class VM:
+    """A fabric connection to the VM with the host key checked against the console's."""
+
+    def __init__(self, host: str, key: SSHKeyPair, host_keys: list[str], port: int = 22):
+        self.host = host
+        self.port = port
+        self.key = key
+        self.host_keys = host_keys
+        self._conn: fabric.Connection | None = None
+
+    @property
+    def conn(self) -> fabric.Connection:
+        if self._conn is None:
+            conn = self.key.connect(
+                self.host,
+                port=self.port,
+                connect_timeout=15,
+                connect_kwargs={"banner_timeout": 30, "auth_timeout": 30},
+            )
+            conn.client.set_missing_host_key_policy(_verify_policy(self.host_keys))
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def run(
+        self,
+        command: str,
+        *,
+        sudo: bool = False,
+        stdin: str | None = None,
+        timeout: float = 300,
+        check: bool = True,
+    ) -> Result:
+        full = f"sudo -n sh -c {shlex.quote(command)}" if sudo else command
+        kwargs: dict[str, Any] = {"hide": True, "warn": True, "timeout": timeout, "pty": False}
+        if stdin is not None:
+            kwargs["in_stream"] = io.StringIO(stdin)
+        else:
+            kwargs["in_stream"] = False
+        r = self.conn.run(full, **kwargs)
+        result = Result(r.stdout, r.stderr, r.exited)
+        if check and not result.ok:
+            raise RemoteCommandError(
+                f"on {self.host}: `{command.splitlines()[0][:120]}` exited {result.code}: "
+                f"{(result.stderr or result.stdout).strip()[-500:]}"
+            )
+        return result
+
+    def write_file(
+        self, path: str, content: str, *, mode: str = "0644", owner: str = "root", sudo: bool = True
+    ) -> bool:
+        """Write ``content`` to ``path`` if it differs (sent on stdin). True when changed."""
+        q = shlex.quote(path)
+        current = self.run(f"cat {q} 2>/dev/null || true", sudo=sudo, check=False).stdout
+        if current == content:
+            self.run(f"chmod {mode} {q} && chown {owner} {q}", sudo=sudo)
+            return False
+        self.run(
+            f'umask 077; d=$(dirname {q}); mkdir -p "$d"; cat > {q}.new && chmod {mode} {q}.new'
+            f" && chown {owner} {q}.new && mv {q}.new {q}",
+            sudo=sudo,
+            stdin=content,
+        )
+        return True
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> None:
+    progress = Progress(f"{host}:{port}")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=3):
+                return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise BootstrapError(
+                    f"{host}:{port} did not accept connections within {timeout:.0f} s ({exc}); "
+                    "check the server is ACTIVE, the floating IP is attached and the security "
+                    f"group allows TCP {port}"
+                ) from None
+            progress.tick(str(exc))
+            time.sleep(1)
+
+
+@task(name="wait-for-ssh", cache_policy=NO_CACHE)
+def wait_for_ssh(vm: VM, timeout: float) -> StepRecord:
+    """The SSH port, then a login with the key and the host key verified."""
+    import paramiko
+
+    wait_for_port(vm.host, vm.port, timeout)
+    deadline = time.monotonic() + timeout
+    progress = Progress(f"ssh login on {vm.host}")
+    while True:
+        try:
+            out = vm.run("echo ok", timeout=30).stdout.strip()
+            if out == "ok":
+                break
+        except paramiko.BadHostKeyException:
+            raise BootstrapError(
+                f"{vm.host} presented a host key that is not among the fingerprints on the "
+                "server's console: refusing to log in (a reused address or a man in the middle)"
+            ) from None
+        except paramiko.AuthenticationException:
+            raise BootstrapError(
+                f"{vm.host} refused the key {vm.key.fingerprint}; check the keypair the server "
+                "was created with matches ssh.key_block"
+            ) from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            vm.close()
+            if time.monotonic() > deadline:
+                raise BootstrapError(f"could not log in to {vm.host}: {exc}") from None
+            progress.tick(type(exc).__name__)
+            time.sleep(2)
+    return StepRecord(name="ssh", reason=f"logged in as {vm.key.username}@{vm.host}")
+
+
+# -- persistent volume -------------------------------------------------------------------------
+def _blkid(vm: VM, device: str) -> dict[str, str]:
+    r = vm.run(f"blkid -p -o export {shlex.quote(device)}", sudo=True, check=False)
+    if r.code == 2:  # nothing found: no filesystem, no partition table
+        return {}
+    if not r.ok:
+        raise RemoteCommandError(f"blkid on {device} failed: {r.stderr.strip()}")
+    return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+
+
+def resolve_device(vm: VM, volume_id: str, timeout: float = 60) -> str:
+    """The guest's device for the volume, found by its serial (never by Nova's name)."""
+    candidates = [
+        f"/dev/disk/by-id/virtio-{volume_id[:20]}",
+        f"/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_{volume_id[:20]}",
+        f"/dev/disk/by-id/virtio-{volume_id}",
+    ]
+    probe = " ".join(shlex.quote(c) for c in candidates)
+    deadline = time.monotonic() + timeout
+    progress = Progress(f"volume {volume_id[:8]} to appear in the guest")
+    while True:
+        r = vm.run(
+            f'for d in {probe}; do [ -e "$d" ] && readlink -f "$d" && exit 0; done; exit 1',
+            check=False,
+        )
+        if r.ok and r.stdout.strip():
+            return r.stdout.strip().splitlines()[0]
+        if time.monotonic() > deadline:
+            raise BootstrapError(
+                f"volume {volume_id} is attached but no device with its serial appeared in the "
+                f"guest within {timeout:.0f} s (looked for {candidates[0]})"
+            )
+        progress.tick("not there yet")
+        time.sleep(1)
+
+
+@task(name="ensure-volume-mounted", **VM_TASK)
+def ensure_volume_mounted(vm: VM, config: BootstrapConfig, volume_id: str) -> StepRecord:
+    """Format only an empty volume, mount it by UUID from fstab, hand it to the owner."""
+    log = logger()
+    mp, owner = config.volume.mount_point, config.volume.owner
+    device = resolve_device(vm, volume_id)
+    changes: list[str] = []
+    probe = _blkid(vm, device)
+    if probe.get("PTTYPE"):
+        raise BootstrapError(
+            f"volume {volume_id} ({device}) holds a {probe['PTTYPE']} partition table; refusing "
+            "to format it. Mount or wipe it by hand, or attach another volume"
+        )
+    fstype = probe.get("TYPE")
+    if fstype and fstype != "ext4":
+        raise BootstrapError(
+            f"volume {volume_id} ({device}) holds a {fstype} filesystem, not ext4; refusing to "
+            "format it. Copy its data off and wipe it, or attach another volume"
+        )
+    if not fstype:
+        vm.run(
+            f"mkfs.ext4 -q -L {shlex.quote(config.volume.label)} {shlex.quote(device)}",
+            sudo=True,
+            timeout=600,
+        )
+        changes.append(f"formatted {device} ext4 (it held no filesystem)")
+        probe = _blkid(vm, device)
+    uuid = probe["UUID"]
+    parent = mp.rsplit("/", 1)[0] or "/"
+    line = (
+        f"UUID={uuid} {mp} ext4 defaults,nofail,x-systemd.requires-mounts-for={parent} 0 2"
+        f" {MANAGED}"
+    )
+    fstab = vm.run("cat /etc/fstab", check=False).stdout.splitlines()
+    others = [entry for entry in fstab if entry.split()[1:2] != [mp] or entry.startswith("#")]
+    if line not in fstab:
+        changes.append("fstab entry by UUID")
+        vm.write_file("/etc/fstab", "\n".join([*others, line]) + "\n")
+    mounted = vm.run(f"findmnt -n -o SOURCE,UUID --mountpoint {shlex.quote(mp)}", check=False)
+    if mounted.ok and mounted.stdout.strip() and uuid not in mounted.stdout:
+        raise BootstrapError(
+            f"{mp} is already mounted from {mounted.stdout.split()[0]}, not from volume "
+            f"{volume_id}; unmount it first"
+        )
+    if not mounted.ok or not mounted.stdout.strip():
+        vm.run(f"mkdir -p {shlex.quote(mp)} && mount {shlex.quote(mp)}", sudo=True)
+        changes.append(f"mounted at {mp}")
+    own = vm.run(f"stat -c %U:%G {shlex.quote(mp)}").stdout.strip()
+    if own != f"{owner}:{owner}":
+        vm.run(f"chown {owner}:{owner} {shlex.quote(mp)}", sudo=True)
+        changes.append(f"owner {own} -> {owner}")
+    if changes:
+        log.info("volume: %s", "; ".join(changes))
+    return StepRecord(
+        name=f"volume at {mp}",
+        id=uuid,
+        action=Action.CHANGE if changes else Action.KEEP,
+        reason="; ".join(changes) or f"ext4 {device} mounted at {mp}, owned by {owner}",
+        details={"device": device, "uuid": uuid},
+    )
+
+
+# -- operator keys -----------------------------------------------------------------------------
+@task(name="ensure-operator-keys", **VM_TASK)
+def ensure_operator_keys(vm: VM, config: BootstrapConfig) -> StepRecord:
+    """Add listed team keys; remove only keys this tool added earlier and no longer lists."""
+    home = f"/home/{config.server.user}"
+    auth_file, ledger = f"{home}/.ssh/authorized_keys", f"{home}/.ssh/sails-bootstrap-keys"
+    current = vm.run(f"cat {auth_file} 2>/dev/null || true").stdout.splitlines()
+    added_before = vm.run(f"cat {ledger} 2>/dev/null || true").stdout.splitlines()
+    wanted = list(dict.fromkeys(k.strip() for k in config.ssh.operator_keys))
+
+    def ident(line: str) -> tuple[str, ...]:
+        return tuple(line.split()[:2])
+
+    protected = {ident(vm.key.public_key)}
+    wanted_ids = {ident(k) for k in wanted}
+    removable = {ident(k) for k in added_before} - wanted_ids - protected
+    kept = [line for line in current if ident(line) not in removable]
+    have = {ident(line) for line in kept}
+    new = [k for k in wanted if ident(k) not in have]
+    removed = len(current) - len(kept)
+    ours_before = {ident(k) for k in added_before}
+    ledger_lines = [k for k in wanted if ident(k) in ours_before or k in new]
+    if new or removed:
+        vm.write_file(
+            auth_file,
+            "\n".join([*kept, *new]) + "\n",
+            mode="0600",
+            owner=f"{config.server.user}:{config.server.user}",
+            sudo=False,
+        )
+    if sorted(ledger_lines) != sorted(added_before):
+        vm.write_file(
+            ledger,
+            "\n".join(ledger_lines) + ("\n" if ledger_lines else ""),
+            mode="0600",
+            owner=f"{config.server.user}:{config.server.user}",
+            sudo=False,
+        )
+    changed = bool(new or removed)
+    return StepRecord(
+        name="operator keys",
+        action=Action.CHANGE if changed else Action.KEEP,
+        reason=(
+            f"added {len(new)}, removed {removed}"
+            if changed
+            else f"{len(wanted)} team key(s) present"
+        ),
+    )
