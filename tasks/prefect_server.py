@@ -49,7 +49,8 @@ def server_secrets(config: BootstrapConfig, apply: bool = True) -> dict[str, str
         "encryption_key": Fernet.generate_key().decode(),
     }
     if apply:
-        Secret(value=value).save(  # type: ignore[arg-type]config.prefect.auth_block, overwrite=True)
+        block = Secret(value=value)  # type: ignore[arg-type]
+        block.save(config.prefect.auth_block, overwrite=True)
         logger().info("created Secret block %r for the VM server's auth", config.prefect.auth_block)
     return value
 
