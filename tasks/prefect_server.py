@@ -49,7 +49,7 @@ def server_secrets(config: BootstrapConfig, apply: bool = True) -> dict[str, str
         "encryption_key": Fernet.generate_key().decode(),
     }
     if apply:
-        block = Secret(value=value)  # type: ignore[arg-type]
+        block: Secret[Any] = Secret(value=value)  # type: ignore[arg-type]
         block.save(config.prefect.auth_block, overwrite=True)
         logger().info("created Secret block %r for the VM server's auth", config.prefect.auth_block)
     return value
