@@ -1,0 +1,430 @@
+"""Fault and latency proxy in front of the sandbox cloud's public endpoints.
+
+One process, one listening port per service (the ports in the Keystone catalog), forwarding
+each request to the real service. Per-service rules inject what a real cloud does on a bad day:
+500 / 503 / 429 (with Retry-After) answers and dropped connections at a given rate or for the
+next N matching requests, fixed, per-method and per-path delays. A seeded RNG makes runs
+repeat. Every request is counted by service, method and path, so a test can assert that a
+read-only run sent zero writes.
+
+Control API (loopback): ``GET/PUT/PATCH /_faults``, ``GET /_counts``, ``POST /_reset``; the
+``FaultControl`` class below is its client.
+
+Rule fields (all optional), per service type or ``"*"`` for every service without its own rule::
+
+    {"fail_rate": 0.2,                # probability that a matching request gets a fault
+     "fail_next": 3,                  # the next 3 matching requests get a fault (then stops)
+     "faults": ["503", "429", "500", "drop"],   # chosen at random (seeded) among these
+     "retry_after": 1,                # seconds, sent with 429 and 503
+     "methods": ["GET"], "path": "^/v2.1/servers",  # which requests faults apply to
+     "delay": 0.05,                   # seconds added to every request
+     "method_delay": {"POST": 0.5},
+     "path_delays": [{"method": "POST", "path": "/volumes$", "delay": 3.0}]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import re
+import time
+import urllib.request
+from collections import defaultdict
+from typing import Any
+
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+}
+REASONS = {500: "Internal Server Error", 503: "Service Unavailable", 429: "Too Many Requests"}
+
+
+class ProtocolError(Exception):
+    pass
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]]] | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial.strip():
+            return None
+        raise ProtocolError("truncated head") from exc
+    lines = head.decode("latin-1").split("\r\n")
+    headers = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, _, value = line.partition(":")
+        headers.append((name.strip(), value.strip()))
+    return lines[0], headers
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
+
+async def _read_body(
+    reader: asyncio.StreamReader, headers: list[tuple[str, str]], until_eof: bool
+) -> bytes:
+    te = (_header(headers, "transfer-encoding") or "").lower()
+    if "chunked" in te:
+        chunks = []
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                # trailers until an empty line
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                    pass
+                break
+            chunks.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        return b"".join(chunks)
+    length = _header(headers, "content-length")
+    if length is not None:
+        return await reader.readexactly(int(length))
+    if until_eof:
+        return await reader.read()
+    return b""
+
+
+class FaultProxy:
+    def __init__(self, upstreams: dict[str, tuple[int, int]], host: str = "127.0.0.1"):
+        self.upstreams = upstreams  # service -> (listen port, upstream port)
+        self.host = host
+        self.rules: dict[str, dict[str, Any]] = {}
+        self.seed = 0
+        self.rng = random.Random(0)
+        self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.paths: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.faults_sent: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    # rules -------------------------------------------------------------------------------------
+    def rule_for(self, service: str) -> dict[str, Any]:
+        return self.rules.get(service) or self.rules.get("*") or {}
+
+    def set_rules(self, body: dict[str, Any], merge: bool) -> None:
+        rules = body.get("rules", {})
+        for rule in rules.values():
+            for pd in rule.get("path_delays", []):
+                re.compile(pd.get("path", ""))
+            if rule.get("path"):
+                re.compile(rule["path"])
+        if merge:
+            for service, rule in rules.items():
+                self.rules.setdefault(service, {}).update(rule)
+        else:
+            self.rules = {k: dict(v) for k, v in rules.items()}
+        if "seed" in body:
+            self.seed = int(body["seed"])
+            self.rng = random.Random(self.seed)
+
+    def reset(self) -> None:
+        self.rules = {}
+        self.rng = random.Random(self.seed)
+        self.counts.clear()
+        self.paths.clear()
+        self.faults_sent.clear()
+
+    def _delay(self, rule: dict[str, Any], method: str, path: str) -> float:
+        delay = float(rule.get("delay", 0.0))
+        delay += float(rule.get("method_delay", {}).get(method, 0.0))
+        for pd in rule.get("path_delays", []):
+            if pd.get("method", method).upper() == method and re.search(pd["path"], path):
+                delay += float(pd.get("delay", 0.0))
+        return delay
+
+    def _fault(self, rule: dict[str, Any], method: str, path: str) -> str | None:
+        methods = rule.get("methods")
+        if methods and method not in [m.upper() for m in methods]:
+            return None
+        if rule.get("path") and not re.search(rule["path"], path):
+            return None
+        kinds = rule.get("faults") or ["503"]
+        if int(rule.get("fail_next", 0)) > 0:
+            rule["fail_next"] = int(rule["fail_next"]) - 1
+            return str(self.rng.choice(kinds))
+        rate = float(rule.get("fail_rate", 0.0))
+        if rate > 0 and self.rng.random() < rate:
+            return str(self.rng.choice(kinds))
+        return None
+
+    # proxying ----------------------------------------------------------------------------------
+    async def handle(
+        self, service: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while True:
+                head = await _read_head(reader)
+                if head is None:
+                    break
+                request_line, headers = head
+                method, target, _version = request_line.split(" ", 2)
+                body = await _read_body(reader, headers, until_eof=False)
+                path = target.split("?", 1)[0]
+                self.counts[service][method] += 1
+                self.paths[service][f"{method} {path}"] += 1
+                rule = self.rule_for(service)
+                delay = self._delay(rule, method, path)
+                fault = self._fault(rule, method, path)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if fault is not None:
+                    self.faults_sent[service][fault] += 1
+                if fault == "drop":
+                    writer.transport.abort()
+                    return
+                if fault is not None:
+                    status, out_headers, out_body = self._fault_response(int(fault), rule)
+                else:
+                    status, out_headers, out_body = await self._forward(
+                        service, method, target, headers, body
+                    )
+                keep = (_header(headers, "connection") or "").lower() != "close"
+                self._write_response(writer, method, status, out_headers, out_body, keep)
+                await writer.drain()
+                if not keep:
+                    break
+        except (ProtocolError, ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def _fault_response(self, status: int, rule: dict[str, Any]) -> tuple[str, list, bytes]:
+        reason = REASONS.get(status, "Error")
+        body = json.dumps(
+            {"error": {"code": status, "title": reason, "message": f"sandbox fault: {reason}"}}
+        ).encode()
+        headers = [("Content-Type", "application/json")]
+        if status in (429, 503):
+            headers.append(("Retry-After", str(rule.get("retry_after", 1))))
+        return f"{status} {reason}", headers, body
+
+    async def _forward(
+        self, service: str, method: str, target: str, headers: list, body: bytes
+    ) -> tuple[str, list, bytes]:
+        upstream_port = self.upstreams[service][1]
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, upstream_port)
+        except OSError:
+            body = b'{"error": {"code": 502, "message": "sandbox: service not running"}}'
+            return "502 Bad Gateway", [("Content-Type", "application/json")], body
+        try:
+            lines = [f"{method} {target} HTTP/1.1"]
+            lines += [f"{k}: {v}" for k, v in headers if k.lower() not in HOP_BY_HOP]
+            lines += [f"Content-Length: {len(body)}"] if body or method in WRITE_METHODS else []
+            lines += ["Connection: close", "", ""]
+            up_writer.write("\r\n".join(lines).encode("latin-1") + body)
+            await up_writer.drain()
+            head = await _read_head(up_reader)
+            if head is None:
+                raise ConnectionError("upstream closed")
+            status_line, resp_headers = head
+            status = status_line.split(" ", 1)[1]
+            code = int(status.split(" ")[0])
+            if method == "HEAD" or code in (204, 304) or 100 <= code < 200:
+                resp_body = b""
+            else:
+                resp_body = await _read_body(up_reader, resp_headers, until_eof=True)
+            return status, resp_headers, resp_body
+        finally:
+            with contextlib.suppress(Exception):
+                up_writer.close()
+
+    @staticmethod
+    def _write_response(
+        writer: asyncio.StreamWriter,
+        method: str,
+        status: str,
+        headers: list,
+        body: bytes,
+        keep: bool,
+    ) -> None:
+        lines = [f"HTTP/1.1 {status}"]
+        lines += [f"{k}: {v}" for k, v in headers if k.lower() not in HOP_BY_HOP]
+        code = int(status.split(" ")[0])
+        if not (code in (204, 304) or 100 <= code < 200):
+            length = len(body)
+            if method == "HEAD":
+                length = int(_header(headers, "content-length") or 0)
+            lines.append(f"Content-Length: {length}")
+        lines.append("Connection: keep-alive" if keep else "Connection: close")
+        writer.write("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n")
+        if method != "HEAD":
+            writer.write(body)
+
+    # control API -------------------------------------------------------------------------------
+    def snapshot_counts(self) -> dict[str, Any]:
+        return {
+            "counts": {s: dict(m) for s, m in self.counts.items()},
+            "paths": {s: dict(p) for s, p in self.paths.items()},
+            "faults": {s: dict(f) for s, f in self.faults_sent.items()},
+        }
+
+    async def control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await _read_head(reader)
+            if head is None:
+                return
+            request_line, headers = head
+            method, target, _ = request_line.split(" ", 2)
+            body = await _read_body(reader, headers, until_eof=False)
+            path = target.split("?", 1)[0]
+            code, payload = 200, {}
+            try:
+                if path == "/_faults" and method == "GET":
+                    payload = {"seed": self.seed, "rules": self.rules}
+                elif path == "/_faults" and method in ("PUT", "PATCH"):
+                    self.set_rules(json.loads(body or b"{}"), merge=method == "PATCH")
+                    payload = {"seed": self.seed, "rules": self.rules}
+                elif path == "/_counts" and method == "GET":
+                    payload = self.snapshot_counts()
+                elif path == "/_reset" and method == "POST":
+                    self.reset()
+                    payload = {"reset": True}
+                elif path == "/_health":
+                    payload = {"ok": True, "services": self.upstreams}
+                else:
+                    code, payload = 404, {"error": f"no {method} {path}"}
+            except (ValueError, re.error) as exc:
+                code, payload = 400, {"error": str(exc)}
+            out = json.dumps(payload).encode()
+            self._write_response(
+                writer,
+                method,
+                f"{code} {'OK' if code == 200 else 'Error'}",
+                [("Content-Type", "application/json")],
+                out,
+                keep=False,
+            )
+            await writer.drain()
+        except (ProtocolError, ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def serve(self, ctl_port: int) -> None:
+        servers = []
+        for service, (listen, _) in self.upstreams.items():
+            servers.append(
+                await asyncio.start_server(
+                    lambda r, w, s=service: self.handle(s, r, w),
+                    self.host,
+                    listen,
+                    reuse_address=True,
+                    limit=1 << 20,
+                )
+            )
+        servers.append(
+            await asyncio.start_server(self.control, self.host, ctl_port, reuse_address=True)
+        )
+        print(f"fault proxy: {self.upstreams}, control on {ctl_port}", flush=True)
+        await asyncio.gather(*(s.serve_forever() for s in servers))
+
+
+def server_argv(python: str, upstreams: dict[str, tuple[int, int]], ctl_port: int) -> list[str]:
+    """Command line that runs the proxy with ``python`` (which must be able to import sandbox)."""
+    argv = [python, "-m", "sandbox.faults", "--ctl-port", str(ctl_port)]
+    for service, (listen, upstream) in upstreams.items():
+        argv += ["--route", f"{service}={listen}:{upstream}"]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ctl-port", type=int, required=True)
+    parser.add_argument("--route", action="append", default=[], help="service=listen:upstream")
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    upstreams = {}
+    for route in args.route:
+        service, _, ports = route.partition("=")
+        listen, _, upstream = ports.partition(":")
+        upstreams[service] = (int(listen), int(upstream))
+    asyncio.run(FaultProxy(upstreams, args.host).serve(args.ctl_port))
+
+
+class FaultControl:
+    """Client of the proxy's control API.
+
+    ``FaultControl().configure("compute", fail_next=2, faults=["503"])`` makes the next two
+    compute requests answer 503; ``writes()`` is the number of POST/PUT/PATCH/DELETE requests
+    seen since the last ``reset()``.
+    """
+
+    def __init__(self, url: str | None = None):
+        if url is None:
+            from sandbox.cloud import common
+
+            url = f"http://{common.HOST}:{common.FAULTS_CTL_PORT}"
+        self.url = url.rstrip("/")
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"{}")
+
+    def rules(self) -> dict[str, Any]:
+        return self._call("GET", "/_faults")
+
+    def configure(self, service: str = "*", *, seed: int | None = None, **rule: Any) -> dict:
+        """Merge ``rule`` into the rule of ``service`` ("*" = every service without its own)."""
+        body: dict[str, Any] = {"rules": {service: rule}}
+        if seed is not None:
+            body["seed"] = seed
+        return self._call("PATCH", "/_faults", body)
+
+    def replace(self, rules: dict[str, dict[str, Any]], seed: int | None = None) -> dict:
+        body: dict[str, Any] = {"rules": rules}
+        if seed is not None:
+            body["seed"] = seed
+        return self._call("PUT", "/_faults", body)
+
+    def clear(self) -> dict:
+        return self.replace({})
+
+    def counts(self) -> dict[str, Any]:
+        """``{"counts": {service: {method: n}}, "paths": {...}, "faults": {...}}``."""
+        return self._call("GET", "/_counts")
+
+    def writes(self, service: str | None = None) -> int:
+        counts = self.counts()["counts"]
+        services = [service] if service else list(counts)
+        return sum(counts.get(s, {}).get(m, 0) for s in services for m in WRITE_METHODS)
+
+    def reset(self) -> None:
+        """Forget every rule and every count."""
+        self._call("POST", "/_reset")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._call("GET", "/_health")
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    main()
