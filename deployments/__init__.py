@@ -1,1 +1,1 @@
-"""deployments."""
+"""Deployments of this package's flows on the VM's Prefect server (see prefect.yaml)."""

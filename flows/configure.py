@@ -20,7 +20,14 @@ from tasks.prefect_server import (
     server_secrets,
 )
 from tasks.records import Action
-from tasks.vm import VM, StepRecord, ensure_operator_keys, ensure_volume_mounted, wait_for_ssh
+from tasks.vm import (
+    VM,
+    LocalHost,
+    StepRecord,
+    ensure_operator_keys,
+    ensure_volume_mounted,
+    wait_for_ssh,
+)
 
 
 class ConfigureResult(BaseModel):
@@ -80,45 +87,48 @@ def _publish(result: ConfigureResult, config: BootstrapConfig) -> None:
         )
 
 
-@flow(name="configure")
-def configure(
-    config: BootstrapConfig = BootstrapConfig(), target: VMTarget | None = None
+def configure_host(
+    host: VM, config: BootstrapConfig, volume_id: str | None, address: str
 ) -> ConfigureResult:
-    """Bring the VM to the configured state; a second run changes nothing."""
-    log = logger()
-    if target is None:
-        target = locate_vm(open_connection(config), config)
-    if target.volume_id is None:
+    """Every VM step, on ``host`` (SSH to the VM, or the VM itself)."""
+    if volume_id is None:
         raise BootstrapError("the volume is not attached to the server; run provision first")
-    vm = vm_for(config, target)
-    result = ConfigureResult(environment=config.environment, address=target.address)
+    result = ConfigureResult(environment=config.environment, address=address)
     records = result.records
     try:
-        records.append(wait_for_ssh(vm, config.ssh.connect_timeout))
-        records.append(ensure_volume_mounted(vm, config, target.volume_id))
-        records.append(ensure_operator_keys(vm, config))
-        records.append(ensure_ca_bundle(vm, config))
+        if not isinstance(host, LocalHost):
+            records.append(wait_for_ssh(host, config.ssh.connect_timeout))
+        records.append(ensure_volume_mounted(host, config, volume_id))
+        records.append(ensure_operator_keys(host, config))
+        records.append(ensure_ca_bundle(host, config))
         if config.arc.enabled or config.canfar.smoke_test.enabled:
             creds = load_canfar(config)
-            records.append(ensure_canfar_auth(vm, config, creds))
+            records.append(ensure_canfar_auth(host, config, creds))
         if config.arc.enabled:
-            key = ensure_canfar_key(vm, config)
+            key = ensure_canfar_key(host, config)
             result.canfar_public_key = key.details["public_key"]
             records.append(key)
-            records.append(ensure_arc_mount(vm, config, arc_user(config, creds.username)))
-        records.append(ensure_prefect_venv(vm, config))
+            records.append(ensure_arc_mount(host, config, arc_user(config, creds.username)))
+        records.append(ensure_prefect_venv(host, config))
         secret = server_secrets(config)
-        server = ensure_prefect_server(vm, config, target.address, secret)
-        records.append(server)
-        result.ui_url = f"http://{target.address}:{config.prefect.port}"
+        records.append(ensure_prefect_server(host, config, address, secret))
+        result.ui_url = f"http://{address}:{config.prefect.port}"
     finally:
-        vm.close()
+        host.close()
         if records:
             _publish(result, config)
     blocked = [r for r in records if r.action == Action.BLOCKED]
     if blocked:
         raise BootstrapError("; ".join(f"{r.name}: {r.reason}" for r in blocked))
-    log.info(
-        "configured %s: %s", target.address, ", ".join(f"{r.name}={r.action}" for r in records)
-    )
+    logger().info("configured %s: %s", address, ", ".join(f"{r.name}={r.action}" for r in records))
     return result
+
+
+@flow(name="configure")
+def configure(
+    config: BootstrapConfig = BootstrapConfig(), target: VMTarget | None = None
+) -> ConfigureResult:
+    """Bring the VM to the configured state; a second run changes nothing."""
+    if target is None:
+        target = locate_vm(open_connection(config), config)
+    return configure_host(vm_for(config, target), config, target.volume_id, target.address)

@@ -120,7 +120,9 @@ def _publish(result: ProvisionResult, config: BootstrapConfig) -> None:
 
 
 @flow(name="provision", task_runner=ThreadPoolTaskRunner(max_workers=8))  # type: ignore[arg-type]
-def provision(config: BootstrapConfig = BootstrapConfig(), plan: bool = False) -> ProvisionResult:
+def provision(
+    config: BootstrapConfig = BootstrapConfig(), plan: bool = False, local_ssh: bool = True
+) -> ProvisionResult:
     """Make the cloud hold exactly what ``config`` describes; ``plan=True`` only reports."""
     apply = not plan
     log = logger()
@@ -164,7 +166,7 @@ def provision(config: BootstrapConfig = BootstrapConfig(), plan: bool = False) -
         result.volume,
         result.attachment,
     ]
-    if apply and result.server.id and result.address:
+    if apply and local_ssh and result.server.id and result.address:
         result.console_fingerprints = console_fingerprints(conn, result.server.id)
         result.local_ssh = ensure_local_ssh(
             config, key, result.address, result.console_fingerprints, apply

@@ -168,6 +168,90 @@ def provision_cmd(config: ConfigOption) -> None:
     typer.echo(f"ready: ssh {cfg.ssh.alias}  ({cfg.server.user}@{result.address})")
 
 
+@app.command("configure")
+def configure_cmd(config: ConfigOption) -> None:
+    """Configure the VM over SSH: volume, /arc, CANFAR auth, Prefect server, operator keys."""
+    from flows.configure import configure
+
+    cfg = read_config(config)
+    result = _run(lambda: configure(cfg))
+    _print_records(result.records)
+    typer.echo(f"Prefect UI: {result.ui_url}")
+
+
+@app.command("register")
+def register_cmd(
+    config: ConfigOption,
+    science_codebase: Annotated[
+        str | None,
+        typer.Option(help="Folder on the VM with the science codebase's prefect.yaml to deploy."),
+    ] = None,
+) -> None:
+    """Register the VM's server: profile, blocks, work pools, workers, deployments."""
+    from flows.register import register
+
+    cfg = read_config(config)
+    result = _run(lambda: register(cfg, science_codebase=science_codebase))
+    _print_records(result.records)
+    typer.echo(f"profile {cfg.environment} -> {result.api_url}")
+
+
+@app.command("up")
+def up_cmd(
+    config: ConfigOption,
+    science_codebase: Annotated[
+        str | None,
+        typer.Option(help="Folder on the VM with the science codebase's prefect.yaml to deploy."),
+    ] = None,
+) -> None:
+    """The whole bootstrap: provision, configure, register, CANFAR smoke test."""
+    from flows.bootstrap import bootstrap
+
+    cfg = read_config(config)
+    out = _run(lambda: bootstrap(cfg, science_codebase=science_codebase))
+    typer.echo(f"\n{cfg.environment} is up")
+    typer.echo(f"  Prefect UI:  {out['ui_url']}")
+    typer.echo(f"  ssh:         ssh {cfg.ssh.alias}")
+    typer.echo(f"  profile:     prefect profile use {cfg.environment}")
+    typer.echo(f"  smoke test:  {out['smoke']}")
+    typer.echo(f"  next:        sails-bootstrap health --config {config}")
+
+
+@app.command("health")
+def health_cmd(config: ConfigOption) -> None:
+    """Run every health probe now (from this machine) and print the table."""
+    from flows.operate import health_check
+
+    cfg = read_config(config)
+    from prefect.states import State
+
+    state = _run(lambda: health_check(cfg, return_state=True))
+    report = state.result(raise_on_failure=False) if isinstance(state, State) else state
+    if isinstance(report, BaseException):
+        typer.secho(str(report), err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+    for row in report.results:
+        typer.echo(f"  {row['probe']:<20} {row['status']:<5} {row['detail']} ({row['duration']})")
+
+
+@app.command("remount")
+def remount_cmd(config: ConfigOption) -> None:
+    """Remount /arc on the VM if it is stale or dead (no-op when live)."""
+    from flows.operate import remount_arc
+
+    record = _run(lambda: remount_arc(read_config(config)))
+    typer.echo(f"/arc: {record.reason}")
+
+
+@app.command("reauth")
+def reauth_cmd(config: ConfigOption) -> None:
+    """Renew the CANFAR certificate on the VM from the CanfarCredentials block."""
+    from flows.operate import reauth_canfar
+
+    record = _run(lambda: reauth_canfar(read_config(config)))
+    typer.echo(f"CANFAR: {record.reason}")
+
+
 @app.command("down")
 def down_cmd(
     config: ConfigOption,

@@ -136,6 +136,56 @@ class VM:
         return True
 
 
+class LocalHost(VM):
+    """The VM itself, for flows that run on it (health check, remount, reauth via deployments).
+
+    Same interface as ``VM``; commands run here with ``sudo -n`` where root is needed.
+    """
+
+    def __init__(self, host: str = "localhost"):
+        self.host = host
+        self.port = 0
+        self.host_keys = []
+        self._conn = None
+
+    def close(self) -> None:
+        return None
+
+    def run(
+        self,
+        command: str,
+        *,
+        sudo: bool = False,
+        stdin: str | None = None,
+        timeout: float = 300,
+        check: bool = True,
+    ) -> Result:
+        import os
+        import subprocess
+
+        argv = ["sh", "-c", command]
+        if sudo and os.geteuid() != 0:
+            argv = ["sudo", "-n", *argv]
+        try:
+            p = subprocess.run(
+                argv,
+                input=stdin or "",
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                start_new_session=True,
+            )
+            result = Result(p.stdout, p.stderr, p.returncode)
+        except subprocess.TimeoutExpired:
+            result = Result("", f"timed out after {timeout:.0f} s", 124)
+        if check and not result.ok:
+            raise RemoteCommandError(
+                f"`{command.splitlines()[0][:120]}` exited {result.code}: "
+                f"{(result.stderr or result.stdout).strip()[-500:]}"
+            )
+        return result
+
+
 def wait_for_port(host: str, port: int, timeout: float) -> None:
     progress = Progress(f"{host}:{port}")
     deadline = time.monotonic() + timeout

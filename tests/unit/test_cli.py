@@ -19,6 +19,9 @@ COMMANDS = [
     ["sandbox", "down"],
     ["sandbox", "status"],
     ["sandbox", "env"],
+    *[[c] for c in ("plan", "provision", "configure", "register", "up", "down", "health")],
+    ["remount"],
+    ["reauth"],
 ]
 
 

@@ -1,0 +1,50 @@
+"""Entrypoints for the deployments in prefect.yaml.
+
+They run on the VM's workers, from the code directory that ``register`` copies there (the
+deployments' pull step sets it as the working directory), and read the environment's
+configuration from ``config.yaml`` beside the code: the same desired state the operator keeps,
+with the names of the blocks registered on the VM's server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows import bootstrap as bootstrap_flows
+from flows import operate
+from flows import teardown as teardown_flows
+from sails_bootstrap.config import load_config
+
+CONFIG_FILE = "config.yaml"
+
+
+@flow(name="health-check")
+def health_check(config_path: str = CONFIG_FILE) -> Any:
+    """Scheduled: every probe of the VM, its mounts, its server and its cloud resources."""
+    return operate.health_check.fn(load_config(config_path), on_vm=True)
+
+
+@flow(name="remount-arc")
+def remount_arc(config_path: str = CONFIG_FILE, reason: str = "on demand") -> Any:
+    """On demand, or when the health check reports a stale /arc mount."""
+    return operate.remount_arc.fn(load_config(config_path), on_vm=True)
+
+
+@flow(name="reauth-canfar")
+def reauth_canfar(config_path: str = CONFIG_FILE, reason: str = "on demand") -> Any:
+    """On demand, or when the CANFAR certificate is expiring or expired."""
+    return operate.reauth_canfar.fn(load_config(config_path), on_vm=True)
+
+
+@flow(name="bootstrap")
+def bootstrap(config_path: str = CONFIG_FILE) -> Any:
+    """On demand: converge the whole environment again (from the VM, for repairs)."""
+    return bootstrap_flows.converge_from_vm(load_config(config_path))
+
+
+@flow(name="teardown")
+def teardown(config_path: str = CONFIG_FILE, delete_data_volume: bool = False) -> Any:
+    """On demand: remove the server and its floating IP (this stops the VM running it)."""
+    return teardown_flows.teardown.fn(load_config(config_path), delete_data_volume)

@@ -1,0 +1,153 @@
+"""What operators live with: the health check, and the two repairs it can trigger.
+
+Each flow runs either on the VM itself (``on_vm=True``, as the deployments do) or from the
+control machine over SSH.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+from pydantic import BaseModel
+
+from sails_bootstrap.config import BootstrapConfig
+from tasks.arc import UNIT, home, probe_arc, vm_path
+from tasks.canfar import ensure_canfar_auth
+from tasks.cloud import locate_vm, open_connection
+from tasks.errors import BootstrapError
+from tasks.health import FAIL, OK, ProbeResult, cloud_probes, host_probes, run_probes
+from tasks.log import logger
+from tasks.records import Action
+from tasks.vm import VM, LocalHost, StepRecord
+
+STALE_EVENT = "sails.arc.stale"
+EXPIRING_EVENT = "sails.canfar.certificate-expiring"
+FAILED_EVENT = "sails.health.probe-failed"
+
+
+def resource(config: BootstrapConfig) -> dict[str, str]:
+    return {
+        "prefect.resource.id": f"sails.vm.{config.environment}",
+        "prefect.resource.name": config.environment,
+    }
+
+
+def _host(config: BootstrapConfig, on_vm: bool) -> tuple[VM, str, Any]:
+    conn = open_connection(config)
+    if on_vm:
+        return LocalHost(), "127.0.0.1", conn
+    from flows.configure import vm_for
+
+    target = locate_vm(conn, config)
+    return vm_for(config, target), target.address, conn
+
+
+class HealthReport(BaseModel):
+    environment: str
+    healthy: bool
+    results: list[dict[str, Any]]
+
+
+@task(name="run-probes", cache_policy=NO_CACHE)
+def probe_all(config: BootstrapConfig, on_vm: bool) -> list[ProbeResult]:
+    host, address, conn = _host(config, on_vm)
+    try:
+        probes = cloud_probes(conn, config) + host_probes(host, config, address, on_vm)
+        return run_probes(probes)
+    finally:
+        host.close()
+
+
+@flow(name="health-check")
+def health_check(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False) -> HealthReport:
+    """Every probe at once; a table artifact, an event per failing probe, and a failed run when
+    a critical probe fails."""
+    log = logger()
+    results = probe_all(config, on_vm)
+    create_table_artifact(
+        key=f"health-{config.environment}",
+        table=[r.row() for r in results],
+        description=f"health of {config.environment}",
+    )
+    for r in results:
+        if r.status != OK:
+            emit_event(
+                event=FAILED_EVENT if r.status == FAIL else "sails.health.probe-warning",
+                resource=resource(config),
+                payload={"probe": r.probe, "status": r.status, "detail": r.detail},
+            )
+        if r.probe == "arc-mount" and r.status == FAIL:
+            emit_event(event=STALE_EVENT, resource=resource(config), payload={"detail": r.detail})
+        if r.probe == "canfar-certificate" and r.status != OK:
+            emit_event(
+                event=EXPIRING_EVENT, resource=resource(config), payload={"detail": r.detail}
+            )
+        log.log(
+            20 if r.status == OK else 30,
+            "%-20s %-4s %s (%.2f s)",
+            r.probe,
+            r.status,
+            r.detail,
+            r.seconds,
+        )
+    critical = [r for r in results if r.status == FAIL and r.critical]
+    report = HealthReport(
+        environment=config.environment, healthy=not critical, results=[r.row() for r in results]
+    )
+    if critical:
+        raise BootstrapError("unhealthy: " + "; ".join(f"{r.probe}: {r.detail}" for r in critical))
+    return report
+
+
+@flow(name="remount-arc")
+def remount_arc(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False) -> StepRecord:
+    """Kill a stale sshfs, lazy-unmount, mount again and verify; nothing when it is live."""
+    log = logger()
+    host, _, _ = _host(config, on_vm)
+    try:
+        state, detail = probe_arc(host, config)
+        if state == "live":
+            return StepRecord(name="/arc mount", reason="live: nothing to do")
+        log.warning("/arc is %s (%s): remounting", state, detail)
+        mp = vm_path(config, config.arc.mount_point)
+        user = config.server.user
+        host.run(f"systemctl stop {UNIT}", sudo=True, check=False, timeout=30)
+        host.run(f"pkill -9 -u {user} -f 'sshfs.* {mp}$' || true", sudo=True, timeout=15)
+        host.run(f"fusermount3 -u -z {mp} || umount -l {mp} || true", sudo=True, timeout=15)
+        host.run(f"systemctl reset-failed {UNIT}; systemctl start {UNIT}", sudo=True, timeout=30)
+        for _ in range(30):
+            state, detail = probe_arc(host, config)
+            if state == "live":
+                break
+            host.run("sleep 1", check=False)
+        if state != "live":
+            raise BootstrapError(f"/arc is still {state} after remounting: {detail}")
+        create_markdown_artifact(
+            key=f"remount-{config.environment}",
+            markdown=f"/arc remounted at `{mp}` (was {state}: {detail})",
+        )
+        return StepRecord(name="/arc mount", action=Action.CHANGE, reason="remounted")
+    finally:
+        host.close()
+
+
+@flow(name="reauth-canfar")
+def reauth_canfar(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False) -> StepRecord:
+    """Renew the CANFAR certificate from the CanfarCredentials block and report its expiry."""
+    from flows.configure import load_canfar
+
+    host, _, _ = _host(config, on_vm)
+    try:
+        creds = load_canfar(config)
+        record = cast(StepRecord, ensure_canfar_auth(host, config, creds, force=True))
+        create_markdown_artifact(
+            key=f"reauth-{config.environment}",
+            markdown=f"CANFAR certificate renewed on `{home(config)}`: {record.reason}",
+        )
+        return record
+    finally:
+        host.close()

@@ -1,0 +1,214 @@
+"""Health probes: all at once, each with its own time limit, none able to hang the check.
+
+Each probe runs in its own daemon thread; the check waits for each only until that probe's
+deadline and reports "timeout" past it, leaving a stuck thread behind rather than waiting on it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shlex
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sails_bootstrap.config import BootstrapConfig
+from tasks.arc import probe_arc
+from tasks.canfar import read_vm_expiry
+from tasks.records import Action
+from tasks.vm import VM
+
+if TYPE_CHECKING:
+    from openstack.connection import Connection
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+
+@dataclass
+class ProbeResult:
+    probe: str
+    status: str  # ok | warn | fail
+    detail: str
+    seconds: float
+    critical: bool = True
+
+    def row(self) -> dict[str, str]:
+        return {
+            "probe": self.probe,
+            "status": self.status,
+            "detail": self.detail,
+            "duration": f"{self.seconds:.2f} s",
+        }
+
+
+@dataclass
+class Probe:
+    name: str
+    fn: Callable[[], tuple[str, str]]
+    timeout: float
+    critical: bool = True
+
+
+def run_probes(probes: list[Probe]) -> list[ProbeResult]:
+    """Start every probe at once; collect each by its own deadline."""
+    results: dict[str, tuple[str, str, float]] = {}
+    start = time.monotonic()
+
+    def runner(p: Probe) -> None:
+        t0 = time.monotonic()
+        try:
+            status, detail = p.fn()
+        except Exception as exc:
+            status, detail = FAIL, f"{type(exc).__name__}: {exc}"[:300]
+        results[p.name] = (status, detail, time.monotonic() - t0)
+
+    threads = []
+    for p in probes:
+        t = threading.Thread(target=runner, args=(p,), name=f"probe-{p.name}", daemon=True)
+        t.start()
+        threads.append((p, t))
+    out = []
+    for p, t in threads:
+        t.join(max(0.0, start + p.timeout - time.monotonic()))
+        if p.name in results:
+            status, detail, secs = results[p.name]
+        else:
+            status, detail, secs = FAIL, f"timeout: no answer within {p.timeout:.0f} s", p.timeout
+        out.append(ProbeResult(p.name, status, detail, secs, p.critical))
+    return out
+
+
+# -- the probes --------------------------------------------------------------------------------
+def cloud_probes(conn: Connection, config: BootstrapConfig) -> list[Probe]:
+    from tasks.cloud import _our_servers, _our_volumes, _server_port
+
+    state: dict[str, Any] = {}
+
+    def server() -> tuple[str, str]:
+        servers = _our_servers(conn, config)
+        if not servers:
+            return FAIL, f"no server {config.server_name}"
+        s = servers[0]
+        state["server"] = s
+        return (OK if s.status == "ACTIVE" else FAIL), f"{s.name} {s.status}"
+
+    def floating_ip() -> tuple[str, str]:
+        servers = _our_servers(conn, config)
+        if not servers:
+            return FAIL, "no server"
+        port = _server_port(conn, servers[0].id)
+        fips = list(conn.network.ips(port_id=port.id)) if port else []
+        if not fips:
+            return FAIL, "no floating IP attached"
+        f = fips[0]
+        return (OK if f.status == "ACTIVE" else FAIL), f"{f.floating_ip_address} {f.status}"
+
+    def volume() -> tuple[str, str]:
+        vols = _our_volumes(conn, config)
+        if not vols:
+            return FAIL, f"no volume {config.volume_name}"
+        v = vols[0]
+        servers = {s.id for s in _our_servers(conn, config)}
+        on = [a.get("server_id") for a in v.attachments or []]
+        if v.status == "in-use" and servers & set(on):
+            return OK, f"{v.name} in-use on the server"
+        return FAIL, f"{v.name} {v.status}, attached to {on or 'nothing'}"
+
+    def drift() -> tuple[str, str]:
+        from flows.provision import load_key
+        from tasks.cloud import (
+            ensure_attachment,
+            ensure_floating_ip,
+            ensure_keypair,
+            ensure_rules,
+            ensure_server,
+            ensure_volume,
+            preflight,
+        )
+
+        key = load_key(config, apply=False)
+        facts = preflight.fn(conn, config, key)
+        srv = ensure_server.fn(conn, config, facts, apply=False)
+        vol = ensure_volume.fn(conn, config, apply=False)
+        records = [
+            ensure_keypair.fn(conn, config, key, apply=False),
+            ensure_rules.fn(conn, config, facts.security_group_id, apply=False),
+            srv,
+            ensure_floating_ip.fn(conn, config, srv, facts, apply=False),
+            vol,
+            ensure_attachment.fn(conn, config, srv, vol, apply=False),
+        ]
+        off = [
+            f"{r.kind} {r.name}: {r.action} ({r.reason})"
+            for r in records
+            if r.action != Action.KEEP
+        ]
+        return (WARN if off else OK), ("; ".join(off) or "cloud matches the configuration")
+
+    t = config.cloud.api_timeout
+    return [
+        Probe("server", server, t),
+        Probe("floating-ip", floating_ip, t),
+        Probe("volume", volume, t),
+        Probe("drift", drift, 2 * t, critical=False),
+    ]
+
+
+def host_probes(host: VM, config: BootstrapConfig, address: str, local: bool) -> list[Probe]:
+    mp = config.volume.mount_point
+
+    def ssh() -> tuple[str, str]:
+        if local:
+            return OK, "running on the VM"
+        r = host.run("true", timeout=20, check=False)
+        return (OK if r.ok else FAIL), f"ssh {config.server.user}@{address}"
+
+    def pspace() -> tuple[str, str]:
+        r = host.run(
+            f"findmnt -n -o SOURCE --mountpoint {shlex.quote(mp)} && "
+            f"df -P -B1 {shlex.quote(mp)} | tail -1",
+            timeout=20,
+            check=False,
+        )
+        if not r.ok or not r.stdout.strip():
+            return FAIL, f"{mp} is not mounted"
+        lines = r.stdout.strip().splitlines()
+        fields = lines[-1].split()
+        free, size = int(fields[3]), int(fields[1])
+        pct = 100 * free / size if size else 0
+        status = OK if pct >= 10 else WARN
+        return status, f"{lines[0]} mounted, {free / 2**30:.1f} GiB free ({pct:.0f}%)"
+
+    def arc() -> tuple[str, str]:
+        state, detail = probe_arc(host, config)
+        return (OK if state == "live" else FAIL), f"{state}" + (f": {detail}" if detail else "")
+
+    def prefect() -> tuple[str, str]:
+        import httpx
+
+        base = "127.0.0.1" if local else address
+        url = f"http://{base}:{config.prefect.port}/api/health"
+        r = httpx.get(url, timeout=10)
+        return (OK if r.status_code == 200 else FAIL), f"{url} -> {r.status_code}"
+
+    def certificate() -> tuple[str, str]:
+        expiry = read_vm_expiry(host, config)
+        if expiry is None:
+            return FAIL, "no CANFAR certificate on the VM"
+        left = (expiry - dt.datetime.now(dt.UTC)).total_seconds() / 86400
+        if left <= 0:
+            return FAIL, f"expired on {expiry:%Y-%m-%d %H:%M} UTC"
+        status = WARN if left < config.canfar.renew_days_before else OK
+        return status, f"{left:.1f} days left (until {expiry:%Y-%m-%d})"
+
+    probes = [
+        Probe("ssh", ssh, 30),
+        Probe("pspace", pspace, 30),
+        Probe("prefect-server", prefect, 20),
+        Probe("canfar-certificate", certificate, 20),
+    ]
+    if config.arc.enabled:
+        probes.append(Probe("arc-mount", arc, config.arc.probe_timeout + 2))
+    return probes

@@ -1,0 +1,347 @@
+"""Registering the VM's Prefect server: local profile, blocks, work pools, workers, deployments."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from sails_bootstrap.config import BootstrapConfig, dump_config
+from tasks.canfar import VM_CA_BUNDLE, vm_env_path
+from tasks.errors import BootstrapError
+from tasks.log import logger
+from tasks.records import Action
+from tasks.vm import MANAGED, VM, VM_TASK, StepRecord
+
+PACKAGES = ("sails_bootstrap", "blocks", "tasks", "flows", "deployments")
+WORKER_UNIT = "prefect-worker@.service"
+WORKER_ENV = "/etc/sails-bootstrap/prefect-worker.env"
+
+
+def code_root() -> Path:
+    """The folder holding this package's top-level packages (a checkout or site-packages)."""
+    import sails_bootstrap
+
+    return Path(sails_bootstrap.__file__).resolve().parent.parent
+
+
+def prefect_yaml() -> Path:
+    for candidate in (code_root() / "prefect.yaml", code_root() / "deployments" / "prefect.yaml"):
+        if candidate.exists():
+            return candidate
+    raise BootstrapError("prefect.yaml not found beside the package")
+
+
+def code_dir(config: BootstrapConfig) -> str:
+    return f"{config.volume.mount_point}/sails-bootstrap"
+
+
+def vm_config(config: BootstrapConfig) -> BootstrapConfig:
+    """The config as the VM's flows use it: blocks named as registered on the VM's server."""
+    cloud = config.cloud.model_copy(
+        update={
+            "credentials_block": config.cloud.credentials_block or f"{config.environment}-cloud",
+            "cloud": None,
+        }
+    )
+    return config.model_copy(update={"cloud": cloud, "ca_bundle": VM_CA_BUNDLE})
+
+
+@contextmanager
+def remote_api(url: str, auth_string: str | None) -> Iterator[None]:
+    """This process's Prefect client pointed at the VM's server for the duration."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    updates: dict[Any, Any] = {PREFECT_API_URL: url}
+    if auth_string:
+        updates[PREFECT_API_AUTH_STRING] = auth_string
+    with temporary_settings(updates):
+        yield
+
+
+@task(name="ensure-local-profile", cache_policy=NO_CACHE)
+def ensure_local_profile(config: BootstrapConfig, url: str, auth_string: str | None) -> StepRecord:
+    """A Prefect profile named after the environment, pointing at the VM's API."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
+    from prefect.settings.profiles import load_profiles, save_profiles
+
+    profiles = load_profiles(include_defaults=False)
+    wanted: dict[Any, Any] = {PREFECT_API_URL: url}
+    if auth_string:
+        wanted[PREFECT_API_AUTH_STRING] = auth_string
+    existing = profiles.profiles_by_name.get(config.environment)
+    same = existing is not None and all(existing.settings.get(k) == v for k, v in wanted.items())
+    if not same:
+        profiles.update_profile(config.environment, wanted)
+        save_profiles(profiles)
+    return StepRecord(
+        name=f"profile {config.environment}",
+        action=Action.KEEP if same else (Action.CHANGE if existing else Action.CREATE),
+        reason=f"`prefect profile use {config.environment}` talks to {url}",
+    )
+
+
+def _tarball() -> bytes:
+    buf = io.BytesIO()
+    root = code_root()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for pkg in PACKAGES:
+            tar.add(
+                root / pkg, arcname=pkg, filter=lambda t: None if "__pycache__" in t.name else t
+            )
+        tar.add(prefect_yaml(), arcname="prefect.yaml")
+    return buf.getvalue()
+
+
+@task(name="install-code-on-vm", **VM_TASK)
+def install_code(vm: VM, config: BootstrapConfig) -> StepRecord:
+    """Copy this package to the VM's volume, put it on the venv's path, write its config."""
+    import hashlib
+
+    data = _tarball()
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    target = code_dir(config)
+    q = shlex.quote(target)
+    user = config.server.user
+    current = vm.run(f"cat {q}/.version 2>/dev/null || true").stdout.strip()
+    changed = current != digest
+    if changed:
+        vm.run(
+            f"mkdir -p {q}.new && base64 -d | tar -xzf - -C {q}.new"
+            f" && echo {digest} > {q}.new/.version"
+            f" && rm -rf {q}.old && (test ! -d {q} || mv {q} {q}.old) && mv {q}.new {q}"
+            f" && rm -rf {q}.old",
+            stdin=base64.b64encode(data).decode(),
+            timeout=120,
+        )
+    site = vm.run(
+        f"{config.prefect.venv}/bin/python -c "
+        "'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])'"
+    ).stdout.strip()
+    pth = vm.write_file(
+        f"{site}/sails-bootstrap.pth", target + "\n", owner=f"{user}:{user}", sudo=False
+    )
+    cfg = vm.write_file(
+        f"{target}/config.yaml", dump_config(vm_config(config)), owner=f"{user}:{user}", sudo=False
+    )
+    vm.run(f"chown -R {user}:{user} {q}", sudo=True)
+    return StepRecord(
+        name="code on the VM",
+        action=Action.CHANGE if (changed or pth or cfg) else Action.KEEP,
+        reason=f"{target} at {digest}" + (" (updated)" if changed else ""),
+    )
+
+
+@task(name="copy-blocks-to-vm", cache_policy=NO_CACHE)
+def copy_blocks(config: BootstrapConfig, url: str, auth_string: str | None) -> StepRecord:
+    """Save the blocks the deployments need on the VM's server (secrets carried, never shown)."""
+    from prefect.blocks.system import Secret
+
+    from blocks import CanfarCredentials, OpenStackCredentials, SSHKeyPair
+
+    remote = vm_config(config)
+    if config.cloud.credentials_block:
+        cloud = OpenStackCredentials.load(config.cloud.credentials_block)
+    else:
+        cloud = OpenStackCredentials.from_clouds_yaml(config.cloud.cloud)
+    blocks: list[tuple[Any, str]] = [
+        (cloud, str(remote.cloud.credentials_block)),
+        (SSHKeyPair.load(config.ssh.key_block), config.ssh.key_block),
+        (Secret.load(config.prefect.auth_block), config.prefect.auth_block),
+    ]
+    try:
+        blocks.append(
+            (
+                CanfarCredentials.load(config.canfar.credentials_block),
+                config.canfar.credentials_block,
+            )
+        )
+    except ValueError:
+        logger().warning("no CanfarCredentials block %r to copy", config.canfar.credentials_block)
+    with remote_api(url, auth_string):
+        for block, name in blocks:
+            if isinstance(block, OpenStackCredentials) and block.cacert:
+                block = block.model_copy(update={"cacert": VM_CA_BUNDLE})
+            block.save(name, overwrite=True)
+    names = ", ".join(name for _, name in blocks)
+    return StepRecord(name="blocks on the VM server", action=Action.CHANGE, reason=f"saved {names}")
+
+
+@task(name="ensure-work-pools", cache_policy=NO_CACHE)
+def ensure_work_pools(config: BootstrapConfig, url: str, auth_string: str | None) -> StepRecord:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    changes = []
+    with remote_api(url, auth_string), get_client(sync_client=True) as client:
+        for pool in config.prefect.work_pools:
+            try:
+                existing = client.read_work_pool(pool.name)
+            except ObjectNotFound:
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=pool.name,
+                        type="process",
+                        concurrency_limit=pool.concurrency,
+                        description=f"{config.environment}: {pool.name}",
+                    )
+                )
+                changes.append(f"created {pool.name}")
+                continue
+            if existing.concurrency_limit != pool.concurrency:
+                client.update_work_pool(
+                    pool.name, WorkPoolUpdate(concurrency_limit=pool.concurrency)
+                )
+                changes.append(
+                    f"{pool.name} limit {existing.concurrency_limit} -> {pool.concurrency}"
+                )
+    return StepRecord(
+        name="work pools",
+        action=Action.CHANGE if changes else Action.KEEP,
+        reason="; ".join(changes)
+        or ", ".join(f"{p.name}({p.concurrency or '-'})" for p in config.prefect.work_pools),
+    )
+
+
+def worker_unit(config: BootstrapConfig) -> str:
+    p = config.prefect
+    return (
+        f"{MANAGED}\n"
+        "[Unit]\n"
+        "Description=Prefect worker for pool %i\n"
+        "After=prefect-server.service network-online.target\n"
+        "Wants=prefect-server.service\n"
+        f"RequiresMountsFor={p.venv}\n"
+        "[Service]\n"
+        f"User={config.server.user}\n"
+        f"EnvironmentFile={WORKER_ENV}\n"
+        f"EnvironmentFile=-{vm_env_path(config)}\n"
+        f"WorkingDirectory={code_dir(config)}\n"
+        f"ExecStart={p.venv}/bin/prefect worker start --pool %i --type process\n"
+        "KillSignal=SIGINT\n"
+        "TimeoutStopSec=30\n"
+        "Restart=always\n"
+        "RestartSec=5\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+@task(name="ensure-workers", **VM_TASK)
+def ensure_workers(vm: VM, config: BootstrapConfig, auth_string: str | None) -> StepRecord:
+    """One systemd worker per pool (per configured count), replacing the `screen` sessions."""
+    p = config.prefect
+    env = [
+        f"PREFECT_API_URL=http://127.0.0.1:{p.port}/api",
+        f"PREFECT_HOME={p.home}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED=false",
+        "DO_NOT_TRACK=1",
+        f"SSL_CERT_FILE={VM_CA_BUNDLE}",
+    ]
+    if auth_string and p.api_auth:
+        env.append(f"PREFECT_API_AUTH_STRING={auth_string}")
+    changes = []
+    env_changed = vm.write_file(
+        WORKER_ENV, "\n".join(env) + "\n", mode="0600", owner=f"root:{config.server.user}"
+    )
+    vm.run(f"chmod 0640 {WORKER_ENV}", sudo=True)
+    unit_changed = vm.write_file(f"/etc/systemd/system/{WORKER_UNIT}", worker_unit(config))
+    if unit_changed:
+        vm.run("systemctl daemon-reload", sudo=True)
+        changes.append("worker unit")
+    for pool in p.work_pools:
+        if pool.workers < 1:
+            continue
+        unit = f"prefect-worker@{pool.name}.service"
+        if not vm.run(f"systemctl is-enabled --quiet {unit}", check=False).ok:
+            vm.run(f"systemctl enable {unit}", sudo=True)
+            changes.append(f"enabled {pool.name}")
+        active = vm.run(f"systemctl is-active --quiet {unit}", check=False).ok
+        if not active or env_changed or unit_changed:
+            vm.run(f"systemctl restart {unit}", sudo=True)
+            changes.append(f"{'restarted' if active else 'started'} {pool.name}")
+    return StepRecord(
+        name="workers",
+        action=Action.CHANGE if changes else Action.KEEP,
+        reason="; ".join(changes) or "one worker per pool running",
+    )
+
+
+def bootstrap_pool(config: BootstrapConfig) -> str:
+    names = [p.name for p in config.prefect.work_pools]
+    return "sails-bootstrap" if "sails-bootstrap" in names else names[-1]
+
+
+@task(name="deploy", cache_policy=NO_CACHE)
+def deploy(config: BootstrapConfig, url: str, auth_string: str | None) -> StepRecord:
+    """`prefect deploy --all` of prefect.yaml against the VM's server (idempotent upserts)."""
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": url,
+        "SAILS_CODE_DIR": code_dir(config),
+        "SAILS_POOL": bootstrap_pool(config),
+        "SAILS_HEALTH_CRON": config.prefect.health_cron,
+        "PREFECT_CLI_PROMPT": "false",
+    }
+    if auth_string:
+        env["PREFECT_API_AUTH_STRING"] = auth_string
+    root = code_root()
+    yaml_path = prefect_yaml()
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "--no-prompt",
+            "deploy",
+            "--all",
+            "--prefect-file",
+            str(yaml_path),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if r.returncode != 0:
+        tail = (r.stdout + r.stderr).strip()[-1500:]
+        if auth_string:
+            tail = tail.replace(auth_string, "****")
+        raise BootstrapError(f"prefect deploy failed: {tail}")
+    return StepRecord(
+        name="deployments",
+        action=Action.CHANGE,
+        reason="health-check, remount-arc, reauth-canfar, bootstrap, teardown",
+    )
+
+
+@task(name="deploy-science-codebase", **VM_TASK)
+def deploy_science(vm: VM, config: BootstrapConfig, directory: str) -> StepRecord:
+    """`prefect deploy --all` of the science codebase's prefect.yaml, from its folder on /arc."""
+    p = config.prefect
+    d = directory.replace("~", f"/home/{config.server.user}", 1)
+    if not vm.run(f"test -f {shlex.quote(d)}/prefect.yaml", check=False).ok:
+        return StepRecord(
+            name="science deployments",
+            action=Action.BLOCKED,
+            reason=f"no prefect.yaml in {d} (is /arc mounted?)",
+        )
+    vm.run(
+        f"set -a; . {WORKER_ENV}; set +a; cd {shlex.quote(d)} && "
+        f"{p.venv}/bin/prefect --no-prompt deploy --all",
+        timeout=900,
+    )
+    return StepRecord(name="science deployments", action=Action.CHANGE, reason=f"from {d}")
