@@ -405,10 +405,20 @@ class FaultControl:
         """``{"counts": {service: {method: n}}, "paths": {...}, "faults": {...}}``."""
         return self._call("GET", "/_counts")
 
-    def writes(self, service: str | None = None) -> int:
-        counts = self.counts()["counts"]
-        services = [service] if service else list(counts)
-        return sum(counts.get(s, {}).get(m, 0) for s in services for m in WRITE_METHODS)
+    def writes(self, service: str | None = None, *, include_auth: bool = False) -> int:
+        """POST/PUT/PATCH/DELETE requests seen (token requests excluded unless asked)."""
+        paths = self.counts()["paths"]
+        services = [service] if service else list(paths)
+        total = 0
+        for svc in services:
+            for key, n in paths.get(svc, {}).items():
+                method, _, path = key.partition(" ")
+                if method not in WRITE_METHODS:
+                    continue
+                if not include_auth and svc == "identity" and path.endswith("/auth/tokens"):
+                    continue
+                total += n
+        return total
 
     def reset(self) -> None:
         """Forget every rule and every count."""

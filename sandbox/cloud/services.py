@@ -464,8 +464,12 @@ def start_all(register_services: Callable[[], None]) -> None:
 
 
 def stop_all(timeout: float = 20.0) -> None:
-    """Stop the services first, then the proxy, RabbitMQ and MariaDB."""
-    procs.stop([*DAEMONS, *APIS], timeout=timeout)
+    """Stop the services first, then the proxy, RabbitMQ and MariaDB.
+
+    The services get a few seconds only: the databases are transactional and oslo.service
+    daemons would otherwise wait for their RPC servers to drain.
+    """
+    procs.stop([*DAEMONS, *APIS], timeout=5.0)
     procs.stop([FAULTS, "rabbitmq"], timeout=timeout)
     procs.stop(["mariadb"], timeout=timeout)
     stop_epmd()
