@@ -6,6 +6,7 @@ its requests never show in the proxy's counts.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import os
 import secrets
@@ -104,6 +105,26 @@ def _tiny_image() -> bytes:
 def seed() -> dict[str, Any]:
     """Create the project's world if missing; write clouds.yaml. Returns ids of what exists."""
     conn = admin_connection()
+    with cf.ThreadPoolExecutor(max_workers=3) as pool:
+        # image and flavors do not depend on the project: seed them alongside
+        image_f = pool.submit(_seed_image, conn)
+        flavors_f = pool.submit(_seed_flavors, conn)
+        project, user = _seed_identity(conn)
+        app_f = pool.submit(_seed_app_credential)
+        nets = _seed_network(conn, project)
+        _seed_quotas(conn, project)
+        image = image_f.result()
+        flavors_f.result()
+        app_f.result()
+    return {
+        "project_id": project.id,
+        "user_id": user.id,
+        "image_id": image.id,
+        **nets,
+    }
+
+
+def _seed_identity(conn: Connection) -> tuple[Any, Any]:
     ident = conn.identity
     project = ident.find_project(c.PROJECT, domain_id="default") or ident.create_project(
         name=c.PROJECT, domain_id="default", description="ALMA-SAILS sandbox project"
@@ -115,12 +136,13 @@ def seed() -> dict[str, Any]:
         default_project_id=project.id,
         enabled=True,
     )
-    member = ident.find_role("member")
-    ident.assign_project_role_to_user(project, user, member)
+    ident.assign_project_role_to_user(project, user, ident.find_role("member"))
     admin_user = ident.find_user(c.ADMIN_USER, domain_id="default")
     ident.assign_project_role_to_user(project, admin_user, ident.find_role("admin"))
+    return project, user
 
-    # image --------------------------------------------------------------------------------
+
+def _seed_image(conn: Connection) -> Any:
     image = conn.image.find_image(IMAGE_NAME)
     if image is None or image.status != "active":
         if image is not None:
@@ -133,15 +155,19 @@ def seed() -> dict[str, Any]:
             visibility="public",
             properties={"os_distro": "ubuntu", "os_version": "24.04"},
         )
+    return image
 
-    # flavors ------------------------------------------------------------------------------
+
+def _seed_flavors(conn: Connection) -> None:
+    existing = {f.name for f in conn.compute.flavors(is_public=None)}
     for name, (vcpus, ram, disk, eph) in FLAVORS.items():
-        if conn.compute.find_flavor(name) is None:
+        if name not in existing:
             conn.compute.create_flavor(
                 name=name, vcpus=vcpus, ram=ram, disk=disk, ephemeral=eph, is_public=True
             )
 
-    # networks -----------------------------------------------------------------------------
+
+def _seed_network(conn: Connection, project: Any) -> dict[str, str]:
     net = conn.network
     ext = net.find_network(EXTERNAL_NET)
     if ext is None:
@@ -152,9 +178,8 @@ def seed() -> dict[str, Any]:
             provider_physical_network="public",
             is_shared=False,
         )
-    ext_subnet = net.find_subnet(EXTERNAL_SUBNET)
-    if ext_subnet is None:
-        ext_subnet = net.create_subnet(
+    if net.find_subnet(EXTERNAL_SUBNET) is None:
+        net.create_subnet(
             name=EXTERNAL_SUBNET,
             network_id=ext.id,
             ip_version=4,
@@ -189,18 +214,26 @@ def seed() -> dict[str, Any]:
             project_id=project.id,
             external_gateway_info={"network_id": ext.id},
         )
-    ports = list(net.ports(device_id=router.id, network_id=tenant.id))
-    if not ports:
+    if not list(net.ports(device_id=router.id, network_id=tenant.id)):
         net.add_interface_to_router(router, subnet_id=subnet.id)
+    return {
+        "tenant_network_id": tenant.id,
+        "external_network_id": ext.id,
+        "router_id": router.id,
+    }
 
-    # quotas (through the services' quota APIs) ---------------------------------------------
+
+def _seed_quotas(conn: Connection, project: Any) -> None:
+    """Through the services' own quota APIs, as an operator would."""
     conn.set_compute_quotas(project.id, instances=4, cores=4, ram=16384)
     conn.set_volume_quotas(project.id, gigabytes=100, volumes=10, snapshots=10)
     conn.set_network_quotas(
         project.id, floatingip=10, security_group=20, security_group_rule=200, port=50
     )
 
-    # application credential of the project user --------------------------------------------
+
+def _seed_app_credential() -> None:
+    """The project user's application credential (kept across runs) and clouds.yaml."""
     stored = _secrets()
     user_conn = openstack.connect(
         auth_url=c.INTERNAL_AUTH_URL,
@@ -232,14 +265,6 @@ def seed() -> dict[str, Any]:
         SECRETS_FILE.write_text(json.dumps({"app_cred_id": app_id, "app_cred_secret": app_secret}))
         os.chmod(SECRETS_FILE, 0o600)
     write_clouds_yaml(app_id, app_secret)
-    return {
-        "project_id": project.id,
-        "user_id": user.id,
-        "image_id": image.id,
-        "tenant_network_id": tenant.id,
-        "external_network_id": ext.id,
-        "router_id": router.id,
-    }
 
 
 def _host(cidr: str, n: int) -> str:
