@@ -42,6 +42,7 @@ ADMIN_CLOUD_NAME = "sandbox-admin"
 def clouds_yaml() -> Path:
     return STATE_DIR / "clouds.yaml"
 
+
 #: Host bridges holding the two gateway addresses (no ports needed for the gateway itself; the
 #: guests' veth host ends are enslaved to the tenant bridge).
 TENANT_BRIDGE = "sails-int"
