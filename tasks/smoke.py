@@ -26,6 +26,11 @@ out = {"id": None, "status": None, "cause": None, "logs": "", "seconds": 0.0}
 start = time.monotonic()
 def cause(exc):
     text = str(exc)
+    for err in (getattr(exc, "errors", None) or {}).values():
+        response = getattr(err, "response", None)
+        if response is not None:
+            text = "HTTP %s: %s" % (response.status_code, response.text.strip()[:300])
+            break
     low = text.lower()
     if "401" in text or "403" in text or "unauthori" in low or "certificate" in low:
         return "auth: " + text
