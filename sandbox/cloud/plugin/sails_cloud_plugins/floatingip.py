@@ -48,6 +48,13 @@ def render_table(mapping: dict[str, str]) -> str:
     lines += ["  }", "  chain out { type nat hook output priority -100; policy accept;"]
     lines += [f"    ip daddr {f} dnat to {x}" for f, x in sorted(mapping.items())]
     lines += ["  }", "  chain post { type nat hook postrouting priority srcnat; policy accept;"]
+    # The guests have no default route: traffic that reached one through its floating address
+    # from off the tenant subnet (the host itself, mostly) leaves with the tenant gateway as
+    # its source, which every guest reaches on-link.
+    lines += [
+        f"    ct status dnat ip daddr {layout.TENANT_CIDR} ip saddr != {layout.TENANT_CIDR}"
+        f" snat to {layout.TENANT_GATEWAY}"
+    ]
     lines += [
         f"    ip saddr {x} ip daddr != {layout.TENANT_CIDR} snat to {f}"
         for f, x in sorted(mapping.items())
