@@ -94,12 +94,14 @@ if ! pgrep -u {user} -f "sshfs.* $mp\$" >/dev/null; then echo "dead no sshfs pro
 if ! grep -qs " $mp fuse.sshfs " /proc/mounts; then echo "dead not mounted"; exit 0; fi
 rc=$(mktemp)
 rm -f "$rc"
-setsid sh -c "ls -a '$mp' >/dev/null 2>&1; echo \$? > '$rc'" </dev/null >/dev/null 2>&1 &
+# A name never asked before: no cache can answer, only the server.
+probe="$mp/.sails-probe-$$-$(date +%s%N)"
+setsid sh -c "out=\$(stat '$probe' 2>&1); case \"\$out\" in *'No such file'*) echo 0;; *) echo 1;; esac > '$rc'" </dev/null >/dev/null 2>&1 &
 i=0
 while [ $i -lt $((deadline * 10)) ]; do
   if [ -s "$rc" ]; then
     code=$(cat "$rc"); rm -f "$rc"
-    if [ "$code" = 0 ]; then echo "live"; else echo "dead listing failed ($code)"; fi
+    if [ "$code" = 0 ]; then echo "live"; else echo "dead the server did not answer the lookup"; fi
     exit 0
   fi
   sleep 0.1; i=$((i + 1))

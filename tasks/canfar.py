@@ -32,9 +32,11 @@ VM_CA_BUNDLE = "/etc/sails-bootstrap/ca-bundle.pem"
 
 
 def _client(creds: CanfarCredentials) -> Any:
+    import ssl
+
     import httpx
 
-    verify: str | bool = creds.ca_bundle or True
+    verify = ssl.create_default_context(cafile=creds.ca_bundle) if creds.ca_bundle else True
     return httpx.Client(timeout=30, verify=verify, headers={"User-Agent": "sails-bootstrap"})
 
 

@@ -15,4 +15,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sails-test-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
 
-pytest_plugins = ["tests.fixtures.prefect_server"]
+pytest_plugins = [
+    "tests.fixtures.prefect_server",
+    "tests.fixtures.canfar",
+    "tests.fixtures.bootstrap",
+]
