@@ -96,7 +96,8 @@ rc=$(mktemp)
 rm -f "$rc"
 # A name never asked before: no cache can answer, only the server.
 probe="$mp/.sails-probe-$$-$(date +%s%N)"
-setsid sh -c "out=\$(stat '$probe' 2>&1); case \"\$out\" in *'No such file'*) echo 0;; *) echo 1;; esac > '$rc'" </dev/null >/dev/null 2>&1 &
+check="out=\$(stat '$probe' 2>&1); case \"\$out\" in *'No such file'*) echo 0;; *) echo 1;; esac"
+setsid sh -c "$check > '$rc'" </dev/null >/dev/null 2>&1 &
 i=0
 while [ $i -lt $((deadline * 10)) ]; do
   if [ -s "$rc" ]; then
