@@ -190,14 +190,15 @@ def test_server_life_cycle(user_conn):
 
 def _sandbox_leftovers() -> list[str]:
     from sandbox import layout
-    from sandbox.cloud import procs, services
+    from sandbox.cloud import common, procs, services
 
     found = [f"process {n}" for n in services.ALL_PROCS if procs.running(n)]
     state = str(layout.STATE_DIR)
+    marks = [state, str(common.VENV), "sandbox.guests", *(f"sails-{n}" for n in services.APIS)]
     ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
     for line in ps.splitlines():
         stat, _, args = line.strip().partition(" ")
-        if not stat.startswith("Z") and (state in args or "sails-" in args):
+        if not stat.startswith("Z") and any(m in args for m in marks):
             found.append(f"process {args[:80]}")
     losetup = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     found += [f"loop {ln}" for ln in losetup.splitlines() if state in ln]
