@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from sails_bootstrap.config import BootstrapConfig
-from tasks.errors import BootstrapError, PreflightError, http_detail, retry_transient
+from tasks.errors import BootstrapError, PreflightError, retry_transient
 from tasks.log import Progress, logger
 from tasks.records import (
     Action,
@@ -105,20 +105,25 @@ def _single(items: list[Any], what: str, setting: str, wanted: str | None) -> An
 @task(name="preflight", **CLOUD_TASK)
 def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> CloudFacts:
     """Check credentials, image, flavor, networks, key and quota. Makes no writes."""
-    from openstack import exceptions as os_exc
-
     log = logger()
+    from keystoneauth1 import exceptions as ks
+
     try:
-        conn.authorize()
-    except os_exc.HttpException as exc:
-        if exc.status_code in (401, 403):
-            raise PreflightError(
-                [
-                    f"the cloud refused the credentials ({http_detail(exc)}); fix the "
-                    "OpenStackCredentials block or the clouds.yaml entry"
-                ]
-            ) from None
-        raise
+        conn.session.get_token()  # keystoneauth's own errors: transient ones are retried
+    except (ks.http.Unauthorized, ks.http.Forbidden) as exc:
+        raise PreflightError(
+            [
+                f"the cloud refused the credentials (HTTP {exc.http_status}); fix the "
+                "OpenStackCredentials block or the clouds.yaml entry"
+            ]
+        ) from None
+    except (ks.http.NotFound, ks.http.BadRequest) as exc:
+        raise PreflightError(
+            [
+                f"the identity service rejected the request (HTTP {exc.http_status}: "
+                f"{exc.message}); check auth_url and the project in the credentials"
+            ]
+        ) from None
     project_id = str(conn.current_project_id)
     problems: list[str] = []
 
@@ -174,9 +179,7 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
 
     # Quota: only what this run would create counts.
     server = _find_ours(conn.compute.servers(name=f"^{re.escape(config.server_name)}$"), config)
-    volume = _find_ours(
-        conn.block_storage.volumes(name=config.volume_name), config, meta="metadata"
-    )
+    volume = _find_ours(_named_volumes(conn, config), config, meta="metadata")
     if flavor is not None and not server:
         limits = conn.compute.get_limits().absolute
         checks = [
@@ -216,6 +219,11 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
 
 def _same_key(a: str | None, b: str) -> bool:
     return (a or "").split()[:2] == b.split()[:2]
+
+
+def _named_volumes(conn: Connection, config: BootstrapConfig) -> list[Any]:
+    # Filtered here: clouds differ in which query filters Cinder allows.
+    return [v for v in conn.block_storage.volumes() if v.name == config.volume_name]
 
 
 def _find_ours(items: Any, config: BootstrapConfig, meta: str = "metadata") -> list[Any]:
@@ -514,7 +522,7 @@ def ensure_floating_ip(
 
 # -- volume ------------------------------------------------------------------------------------
 def _our_volumes(conn: Connection, config: BootstrapConfig) -> list[Any]:
-    vols = _find_ours(conn.block_storage.volumes(name=config.volume_name), config)
+    vols = _find_ours(_named_volumes(conn, config), config)
     return sorted(vols, key=lambda v: (not v.attachments, v.created_at or ""))
 
 
