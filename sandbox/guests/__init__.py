@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sandbox import layout, net
+from sandbox import latency, layout, net
 from sandbox.guests import rootfs
 
 GUESTS_DIR = layout.STATE_DIR / "guests"
@@ -304,6 +304,9 @@ def start_guest(spec: GuestSpec, timeout: float = 90) -> None:
     """Create or power on the guest; return once its sshd answers and boot has settled."""
     if power_state(spec.name) == "running":
         return
+    first_boot = not (_dir(spec.name) / "guest.json").exists()
+    if first_boot and latency.get("boot"):
+        time.sleep(latency.get("boot"))  # benchmarks: a cloud's build time
     net.ensure_network()
     GUESTS_DIR.mkdir(parents=True, exist_ok=True)
     try:
