@@ -117,7 +117,7 @@ def nova() -> Sections:
             "reserved_host_disk_mb": 0,
             "heal_instance_info_cache_interval": -1,
             "instance_usage_audit": False,
-            "sync_power_state_interval": 10,
+            "sync_power_state_interval": 5,
         },
         "wsgi": {"api_paste_config": str(c.ETC / "nova" / "api-paste.ini")},
         "api": {"auth_strategy": "keystone"},
@@ -191,6 +191,7 @@ def cinder() -> Sections:
             "osapi_volume_workers": 1,
             "glance_catalog_info": "image:glance:internalURL",
             "api_paste_config": str(c.ETC / "cinder" / "api-paste.ini"),
+            "resource_query_filters_file": str(c.ETC / "cinder" / "resource_filters.json"),
         },
         "sails": {
             "volume_driver": "sails_cloud_plugins.cinder_driver.SandboxFileDriver",
@@ -218,7 +219,7 @@ FILES = {
 PASTE = {
     "nova": ["api-paste.ini"],
     "neutron": ["api-paste.ini"],
-    "cinder": ["api-paste.ini"],
+    "cinder": ["api-paste.ini", "resource_filters.json"],
     "glance": ["glance-api-paste.ini"],
 }
 
