@@ -8,7 +8,8 @@ sandbox parts (e.g. the CANFAR stand-ins) that hook in here.
 
 Other sandbox parts join by being importable modules with ``install()``, ``up()``, ``down()``,
 ``status()`` and ``env()`` functions, listed in ``PARTS`` (or added with ``register_part``).
-A part that is not there (ImportError) is skipped.
+A part that is not there (ImportError) is skipped, and so is one named in the comma-separated
+``SAILS_SANDBOX_SKIP_PARTS`` environment variable.
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ def _require_root() -> None:
 
 def _parts() -> list[tuple[str, ModuleType]]:
     found = []
+    skip = set(filter(None, os.environ.get("SAILS_SANDBOX_SKIP_PARTS", "").split(",")))
     for name in PARTS:
+        if name in skip:
+            continue
         try:
             found.append((name, importlib.import_module(name)))
         except ImportError as exc:

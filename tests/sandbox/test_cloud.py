@@ -188,6 +188,55 @@ def test_server_life_cycle(user_conn):
         conn.delete_keypair(f"k-{tag}")
 
 
+@pytest.mark.skipif(not GUESTS, reason="needs sandbox.guests")
+def test_power_off_from_inside_and_api_start_stop(user_conn):
+    conn = user_conn
+    tag = uuid.uuid4().hex[:6]
+    public, pkey = make_key()
+    conn.create_keypair(f"k-{tag}", public_key=public)
+    server = None
+    try:
+        server = conn.create_server(
+            f"pw-{tag}",
+            image=IMAGE,
+            flavor="p1-1.5gb",
+            network=NETWORK,
+            key_name=f"k-{tag}",
+            auto_ip=False,
+            wait=True,
+            timeout=180,
+        )
+        fip = conn.create_floating_ip(network="public", server=server, wait=True, timeout=60)
+        address = fip.floating_ip_address
+        client = ssh(address, pkey)
+        client.exec_command("sudo poweroff")
+        client.close()
+        # nova's power-state sync sees the guest gone and records the server as stopped
+        conn.compute.wait_for_server(
+            conn.compute.get_server(server.id), status="SHUTOFF", wait=90, interval=1
+        )
+        conn.compute.start_server(server.id)
+        conn.compute.wait_for_server(
+            conn.compute.get_server(server.id), status="ACTIVE", wait=120, interval=1
+        )
+        client = ssh(address, pkey)
+        try:
+            assert run(client, "cat /proc/1/comm").strip() == "systemd"
+        finally:
+            client.close()
+        conn.compute.stop_server(server.id)
+        conn.compute.wait_for_server(
+            conn.compute.get_server(server.id), status="SHUTOFF", wait=120, interval=1
+        )
+        with socket.socket() as s:
+            s.settimeout(5)
+            assert s.connect_ex((address, 22)) != 0
+    finally:
+        if server is not None:
+            conn.delete_server(server.id, wait=True, delete_ips=True, timeout=120)
+        conn.delete_keypair(f"k-{tag}")
+
+
 def _sandbox_leftovers() -> list[str]:
     from sandbox import layout
     from sandbox.cloud import common, procs, services
