@@ -7,6 +7,7 @@ device of it and shows it to the guest as a virtio disk.
 import contextlib
 import os
 import shutil
+import time
 
 from cinder.volume import driver
 from oslo_log import log as logging
@@ -18,6 +19,15 @@ GiB = 1024**3
 #: The connection type nova's sandbox driver understands.
 DRIVER_VOLUME_TYPE = "sails_file"
 CAPACITY_GB = 1000
+
+
+def _latency(name: str) -> float:
+    """Configured slowness for benchmarks (``sandbox.latency``), 0 when not set."""
+    try:
+        from sandbox import latency
+    except ImportError:
+        return 0.0
+    return latency.get(name)
 
 
 def _path(volume) -> str:
@@ -57,6 +67,9 @@ class SandboxFileDriver(driver.VolumeDriver):
         }
 
     def create_volume(self, volume):
+        delay = _latency("volume_create")
+        if delay > 0:
+            time.sleep(delay)
         path = _path(volume)
         with open(path, "wb") as fh:
             fh.truncate(int(volume["size"]) * GiB)
