@@ -90,6 +90,12 @@ def up() -> dict[str, Any]:
     """Bring the whole sandbox up (idempotent) and return ``status()``."""
     _require_root()
     t0 = time.monotonic()
+    if cloud_running() and not packages.venv_current():
+        # the sandbox's plugin code (or the pinned list) changed under a running cloud
+        _log("services venv out of date: reinstalling and restarting the services")
+        packages.install()
+        services.stop_services()
+        services.start_all(seed.register_services)
     if not cloud_running():
         packages.install()
         guests = _guests()

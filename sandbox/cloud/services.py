@@ -466,13 +466,18 @@ def start_all(register_services: Callable[[], None]) -> None:
     _log(f"nova-compute mapped, cinder-volume up (+{time.monotonic() - t0:.0f} s)")
 
 
+def stop_services() -> None:
+    """Every OpenStack process, leaving MariaDB, RabbitMQ and the proxy running."""
+    procs.stop([*DAEMONS, *APIS], timeout=5.0)
+
+
 def stop_all(timeout: float = 20.0) -> None:
     """Stop the services first, then the proxy, RabbitMQ and MariaDB.
 
     The services get a few seconds only: the databases are transactional and oslo.service
     daemons would otherwise wait for their RPC servers to drain.
     """
-    procs.stop([*DAEMONS, *APIS], timeout=5.0)
+    stop_services()
     procs.stop([FAULTS, "rabbitmq"], timeout=timeout)
     procs.stop(["mariadb"], timeout=timeout)
     stop_epmd()
