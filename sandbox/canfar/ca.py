@@ -42,6 +42,13 @@ def bundle_path() -> Path:
     return CA_DIR / "bundle.pem"
 
 
+def ca_pem() -> str:
+    """The sandbox CA certificate (PEM), for installing into a guest's trust store or for the
+    product's optional CA bundle setting."""
+    ensure_ca()
+    return ca_cert_path().read_text()
+
+
 def ensure_ca() -> None:
     if ca_cert_path().exists() and (CA_DIR / "ca.key").exists():
         if not bundle_path().exists():
