@@ -1,7 +1,13 @@
 """The /arc host: a real OpenSSH server, SFTP only, chrooted to an /arc-like tree, key-only.
 
-It stands in for ws-uv.canfar.net:64022. Tests stop, restart and freeze it (SIGSTOP on the
-listener and every session process) to make stale and hung sshfs mounts.
+It stands in for ws-uv.canfar.net:64022. The tree is ``home/<user>`` and
+``projects/<project>``. Its own host keys, config and pid file live under STATE_DIR; Debian's
+own sshd (if any) is left alone. Tests stop, restart and freeze it (SIGSTOP on the listener and
+every session process) to make stale and hung sshfs mounts.
+
+sshd's rules that shape this: every component of ChrootDirectory must be root-owned and not
+group/world-writable; with ``UsePAM no`` an account whose password field is ``!`` counts as
+locked and is refused even with a key, so users are created with ``-p '*'``.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import os
 import pwd
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -22,84 +29,133 @@ CONFIG = ARC_DIR / "sshd_config"
 PID_FILE = ARC_DIR / "sshd.pid"
 LOG_FILE = layout.STATE_DIR / "logs" / "arc-sshd.log"
 PROJECT = "ALMA-SAILS"
+SSHD = "/usr/sbin/sshd"
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, check=check)
 
 
-def ensure_user(user: str) -> None:
+def ensure_user(user: str) -> pwd.struct_passwd:
     try:
-        pwd.getpwnam(user)
+        return pwd.getpwnam(user)
     except KeyError:
         # '*' (not '!'): with UsePAM no, a locked account is refused even with a key.
         _run("useradd", "-M", "-d", f"/home/{user}", "-s", "/usr/sbin/nologin", "-p", "*", user)
+        return pwd.getpwnam(user)
 
 
-def prepare(user: str) -> None:
-    """The chroot tree (every component root-owned, not group/world-writable), keys, config."""
-    ensure_user(user)
-    pw = pwd.getpwnam(user)
-    for d in (
-        layout.STATE_DIR,
-        layout.STATE_DIR / "canfar",
-        ARC_DIR,
-        ROOT,
-        ROOT / "home",
-        ROOT / "projects",
-    ):
-        d.mkdir(parents=True, exist_ok=True)
-        os.chown(d, 0, 0)
-        os.chmod(d, 0o755)
-    for d in (ROOT / "home" / user, ROOT / "projects" / PROJECT):
-        d.mkdir(parents=True, exist_ok=True)
-        os.chown(d, pw.pw_uid, pw.pw_gid)
-        os.chmod(d, 0o755)
-    KEYS.mkdir(parents=True, exist_ok=True)
-    os.chmod(KEYS, 0o755)
+def _root_dir(d: Path) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    os.chown(d, 0, 0)
+    os.chmod(d, 0o755)
+
+
+def _check_chroot_path() -> None:
+    for d in [ROOT, *ROOT.parents]:
+        st = d.stat()
+        if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise RuntimeError(
+                f"sshd refuses ChrootDirectory {ROOT}: {d} must be root-owned and not "
+                "group/world-writable (set SAILS_SANDBOX_STATE elsewhere)"
+            )
+
+
+def prepare_user(user: str) -> None:
+    """A local account (uid for file ownership), its home in the tree and its key file."""
+    pw = ensure_user(user)
+    for d in (ROOT / "home", ROOT / "projects"):
+        _root_dir(d)
+    home = ROOT / "home" / user
+    home.mkdir(parents=True, exist_ok=True)
+    os.chown(home, pw.pw_uid, pw.pw_gid)
+    os.chmod(home, 0o750)
+    project = ROOT / "projects" / PROJECT
+    if not project.exists():  # the first user owns the project directory
+        project.mkdir(parents=True)
+        os.chown(project, pw.pw_uid, pw.pw_gid)
+        os.chmod(project, 0o775)
+    _root_dir(KEYS)
     keyfile = KEYS / user
     if not keyfile.exists():
         keyfile.write_text("")
+    os.chown(keyfile, 0, 0)
     os.chmod(keyfile, 0o644)
+
+
+def users() -> list[str]:
+    return sorted(p.name for p in KEYS.iterdir()) if KEYS.exists() else []
+
+
+def prepare() -> None:
+    """The chroot tree, host keys and the config (for every user ``prepare_user`` made)."""
+    for d in (layout.STATE_DIR, layout.STATE_DIR / "canfar", ARC_DIR, ROOT):
+        _root_dir(d)
+    _check_chroot_path()
     for kind in ("ed25519", "rsa"):
         hk = ARC_DIR / f"ssh_host_{kind}_key"
         if not hk.exists():
-            _run("ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(hk))
+            _run("ssh-keygen", "-q", "-t", kind, "-N", "", "-C", "arc-sandbox", "-f", str(hk))
+    allowed = " ".join(users()) or "nobody-allowed"
     CONFIG.write_text(
         f"ListenAddress {layout.SERVICES_IP}:{layout.ARC_PORT}\n"
         f"HostKey {ARC_DIR / 'ssh_host_ed25519_key'}\n"
         f"HostKey {ARC_DIR / 'ssh_host_rsa_key'}\n"
         f"PidFile {PID_FILE}\n"
         f"AuthorizedKeysFile {KEYS}/%u\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin no\n"
-        "UsePAM no\nUseDNS no\nX11Forwarding no\nAllowTcpForwarding no\n"
-        f"AllowUsers {user}\n"
+        "AuthenticationMethods publickey\n"
+        "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PermitRootLogin no\nUsePAM no\nUseDNS no\n"
+        "X11Forwarding no\nAllowTcpForwarding no\nAllowAgentForwarding no\nPermitTunnel no\n"
+        "PermitTTY no\nPrintMotd no\nLogLevel VERBOSE\n"
+        "ClientAliveInterval 0\nMaxStartups 50:30:200\n"
+        f"AllowUsers {allowed}\n"
         "Subsystem sftp internal-sftp\n"
         f"ChrootDirectory {ROOT}\n"
         "ForceCommand internal-sftp -d /home/%u\n"
     )
+    _run(SSHD, "-t", "-f", str(CONFIG))
 
 
 def add_key(user: str, public_key: str) -> None:
-    keyfile = KEYS / user
-    lines = keyfile.read_text().splitlines() if keyfile.exists() else []
+    """Append an OpenSSH public key line to ``user``'s authorized keys (idempotent)."""
     key = public_key.strip()
+    if len(key.split()) < 2 or "\n" in key:
+        raise ValueError("expected one OpenSSH public key line ('type base64 [comment]')")
+    if not (KEYS / user).exists():
+        prepare_user(user)
+        if listener_pid():
+            prepare()
+            reload()
+    keyfile = KEYS / user
+    lines = [line for line in keyfile.read_text().splitlines() if line.strip()]
     if key.split()[:2] not in [line.split()[:2] for line in lines]:
         lines.append(key)
         keyfile.write_text("\n".join(lines) + "\n")
     os.chmod(keyfile, 0o644)
 
 
+def host_key_lines() -> list[str]:
+    """The host's public keys ('type base64'), e.g. for a known_hosts entry."""
+    out = []
+    for kind in ("ed25519", "rsa"):
+        pub = ARC_DIR / f"ssh_host_{kind}_key.pub"
+        if pub.exists():
+            out.append(" ".join(pub.read_text().split()[:2]))
+    return out
+
+
 def listener_pid() -> int | None:
+    """The listening sshd of this host (not Debian's or another one's)."""
     try:
         pid = int(PID_FILE.read_text())
-        os.kill(pid, 0)
-        return pid
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()  # sshd rewrites its title
     except (OSError, ValueError):
         return None
+    return pid if str(CONFIG).encode() in cmdline else None
 
 
-def _descendants(pid: int) -> list[int]:
+def _children() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -109,7 +165,15 @@ def _descendants(pid: int) -> list[int]:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
+    return children
+
+
+def _all_pids() -> list[int]:
+    """The listener and every process under it (per-connection sshd, sftp sessions)."""
+    pid = listener_pid()
+    if not pid:
+        return []
+    children, out, todo = _children(), [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
@@ -117,17 +181,21 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _all_pids() -> list[int]:
-    pid = listener_pid()
-    return _descendants(pid) if pid else []
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def start() -> None:
     if listener_pid():
         return
-    os.makedirs("/run/sshd", exist_ok=True)
+    os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
     LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
-    _run("/usr/sbin/sshd", "-f", str(CONFIG), "-E", str(LOG_FILE))
+    PID_FILE.unlink(missing_ok=True)
+    _run(SSHD, "-f", str(CONFIG), "-E", str(LOG_FILE))
     deadline = time.monotonic() + 10
     while not listener_pid():
         if time.monotonic() > deadline:
@@ -135,15 +203,18 @@ def start() -> None:
         time.sleep(0.05)
 
 
+def reload() -> None:
+    pid = listener_pid()
+    if pid:
+        os.kill(pid, signal.SIGHUP)  # sshd re-execs itself with the new config
+        time.sleep(0.3)
+
+
 def stop() -> None:
-    """Kill the listener and every session (clients see the connection drop)."""
+    """Kill the listener and every session (clients see their connections drop)."""
     pids = _all_pids()
-    for pid in pids:
-        for sig in (signal.SIGCONT, signal.SIGKILL):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+    _signal(pids, signal.SIGKILL)
+    _signal(pids, signal.SIGCONT)  # a frozen process dies only once it runs again
     PID_FILE.unlink(missing_ok=True)
 
 
@@ -155,19 +226,21 @@ def restart() -> None:
 
 def freeze() -> None:
     """SIGSTOP the listener and every session: TCP stays up, nothing answers."""
-    for pid in _all_pids():
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except ProcessLookupError:
-            pass
+    _signal(_all_pids(), signal.SIGSTOP)
 
 
 def thaw() -> None:
-    for pid in _all_pids():
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+    _signal(_all_pids(), signal.SIGCONT)
+
+
+def frozen() -> bool:
+    pid = listener_pid()
+    if not pid:
+        return False
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "T"
+    except OSError:
+        return False
 
 
 def running() -> bool:
