@@ -1,17 +1,26 @@
 """Guests that look like Ubuntu cloud VMs: systemd-nspawn containers with systemd as PID 1.
 
-Each guest has its own network namespace (a veth on the tenant bridge, its fixed IP, no default
-route), an overlay on the golden root filesystem, per-guest SSH host keys, the instance's key in
-``ubuntu``'s authorized_keys, and block devices plugged as /dev/vdX with by-id links as a KVM
-guest shows them. A small supervisor process per guest relaunches it after ``sudo reboot``
-(nspawn exits 133) and records a power-off, so the guest behaves as a VM does.
+Each guest has its own network namespace (a veth on the tenant bridge with the guest's MAC and
+fixed IP, no default route), an overlay on the golden root filesystem, per-guest SSH host keys,
+the instance's key in ``ubuntu``'s authorized_keys, and block devices plugged as /dev/vdX with
+/dev/disk/by-id/virtio-<serial> links as a KVM guest shows them. A small supervisor process per
+guest (``sandbox.guests.supervisor``, in its own session) runs systemd-nspawn, starts it again
+after ``sudo reboot`` (nspawn exits 133) and records a power-off, so the guest behaves as a VM.
 
-The Nova driver of the sandbox cloud calls these functions; they know nothing of Nova.
+State lives under ``$STATE_DIR/guests/<name>/``: ``guest.json`` (spec, namespace and interface
+names, disks), ``upper/`` and ``work/`` (the overlay's writable layer), ``root/`` (the mounted
+overlay), ``console.log``, the supervisor's and nspawn's pid files and the ``power`` file
+(``on`` | ``reboot`` | ``off``: what the host asked for). Power state is read from the live
+processes, never from memory, so any process (the Nova driver, the tests, ``sandbox down``)
+sees the same thing.
+
+The sandbox's Nova driver calls these functions; they know nothing of Nova.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -21,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,18 +38,21 @@ from sandbox import latency, layout, net
 from sandbox.guests import rootfs
 
 GUESTS_DIR = layout.STATE_DIR / "guests"
+#: Exit code of systemd-nspawn when the guest rebooted itself.
+REBOOT_EXIT = 133
+FUSE_DEV = (10, 229)
 
 
 @dataclass
 class GuestSpec:
-    name: str
+    name: str  # unique id; used for directory names (shortened for namespace/interface names)
     hostname: str
     mac: str
-    ip: str
-    prefix: int
-    gateway: str
-    authorized_keys: str
-    ephemeral_gb: int = 0
+    ip: str  # fixed IP inside layout.TENANT_CIDR
+    prefix: int  # 24
+    gateway: str  # layout.TENANT_GATEWAY (on-link; the guest gets no default route)
+    authorized_keys: str  # the instance's key_data (may be empty)
+    ephemeral_gb: int = 0  # >0: a sparse ext4 disk shown as /dev/vdb, mounted at /mnt
 
 
 class GuestError(RuntimeError):
@@ -55,69 +68,155 @@ def _run(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess[st
 
 
 def _dir(name: str) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise GuestError(f"bad guest name {name!r}")
     return GUESTS_DIR / name
 
 
-def _short(name: str) -> str:
-    return name.replace("-", "")[:10]
+def _tag() -> str:
+    """Short hash of the guests directory: namespaces of another state directory are not ours."""
+    return hashlib.sha1(str(GUESTS_DIR).encode()).hexdigest()[:4]
 
 
-def _netns(name: str) -> str:
-    return f"sg{_short(name)}"
+def _netns_prefix() -> str:
+    return f"sails-{_tag()}-"
 
 
-def _veth(name: str) -> tuple[str, str]:
-    s = _short(name)
-    return f"sh{s}", f"sv{s}"
+def _names(name: str) -> dict[str, str]:
+    """Namespace and interface names for a guest (interfaces: IFNAMSIZ is 15 with the NUL)."""
+    h = hashlib.sha1(f"{GUESTS_DIR}/{name}".encode()).hexdigest()[:10]
+    return {
+        "netns": f"{_netns_prefix()}{h}",
+        "veth": f"sg{h}",
+        "peer": f"sv{h}",
+        "machine": f"sg{h}",
+    }
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _guest_lock(name: str) -> contextlib.AbstractContextManager[None]:
+    """Held only around short read-modify-write steps of one guest's record."""
+    return _flock(_dir(name) / ".lock")
+
+
+def _loop_lock() -> contextlib.AbstractContextManager[None]:
+    return _flock(GUESTS_DIR / ".loop.lock")
+
+
+def _legacy_names(name: str) -> dict[str, str]:
+    """Names used by records written before guest.json carried them."""
+    s = name.replace("-", "")[:10]
+    return {"netns": f"sg{s}", "veth": f"sh{s}", "peer": f"sv{s}", "machine": f"sg{s}"}
 
 
 def _load(name: str) -> dict:
-    return json.loads((_dir(name) / "guest.json").read_text())
+    data = json.loads((_dir(name) / "guest.json").read_text())
+    data.setdefault("names", _legacy_names(name))
+    return data
 
 
 def _save(name: str, data: dict) -> None:
     path = _dir(name) / "guest.json"
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".guest.json.{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)
 
 
-def _pid(path: Path) -> int | None:
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _pid(path: Path, marker: str) -> int | None:
+    """The live process whose pid is in ``path`` and whose command line mentions ``marker``."""
     try:
         pid = int(path.read_text().strip())
     except (OSError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    # a zombie is not alive
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return None
-    except OSError:
+    if not _alive(pid) or not any(marker in arg for arg in _cmdline(pid)):
         return None
     return pid
 
 
-def _mounted(path: Path) -> bool:
-    return _run("mountpoint", "-q", str(path), check=False).returncode == 0
+def _supervisor_pid(name: str) -> int | None:
+    return _pid(_dir(name) / "supervisor.pid", str(_dir(name)))
+
+
+def _nspawn_pid(name: str) -> int | None:
+    return _pid(_dir(name) / "nspawn.pid", str(_dir(name) / "root"))
 
 
 def _container_pid1(name: str) -> int | None:
-    nspawn = _pid(_dir(name) / "nspawn.pid")
+    """Host pid of the guest's PID 1 (systemd), a child of the nspawn process."""
+    nspawn = _nspawn_pid(name)
     if nspawn is None:
         return None
     try:
         children = Path(f"/proc/{nspawn}/task/{nspawn}/children").read_text().split()
     except OSError:
         return None
-    return int(children[0]) if children else None
+    for child in children:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{child}/status").read_text().splitlines():
+                if line.startswith("NSpid:") and line.split()[-1] == "1" and len(line.split()) > 2:
+                    return int(child)
+    return None
 
 
+def _power_request(name: str) -> str:
+    try:
+        return (_dir(name) / "power").read_text().strip() or "on"
+    except OSError:
+        return "off"
+
+
+def _set_power(name: str, value: str) -> None:
+    path = _dir(name) / "power"
+    tmp = path.with_name(f".power.{os.getpid()}")
+    tmp.write_text(value + "\n")
+    tmp.replace(path)
+
+
+def _mounted(path: Path) -> bool:
+    target = str(path)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            if line.split()[4] == target:
+                return True
+    return False
+
+
+def _tail(name: str, size: int = 800) -> str:
+    out = []
+    for log in ("console.log", "supervisor.log"):
+        with contextlib.suppress(OSError):
+            text = (_dir(name) / log).read_bytes()[-size:].decode(errors="replace").strip()
+            if text:
+                out.append(f"[{log}] {text}")
+    return "\n".join(out) or "(no console output)"
+
+
+# -- installation ------------------------------------------------------------------------------
 def install() -> None:
     """Debian packages for guests, and the golden root filesystem (built once, cached)."""
     needed = {
@@ -142,20 +241,24 @@ def install() -> None:
 def _host_keys(upper: Path, hostname: str) -> None:
     ssh = upper / "etc/ssh"
     ssh.mkdir(parents=True, exist_ok=True)
-    for kind in ("ed25519", "ecdsa", "rsa"):
+    for kind in ("ecdsa", "ed25519", "rsa"):
         key = ssh / f"ssh_host_{kind}_key"
         if not key.exists():
             _run("ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{hostname}", "-f", str(key))
 
 
+def _copy_dir_attrs(lower: Path, upper: Path) -> None:
+    """An overlay shows an upper directory's owner and mode: take them from the golden copy."""
+    st = lower.stat()
+    os.chown(upper, st.st_uid, st.st_gid)
+    os.chmod(upper, st.st_mode & 0o7777)
+
+
 def _prepare(spec: GuestSpec) -> None:
+    """First boot: the overlay's upper layer with the guest's identity, and its ephemeral disk."""
     d = _dir(spec.name)
+    lower = rootfs.build()
     upper = d / "upper"
-    if (d / "guest.json").exists():
-        data = _load(spec.name)
-        data["spec"] = asdict(spec) | {"ephemeral_gb": data["spec"]["ephemeral_gb"]}
-        _save(spec.name, data)
-        return
     for sub in ("upper", "work", "root"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     _host_keys(upper, spec.hostname)
@@ -167,69 +270,88 @@ def _prepare(spec: GuestSpec) -> None:
     )
     (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
     (etc / "machine-id").write_text(hashlib.md5(spec.name.encode()).hexdigest() + "\n")
-    home = upper / "home/ubuntu/.ssh"
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "authorized_keys").write_text(
-        spec.authorized_keys.strip() + "\n" if spec.authorized_keys.strip() else ""
-    )
-    os.chmod(home, 0o700)
-    os.chmod(home / "authorized_keys", 0o600)
-    for path in (home.parent, home, home / "authorized_keys"):
+    ssh_dir = upper / "home/ubuntu/.ssh"
+    ssh_dir.mkdir(parents=True, exist_ok=True)
+    _copy_dir_attrs(lower / "home", upper / "home")
+    _copy_dir_attrs(lower / "home/ubuntu", upper / "home/ubuntu")
+    keys = spec.authorized_keys.strip()
+    (ssh_dir / "authorized_keys").write_text(keys + "\n" if keys else "")
+    os.chmod(ssh_dir, 0o700)
+    os.chmod(ssh_dir / "authorized_keys", 0o600)
+    for path in (ssh_dir, ssh_dir / "authorized_keys"):
         os.chown(path, 1000, 1000)
     disks: list[dict] = []
     fstab = "# /etc/fstab: static file system information.\n"
     if spec.ephemeral_gb > 0:
-        img = d / "ephemeral.img"
+        img = d / "ephemeral0.img"
         with open(img, "wb") as fh:
             fh.truncate(spec.ephemeral_gb * 2**30)
-        _run("mkfs.ext4", "-q", "-F", "-L", "ephemeral0", str(img))
+        _run("mkfs.ext4", "-q", "-F", "-L", "ephemeral0", "-E", "nodiscard", str(img))
         disks.append({"dev": "vdb", "path": str(img), "serial": "-", "ephemeral": True})
-        fstab += "/dev/vdb /mnt ext4 defaults,nofail,comment=cloudconfig 0 2\n"
+        # as Ubuntu's cloud-init writes it for the ephemeral disk
+        fstab += "/dev/vdb\t/mnt\tauto\tdefaults,nofail,comment=cloudconfig\t0\t2\n"
     (etc / "fstab").write_text(fstab)
-    _save(spec.name, {"spec": asdict(spec), "disks": disks})
+    _save(spec.name, {"spec": asdict(spec), "names": _names(spec.name), "disks": disks})
 
 
-def _ensure_netns(spec: GuestSpec) -> None:
-    ns = _netns(spec.name)
-    host_if, guest_if = _veth(spec.name)
-    if _run("ip", "netns", "exec", ns, "true", check=False).returncode != 0:
+def _ensure_netns(name: str, spec: GuestSpec) -> None:
+    names = _load(name)["names"]
+    ns, host_if, peer = names["netns"], names["veth"], names["peer"]
+    if not Path(f"/run/netns/{ns}").exists():
         _run("ip", "netns", "add", ns)
-    if _run("ip", "link", "show", host_if, check=False).returncode != 0:
-        _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", guest_if, "netns", ns)
-        _run("ip", "-n", ns, "link", "set", guest_if, "name", "eth0")
+    if _run("ip", "-n", ns, "link", "show", "eth0", check=False).returncode != 0:
+        _run("ip", "link", "del", host_if, check=False)
+        _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer, "netns", ns)
+        _run("ip", "-n", ns, "link", "set", peer, "name", "eth0")
     _run("ip", "link", "set", host_if, "master", layout.TENANT_BRIDGE, "up")
     _run("ip", "-n", ns, "link", "set", "eth0", "address", spec.mac)
     addr = f"{spec.ip}/{spec.prefix}"
-    if addr not in _run("ip", "-n", ns, "-o", "addr", "show", "dev", "eth0").stdout:
+    if f" {addr} " not in _run("ip", "-n", ns, "-o", "addr", "show", "dev", "eth0").stdout:
+        _run("ip", "-n", ns, "addr", "flush", "dev", "eth0")
         _run("ip", "-n", ns, "addr", "add", addr, "dev", "eth0")
     _run("ip", "-n", ns, "link", "set", "eth0", "up")
     _run("ip", "-n", ns, "link", "set", "lo", "up")
 
 
 def _losetup(path: str) -> str:
-    found = _run("losetup", "-j", path, check=False).stdout.strip()
-    if found:
-        return found.split(":", 1)[0]
-    return _run("losetup", "--find", "--show", path).stdout.strip()
+    """The loop device backing ``path`` (an existing one is reused)."""
+    with _loop_lock():
+        found = _run("losetup", "-j", path, check=False).stdout.strip()
+        if found:
+            return found.split(":", 1)[0]
+        return _run("losetup", "--find", "--show", path).stdout.strip()
 
 
-def _disks_file(name: str, disks: list[dict]) -> str:
+def _devno(dev: str) -> tuple[int, int]:
+    st = os.stat(dev)
+    return os.major(st.st_rdev), os.minor(st.st_rdev)
+
+
+def _disks_file(disks: list[dict]) -> str:
     lines = []
     for disk in disks:
-        st = os.stat(disk["loop"])
+        if not disk.get("loop"):
+            continue
+        major, minor = _devno(disk["loop"])
         serial = disk["serial"][:20] if disk["serial"] != "-" else "-"
-        lines.append(f"{disk['dev']} {os.major(st.st_rdev)} {os.minor(st.st_rdev)} {serial}")
-    return "\n".join(lines) + ("\n" if lines else "")
+        lines.append(f"{disk['dev']} {major} {minor} {serial}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _write_disks_file(name: str, disks: list[dict]) -> None:
+    root = _dir(name) / "root"
+    if _mounted(root):
+        (root / "etc/sandbox-disks").write_text(_disks_file(disks))
 
 
 def _plug_all(name: str) -> list[dict]:
     """Loop devices for every recorded disk, and the list the guest's boot unit reads."""
-    data = _load(name)
-    for disk in data["disks"]:
-        disk["loop"] = _losetup(disk["path"])
-    _save(name, data)
-    root = _dir(name) / "root"
-    (root / "etc/sandbox-disks").write_text(_disks_file(name, data["disks"]))
+    with _guest_lock(name):
+        data = _load(name)
+        for disk in data["disks"]:
+            disk["loop"] = _losetup(disk["path"])
+        _save(name, data)
+        _write_disks_file(name, data["disks"])
     return data["disks"]
 
 
@@ -238,32 +360,66 @@ def _mount_overlay(name: str) -> None:
     if _mounted(d / "root"):
         return
     lower = rootfs.build()
-    _run(
-        "mount",
-        "-t",
-        "overlay",
-        "overlay",
-        "-o",
-        f"lowerdir={lower},upperdir={d / 'upper'},workdir={d / 'work'}",
-        str(d / "root"),
-    )
+    opts = f"lowerdir={lower},upperdir={d / 'upper'},workdir={d / 'work'}"
+    _run("mount", "-t", "overlay", "overlay", "-o", opts, str(d / "root"))
+
+
+def _launch_supervisor(name: str) -> int:
+    d = _dir(name)
+    log = open(d / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sandbox.guests.supervisor", str(d)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # outlives its caller (the Nova compute process, a test)
+            close_fds=True,
+            cwd="/",
+            env={
+                **os.environ,
+                "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+                "SAILS_SANDBOX_STATE": str(layout.STATE_DIR),
+                "SAILS_SANDBOX_CACHE": str(layout.CACHE_DIR),
+            },
+        )
+    finally:
+        log.close()
+    (d / "supervisor.pid").write_text(f"{proc.pid}\n")
+    return proc.pid
 
 
 # -- life cycle --------------------------------------------------------------------------------
 def power_state(name: str) -> str:
-    d = _dir(name)
+    """``running`` | ``shutdown`` | ``absent``, from the live processes."""
+    try:
+        d = _dir(name)
+    except GuestError:
+        return "absent"
     if not (d / "guest.json").exists():
         return "absent"
-    if _pid(d / "supervisor.pid") and _pid(d / "nspawn.pid"):
+    if _nspawn_pid(name):
+        return "running"
+    # between two boots of a reboot the supervisor is alive and nspawn is being relaunched
+    if _supervisor_pid(name) and _power_request(name) in ("on", "reboot"):
         return "running"
     return "shutdown"
 
 
-def _wait_ready(spec: GuestSpec, timeout: float) -> None:
+def _wait_ready(spec: GuestSpec, timeout: float, previous_pid1: int | None = None) -> None:
+    """Until sshd answers on ip:22 and ``systemctl is-system-running --wait`` has settled."""
+    name = spec.name
     deadline = time.monotonic() + timeout
     while True:
-        if power_state(spec.name) != "running" and time.monotonic() > deadline - timeout + 5:
-            raise GuestError(f"guest {spec.name} stopped while booting: {_tail(spec.name)}")
+        pid1 = _container_pid1(name)
+        if pid1 and pid1 != previous_pid1:
+            break
+        if power_state(name) != "running":
+            raise GuestError(f"guest {name} stopped while booting: {_tail(name)}")
+        if time.monotonic() > deadline:
+            raise GuestError(f"guest {name} did not boot within {timeout:.0f} s: {_tail(name)}")
+        time.sleep(0.05)
+    while True:
         try:
             with socket.create_connection((spec.ip, 22), timeout=2) as s:
                 s.settimeout(5)
@@ -271,37 +427,32 @@ def _wait_ready(spec: GuestSpec, timeout: float) -> None:
                     break
         except OSError:
             pass
+        if power_state(name) != "running":
+            raise GuestError(f"guest {name} stopped while booting: {_tail(name)}")
         if time.monotonic() > deadline:
             raise GuestError(
-                f"guest {spec.name} did not answer SSH within {timeout:.0f} s: {_tail(spec.name)}"
+                f"guest {name} did not answer SSH on {spec.ip}:22 within {timeout:.0f} s: "
+                f"{_tail(name)}"
             )
-        time.sleep(0.2)
-    pid1 = _container_pid1(spec.name)
-    if pid1:
-        left = max(5, deadline - time.monotonic())
-        _run(
-            "nsenter",
-            "-t",
-            str(pid1),
-            "-a",
-            "systemctl",
-            "is-system-running",
-            "--wait",
-            check=False,
-            timeout=left,
-        )
-
-
-def _tail(name: str) -> str:
-    try:
-        text = (_dir(name) / "console.log").read_bytes()[-600:]
-        return text.decode(errors="replace")
-    except OSError:
-        return "(no console output)"
+        time.sleep(0.1)
+    left = max(5.0, deadline - time.monotonic())
+    state = ""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        state = _run(
+            "nsenter", "-t", str(pid1), "-m", "-u", "-i", "-n", "-p",
+            "systemctl", "is-system-running", "--wait",
+            check=False, timeout=left,
+        ).stdout.strip()  # fmt: skip
+    if state not in ("running", "degraded"):
+        raise GuestError(f"guest {name} did not settle (is-system-running: {state or 'timeout'})")
 
 
 def start_guest(spec: GuestSpec, timeout: float = 90) -> None:
-    """Create or power on the guest; return once its sshd answers and boot has settled."""
+    """Create or power on the guest; return once its sshd answers and boot has settled.
+
+    Raises GuestError after cleaning up: a new guest is destroyed, an existing one is left
+    powered off with its disk state.
+    """
     if power_state(spec.name) == "running":
         return
     first_boot = not (_dir(spec.name) / "guest.json").exists()
@@ -310,78 +461,81 @@ def start_guest(spec: GuestSpec, timeout: float = 90) -> None:
     net.ensure_network()
     GUESTS_DIR.mkdir(parents=True, exist_ok=True)
     try:
-        _prepare(spec)
-        _ensure_netns(spec)
+        if first_boot:
+            _prepare(spec)
+        else:
+            spec = GuestSpec(**_load(spec.name)["spec"])  # the guest keeps what it was built with
+        _ensure_netns(spec.name, spec)
         _mount_overlay(spec.name)
-        _plug_all(spec.name)
-        d = _dir(spec.name)
-        (d / "power").write_text("on\n")
-        log = open(d / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sandbox.guests.supervisor", spec.name],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            cwd="/",
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-        )
-        log.close()
-        (d / "supervisor.pid").write_text(f"{proc.pid}\n")
-        deadline = time.monotonic() + 10
-        while not _pid(d / "nspawn.pid"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise GuestError(f"guest {spec.name} did not start: {_tail(spec.name)}")
-            time.sleep(0.05)
+        _set_power(spec.name, "on")
+        _launch_supervisor(spec.name)
         _wait_ready(spec, timeout)
-    except Exception:
+    except BaseException as exc:
         with contextlib.suppress(Exception):
-            destroy_guest(spec.name)
+            if first_boot:
+                destroy_guest(spec.name)
+            else:
+                stop_guest(spec.name, timeout=10)
+        if isinstance(exc, GuestError):
+            raise
+        if isinstance(exc, Exception):
+            raise GuestError(f"guest {spec.name} did not start: {exc}") from exc
         raise
 
 
-def _signal_nspawn(name: str, sig: int) -> None:
-    pid = _pid(_dir(name) / "nspawn.pid")
+def _kill(pid: int | None, sig: int) -> None:
     if pid:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
 
 
-def stop_guest(name: str, timeout: float = 30) -> None:
-    """Power off: a clean shutdown, then a kill. Disk state and devices stay recorded."""
-    d = _dir(name)
-    if power_state(name) == "absent":
-        return
-    (d / "power").write_text("off\n")
-    _signal_nspawn(name, signal.SIGTERM)
+def _wait_gone(check, timeout: float) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
-    while _pid(d / "nspawn.pid") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    _signal_nspawn(name, signal.SIGKILL)
-    sup = _pid(d / "supervisor.pid")
-    deadline = time.monotonic() + 10
-    while sup and _pid(d / "supervisor.pid") and time.monotonic() < deadline:
+    while check():
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.05)
-    if sup and _pid(d / "supervisor.pid"):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(sup, signal.SIGKILL)
+    return True
+
+
+def stop_guest(name: str, timeout: float = 30) -> None:
+    """Power off: a clean shutdown, then a kill. The overlay and the disk records stay."""
+    d = _dir(name)
+    if not (d / "guest.json").exists():
+        return
+    _set_power(name, "off")
+    _kill(_supervisor_pid(name), signal.SIGTERM)  # it stops relaunching and passes it on
+    _kill(_nspawn_pid(name), signal.SIGTERM)  # nspawn asks the guest's systemd to power off
+    if not _wait_gone(lambda: _nspawn_pid(name), timeout):
+        _kill(_container_pid1(name), signal.SIGKILL)  # ends the guest's whole pid namespace
+        _kill(_nspawn_pid(name), signal.SIGKILL)
+        _wait_gone(lambda: _nspawn_pid(name), 5)
+    if not _wait_gone(lambda: _supervisor_pid(name), 5):
+        _kill(_supervisor_pid(name), signal.SIGKILL)
+        _wait_gone(lambda: _supervisor_pid(name), 2)
+    (d / "nspawn.pid").unlink(missing_ok=True)
 
 
 def reboot_guest(name: str, hard: bool = False) -> None:
-    d = _dir(name)
-    if power_state(name) != "running":
-        raise GuestError(f"guest {name} is not running")
-    old = _pid(d / "nspawn.pid")
-    (d / "power").write_text("reboot\n")
-    _signal_nspawn(name, signal.SIGKILL if hard else signal.SIGTERM)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        new = _pid(d / "nspawn.pid")
-        if new and new != old:
-            break
-        time.sleep(0.1)
-    data = _load(name)
-    _wait_ready(GuestSpec(**data["spec"]), 90)
+    """Reboot a running guest (soft: systemd's reboot; hard: kill and boot again).
+
+    A guest that is not running is powered on. Returns once it is ready again.
+    """
+    data = _load(name) if (_dir(name) / "guest.json").exists() else None
+    if data is None:
+        raise GuestError(f"no guest {name}")
+    spec = GuestSpec(**data["spec"])
+    pid1 = _container_pid1(name)
+    if power_state(name) != "running" or pid1 is None or not _supervisor_pid(name):
+        stop_guest(name, timeout=10)
+        start_guest(spec)
+        return
+    _set_power(name, "reboot")
+    if hard:
+        _kill(pid1, signal.SIGKILL)
+    else:
+        _kill(pid1, signal.SIGRTMIN + 5)  # systemd: start reboot.target
+    _wait_ready(spec, 90, previous_pid1=pid1)
 
 
 def _release(name: str) -> None:
@@ -394,24 +548,35 @@ def _release(name: str) -> None:
         _run("umount", "-R", str(root), check=False)
         if _mounted(root):
             _run("umount", "-l", str(root), check=False)
+    names = _names(name)
     if (d / "guest.json").exists():
-        data = _load(name)
-        for disk in data["disks"]:
-            if disk.get("loop"):
-                _run("losetup", "-d", disk["loop"], check=False)
+        with _guest_lock(name):
+            data = _load(name)
+            names = data["names"]
+            for disk in data["disks"]:
+                _detach_loops(disk["path"])
                 disk["loop"] = None
-        _save(name, data)
-    _run("ip", "netns", "del", _netns(name), check=False)
-    _run("ip", "link", "del", _veth(name)[0], check=False)
+            _save(name, data)
+    if Path(f"/run/netns/{names['netns']}").exists():
+        _run("ip", "netns", "del", names["netns"], check=False)
+    _run("ip", "link", "del", names["veth"], check=False)
+    shutil.rmtree(f"/run/systemd/nspawn/propagate/{names['machine']}", ignore_errors=True)
+
+
+def _detach_loops(path: str) -> None:
+    with _loop_lock():
+        for line in _run("losetup", "-j", path, check=False).stdout.splitlines():
+            _run("losetup", "-d", line.split(":", 1)[0], check=False)
 
 
 def destroy_guest(name: str) -> None:
     """Power off and remove everything of the guest. Volume files (Cinder's) stay."""
-    if not _dir(name).exists():
+    d = _dir(name)
+    if not d.exists():
         return
-    stop_guest(name)
+    stop_guest(name, timeout=10)
     _release(name)
-    shutil.rmtree(_dir(name), ignore_errors=True)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def list_guests() -> list[str]:
@@ -420,73 +585,134 @@ def list_guests() -> list[str]:
     return sorted(p.name for p in GUESTS_DIR.iterdir() if (p / "guest.json").exists())
 
 
+def _our_processes() -> list[int]:
+    """Supervisors and nspawn processes of this guests directory (also from a crashed run)."""
+    marker = str(GUESTS_DIR) + "/"
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        argv = _cmdline(int(entry.name))
+        is_ours = (
+            "sandbox.guests.supervisor" in argv or (argv and argv[0].endswith("systemd-nspawn"))
+        ) and any(arg.startswith(marker) for arg in argv)
+        if is_ours:
+            pids.append(int(entry.name))
+    return pids
+
+
 def cleanup_all() -> None:
-    """Stop every guest and release its mounts, loop devices and namespace (disks stay)."""
+    """Stop every guest; remove every namespace, veth, overlay mount and loop device of ours.
+
+    Guest directories (their disk state) stay, so guests can be powered on again; power_state
+    then says ``shutdown``. Also clears what a crashed run left behind.
+    """
     for name in list_guests():
-        stop_guest(name, timeout=15)
-        _release(name)
-    # anything left from a crash: namespaces named like ours
+        with contextlib.suppress(Exception):
+            stop_guest(name, timeout=15)
+        with contextlib.suppress(Exception):
+            _release(name)
+    # leftovers: processes, mounts, loop devices and namespaces with no (readable) record
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _our_processes()
+        for pid in pids:
+            _kill(pid, sig)
+        _wait_gone(lambda: _our_processes(), 5)
+    marker = str(GUESTS_DIR) + "/"
+    with contextlib.suppress(OSError):
+        mounts = [ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines()]
+        for mnt in reversed(mounts):
+            if mnt.startswith(marker):
+                _run("umount", "-l", mnt, check=False)
+    with _loop_lock():
+        out = _run("losetup", "-n", "-l", "-O", "NAME,BACK-FILE", check=False).stdout
+        for line in out.splitlines():
+            parts = line.split(None, 1)
+            if len(parts) == 2 and parts[1].strip().startswith(marker):
+                _run("losetup", "-d", parts[0], check=False)
     for line in _run("ip", "netns", "list", check=False).stdout.splitlines():
         ns = line.split()[0] if line.split() else ""
-        if ns.startswith("sg"):
+        if ns.startswith(_netns_prefix()):
             _run("ip", "netns", "del", ns, check=False)
 
 
 # -- volumes -----------------------------------------------------------------------------------
-def _guest_exec(name: str, script: str) -> None:
+def _guest_sh(name: str, script: str) -> bool:
+    """Run a shell script in the running guest's mount namespace; False if it is not running."""
     pid1 = _container_pid1(name)
     if pid1 is None:
-        return
-    _run("nsenter", "-t", str(pid1), "-m", "sh", "-c", script)
+        return False
+    _run("nsenter", "-t", str(pid1), "-m", "--", "/bin/sh", "-c", script)
+    return True
+
+
+def _plug_script(dev: str, loop: str, serial: str) -> str:
+    major, minor = _devno(loop)
+    link = f"ln -sfn ../../{dev} /dev/disk/by-id/virtio-{serial[:20]}; " if serial != "-" else ""
+    return (
+        f"set -e; [ -b /dev/{dev} ] || "
+        f"{{ rm -f /dev/{dev}; mknod /dev/{dev} b {major} {minor}; }}; "
+        f"chmod 0660 /dev/{dev}; chgrp disk /dev/{dev} 2>/dev/null || true; "
+        f"mkdir -p /dev/disk/by-id /dev/disk/by-uuid; {link}"
+        f"u=$(blkid -p -s UUID -o value /dev/{dev} 2>/dev/null || true); "
+        f'[ -z "$u" ] || ln -sfn ../../{dev} "/dev/disk/by-uuid/$u"'
+    )
 
 
 def attach_volume(name: str, path: str, serial: str) -> str:
-    """Plug a volume file into the guest as the next free /dev/vdX; returns that name."""
-    data = _load(name)
-    for disk in data["disks"]:
-        if disk["serial"] == serial:
-            return f"/dev/{disk['dev']}"
-    used = {disk["dev"] for disk in data["disks"]} | {"vda", "vdb"}
-    dev = next(f"vd{c}" for c in "bcdefghijklmnopqrstuvwxyz" if f"vd{c}" not in used)
-    loop = _losetup(path)
-    data["disks"].append({"dev": dev, "path": path, "serial": serial, "loop": loop})
-    _save(name, data)
-    if _mounted(_dir(name) / "root"):
-        (_dir(name) / "root/etc/sandbox-disks").write_text(_disks_file(name, data["disks"]))
-    st = os.stat(loop)
-    sid = serial[:20]
-    _guest_exec(
-        name,
-        f"[ -e /dev/{dev} ] || mknod /dev/{dev} b {os.major(st.st_rdev)} {os.minor(st.st_rdev)}; "
-        f"chmod 0660 /dev/{dev}; chgrp disk /dev/{dev} 2>/dev/null; mkdir -p /dev/disk/by-id; "
-        f"ln -sfn ../../{dev} /dev/disk/by-id/virtio-{sid}",
-    )
-    return f"/dev/{dev}"
+    """Plug a volume file into the guest as the next free /dev/vdX and return that name.
+
+    The device also appears as /dev/disk/by-id/virtio-<serial[:20]>. The attachment is recorded,
+    so every later boot plugs it again. Attaching the same serial again returns its device.
+    """
+    if not (_dir(name) / "guest.json").exists():
+        raise GuestError(f"no guest {name}")
+    with _guest_lock(name):
+        data = _load(name)
+        disk = next((x for x in data["disks"] if x["serial"] == serial), None)
+        if disk is None:
+            used = {x["dev"] for x in data["disks"]} | {"vda"}
+            dev = next(f"vd{c}" for c in "bcdefghijklmnopqrstuvwxyz" if f"vd{c}" not in used)
+            disk = {"dev": dev, "path": str(path), "serial": serial, "ephemeral": False}
+            data["disks"].append(disk)
+        disk["loop"] = _losetup(disk["path"])
+        _save(name, data)
+        _write_disks_file(name, data["disks"])
+        _guest_sh(name, _plug_script(disk["dev"], disk["loop"], serial))
+    return f"/dev/{disk['dev']}"
 
 
 def detach_volume(name: str, serial: str) -> None:
+    """Unplug the volume's node and links from the guest and free its loop device. Idempotent."""
     if not (_dir(name) / "guest.json").exists():
         return
-    data = _load(name)
-    keep, gone = [], []
-    for disk in data["disks"]:
-        (gone if disk["serial"] == serial else keep).append(disk)
-    data["disks"] = keep
-    _save(name, data)
-    if _mounted(_dir(name) / "root"):
-        (_dir(name) / "root/etc/sandbox-disks").write_text(_disks_file(name, keep))
-    for disk in gone:
-        with contextlib.suppress(GuestError):
-            _guest_exec(name, f"rm -f /dev/{disk['dev']} /dev/disk/by-id/virtio-{serial[:20]}")
-        if disk.get("loop"):
-            _run("losetup", "-d", disk["loop"], check=False)
+    with _guest_lock(name):
+        data = _load(name)
+        gone = [x for x in data["disks"] if x["serial"] == serial and not x.get("ephemeral")]
+        data["disks"] = [x for x in data["disks"] if x not in gone]
+        _save(name, data)
+        _write_disks_file(name, data["disks"])
+        for disk in gone:
+            dev = disk["dev"]
+            with contextlib.suppress(GuestError):
+                _guest_sh(
+                    name,
+                    "for l in /dev/disk/by-id/* /dev/disk/by-uuid/*; do "
+                    f'[ "$(readlink "$l")" = ../../{dev} ] && rm -f "$l"; done; '
+                    f"rm -f /dev/{dev}",
+                )
+            _detach_loops(disk["path"])
 
 
 # -- console -----------------------------------------------------------------------------------
 def console_output(name: str) -> bytes:
+    """The guest's boot log and a cloud-init style block of its SSH host key fingerprints."""
     d = _dir(name)
     try:
-        log = (d / "console.log").read_bytes()
+        with open(d / "console.log", "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 65536))
+            log = fh.read()
     except OSError:
         log = b""
     lines = []
@@ -494,9 +720,13 @@ def console_output(name: str) -> bytes:
         out = _run("ssh-keygen", "-l", "-f", str(key), check=False).stdout.strip()
         if out:
             lines.append(out)
-    block = (
-        "-----BEGIN SSH HOST KEY FINGERPRINTS-----\n"
-        + "\n".join(lines)
-        + "\n-----END SSH HOST KEY FINGERPRINTS-----\n"
+    block = "".join(
+        [
+            "-----BEGIN SSH HOST KEY FINGERPRINTS-----\n",
+            *(line + "\n" for line in lines),
+            "-----END SSH HOST KEY FINGERPRINTS-----\n",
+        ]
     )
-    return log[-60000:] + b"\n" + block.encode()
+    if log and not log.endswith(b"\n"):
+        log += b"\n"
+    return log + block.encode()

@@ -1,105 +1,64 @@
 """The guests' golden root filesystem: Debian bookworm with systemd, sshd, sudo, sshfs, python3.
 
-Built once with debootstrap and kept under the cache directory, keyed by a hash of the package
-list and of the customisation below; rebuilt when either changes. Guests boot it read-only
-through overlayfs, so each guest costs only its own changes.
+Built once with debootstrap from the machine's own Debian mirror and kept under
+``$CACHE_DIR/rootfs/<key>``, where the key is a hash of everything in ``sandbox/rootfs/`` (the
+package list, the customisation script, the boot unit); rebuilt when any of them changes. Guests
+boot it read-only through overlayfs, so each guest costs only its own changes. Never in git.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sandbox import layout
 
-MIRROR = "http://deb.debian.org/debian"
+SOURCE_DIR = Path(__file__).resolve().parents[1] / "rootfs"
 SUITE = "bookworm"
-PACKAGES = [
-    "systemd",
-    "systemd-sysv",
-    "dbus",
-    "openssh-server",
-    "sudo",
-    "iproute2",
-    "sshfs",
-    "fuse3",
-    "e2fsprogs",
-    "util-linux",
-    "mount",
-    "kmod",
-    "procps",
-    "python3",
-    "python3-venv",
-    "python3-pip",
-    "ca-certificates",
-    "curl",
-    "less",
-    "iputils-ping",
-    "openssl",
-    "psmisc",
-]
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+#: Files of SOURCE_DIR that define the build (all of them go into the cache key).
+FILES = ("packages.txt", "customise.sh", "sandbox-disks", "sandbox-disks.service")
 
-#: The boot unit that stands in for udev: device nodes, by-id links, fstab mounts.
-DISKS_SCRIPT = r"""#!/bin/sh
-# Plug the block devices the host lists in /etc/sandbox-disks ("name major minor serial") and
-# mount fstab's block devices: no udev runs in the container and systemd's fstab generator
-# skips block devices there.
-set -u
-[ -e /dev/fuse ] || { mknod /dev/fuse c 10 229; chmod 0666 /dev/fuse; }
-if [ -f /etc/sandbox-disks ]; then
-  while read -r name major minor serial; do
-    [ -n "$name" ] || continue
-    [ -e "/dev/$name" ] || { mknod "/dev/$name" b "$major" "$minor"; chmod 0660 "/dev/$name"; chgrp disk "/dev/$name"; }
-    if [ -n "$serial" ] && [ "$serial" != "-" ]; then
-      mkdir -p /dev/disk/by-id
-      ln -sfn "../../$name" "/dev/disk/by-id/virtio-$serial"
-    fi
-    uuid=$(blkid -p -s UUID -o value "/dev/$name" 2>/dev/null || true)
-    if [ -n "$uuid" ]; then mkdir -p /dev/disk/by-uuid; ln -sfn "../../$name" "/dev/disk/by-uuid/$uuid"; fi
-  done < /etc/sandbox-disks
-fi
-mount -a -t ext4,ext3,ext2,xfs,btrfs,vfat 2>/dev/null || true
-exit 0
-"""
 
-DISKS_UNIT = """[Unit]
-Description=Sandbox block devices (what udev does on a VM)
-DefaultDependencies=no
-After=systemd-tmpfiles-setup-dev.service
-Before=local-fs.target
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/usr/local/sbin/sandbox-disks
-[Install]
-WantedBy=local-fs.target
-"""
+def packages() -> list[str]:
+    text = (SOURCE_DIR / "packages.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
 
-CUSTOMISE = r"""set -eu
-useradd -m -s /bin/bash -u 1000 -p '*' -G sudo ubuntu || true
-echo 'ubuntu ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/90-cloud-init-users
-chmod 0440 /etc/sudoers.d/90-cloud-init-users
-mkdir -p /etc/ssh/sshd_config.d
-printf 'PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin no\nUseDNS no\n' > /etc/ssh/sshd_config.d/10-sandbox.conf
-rm -f /etc/ssh/ssh_host_*
-echo '# /etc/fstab: static file system information.' > /etc/fstab
-chmod 0755 /usr/local/sbin/sandbox-disks
-ln -sf /etc/systemd/system/sandbox-disks.service /etc/systemd/system/local-fs.target.wants/sandbox-disks.service
-systemctl enable ssh.service >/dev/null 2>&1 || true
-systemctl mask systemd-networkd-wait-online.service systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer >/dev/null 2>&1 || true
-mkdir -p /etc/systemd/system/network-online.target.wants
-echo 'user_allow_other' >> /etc/fuse.conf
-apt-get clean
-rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
-"""
+
+def mirror() -> str:
+    """The main Debian archive the host's apt uses (deb822 or one-line sources)."""
+    candidates = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in candidates:
+        if path.suffix not in (".list", ".sources"):
+            continue
+        with contextlib.suppress(OSError):
+            for line in path.read_text().splitlines():
+                words = line.split()
+                uris = (
+                    words[1:]
+                    if words[:1] == ["URIs:"]
+                    else words[1:2]
+                    if words[:1] == ["deb"]
+                    else []
+                )
+                for uri in uris:
+                    if uri.rstrip("/").endswith("/debian"):
+                        return uri.rstrip("/")
+    return DEFAULT_MIRROR
 
 
 def build_key() -> str:
-    text = "\n".join([SUITE, MIRROR, *PACKAGES, DISKS_SCRIPT, DISKS_UNIT, CUSTOMISE])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SUITE.encode())
+    for name in FILES:
+        digest.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def rootfs_dir() -> Path:
@@ -110,41 +69,65 @@ def ready() -> bool:
     return (rootfs_dir() / ".complete").exists()
 
 
-def build(log=print) -> Path:  # type: ignore[no-untyped-def]
-    """Build the rootfs if this key has none yet. Takes about a minute on 2 cores."""
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    lock = layout.CACHE_DIR / "rootfs" / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _in_use(path: Path) -> bool:
+    """True when a mounted overlay still has this build as its lower directory."""
+    with contextlib.suppress(OSError):
+        return f"lowerdir={path}" in Path("/proc/self/mountinfo").read_text()
+    return True
+
+
+def build(log: Callable[[str], object] = print) -> Path:
+    """Build the rootfs if this key has none yet (about a minute on 2 cores). Returns its path."""
     target = rootfs_dir()
     if ready():
         return target
-    tmp = target.with_name(target.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    log(f"building the guest root filesystem ({len(PACKAGES)} packages, debootstrap)")
-    subprocess.run(
-        [
-            "debootstrap",
-            "--variant=minbase",
-            f"--include={','.join(PACKAGES)}",
-            SUITE,
-            str(tmp),
-            MIRROR,
-        ],
-        check=True,
-        capture_output=True,
-    )
-    (tmp / "usr/local/sbin").mkdir(parents=True, exist_ok=True)
-    (tmp / "usr/local/sbin/sandbox-disks").write_text(DISKS_SCRIPT)
-    (tmp / "etc/systemd/system/local-fs.target.wants").mkdir(parents=True, exist_ok=True)
-    (tmp / "etc/systemd/system/sandbox-disks.service").write_text(DISKS_UNIT)
-    subprocess.run(
-        ["chroot", str(tmp), "/bin/sh", "-c", CUSTOMISE], check=True, capture_output=True
-    )
-    (tmp / ".complete").write_text(build_key() + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    for old in target.parent.iterdir():  # older builds are no longer used
-        if old.name != target.name and not old.name.endswith(".building"):
-            shutil.rmtree(old, ignore_errors=True)
-    log(f"guest root filesystem ready in {time.monotonic() - t0:.0f} s")
-    return target
+    with _build_lock():
+        if ready():  # built by someone else while this process waited
+            return target
+        tmp = target.with_name(target.name + ".building")
+        shutil.rmtree(tmp, ignore_errors=True)
+        t0 = time.monotonic()
+        pkgs = packages()
+        log(f"building the guest root filesystem ({len(pkgs)} packages, debootstrap)")
+        cmd = ["debootstrap", "--variant=minbase", f"--include={','.join(pkgs)}"]
+        _check([*cmd, SUITE, str(tmp), mirror()])
+        (tmp / "usr/local/sbin").mkdir(parents=True, exist_ok=True)
+        shutil.copy(SOURCE_DIR / "sandbox-disks", tmp / "usr/local/sbin/sandbox-disks")
+        shutil.copy(
+            SOURCE_DIR / "sandbox-disks.service", tmp / "etc/systemd/system/sandbox-disks.service"
+        )
+        shutil.copy(SOURCE_DIR / "customise.sh", tmp / "tmp/customise.sh")
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
+        _check(["chroot", str(tmp), "/bin/sh", "/tmp/customise.sh"], env=env)
+        (tmp / "tmp/customise.sh").unlink()
+        (tmp / ".complete").write_text(build_key() + "\n")
+        tmp.rename(target)
+        for old in target.parent.iterdir():  # older builds, once no guest boots from them
+            if old.is_dir() and old.name != target.name and not _in_use(old):
+                shutil.rmtree(old, ignore_errors=True)
+        log(f"guest root filesystem ready in {time.monotonic() - t0:.0f} s: {target}")
+        return target
+
+
+def _check(argv: list[str], env: dict[str, str] | None = None) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-2000:]
+        raise RuntimeError(f"{' '.join(argv[:3])} … failed ({proc.returncode}): {tail}")
+
+
+if __name__ == "__main__":  # python -m sandbox.guests.rootfs: build now
+    os.umask(0o022)
+    build()

@@ -1,78 +1,104 @@
-"""One guest's supervisor: runs systemd-nspawn, and relaunches it after a reboot from inside.
+"""One guest's supervisor: runs systemd-nspawn and boots the guest again after a reboot.
 
-systemd-nspawn exits with 133 when the guest reboots; a VM comes back, so the supervisor starts
-it again. Any other exit is a power-off. The host asks for a reboot or a power-off by writing
-``reboot`` or ``off`` to the guest's ``power`` file before signalling nspawn.
+systemd-nspawn exits with 133 when the guest reboots (``sudo reboot`` inside, or the host's
+soft reboot); a VM comes back, so the supervisor launches it again, after plugging the
+guest's disks again (each boot has a fresh /dev). Any other exit is a power-off: the supervisor
+records ``off`` in the guest's ``power`` file and ends. The host asks for a power-off by writing
+``off`` there before signalling nspawn, or by sending SIGTERM to the supervisor.
 
-Run as ``python -m sandbox.guests.supervisor NAME`` in its own session (it outlives its caller).
+Run as ``python -m sandbox.guests.supervisor GUEST_DIR`` in its own session: it outlives its
+caller (the Nova compute process, a test).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from sandbox.guests import GUESTS_DIR, _netns, _plug_all
+from sandbox import guests
 
-REBOOT_EXIT = 133
+#: More reboots than this within REBOOT_WINDOW seconds: the guest is failing, leave it off.
+MAX_QUICK_REBOOTS = 5
+REBOOT_WINDOW = 30.0
 
 
-def main(name: str) -> int:
-    d = GUESTS_DIR / name
-    spec = json.loads((d / "guest.json").read_text())["spec"]
-    stop = False
+def _log(message: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"{stamp} [{os.getpid()}] {message}", flush=True)
+
+
+def nspawn_argv(guest_dir: Path, spec: dict, names: dict) -> list[str]:
+    return [
+        "systemd-nspawn",
+        "--quiet",
+        f"--directory={guest_dir / 'root'}",
+        "--boot",
+        "--register=no",
+        "--keep-unit",
+        f"--machine={names['machine']}",
+        f"--hostname={spec['hostname']}",
+        f"--network-namespace-path=/run/netns/{names['netns']}",
+        "--capability=CAP_SYS_ADMIN,CAP_MKNOD",
+        "--console=pipe",
+        "--resolv-conf=off",
+        "--timezone=off",
+        "--link-journal=no",
+    ]
+
+
+def main(guest_dir: str) -> int:
+    d = Path(guest_dir).resolve()
+    name = d.name
+    guests.GUESTS_DIR = d.parent  # the guests directory its caller used
+    data = guests._load(name)
+    stopping = False
 
     def on_term(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-        try:
-            pid = int((d / "nspawn.pid").read_text())
-            os.kill(pid, signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
+        nonlocal stopping
+        stopping = True
+        guests._set_power(name, "off")
+        guests._kill(guests._nspawn_pid(name), signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, on_term)
-    while True:
-        _plug_all(name)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    reboots: list[float] = []
+    code = 0
+    while not stopping and guests._power_request(name) != "off":
+        try:
+            guests._plug_all(name)
+        except Exception as exc:  # boot anyway: a missing volume file must not keep it off
+            _log(f"plugging disks: {exc}")
         with open(d / "console.log", "ab") as console:
             proc = subprocess.Popen(
-                [
-                    "systemd-nspawn",
-                    "--quiet",
-                    "-D",
-                    str(d / "root"),
-                    "--boot",
-                    "--register=no",
-                    "--keep-unit",
-                    f"--machine={_netns(name)}",
-                    f"--hostname={spec['hostname']}",
-                    f"--network-namespace-path=/run/netns/{_netns(name)}",
-                    "--capability=CAP_SYS_ADMIN,CAP_MKNOD",
-                    "--console=pipe",
-                    "--resolv-conf=off",
-                    "--timezone=off",
-                    "--link-journal=no",
-                ],
+                nspawn_argv(d, data["spec"], data["names"]),
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=console,
+                cwd="/",
             )
         (d / "nspawn.pid").write_text(f"{proc.pid}\n")
+        _log(f"nspawn {proc.pid} started")
         code = proc.wait()
-        power = (d / "power").read_text().strip() if (d / "power").exists() else "on"
-        if stop or power == "off":
+        request = guests._power_request(name)
+        _log(f"nspawn {proc.pid} exited {code}; host request {request!r}")
+        if stopping or request == "off":
             break
-        if code == REBOOT_EXIT or power == "reboot":
-            (d / "power").write_text("on\n")
-            time.sleep(0.2)
+        if code == guests.REBOOT_EXIT or request == "reboot":
+            now = time.monotonic()
+            reboots = [t for t in reboots if now - t < REBOOT_WINDOW] + [now]
+            if len(reboots) > MAX_QUICK_REBOOTS:
+                _log("rebooting in a loop: leaving the guest off")
+                break
+            guests._set_power(name, "on")
             continue
-        break  # powered off from inside (or crashed): stays off, as a VM would
-    (d / "power").write_text("off\n")
+        break  # powered off from inside (or crashed): it stays off, as a VM would
+    guests._set_power(name, "off")
     (d / "nspawn.pid").unlink(missing_ok=True)
+    _log("guest off")
     return 0
 
 

@@ -1,175 +1,250 @@
-"""The sandbox's guests on their own: boot, SSH, devices, reboot from inside, power-off, cleanup."""
+"""The sandbox's guests on their own (no cloud): real systemd-nspawn guests on the tenant bridge.
 
+Boot and key-only SSH, systemd as PID 1 and passwordless sudo, console fingerprints against
+ssh-keyscan, a volume plugged by serial, fstab mounts that survive ``sudo reboot`` from inside,
+power-off from inside, host-side reboots, several guests at once, and nothing left behind by
+destroy_guest and cleanup_all.
+"""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.fixtures.guests)
 from __future__ import annotations
 
+import concurrent.futures as cf
+import os
+import re
+import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from blocks.ssh import SSHKeyPair, fingerprint
-from tests.fixtures.canfar import need_root
+from blocks.ssh import fingerprint
+from tests.fixtures.guests import (  # noqa: F401  (fixtures)
+    GuestHandle,
+    guest_factory,
+    guest_key,
+    guest_rootfs,
+)
 
 pytestmark = [pytest.mark.sandbox]
 
 
-def ssh(key: Path, ip: str, command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "ssh",
-            "-i",
-            str(key),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=3",
-            f"ubuntu@{ip}",
-            command,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def _sh(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
 
 
-def wait_ssh(key: Path, ip: str, deadline: float = 60) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            if ssh(key, ip, "true", timeout=10).returncode == 0:
-                return
-        except subprocess.TimeoutExpired:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"no ssh to {ip} within {deadline} s")
-
-
-def test_guest_life_cycle(tmp_path: Path) -> None:
-    need_root()
+def leftovers(guests_dir: Path, netns_prefix: str, files: list[Path]) -> list[str]:
+    """Namespaces, veths, loop devices and mounts of the library that still exist."""
     from sandbox import guests
 
-    guests.install()
-    key = SSHKeyPair.generate()
-    key_path = key.write_private_key(tmp_path / "id")
-    name = str(uuid.uuid4())
-    ip = "10.211.0.240"
-    spec = guests.GuestSpec(
-        name=name,
-        hostname="guest-test",
-        mac="fa:16:3e:00:02:40",
-        ip=ip,
-        prefix=24,
-        gateway="10.211.0.1",
-        authorized_keys=key.public_key,
-        ephemeral_gb=1,
+    netns = _sh("ip", "netns", "list").splitlines()
+    found = [f"netns {line}" for line in netns if line.startswith(netns_prefix)]
+    links = _sh("ip", "-o", "link")
+    for name in guests.list_guests():
+        veth = guests._load(name)["names"]["veth"]
+        if f" {veth}@" in links or f" {veth}:" in links:
+            found.append(f"veth {veth}")
+    loops = _sh("losetup", "-a")
+    found += [f"loop {line}" for line in loops.splitlines() if str(guests_dir) in line]
+    found += [f"loop for {f}" for f in files if str(f) in loops]
+    found += [
+        f"mount {line.split()[4]}"
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(str(guests_dir) + "/")
+    ]
+    return found
+
+
+def sparse(path: Path, size: int = 2**30) -> Path:
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    return path
+
+
+def wait_state(name: str, state: str, timeout: float = 30) -> None:
+    from sandbox import guests
+
+    deadline = time.monotonic() + timeout
+    while guests.power_state(name) != state:
+        assert time.monotonic() < deadline, (
+            f"{name} never became {state}: {guests.power_state(name)}"
+        )
+        time.sleep(0.1)
+
+
+def test_guest_life_cycle(guest_factory, tmp_path: Path) -> None:
+    from sandbox import guests
+
+    t0 = time.monotonic()
+    g: GuestHandle = guest_factory(ephemeral_gb=1)
+    booted = time.monotonic() - t0
+    login = g.wait_ssh(10)
+    print(f"start_guest {booted:.2f} s, first SSH login after {login:.2f} s more")
+    assert guests.power_state(g.name) == "running"
+    assert g.name in guests.list_guests()
+
+    # systemd is PID 1, sudo needs no password, the ephemeral disk is /dev/vdb on /mnt
+    out = g.check(
+        "cat /proc/1/comm; sudo -n true && echo sudo-ok; findmnt -n -o SOURCE /mnt; hostname"
     )
-    volume = tmp_path / "volume.img"
-    with open(volume, "wb") as fh:
-        fh.truncate(2**30)
-    serial = uuid.uuid4().hex
+    assert out.split() == ["systemd", "sudo-ok", "/dev/vdb", g.spec.hostname], out
+    assert g.check("systemctl is-system-running").strip() in ("running", "degraded")
+    # on-link tenant subnet only: no default route
+    assert "default" not in g.check("ip route")
+    # key only: a login without the key is refused
+    r = subprocess.run(
+        g.ssh_argv("true", "-o", "PubkeyAuthentication=no"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode != 0 and "publickey" in r.stderr
+
+    # the console carries the host key fingerprints as cloud-init prints them
+    console = guests.console_output(g.name)
+    assert isinstance(console, bytes)
+    block = re.search(
+        rb"-----BEGIN SSH HOST KEY FINGERPRINTS-----\n(.*?)-----END SSH HOST KEY FINGERPRINTS-----",
+        console,
+        re.S,
+    )
+    assert block, console[-2000:]
+    lines = block.group(1).decode().splitlines()
+    assert all(re.fullmatch(r"\d+ SHA256:\S+ \S+ \((ED25519|ECDSA|RSA)\)", ln) for ln in lines), (
+        lines
+    )
+    scanned = [
+        ln.split(None, 1)[1]
+        for ln in _sh("ssh-keyscan", "-T", "5", g.ip).splitlines()
+        if ln and not ln.startswith("#")
+    ]
+    assert len(scanned) == 3, scanned
+    for key in scanned:
+        assert fingerprint(key) in block.group(1).decode()
+
+    # a 1 GiB volume by serial: /dev/vdc (vdb is the ephemeral disk)
+    volume = sparse(tmp_path / "volume.img")
+    serial = str(uuid.uuid4())
+    by_id = f"/dev/disk/by-id/virtio-{serial[:20]}"
+    assert guests.attach_volume(g.name, str(volume), serial) == "/dev/vdc"
+    assert guests.attach_volume(g.name, str(volume), serial) == "/dev/vdc"  # idempotent
+    assert g.check(f"test -b /dev/vdc && readlink -f {by_id}").strip() == "/dev/vdc"
+    g.check(
+        f"sudo mkfs.ext4 -q {by_id} && "
+        f"echo UUID=$(sudo blkid -p -s UUID -o value {by_id}) /data ext4 defaults,nofail 0 2"
+        " | sudo tee -a /etc/fstab >/dev/null && sudo mkdir -p /data && sudo mount /data && "
+        "echo kept | sudo tee /data/f >/dev/null && sudo touch /run/booted-before"
+    )
+
+    # `sudo reboot` from inside: the guest comes back, the volume by-id, /data mounted by fstab
+    g.fire("sudo reboot")
+    wait_state(g.name, "running")
+    deadline = time.monotonic() + 60
+    while g.ssh("test -e /run/booted-before").returncode == 0:
+        assert time.monotonic() < deadline, "the guest did not reboot"
+        time.sleep(0.3)
+    g.wait_ssh(60)
+    out = g.check(
+        f"readlink -f {by_id}; findmnt -n -o SOURCE /data; cat /data/f; findmnt -n -o SOURCE /mnt"
+    )
+    assert out.split() == ["/dev/vdc", "/dev/vdc", "kept", "/dev/vdb"], out
+    assert "exited 133" in (guests.GUESTS_DIR / g.name / "supervisor.log").read_text()
+
+    # detach: node, link and loop device go away
+    g.check("sudo umount /data")
+    guests.detach_volume(g.name, serial)
+    guests.detach_volume(g.name, serial)  # idempotent
+    assert g.ssh(f"test -e {by_id} || test -e /dev/vdc").returncode != 0
+    assert str(volume) not in _sh("losetup", "-a")
+
+    # host-side soft and hard reboots
+    for hard in (False, True):
+        g.check("sudo touch /run/booted-before")
+        guests.reboot_guest(g.name, hard=hard)
+        assert g.ssh("test -e /run/booted-before").returncode == 1, f"hard={hard}"
+        assert g.check("findmnt -n -o SOURCE /mnt").strip() == "/dev/vdb"
+
+    # `sudo poweroff` from inside: shutdown, then power on again with its disk state
+    g.fire("sudo poweroff")
+    wait_state(g.name, "shutdown")
+    time.sleep(1)
+    assert guests.power_state(g.name) == "shutdown"
+    guests.start_guest(g.spec)
+    assert g.check("grep -c /data /etc/fstab").strip() == "1"
+    guests.stop_guest(g.name)
+    assert guests.power_state(g.name) == "shutdown"
+
+    names = guests._load(g.name)["names"]
+    guests.destroy_guest(g.name)
+    assert guests.power_state(g.name) == "absent"
+    assert not (guests.GUESTS_DIR / g.name).exists()
+    assert volume.exists()  # the volume file is Cinder's
+    assert names["netns"] not in _sh("ip", "netns", "list")
+    assert names["veth"] not in _sh("ip", "-o", "link")
+    assert str(volume) not in _sh("losetup", "-a")
+    assert str(guests.GUESTS_DIR / g.name) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_four_guests_at_once(guest_factory) -> None:
+    from sandbox import guests
+
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(max_workers=4) as pool:
+        made = list(pool.map(lambda _: guest_factory(), range(4)))
+    print(f"4 guests started in parallel in {time.monotonic() - t0:.2f} s")
+    for g in made:
+        assert guests.power_state(g.name) == "running"
+        assert g.check("hostname").strip() == g.spec.hostname
+    # guests reach each other on the tenant subnet, and the gateway on the host
+    a, b = made[0], made[1]
+    assert a.check(f"ping -c1 -W2 {b.ip} >/dev/null && echo ok").strip() == "ok"
+    from sandbox import layout
+
+    assert a.check(f"ping -c1 -W2 {layout.TENANT_GATEWAY} >/dev/null && echo ok").strip() == "ok"
+    assert _sh("sysctl", "-n", "net.ipv4.ip_forward").strip() == "0"
+
+
+@pytest.fixture
+def private_guests_dir(guest_rootfs: Path) -> Iterator[Path]:
+    """A guests directory of its own, so cleanup_all touches no other guest on this machine."""
+    from sandbox import guests, layout
+
+    saved = guests.GUESTS_DIR
+    guests.GUESTS_DIR = layout.STATE_DIR / f"test-guests-{uuid.uuid4().hex[:8]}"
     try:
-        guests.start_guest(spec)
-        assert guests.power_state(name) == "running"
-        r = ssh(key_path, ip, "cat /proc/1/comm; sudo -n whoami; findmnt -n -o SOURCE /mnt")
-        assert r.stdout.split() == ["systemd", "root", "/dev/vdb"], r.stderr
-        # key-only: no password login is offered
-        r = subprocess.run(
-            [
-                "ssh",
-                "-o",
-                "PubkeyAuthentication=no",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                f"ubuntu@{ip}",
-                "true",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert r.returncode != 0 and "publickey" in r.stderr
-
-        console = guests.console_output(name).decode()
-        scanned = subprocess.run(
-            ["ssh-keyscan", "-t", "ed25519", ip], capture_output=True, text=True, timeout=30
-        ).stdout.split()
-        assert "-----BEGIN SSH HOST KEY FINGERPRINTS-----" in console
-        assert fingerprint(f"{scanned[1]} {scanned[2]}") in console
-
-        assert guests.attach_volume(name, str(volume), serial) == "/dev/vdc"
-        by_id = f"/dev/disk/by-id/virtio-{serial[:20]}"
-        r = ssh(
-            key_path,
-            ip,
-            f"readlink -f {by_id} && sudo mkfs.ext4 -q {by_id} && "
-            f"echo UUID=$(sudo blkid -p -s UUID -o value {by_id}) /data ext4 defaults,nofail 0 2"
-            " | sudo tee -a /etc/fstab >/dev/null && sudo mkdir -p /data && sudo mount /data && "
-            "echo kept | sudo tee /data/f >/dev/null",
-        )
-        assert r.returncode == 0 and r.stdout.strip() == "/dev/vdc", r.stderr
-
-        # `sudo reboot` from inside: the guest comes back with its devices and mounts
-        subprocess.Popen(
-            [
-                "ssh",
-                "-i",
-                str(key_path),
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                f"ubuntu@{ip}",
-                "sudo reboot",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(2)
-        wait_ssh(key_path, ip)
-        r = ssh(key_path, ip, f"cat /data/f; readlink -f {by_id}; uptime -s")
-        assert r.stdout.split()[:2] == ["kept", "/dev/vdc"], r.stdout + r.stderr
-        assert guests.power_state(name) == "running"
-
-        guests.detach_volume(name, serial)
-        assert ssh(key_path, ip, f"test -e {by_id}").returncode != 0
-
-        subprocess.Popen(
-            [
-                "ssh",
-                "-i",
-                str(key_path),
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                f"ubuntu@{ip}",
-                "sudo poweroff",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(100):
-            if guests.power_state(name) == "shutdown":
-                break
-            time.sleep(0.2)
-        assert guests.power_state(name) == "shutdown"
-        guests.start_guest(spec)  # powers on again with its disk state
-        wait_ssh(key_path, ip)
+        yield guests.GUESTS_DIR
     finally:
-        guests.destroy_guest(name)
-    assert guests.power_state(name) == "absent"
-    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    mounts = Path("/proc/mounts").read_text()
-    assert name.replace("-", "")[:10] not in ns
-    assert str(volume) not in loops and name not in mounts
+        guests.cleanup_all()
+        subprocess.run(["rm", "-rf", str(guests.GUESTS_DIR)], check=False)
+        guests.GUESTS_DIR = saved
+
+
+def test_cleanup_all_leaves_nothing(
+    private_guests_dir: Path, guest_factory, tmp_path: Path
+) -> None:
+    from sandbox import guests
+
+    prefix = guests._netns_prefix()
+    a = guest_factory(ephemeral_gb=1)
+    b = guest_factory()
+    volume = sparse(tmp_path / "v.img")
+    assert guests.attach_volume(b.name, str(volume), "vol-cleanup") == "/dev/vdb"
+    # a crashed supervisor: its guest runs on unsupervised
+    os.kill(int((private_guests_dir / a.name / "supervisor.pid").read_text()), signal.SIGKILL)
+    assert guests.power_state(a.name) == "running"
+
+    guests.cleanup_all()
+    for g in (a, b):
+        assert guests.power_state(g.name) == "shutdown"
+        assert g.ssh("true", timeout=20).returncode != 0
+    assert leftovers(private_guests_dir, prefix, [volume]) == []
+    assert not guests._our_processes()
+
+    # the guests keep their disks and boot again after a cleanup
+    guests.start_guest(b.spec)
+    assert b.check("readlink -f /dev/disk/by-id/virtio-vol-cleanup").strip() == "/dev/vdb"
+    guests.cleanup_all()
+    assert leftovers(private_guests_dir, prefix, [volume]) == []
