@@ -96,6 +96,7 @@ def up() -> dict[str, Any]:
         packages.install()
         services.stop_services()
         services.start_all(seed.register_services)
+        services.wait_for("cinder-scheduler to know the backend", seed.volume_backend_known, 90, 1)
     if not cloud_running():
         packages.install()
         guests = _guests()
@@ -104,6 +105,7 @@ def up() -> dict[str, Any]:
         _log(f"installed (+{time.monotonic() - t0:.0f} s)")
         net.ensure_network()
         services.start_all(seed.register_services)
+        services.wait_for("cinder-scheduler to know the backend", seed.volume_backend_known, 90, 1)
         seed.seed()
         _log(f"cloud up and seeded in {time.monotonic() - t0:.0f} s")
     for name, part in _parts():

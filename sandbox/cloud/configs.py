@@ -189,6 +189,8 @@ def cinder() -> Sections:
             "auth_strategy": "keystone",
             "enabled_backends": "sails",
             "osapi_volume_workers": 1,
+            # capabilities reach the scheduler within seconds of a (re)start, not a minute
+            "periodic_interval": 5,
             "glance_catalog_info": "image:glance:internalURL",
             "api_paste_config": str(c.ETC / "cinder" / "api-paste.ini"),
             "resource_query_filters_file": str(c.ETC / "cinder" / "resource_filters.json"),

@@ -90,6 +90,15 @@ def register_services() -> None:
             )
 
 
+def volume_backend_known() -> bool:
+    """cinder-scheduler has heard of the volume backend (else creations fail NoValidBackend)."""
+    conn = admin_connection()
+    try:
+        return bool(list(conn.block_storage.backend_pools()))
+    finally:
+        conn.close()
+
+
 def _secrets() -> dict[str, Any]:
     try:
         return json.loads(SECRETS_FILE.read_text())
