@@ -32,6 +32,18 @@ REQUIREMENTS = [
     "setuptools",
     "wheel",
 ]
+#: What the guests run: Debian 12's CPython 3.11 on x86_64, glibc 2.36. pip (23.x) does not
+#: widen a manylinux_2_N tag to older ones by itself, so every accepted tag is listed.
+TARGET = [
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+    *[a for v in range(36, 16, -1) for a in ("--platform", f"manylinux_2_{v}_x86_64")],
+    *[a for t in ("2014", "2010", "1") for a in ("--platform", f"manylinux{t}_x86_64")],
+]
 PID_FILE = layout.STATE_DIR / "run" / "pkgindex.pid"
 LOG_FILE = layout.STATE_DIR / "logs" / "pkgindex.log"
 
@@ -41,7 +53,7 @@ def url() -> str:
 
 
 def _key() -> str:
-    text = "\n".join([sys.version.split()[0].rsplit(".", 1)[0], *REQUIREMENTS])
+    text = "\n".join([*TARGET, *REQUIREMENTS])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -83,21 +95,14 @@ def build(log=print) -> Path:  # type: ignore[no-untyped-def]
     files.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     log(f"downloading wheels for the guests' package index ({len(REQUIREMENTS)} requirements)")
-    subprocess.run(
-        [
-            _pip_python(),
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--prefer-binary",
-            "--dest",
-            str(files),
-            *REQUIREMENTS,
-        ],
-        check=True,
-        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    pip = [_pip_python(), "-m", "pip", "download", "--quiet", "--dest", str(files)]
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    wheels = subprocess.run(
+        [*pip, "--only-binary=:all:", *TARGET, *REQUIREMENTS], env=env, capture_output=True
     )
+    if wheels.returncode:  # some project has no wheel: this host's own tags, sdists allowed
+        log(f"wheels only failed ({wheels.stderr.decode()[-300:].strip()}); allowing sdists")
+        subprocess.run([*pip, "--prefer-binary", *REQUIREMENTS], env=env, check=True)
     simple = target / "simple"
     shutil.rmtree(simple, ignore_errors=True)
     projects: dict[str, list[str]] = {}
@@ -122,12 +127,13 @@ def build(log=print) -> Path:  # type: ignore[no-untyped-def]
 
 
 def _alive() -> int | None:
+    """The index's server process (checked by its command line, not just the pid)."""
     try:
         pid = int(PID_FILE.read_text())
-        os.kill(pid, 0)
-        return pid
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
+    return pid if b"http.server" in cmdline and str(layout.INDEX_PORT).encode() in cmdline else None
 
 
 def running() -> bool:
@@ -142,8 +148,9 @@ def up() -> str:
     """Serve the index on the tenant gateway (idempotent); returns its URL."""
     net.ensure_network()
     served = build()
-    if _alive() and running():
-        return url()
+    pid = _alive()
+    if pid and str(served).encode() in Path(f"/proc/{pid}/cmdline").read_bytes() and running():
+        return url()  # already serving this requirement list
     down()
     PID_FILE.parent.mkdir(parents=True, exist_ok=True)
     LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
