@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -416,3 +417,32 @@ def test_arc_over_sshfs_reconnects_and_a_frozen_host_is_stale(canfar_faults, tmp
         sshfs.wait()
         ns.run("fusermount3", "-u", "-z", str(mp))
         ns.close()
+
+
+# -- the guests' package index ---------------------------------------------------------------
+def test_package_index_alone_installs_prefect_and_canfar(canfar_sandbox, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    index = canfar_sandbox.info()["package_index"]
+    assert httpx.get(f"{index}/prefect/", timeout=10).status_code == 200
+    uv = shutil.which("uv")
+    assert uv, "uv is needed for this test"
+    venv = tmp_path / "venv"
+    env = {  # no configuration, no cache, no other index: only the sandbox's
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "UV_NO_CONFIG": "1",
+        "UV_CACHE_DIR": str(tmp_path / "uv-cache"),
+        "UV_PYTHON_DOWNLOADS": "never",
+    }
+    subprocess.run([uv, "venv", "-q", "--python", "3.11", str(venv)], env=env, check=True)
+    r = subprocess.run(
+        [uv, "pip", "install", "--index-url", index, "--python", str(venv / "bin" / "python"),
+         "prefect==3.9.1", "canfar==1.5.2"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(
+        [str(venv / "bin" / "python"), "-c",
+         "import prefect, canfar.sessions; print(prefect.__version__)"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == "3.9.1", r.stderr
