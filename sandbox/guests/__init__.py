@@ -504,8 +504,10 @@ def stop_guest(name: str, timeout: float = 30) -> None:
     if not (d / "guest.json").exists():
         return
     _set_power(name, "off")
-    _kill(_supervisor_pid(name), signal.SIGTERM)  # it stops relaunching and passes it on
-    _kill(_nspawn_pid(name), signal.SIGTERM)  # nspawn asks the guest's systemd to power off
+    # One SIGTERM reaches nspawn, which then asks the guest's systemd to power off (a second
+    # one would make nspawn kill the guest at once). The supervisor passes it on.
+    supervisor = _supervisor_pid(name)
+    _kill(supervisor or _nspawn_pid(name), signal.SIGTERM)
     if not _wait_gone(lambda: _nspawn_pid(name), timeout):
         _kill(_container_pid1(name), signal.SIGKILL)  # ends the guest's whole pid namespace
         _kill(_nspawn_pid(name), signal.SIGKILL)
@@ -727,6 +729,7 @@ def console_output(name: str) -> bytes:
             "-----END SSH HOST KEY FINGERPRINTS-----\n",
         ]
     )
+    log = log.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     if log and not log.endswith(b"\n"):
         log += b"\n"
     return log + block.encode()

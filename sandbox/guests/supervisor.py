@@ -43,10 +43,14 @@ def nspawn_argv(guest_dir: Path, spec: dict, names: dict) -> list[str]:
         f"--hostname={spec['hostname']}",
         f"--network-namespace-path=/run/netns/{names['netns']}",
         "--capability=CAP_SYS_ADMIN,CAP_MKNOD",
-        "--console=pipe",
+        "--console=read-only",
         "--resolv-conf=off",
         "--timezone=off",
         "--link-journal=no",
+        "--setenv=SYSTEMD_COLORS=0",
+        # arguments of the guest's systemd: its boot progress on the console, as a VM shows it
+        "--",
+        "--show-status=yes",
     ]
 
 
@@ -82,6 +86,8 @@ def main(guest_dir: str) -> int:
             )
         (d / "nspawn.pid").write_text(f"{proc.pid}\n")
         _log(f"nspawn {proc.pid} started")
+        if stopping:  # asked to stop while launching
+            proc.terminate()
         code = proc.wait()
         request = guests._power_request(name)
         _log(f"nspawn {proc.pid} exited {code}; host request {request!r}")

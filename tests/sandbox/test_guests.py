@@ -36,17 +36,14 @@ def _sh(*argv: str) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
 
 
-def leftovers(guests_dir: Path, netns_prefix: str, files: list[Path]) -> list[str]:
+def leftovers(
+    guests_dir: Path, netns_prefix: str, files: list[Path], veths: list[str]
+) -> list[str]:
     """Namespaces, veths, loop devices and mounts of the library that still exist."""
-    from sandbox import guests
-
     netns = _sh("ip", "netns", "list").splitlines()
     found = [f"netns {line}" for line in netns if line.startswith(netns_prefix)]
-    links = _sh("ip", "-o", "link")
-    for name in guests.list_guests():
-        veth = guests._load(name)["names"]["veth"]
-        if f" {veth}@" in links or f" {veth}:" in links:
-            found.append(f"veth {veth}")
+    links = [ln.split(":")[1].strip().split("@")[0] for ln in _sh("ip", "-o", "link").splitlines()]
+    found += [f"veth {veth}" for veth in veths if veth in links]
     loops = _sh("losetup", "-a")
     found += [f"loop {line}" for line in loops.splitlines() if str(guests_dir) in line]
     found += [f"loop for {f}" for f in files if str(f) in loops]
@@ -112,6 +109,7 @@ def test_guest_life_cycle(guest_factory, tmp_path: Path) -> None:
         re.S,
     )
     assert block, console[-2000:]
+    assert b"Reached target" in console and b"\r" not in console  # the guest's boot log
     lines = block.group(1).decode().splitlines()
     assert all(re.fullmatch(r"\d+ SHA256:\S+ \S+ \((ED25519|ECDSA|RSA)\)", ln) for ln in lines), (
         lines
@@ -207,6 +205,47 @@ def test_four_guests_at_once(guest_factory) -> None:
     assert _sh("sysctl", "-n", "net.ipv4.ip_forward").strip() == "0"
 
 
+def test_guest_outlives_its_caller(guest_factory) -> None:
+    """A guest started by a process that then exits (a restarted compute service) runs on."""
+    import dataclasses
+    import json
+    import sys
+
+    from sandbox import guests
+
+    g = guest_factory(start=False)
+    code = (
+        "import json, sys; from sandbox import guests; "
+        "guests.start_guest(guests.GuestSpec(**json.loads(sys.argv[1])))"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, json.dumps(dataclasses.asdict(g.spec))],
+        check=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert guests.power_state(g.name) == "running"
+    assert g.check("cat /proc/1/comm").strip() == "systemd"
+    supervisor = int((guests.GUESTS_DIR / g.name / "supervisor.pid").read_text())
+    assert os.getsid(supervisor) == supervisor  # its own session
+
+
+def test_failed_start_cleans_up(guest_factory) -> None:
+    from sandbox import guests
+
+    g = guest_factory(start=False, ephemeral_gb=1)
+    with pytest.raises(guests.GuestError):
+        guests.start_guest(g.spec, timeout=0.0)
+    assert guests.power_state(g.name) == "absent"
+    assert not (guests.GUESTS_DIR / g.name).exists()
+    names = guests._names(g.name)
+    assert leftovers(guests.GUESTS_DIR / g.name, names["netns"], [], [names["veth"]]) == []
+    assert not any(
+        str(guests.GUESTS_DIR / g.name) in " ".join(guests._cmdline(p))
+        for p in guests._our_processes()
+    )
+
+
 @pytest.fixture
 def private_guests_dir(guest_rootfs: Path) -> Iterator[Path]:
     """A guests directory of its own, so cleanup_all touches no other guest on this machine."""
@@ -230,6 +269,7 @@ def test_cleanup_all_leaves_nothing(
     prefix = guests._netns_prefix()
     a = guest_factory(ephemeral_gb=1)
     b = guest_factory()
+    veths = [guests._load(g.name)["names"]["veth"] for g in (a, b)]
     volume = sparse(tmp_path / "v.img")
     assert guests.attach_volume(b.name, str(volume), "vol-cleanup") == "/dev/vdb"
     # a crashed supervisor: its guest runs on unsupervised
@@ -240,11 +280,11 @@ def test_cleanup_all_leaves_nothing(
     for g in (a, b):
         assert guests.power_state(g.name) == "shutdown"
         assert g.ssh("true", timeout=20).returncode != 0
-    assert leftovers(private_guests_dir, prefix, [volume]) == []
+    assert leftovers(private_guests_dir, prefix, [volume], veths) == []
     assert not guests._our_processes()
 
     # the guests keep their disks and boot again after a cleanup
     guests.start_guest(b.spec)
     assert b.check("readlink -f /dev/disk/by-id/virtio-vol-cleanup").strip() == "/dev/vdb"
     guests.cleanup_all()
-    assert leftovers(private_guests_dir, prefix, [volume]) == []
+    assert leftovers(private_guests_dir, prefix, [volume], veths) == []
