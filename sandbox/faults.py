@@ -17,6 +17,7 @@ Rule fields (all optional), per service type or ``"*"`` for every service withou
      "faults": ["503", "429", "500", "drop"],   # chosen at random (seeded) among these
      "retry_after": 1,                # seconds, sent with 429 and 503
      "methods": ["GET"], "path": "^/v2.1/servers",  # which requests faults apply to
+     "user_agent": "my-bench",        # only clients whose User-Agent matches (app_name=...)
      "delay": 0.05,                   # seconds added to every request
      "method_delay": {"POST": 0.5},
      "path_delays": [{"method": "POST", "path": "/volumes$", "delay": 3.0}]}
@@ -112,6 +113,10 @@ class FaultProxy:
         self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.paths: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.faults_sent: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        # first word of the User-Agent (openstacksdk's app_name) -> service -> "METHOD path" -> n
+        self.agents: dict[str, dict[str, dict[str, int]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(int))
+        )
 
     # rules -------------------------------------------------------------------------------------
     def rule_for(self, service: str) -> dict[str, Any]:
@@ -139,6 +144,7 @@ class FaultProxy:
         self.counts.clear()
         self.paths.clear()
         self.faults_sent.clear()
+        self.agents.clear()
 
     def _delay(self, rule: dict[str, Any], method: str, path: str) -> float:
         delay = float(rule.get("delay", 0.0))
@@ -147,6 +153,12 @@ class FaultProxy:
             if pd.get("method", method).upper() == method and re.search(pd["path"], path):
                 delay += float(pd.get("delay", 0.0))
         return delay
+
+    @staticmethod
+    def _applies(rule: dict[str, Any], agent: str) -> bool:
+        """A rule with ``user_agent`` only touches clients whose User-Agent matches it."""
+        pattern = rule.get("user_agent")
+        return not pattern or re.search(pattern, agent) is not None
 
     def _fault(self, rule: dict[str, Any], method: str, path: str) -> str | None:
         methods = rule.get("methods")
@@ -178,7 +190,11 @@ class FaultProxy:
                 path = target.split("?", 1)[0]
                 self.counts[service][method] += 1
                 self.paths[service][f"{method} {path}"] += 1
+                agent = _header(headers, "user-agent") or ""
+                self.agents[agent.split(" ", 1)[0]][service][f"{method} {path}"] += 1
                 rule = self.rule_for(service)
+                if not self._applies(rule, agent):
+                    rule = {}
                 delay = self._delay(rule, method, path)
                 fault = self._fault(rule, method, path)
                 if delay > 0:
@@ -274,6 +290,7 @@ class FaultProxy:
             "counts": {s: dict(m) for s, m in self.counts.items()},
             "paths": {s: dict(p) for s, p in self.paths.items()},
             "faults": {s: dict(f) for s, f in self.faults_sent.items()},
+            "agents": {a: {s: dict(p) for s, p in sv.items()} for a, sv in self.agents.items()},
         }
 
     async def control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -402,12 +419,24 @@ class FaultControl:
         return self.replace({})
 
     def counts(self) -> dict[str, Any]:
-        """``{"counts": {service: {method: n}}, "paths": {...}, "faults": {...}}``."""
+        """``{"counts": {service: {method: n}}, "paths": {service: {"METHOD path": n}},
+        "faults": {service: {kind: n}}, "agents": {user_agent_word: {service: {...}}}}``."""
         return self._call("GET", "/_counts")
 
-    def writes(self, service: str | None = None, *, include_auth: bool = False) -> int:
-        """POST/PUT/PATCH/DELETE requests seen (token requests excluded unless asked)."""
-        paths = self.counts()["paths"]
+    def writes(
+        self,
+        service: str | None = None,
+        *,
+        include_auth: bool = False,
+        user_agent: str | None = None,
+    ) -> int:
+        """POST/PUT/PATCH/DELETE requests seen (token requests excluded unless asked).
+
+        ``user_agent``: only requests whose User-Agent starts with that word (openstacksdk's
+        ``app_name``), for a client sharing the sandbox with others.
+        """
+        counts = self.counts()
+        paths = counts["paths"] if user_agent is None else counts["agents"].get(user_agent, {})
         services = [service] if service else list(paths)
         total = 0
         for svc in services:
