@@ -291,7 +291,8 @@ def _prepare(spec: GuestSpec) -> None:
         # as Ubuntu's cloud-init writes it for the ephemeral disk
         fstab += "/dev/vdb\t/mnt\tauto\tdefaults,nofail,comment=cloudconfig\t0\t2\n"
     (etc / "fstab").write_text(fstab)
-    _save(spec.name, {"spec": asdict(spec), "names": _names(spec.name), "disks": disks})
+    record = {"spec": asdict(spec), "names": _names(spec.name), "lower": str(lower), "disks": disks}
+    _save(spec.name, record)
 
 
 def _ensure_netns(name: str, spec: GuestSpec) -> None:
@@ -359,7 +360,10 @@ def _mount_overlay(name: str) -> None:
     d = _dir(name)
     if _mounted(d / "root"):
         return
-    lower = rootfs.build()
+    # the build the guest was created from (a VM's disk does not change with its image)
+    lower = Path(_load(name).get("lower") or "/nonexistent")
+    if not (lower / ".complete").exists():
+        lower = rootfs.build()
     opts = f"lowerdir={lower},upperdir={d / 'upper'},workdir={d / 'work'}"
     _run("mount", "-t", "overlay", "overlay", "-o", opts, str(d / "root"))
 

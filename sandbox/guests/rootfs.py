@@ -82,10 +82,14 @@ def _build_lock() -> Iterator[None]:
 
 
 def _in_use(path: Path) -> bool:
-    """True when a mounted overlay still has this build as its lower directory."""
-    with contextlib.suppress(OSError):
-        return f"lowerdir={path}" in Path("/proc/self/mountinfo").read_text()
-    return True
+    """True when an overlay is mounted on this build or a guest was created from it."""
+    try:
+        if f"lowerdir={path}," in Path("/proc/self/mountinfo").read_text():
+            return True
+        records = (layout.STATE_DIR / "guests").glob("*/guest.json")
+        return any(f'"{path}"' in record.read_text() for record in records)
+    except OSError:
+        return True
 
 
 def build(log: Callable[[str], object] = print) -> Path:
