@@ -350,7 +350,11 @@ def _plug_all(name: str) -> list[dict]:
     with _guest_lock(name):
         data = _load(name)
         for disk in data["disks"]:
-            disk["loop"] = _losetup(disk["path"])
+            try:
+                disk["loop"] = _losetup(disk["path"])
+            except GuestError as exc:  # e.g. the volume file is gone: the others still plug
+                print(f"guest {name}: {disk['dev']} not plugged: {exc}", file=sys.stderr)
+                disk["loop"] = None
         _save(name, data)
         _write_disks_file(name, data["disks"])
     return data["disks"]
@@ -712,7 +716,8 @@ def detach_volume(name: str, serial: str) -> None:
 
 # -- console -----------------------------------------------------------------------------------
 def console_output(name: str) -> bytes:
-    """The guest's boot log and a cloud-init style block of its SSH host key fingerprints."""
+    """The guest's boot log, then cloud-init style blocks of its SSH host key fingerprints (as
+    ``ssh-keygen -lf`` prints them) and of the public host keys. Always bytes."""
     d = _dir(name)
     try:
         with open(d / "console.log", "rb") as fh:
@@ -721,16 +726,21 @@ def console_output(name: str) -> bytes:
             log = fh.read()
     except OSError:
         log = b""
-    lines = []
+    fingerprints, keys = [], []
     for key in sorted((d / "upper/etc/ssh").glob("ssh_host_*_key.pub")):
         out = _run("ssh-keygen", "-l", "-f", str(key), check=False).stdout.strip()
         if out:
-            lines.append(out)
+            fingerprints.append(out)
+        with contextlib.suppress(OSError):
+            keys.append(key.read_text().strip())
     block = "".join(
         [
             "-----BEGIN SSH HOST KEY FINGERPRINTS-----\n",
-            *(line + "\n" for line in lines),
+            *(line + "\n" for line in fingerprints),
             "-----END SSH HOST KEY FINGERPRINTS-----\n",
+            "-----BEGIN SSH HOST KEY KEYS-----\n",
+            *(line + "\n" for line in keys),
+            "-----END SSH HOST KEY KEYS-----\n",
         ]
     )
     log = log.replace(b"\r\n", b"\n").replace(b"\r", b"\n")

@@ -122,6 +122,9 @@ def test_guest_life_cycle(guest_factory, tmp_path: Path) -> None:
     assert len(scanned) == 3, scanned
     for key in scanned:
         assert fingerprint(key) in block.group(1).decode()
+        assert (
+            " ".join(key.split()[:2]).encode() in console.split(b"-----BEGIN SSH HOST KEY KEYS")[1]
+        )
 
     # a 1 GiB volume by serial: /dev/vdc (vdb is the ephemeral disk)
     volume = sparse(tmp_path / "volume.img")
