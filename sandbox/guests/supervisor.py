@@ -55,9 +55,12 @@ def nspawn_argv(guest_dir: Path, spec: dict, names: dict) -> list[str]:
 
 
 def main(guest_dir: str) -> int:
-    d = Path(guest_dir).resolve()
+    if os.sep in guest_dir:
+        d = Path(guest_dir).resolve()
+        guests.GUESTS_DIR = d.parent  # the guests directory its caller used
+    else:  # a bare guest name: under the state directory's guests
+        d = guests.GUESTS_DIR / guest_dir
     name = d.name
-    guests.GUESTS_DIR = d.parent  # the guests directory its caller used
     data = guests._load(name)
     stopping = False
 

@@ -89,6 +89,14 @@ def test_guest_life_cycle(guest_factory, tmp_path: Path) -> None:
     )
     assert out.split() == ["systemd", "sudo-ok", "/dev/vdb", g.spec.hostname], out
     assert g.check("systemctl is-system-running").strip() in ("running", "degraded")
+    # FUSE works inside (sshfs of the guest's own sshd, as the flows mount CANFAR's /arc)
+    out = g.check(
+        "ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/self && cat ~/.ssh/self.pub >> ~/.ssh/authorized_keys"
+        " && mkdir -p ~/m && sshfs -o IdentityFile=$HOME/.ssh/self,StrictHostKeyChecking=no"
+        " localhost:/etc ~/m && findmnt -n -o FSTYPE ~/m && test -f ~/m/hostname && fusermount3 -u ~/m"
+        " && sed -i '$d' ~/.ssh/authorized_keys"
+    )
+    assert out.strip() == "fuse.sshfs", out
     # on-link tenant subnet only: no default route
     assert "default" not in g.check("ip route")
     # key only: a login without the key is refused
