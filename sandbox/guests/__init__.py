@@ -475,6 +475,9 @@ def start_guest(spec: GuestSpec, timeout: float = 90) -> None:
             spec = GuestSpec(**_load(spec.name)["spec"])  # the guest keeps what it was built with
         _ensure_netns(spec.name, spec)
         _mount_overlay(spec.name)
+        # a supervisor still winding down after a power-off must be gone before the next one
+        if not _wait_gone(lambda: _supervisor_pid(spec.name), 5):
+            _kill(_supervisor_pid(spec.name), signal.SIGKILL)
         _set_power(spec.name, "on")
         _launch_supervisor(spec.name)
         _wait_ready(spec, timeout)
