@@ -148,6 +148,8 @@ def test_server_life_cycle(user_conn):
             client = ssh(address, pkey)
             try:
                 assert run(client, "cat /proc/1/comm").strip() == "systemd"
+                # the flavor's 36 GB ephemeral disk comes before the first volume, as on Arbutus
+                assert run(client, "sudo blockdev --getsize64 /dev/vdb").strip() == str(36 << 30)
                 by_id = f"/dev/disk/by-id/virtio-{volume.id[:20]}"
                 run(client, f"test -b {by_id}")
                 run(client, f"sudo mkfs.ext4 -q {by_id} && sudo mkdir -p /mnt/v")
