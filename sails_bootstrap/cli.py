@@ -6,6 +6,7 @@ need them, so ``--help`` and ``config validate`` answer at once.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -89,8 +90,6 @@ def _sandbox_manager() -> Any:
             "the sandbox needs root: it installs Debian packages, creates network namespaces, "
             "bridges, loop devices and mounts. Run it with sudo (or as root in a container)."
         )
-    import importlib
-
     return importlib.import_module("sandbox.manager")
 
 
@@ -117,6 +116,38 @@ def sandbox_status() -> None:
     status = _sandbox_manager().status()
     for key, value in status.items():
         typer.echo(f"{key}: {value}")
+
+
+@sandbox_app.command("blocks")
+def sandbox_blocks(config: ConfigOption) -> None:
+    """Save the blocks a sandbox run needs, as an operator would for CANFAR: the
+    CanfarCredentials block and, if the config names one, the /arc key CANFAR trusts."""
+    from typing import cast
+
+    from pydantic import SecretStr
+
+    from blocks import CanfarCredentials, SSHKeyPair
+
+    cfg = read_config(config)
+    _sandbox_manager()  # says what is needed when not root
+    canfar = importlib.import_module("sandbox.canfar")
+    info = canfar.info()
+    CanfarCredentials(
+        username=info["username"],
+        password=SecretStr(canfar.password()),
+        url=info["canfar_url"],
+        registry_url=info["registry_url"],
+        ca_bundle=info["ca_bundle"],
+    ).save(cfg.canfar.credentials_block, overwrite=True)
+    typer.echo(f"saved CanfarCredentials block {cfg.canfar.credentials_block!r}")
+    if cfg.arc.key_block:
+        try:
+            key = cast(SSHKeyPair, SSHKeyPair.load(cfg.arc.key_block))
+        except ValueError:
+            key = SSHKeyPair.generate("rsa", comment=f"{cfg.environment}-arc")
+            key.save(cfg.arc.key_block)
+        canfar.add_arc_key(key.public_key)
+        typer.echo(f"/arc trusts the key of block {cfg.arc.key_block!r} ({key.fingerprint})")
 
 
 @sandbox_app.command("env")

@@ -181,6 +181,11 @@ class ArcSettings(_Model):
     remote_path: str = "/"
     mount_point: str = Field(default="~/canfar_arc", description="Mount point on the VM.")
     key_path: str = Field(default="~/.ssh/canfar_key", description="Key on the VM for /arc.")
+    key_block: Name | None = Field(
+        default=None,
+        description="SSHKeyPair block whose key CANFAR already trusts, installed on the VM when "
+        "it has no key yet (a re-created VM then needs no new key on CANFAR). Empty: generate.",
+    )
     options: list[str] = Field(
         default_factory=lambda: ["reconnect", "ServerAliveInterval=15", "ServerAliveCountMax=10"],
         description="sshfs -o options.",

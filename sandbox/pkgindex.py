@@ -28,6 +28,9 @@ REQUIREMENTS = [
     "fabric==3.2.3",
     "pyyaml",
     "typer",
+    # The guests' Debian python is 3.11.2: markers like python_full_version < "3.11.3" pull
+    # these in there, and a host with a newer 3.11 would not download them.
+    "async-timeout>=4.0.3",
     "pip",
     "setuptools",
     "wheel",

@@ -8,6 +8,7 @@ only polls for its result with a deadline; the SSH command itself always returns
 from __future__ import annotations
 
 import shlex
+from typing import cast
 
 from prefect import task
 
@@ -37,20 +38,39 @@ def arc_user(config: BootstrapConfig, canfar_username: str | None) -> str:
 
 @task(name="ensure-canfar-key", **VM_TASK)
 def ensure_canfar_key(vm: VM, config: BootstrapConfig) -> StepRecord:
-    """The VM's key for /arc: generated once (RSA 4096, as CANFAR documents), never replaced."""
+    """The VM's key for /arc: from the key block CANFAR trusts, else generated once (RSA 4096,
+    as CANFAR documents). An existing key is never replaced."""
     key = vm_path(config, config.arc.key_path)
     q = shlex.quote(key)
+    user = config.server.user
     exists = vm.run(f"test -f {q} && test -f {q}.pub", check=False).ok
-    if not exists:
+    reason = "present (kept)"
+    if not exists and config.arc.key_block:
+        from blocks.ssh import SSHKeyPair
+
+        block = cast(SSHKeyPair, SSHKeyPair.load(config.arc.key_block))
+        vm.write_file(
+            key,
+            block.private_key.get_secret_value(),
+            mode="0600",
+            owner=f"{user}:{user}",
+            sudo=False,
+        )
+        vm.write_file(
+            f"{key}.pub", block.public_key + "\n", mode="0644", owner=f"{user}:{user}", sudo=False
+        )
+        reason = f"installed from block {config.arc.key_block!r} ({block.fingerprint})"
+    elif not exists:
         vm.run(
             f"mkdir -p -m 700 $(dirname {q}) && ssh-keygen -q -t rsa -b 4096 -N '' "
             f"-C {shlex.quote(config.environment + '-arc')} -f {q}"
         )
+        reason = f"generated {key}"
     public = vm.run(f"cat {q}.pub").stdout.strip()
     return StepRecord(
         name="canfar key",
         action=Action.KEEP if exists else Action.CREATE,
-        reason="present (kept)" if exists else f"generated {key}",
+        reason=reason,
         details={"public_key": public, "path": key},
     )
 

@@ -23,6 +23,7 @@ from tasks.records import Action
 from tasks.vm import MANAGED, VM, VM_TASK, StepRecord
 
 SERVER_UNIT = "prefect-server.service"
+VM_PACKAGES = ("canfar==1.5.2", "openstacksdk==4.22.0", "fabric==3.2.3")
 SERVER_ENV = "/etc/sails-bootstrap/prefect-server.env"
 
 
@@ -56,9 +57,15 @@ def server_secrets(config: BootstrapConfig, apply: bool = True) -> dict[str, str
 
 
 def pip_index_args(config: BootstrapConfig) -> str:
-    if not config.prefect.package_index:
+    index = config.prefect.package_index
+    if not index:
         return ""
-    return f"--index-url {shlex.quote(config.prefect.package_index)}"
+    args = f"--index-url {shlex.quote(index)}"
+    if index.startswith("http://"):  # a local mirror without TLS: pip must be told to trust it
+        from urllib.parse import urlsplit
+
+        args += f" --trusted-host {shlex.quote(urlsplit(index).hostname or '')}"
+    return args
 
 
 @task(name="ensure-prefect-venv", **VM_TASK)
@@ -69,12 +76,15 @@ def ensure_prefect_venv(
     version = config.prefect.version or local_prefect_version()
     venv = config.prefect.venv
     py = f"{venv}/bin/python"
-    packages = [f"prefect=={version}", "canfar==1.5.2", *(extra or [])]
-    check = (
-        f"{py} -c 'import importlib.metadata as m; "
-        'print(" ".join(f"{p}=={m.version(p)}" for p in '
-        f"{[p.split('==')[0] for p in packages]!r}))'"
+    # The canfar client for headless sessions; openstacksdk and fabric for this package's own
+    # deployments (health check, repairs), which run on the VM's workers.
+    packages = [f"prefect=={version}", *VM_PACKAGES, *(extra or [])]
+    names = [p.split("==")[0] for p in packages]
+    code = (
+        "import importlib.metadata as m; "
+        f"print(' '.join(f'{{n}}=={{m.version(n)}}' for n in {names!r}))"
     )
+    check = f"{py} -c {shlex.quote(code)}"
     have = vm.run(check, check=False)
     if (
         have.ok

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import os
 import shlex
@@ -117,12 +116,13 @@ def install_code(vm: VM, config: BootstrapConfig) -> StepRecord:
     current = vm.run(f"cat {q}/.version 2>/dev/null || true").stdout.strip()
     changed = current != digest
     if changed:
+        archive = shlex.quote(vm.upload(data))
         vm.run(
-            f"mkdir -p {q}.new && base64 -d | tar -xzf - -C {q}.new"
-            f" && echo {digest} > {q}.new/.version"
-            f" && rm -rf {q}.old && (test ! -d {q} || mv {q} {q}.old) && mv {q}.new {q}"
-            f" && rm -rf {q}.old",
-            stdin=base64.b64encode(data).decode(),
+            f"rm -rf {q}.new && mkdir -p {q}.new && tar -xzf {archive} -C {q}.new"
+            f" && echo {digest} > {q}.new/.version && rm -rf {q}.old"
+            f" && (test ! -d {q} || mv {q} {q}.old) && mv {q}.new {q} && rm -rf {q}.old"
+            f'; rc=$?; rm -rf "$(dirname {archive})"; exit $rc',
+            sudo=True,
             timeout=120,
         )
     site = vm.run(

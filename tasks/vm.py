@@ -7,6 +7,7 @@ standard input, never on a command line, and are never echoed back.
 from __future__ import annotations
 
 import io
+import os
 import shlex
 import socket
 import time
@@ -118,20 +119,29 @@ class VM:
             )
         return result
 
+    def upload(self, data: bytes) -> str:
+        """Copy ``data`` to a new file in a private (0700) temporary directory; return its path.
+
+        SFTP, not standard input: fabric feeds stdin one byte at a time."""
+        tmpdir = self.run("mktemp -d").stdout.strip()
+        path = f"{tmpdir}/data"
+        self.conn.put(io.BytesIO(data), path)
+        return path
+
     def write_file(
         self, path: str, content: str, *, mode: str = "0644", owner: str = "root", sudo: bool = True
     ) -> bool:
-        """Write ``content`` to ``path`` if it differs (sent on stdin). True when changed."""
+        """Write ``content`` to ``path`` if it differs. True when changed."""
         q = shlex.quote(path)
         current = self.run(f"cat {q} 2>/dev/null || true", sudo=sudo, check=False).stdout
         if current == content:
             self.run(f"chmod {mode} {q} && chown {owner} {q}", sudo=sudo)
             return False
+        tmp = shlex.quote(self.upload(content.encode()))
         self.run(
-            f'umask 077; d=$(dirname {q}); mkdir -p "$d"; cat > {q}.new && chmod {mode} {q}.new'
-            f" && chown {owner} {q}.new && mv {q}.new {q}",
+            f'mkdir -p "$(dirname {q})" && chmod {mode} {tmp} && chown {owner} {tmp} && '
+            f'cp -p {tmp} {q}.new && mv {q}.new {q}; rc=$?; rm -rf "$(dirname {tmp})"; exit $rc',
             sudo=sudo,
-            stdin=content,
         )
         return True
 
@@ -151,6 +161,15 @@ class LocalHost(VM):
     def close(self) -> None:
         return None
 
+    def upload(self, data: bytes) -> str:
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(prefix="sails-"), "data")  # a private directory
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return path
+
     def run(
         self,
         command: str,
@@ -160,7 +179,6 @@ class LocalHost(VM):
         timeout: float = 300,
         check: bool = True,
     ) -> Result:
-        import os
         import subprocess
 
         argv = ["sh", "-c", command]
@@ -310,13 +328,16 @@ def ensure_volume_mounted(vm: VM, config: BootstrapConfig, volume_id: str) -> St
     if line not in fstab:
         changes.append("fstab entry by UUID")
         vm.write_file("/etc/fstab", "\n".join([*others, line]) + "\n")
-    mounted = vm.run(f"findmnt -n -o SOURCE,UUID --mountpoint {shlex.quote(mp)}", check=False)
-    if mounted.ok and mounted.stdout.strip() and uuid not in mounted.stdout:
-        raise BootstrapError(
-            f"{mp} is already mounted from {mounted.stdout.split()[0]}, not from volume "
-            f"{volume_id}; unmount it first"
-        )
-    if not mounted.ok or not mounted.stdout.strip():
+    source = vm.run(f"findmnt -n -o SOURCE --mountpoint {shlex.quote(mp)}", check=False)
+    mounted_from = source.stdout.strip() if source.ok else ""
+    if mounted_from:
+        real = vm.run(f"readlink -f {shlex.quote(mounted_from)}", check=False).stdout.strip()
+        if real != device:
+            raise BootstrapError(
+                f"{mp} is already mounted from {mounted_from}, not from volume {volume_id} "
+                f"({device}); unmount it first"
+            )
+    else:
         vm.run(f"mkdir -p {shlex.quote(mp)} && mount {shlex.quote(mp)}", sudo=True)
         changes.append(f"mounted at {mp}")
     own = vm.run(f"stat -c %U:%G {shlex.quote(mp)}").stdout.strip()

@@ -19,6 +19,7 @@ COMMANDS = [
     ["sandbox", "down"],
     ["sandbox", "status"],
     ["sandbox", "env"],
+    ["sandbox", "blocks"],
     *[[c] for c in ("plan", "provision", "configure", "register", "up", "down", "health")],
     ["remount"],
     ["reauth"],
