@@ -121,6 +121,7 @@ def install_code(vm: VM, config: BootstrapConfig) -> StepRecord:
             f"rm -rf {q}.new && mkdir -p {q}.new && tar -xzf {archive} -C {q}.new"
             f" && echo {digest} > {q}.new/.version && rm -rf {q}.old"
             f" && (test ! -d {q} || mv {q} {q}.old) && mv {q}.new {q} && rm -rf {q}.old"
+            f" && chown -R {user}:{user} {q}"
             f'; rc=$?; rm -rf "$(dirname {archive})"; exit $rc',
             sudo=True,
             timeout=120,
@@ -135,7 +136,6 @@ def install_code(vm: VM, config: BootstrapConfig) -> StepRecord:
     cfg = vm.write_file(
         f"{target}/config.yaml", dump_config(vm_config(config)), owner=f"{user}:{user}", sudo=False
     )
-    vm.run(f"chown -R {user}:{user} {q}", sudo=True)
     return StepRecord(
         name="code on the VM",
         action=Action.CHANGE if (changed or pth or cfg) else Action.KEEP,

@@ -1,0 +1,270 @@
+"""Benchmarks on the sandbox cloud with realistic latencies, measured side by side in one run.
+
+    make bench            # or: python -m bench [--api-delay 0.1 --build 30 --volume 10]
+
+Writes bench/RESULTS.md. Every number is a ratio of two measurements taken in the same run on
+the same machine, so the table speaks of the design, not of the machine:
+
+1. fresh provisioning: the flow (independent steps at once) against the critical path of its
+   own steps, and against the same steps run one after another (as a playbook runs them);
+2. a no-op re-run: API calls (all reads, zero writes) and wall time beyond Prefect's start-up;
+3. the health check against its slowest single probe;
+4. the time to detect a frozen /arc host, against the probe's own limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@contextmanager
+def timer(out: dict[str, float], key: str) -> Any:
+    t0 = time.monotonic()
+    yield
+    out[key] = time.monotonic() - t0
+
+
+def config(name: str, tmp: Path, canfar_info: dict[str, Any], **extra: Any) -> Any:
+    from sails_bootstrap.config import parse_config
+    from tests.fixtures.bootstrap import deep_merge
+
+    base = {
+        "environment": name,
+        "ssh": {"key_block": f"{name}-key", "config_dir": str(tmp / name / "ssh")},
+        "volume": {"size_gb": 2},
+        "arc": {
+            "enabled": True,
+            "host": canfar_info["arc_host"],
+            "port": canfar_info["arc_port"],
+            "user": canfar_info["arc_user"],
+            "key_block": f"{name}-arc-key",
+        },
+        "canfar": {"credentials_block": f"{name}-canfar", "smoke_test": {"enabled": False}},
+        "prefect": {"package_index": canfar_info["package_index"], "auth_block": f"{name}-auth"},
+        "ca_bundle": canfar_info["ca_bundle"],
+    }
+    return parse_config(deep_merge(base, extra), name)
+
+
+def sequential_provision(cfg: Any) -> tuple[float, dict[str, float]]:
+    """The same steps, one after another, each waiting for the last (a playbook's order)."""
+    from flows.provision import load_key
+    from tasks import cloud
+    from tasks.local_ssh import ensure_local_ssh
+
+    steps: dict[str, float] = {}
+    t0 = time.monotonic()
+    key = load_key(cfg, apply=True)
+    conn = cloud.open_connection(cfg)
+    with timer(steps, "preflight"):
+        facts = cloud.preflight.fn(conn, cfg, key)
+    with timer(steps, "keypair"):
+        cloud.ensure_keypair.fn(conn, cfg, key)
+    with timer(steps, "rules"):
+        cloud.ensure_rules.fn(conn, cfg, facts.security_group_id)
+    with timer(steps, "volume"):
+        vol = cloud.ensure_volume.fn(conn, cfg)
+    with timer(steps, "server"):
+        srv = cloud.ensure_server.fn(conn, cfg, facts)
+    with timer(steps, "floating_ip"):
+        fip = cloud.ensure_floating_ip.fn(conn, cfg, srv, facts)
+    with timer(steps, "attach"):
+        cloud.ensure_attachment.fn(conn, cfg, srv, vol)
+    with timer(steps, "host_keys"):
+        fps = cloud.console_fingerprints.fn(conn, str(srv.id))
+        ensure_local_ssh.fn(cfg, key, str(fip.address), fps)
+    return time.monotonic() - t0, steps
+
+
+def critical_path(s: dict[str, float]) -> float:
+    """The longest chain of dependent steps in the flow's graph."""
+    return s["preflight"] + max(
+        s["keypair"] + s["server"] + max(s["floating_ip"] + s["host_keys"], s["attach"]),
+        s["rules"],
+        s["volume"] + s["attach"],
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--api-delay", type=float, default=0.1, help="seconds per API call")
+    parser.add_argument("--build", type=float, default=30, help="server build seconds")
+    parser.add_argument("--volume", type=float, default=10, help="volume creation seconds")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = parser.parse_args()
+
+    from pydantic import SecretStr
+
+    from blocks import CanfarCredentials, SSHKeyPair
+    from sandbox import canfar, latency, manager
+    from sandbox.faults import FaultControl
+    from tests.fixtures.prefect_server import start_prefect_server, stop_prefect_server
+
+    manager.up()
+    os.environ.update(manager.env())
+    tmp = Path(tempfile.mkdtemp(prefix="sails-bench-"))
+    server = start_prefect_server(tmp / "prefect")
+    os.environ.update(server.env())
+    info = canfar.info()
+    faults = FaultControl()
+    results: dict[str, Any] = {}
+    a = config("bench-a", tmp, info)
+    b = config("bench-b", tmp, info)
+    for cfg in (a, b):
+        CanfarCredentials(
+            username=info["username"],
+            password=SecretStr(canfar.password()),
+            url=info["canfar_url"],
+            registry_url=info["registry_url"],
+            ca_bundle=info["ca_bundle"],
+        ).save(cfg.canfar.credentials_block, overwrite=True)
+        key = SSHKeyPair.generate("rsa")
+        key.save(cfg.arc.key_block, overwrite=True)
+        canfar.add_arc_key(key.public_key)
+
+    from prefect import flow
+
+    from flows.configure import configure
+    from flows.operate import health_check
+    from flows.provision import provision
+    from flows.teardown import teardown
+    from tasks.arc import probe_arc
+    from tasks.cloud import locate_vm, open_connection
+
+    @flow
+    def empty() -> None:
+        return None
+
+    try:
+        faults.replace({"*": {"delay": args.api_delay}}, seed=1)
+        latency.set_latency(boot=args.build, volume_create=args.volume)
+        empty()  # the first flow of a process pays for the client's start-up
+        with timer(results, "prefect_overhead"):
+            empty()
+
+        print("1/4 fresh provisioning: the flow, then the same steps one by one", flush=True)
+        with timer(results, "flow"):
+            provision(a)
+        results["sequential"], steps = sequential_provision(b)
+        results["critical_path"] = critical_path(steps)
+        results["steps"] = steps
+
+        print("2/4 no-op re-run", flush=True)
+        faults.reset()
+        faults.replace({"*": {"delay": args.api_delay}}, seed=1)
+        with timer(results, "noop"):
+            provision(a)
+        counts = faults.counts()["counts"]
+        results["noop_calls"] = sum(sum(m.values()) for m in counts.values())
+        results["noop_writes"] = faults.writes()
+
+        print("3/4 health check against its slowest probe", flush=True)
+        latency.set_latency()
+        faults.replace({"*": {"delay": args.api_delay}}, seed=1)
+        configure(a)
+        report = health_check(a)
+        durations = {r["probe"]: float(r["duration"].split()[0]) for r in report.results}
+        with timer(results, "health"):
+            report = health_check(a)
+        durations = {r["probe"]: float(r["duration"].split()[0]) for r in report.results}
+        results["slowest_probe"] = max(durations.values())
+        results["slowest_name"] = max(durations, key=lambda k: durations[k])
+
+        print("4/4 frozen /arc host", flush=True)
+        from flows.configure import vm_for
+
+        vm = vm_for(a, locate_vm.fn(open_connection(a), a))
+        canfar.arc_freeze()
+        try:
+            t0 = time.monotonic()
+            state, _ = probe_arc(vm, a)
+            results["detect"] = time.monotonic() - t0
+            results["detect_state"] = state
+        finally:
+            canfar.arc_thaw()
+            vm.close()
+    finally:
+        faults.clear()
+        latency.set_latency()
+        for cfg in (a, b):
+            try:
+                teardown(cfg, delete_data_volume=True)
+            except Exception as exc:
+                print(f"teardown {cfg.environment}: {exc}", file=sys.stderr)
+        stop_prefect_server(server)
+
+    write_results(args, results)
+    print(args.out.read_text())
+    return 0
+
+
+def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
+    health_ratio = r["health"] / r["slowest_probe"]
+    rows = [
+        (
+            "fresh provisioning: flow / critical path of its steps",
+            f"{r['flow'] / r['critical_path']:.2f}",
+            "≤ 1.20",
+            f"{r['flow']:.1f} s vs {r['critical_path']:.1f} s",
+        ),
+        (
+            "fresh provisioning: steps one by one / flow",
+            f"{r['sequential'] / r['flow']:.2f}",
+            "> 1 (faster than a playbook)",
+            f"{r['sequential']:.1f} s vs {r['flow']:.1f} s",
+        ),
+        (
+            "no-op re-run: write calls",
+            str(r["noop_writes"]),
+            "0",
+            f"{r['noop_calls']} API calls, all reads",
+        ),
+        (
+            "no-op re-run: wall time beyond Prefect start-up / one API call",
+            f"{(r['noop'] - r['prefect_overhead']) / args.api_delay:.0f}",
+            "-",
+            f"{r['noop']:.1f} s run, {r['prefect_overhead']:.1f} s empty flow",
+        ),
+        (
+            "health check / slowest probe",
+            f"{health_ratio:.2f}",
+            "≤ 1.30",
+            f"{r['health']:.1f} s vs {r['slowest_probe']:.1f} s ({r['slowest_name']})",
+        ),
+        (
+            "frozen /arc detected / probe limit",
+            f"{r['detect'] / 8:.2f}",
+            "≤ 1.25 (10 s)",
+            f"'{r['detect_state']}' after {r['detect']:.1f} s",
+        ),
+    ]
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in r["steps"].items())
+    lines = [
+        "# Benchmarks",
+        "",
+        "Produced by `make bench` (`python -m bench`) on the sandbox cloud with "
+        f"{args.api_delay * 1000:.0f} ms per API call, {args.build:.0f} s server builds and "
+        f"{args.volume:.0f} s volume creation. Ratios of measurements taken in the same run.",
+        "",
+        "| measure | ratio | target | measured |",
+        "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        "",
+        f"Steps when run one by one: {steps}.",
+        "",
+    ]
+    args.out.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

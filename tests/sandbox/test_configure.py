@@ -1,0 +1,204 @@
+"""The configure flow on real sandbox guests: volume, /arc, CANFAR auth, Prefect server."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from blocks.canfar import CanfarCredentials
+from blocks.ssh import SSHKeyPair
+from flows.configure import configure
+from flows.provision import provision
+from flows.teardown import teardown
+from tasks.errors import BootstrapError
+from tasks.prefect_server import api_check, server_secrets
+from tasks.records import Action
+
+pytestmark = [pytest.mark.sandbox]
+
+
+def run(cfg: Any, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    ssh_dir = Path(cfg.ssh.config_dir)
+    return subprocess.run(
+        [
+            "ssh",
+            "-F",
+            str(ssh_dir / "config"),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            cfg.ssh.alias,
+            command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def wait_ssh(cfg: Any, deadline: float = 90) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            if run(cfg, "true", timeout=10).returncode == 0:
+                return
+        time.sleep(0.5)
+    raise AssertionError("the VM did not come back")
+
+
+@pytest.fixture
+def vm_config(make_config, prefect_server, sandbox_env, canfar_sandbox):  # type: ignore[no-untyped-def]
+    """An environment with its blocks saved as an operator would (CANFAR account, /arc key)."""
+    made = []
+
+    def make(name: str, **sections: Any):  # type: ignore[no-untyped-def]
+        info = canfar_sandbox.info()
+        base = {
+            "arc": {
+                "enabled": True,
+                "host": info["arc_host"],
+                "port": info["arc_port"],
+                "user": info["arc_user"],
+                "key_block": f"{name}-arc-key",
+            },
+            "canfar": {"credentials_block": f"{name}-canfar", "smoke_test": {"enabled": False}},
+            "prefect": {"package_index": info["package_index"]},
+            "ca_bundle": info["ca_bundle"],
+        }
+        from tests.fixtures.bootstrap import deep_merge
+
+        cfg = make_config(name, **deep_merge(base, sections))
+        CanfarCredentials(
+            username=info["username"],
+            password=SecretStr(canfar_sandbox.password()),
+            url=info["canfar_url"],
+            registry_url=info["registry_url"],
+            ca_bundle=info["ca_bundle"],
+        ).save(cfg.canfar.credentials_block, overwrite=True)
+        arc_key = SSHKeyPair.generate("rsa")
+        arc_key.save(str(cfg.arc.key_block), overwrite=True)
+        canfar_sandbox.add_arc_key(arc_key.public_key)
+        made.append(cfg)
+        return cfg
+
+    yield make
+    for cfg in made:
+        with contextlib.suppress(Exception):
+            teardown(cfg, delete_data_volume=True)
+
+
+def test_configure_fresh_then_noop_then_reboot(vm_config) -> None:  # type: ignore[no-untyped-def]
+    cfg = vm_config("t-conf")
+    provision(cfg)
+    first = configure(cfg)
+    actions = {r.name: r.action for r in first.records}
+    assert actions["volume at /mnt/pspace"] == Action.CHANGE  # formatted + mounted
+    assert actions["prefect venv"] == Action.CREATE
+    assert actions["/arc mount"] == Action.CHANGE
+
+    second = configure(cfg)
+    assert [r.name for r in second.records if r.changed] == [], [r.row() for r in second.records]
+
+    # The server answers authenticated calls only (its auth string lives in a Secret block).
+    url = f"http://{first.address}:{cfg.prefect.port}/api"
+    auth = server_secrets(cfg)["auth_string"]
+    assert api_check(url, None) == 401
+    assert api_check(url, auth) == 200
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    assert auth not in run(cfg, "cat /etc/sails-bootstrap/prefect-server.env 2>&1").stdout
+
+    # The volume is the one we asked for, the fstab entry is by UUID, the owner is ubuntu.
+    out = run(
+        cfg,
+        "findmnt -n -o SOURCE,FSTYPE /mnt/pspace; stat -c %U /mnt/pspace; "
+        "grep /mnt/pspace /etc/fstab; ls ~/canfar_arc",
+    ).stdout.split()
+    assert out[:3] == ["/dev/vdc", "ext4", "ubuntu"]
+    assert any(word.startswith("UUID=") for word in out)
+    assert "home" in out and "projects" in out
+
+    # A reboot from inside brings back the volume, /arc and the Prefect server.
+    subprocess.Popen(
+        [
+            "ssh",
+            "-F",
+            str(Path(cfg.ssh.config_dir) / "config"),
+            cfg.ssh.alias,
+            "sudo systemctl reboot",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(3)
+    wait_ssh(cfg)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        r = run(
+            cfg,
+            "findmnt -n -o SOURCE /mnt/pspace && ls ~/canfar_arc/projects && "
+            "systemctl is-active prefect-server",
+        )
+        if r.returncode == 0:
+            break
+        time.sleep(1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ALMA-SAILS" in r.stdout
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        time.sleep(1)
+    assert api_check(url, auth) == 200
+
+
+def test_data_survives_teardown_and_reprovision(vm_config) -> None:  # type: ignore[no-untyped-def]
+    cfg = vm_config("t-data", prefect={"version": None})
+    provision(cfg)
+    configure(cfg)
+    r = run(cfg, "head -c 1M /dev/urandom > /mnt/pspace/keep.bin && sha256sum /mnt/pspace/keep.bin")
+    checksum = r.stdout.split()[0]
+    teardown(cfg)
+    second = provision(cfg)
+    assert second.server and second.server.created
+    again = configure(cfg)
+    volume = next(r for r in again.records if r.name == "volume at /mnt/pspace")
+    assert "formatted" not in volume.reason
+    assert run(cfg, "sha256sum /mnt/pspace/keep.bin").stdout.split()[0] == checksum
+
+
+def test_volume_with_another_filesystem_is_refused(vm_config) -> None:  # type: ignore[no-untyped-def]
+    cfg = vm_config("t-xfs", arc={"enabled": False})
+    prov = provision(cfg)
+    assert prov.attachment
+    by_id = prov.attachment.device_path
+    assert (
+        run(cfg, f"sudo mkfs.ext2 -q -L precious {by_id} && sudo blkid -p {by_id}").returncode == 0
+    )
+    before = run(cfg, f"sudo blkid -p -o value -s UUID {by_id}").stdout
+    with pytest.raises(BootstrapError, match="holds a ext2 filesystem, not ext4; refusing"):
+        configure(cfg)
+    assert run(cfg, f"sudo blkid -p -o value -s UUID {by_id}").stdout == before
+    assert run(cfg, "findmnt /mnt/pspace").returncode != 0
+
+
+def test_generated_arc_key_is_published_until_trusted(vm_config, canfar_sandbox) -> None:  # type: ignore[no-untyped-def]
+    cfg = vm_config("t-arckey", arc={"key_block": None})
+    provision(cfg)
+    with pytest.raises(BootstrapError, match="Add the VM's CANFAR public key"):
+        configure(cfg)
+    public = run(cfg, "cat ~/.ssh/canfar_key.pub").stdout.strip()
+    assert public.startswith("ssh-rsa ")
+    canfar_sandbox.add_arc_key(public)  # what the operator does on CANFAR
+    result = configure(cfg)
+    assert result.canfar_public_key == public  # generated once, never replaced
+    arc = {r.name: r for r in result.records}["/arc mount"]
+    assert (arc.action != Action.BLOCKED and "mounted" in arc.reason) or "started" in arc.reason

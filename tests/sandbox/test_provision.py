@@ -1,0 +1,247 @@
+"""The provision and teardown flows against the sandbox cloud (real OpenStack services)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blocks.ssh import SSHKeyPair, fingerprint
+from flows.provision import provision
+from flows.teardown import teardown
+from tasks.errors import PreflightError
+from tasks.local_ssh import MANAGED_FILE, host_matches, key_file
+from tasks.records import Action
+
+pytestmark = [pytest.mark.sandbox]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def ours(admin_conn: Any, config: Any) -> dict[str, list[Any]]:
+    """What exists of an environment, as the cloud's own admin listings show it."""
+    servers = [
+        s for s in admin_conn.compute.servers(all_projects=True) if s.name == config.server_name
+    ]
+    fips = list(admin_conn.network.ips(description=config.tag))
+    volumes = [
+        v
+        for v in admin_conn.block_storage.volumes(all_projects=True)
+        if v.name == config.volume_name
+    ]
+    return {"servers": servers, "fips": fips, "volumes": volumes}
+
+
+@pytest.fixture
+def env_config(make_config, prefect_server, sandbox_env, admin_conn):  # type: ignore[no-untyped-def]
+    configs = []
+
+    def make(name: str, **sections: Any):  # type: ignore[no-untyped-def]
+        cfg = make_config(name, **sections)
+        configs.append(cfg)
+        return cfg
+
+    yield make
+    for cfg in configs:  # leave nothing behind, whatever the test did
+        with contextlib.suppress(Exception):
+            teardown(cfg, delete_data_volume=True)
+        for kp in admin_conn.compute.keypairs():
+            if kp.name == cfg.keypair_name:
+                admin_conn.compute.delete_keypair(kp, ignore_missing=True)
+
+
+def test_plan_then_provision_then_noop(env_config, fault_control, admin_conn) -> None:  # type: ignore[no-untyped-def]
+    cfg = env_config("t-fresh")
+    fault_control.reset()
+    plan = provision(cfg, plan=True)
+    assert fault_control.writes() == 0
+    actions = {r.kind: r.action for r in plan.records}
+    assert actions["server"] == Action.CREATE and actions["volume"] == Action.CREATE
+    assert actions["keypair"] == Action.CREATE
+
+    first = provision(cfg)
+    assert first.server and first.server.status == "ACTIVE" and first.server.created
+    assert first.address and first.address.startswith("172.24.4.")
+    assert first.attachment and first.attachment.device_path == (
+        f"/dev/disk/by-id/virtio-{first.attachment.volume_id[:20]}"
+    )
+    assert first.console_fingerprints, "the console shows the host key fingerprints"
+    assert first.local_ssh and first.local_ssh.host_key_check == "console"
+    world = ours(admin_conn, cfg)
+    assert [len(world[k]) for k in ("servers", "fips", "volumes")] == [1, 1, 1]
+
+    fault_control.reset()
+    second = provision(cfg)
+    assert fault_control.writes() == 0, fault_control.counts()
+    assert all(r.action == Action.KEEP for r in second.records), second.table()
+    after = provision(cfg, plan=True)
+    assert all(r.action == Action.KEEP for r in after.records)
+
+    # `ssh <alias>` works with the managed config (the user's config only gained an Include).
+    ssh_dir = Path(cfg.ssh.config_dir)
+    assert (ssh_dir / "config").read_text().startswith(f"Include {ssh_dir / MANAGED_FILE}")
+    assert oct(key_file(cfg).stat().st_mode & 0o777) == "0o600"
+    out = subprocess.run(
+        [
+            "ssh",
+            "-F",
+            str(ssh_dir / "config"),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            cfg.ssh.alias,
+            "cat /proc/1/comm; whoami",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["systemd", "ubuntu"]
+
+
+def test_bad_input_makes_no_writes(env_config, fault_control) -> None:  # type: ignore[no-untyped-def]
+    cases = [
+        ({"server": {"image": "Ubuntu-99.04"}}, "image 'Ubuntu-99.04' not found"),
+        ({"server": {"flavor": "c9-huge"}}, "flavor 'c9-huge' not found"),
+        ({"volume": {"size_gb": 500}}, "quota: the volume needs 500 GB"),
+        ({"server": {"network": "no-such-net"}}, "project network 'no-such-net' not found"),
+    ]
+    for i, (sections, message) in enumerate(cases):
+        cfg = env_config(f"t-bad-{i}", **sections)
+        fault_control.reset()
+        with pytest.raises(PreflightError, match=message):
+            provision(cfg)
+        assert fault_control.writes() == 0, (sections, fault_control.counts())
+
+
+def test_wrong_credentials_and_mismatched_key(
+    env_config, fault_control, tmp_path, monkeypatch, admin_conn
+) -> None:  # type: ignore[no-untyped-def]
+    cfg = env_config("t-key")
+    # A keypair of that name already holds another key: an error naming both fingerprints.
+    other = SSHKeyPair.generate()
+    admin_conn  # noqa: B018 - the project user's connection creates it, as an operator would
+    import openstack
+
+    user = openstack.connect(cloud=os.environ["OS_CLOUD"])
+    user.compute.create_keypair(name=cfg.keypair_name, public_key=other.public_key)
+    mine = SSHKeyPair.generate()
+    mine.save(cfg.ssh.key_block, overwrite=True)
+    fault_control.reset()
+    with pytest.raises(PreflightError) as info:
+        provision(cfg)
+    assert fingerprint(other.public_key) in str(info.value)
+    assert mine.fingerprint in str(info.value)
+    assert fault_control.writes() == 0
+
+    # Credentials the cloud refuses: clear error, no writes, and the secret is not in it.
+    clouds = Path(os.environ["OS_CLIENT_CONFIG_FILE"]).read_text()
+    import yaml
+
+    data = yaml.safe_load(clouds)
+    entry = data["clouds"][os.environ["OS_CLOUD"]]
+    secret_key = (
+        "application_credential_secret"
+        if "application_credential_secret" in entry["auth"]
+        else "password"
+    )
+    entry["auth"][secret_key] = "wrong-secret-0b1c"
+    bad = tmp_path / "clouds.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(bad))
+    fault_control.reset()
+    with pytest.raises(PreflightError, match="refused the credentials") as info:
+        provision(cfg)
+    assert "wrong-secret-0b1c" not in str(info.value)
+    assert fault_control.writes() == 0
+
+
+def test_teardown_then_reprovision_keeps_the_volume(env_config, admin_conn) -> None:  # type: ignore[no-untyped-def]
+    cfg = env_config("t-recreate")
+    first = provision(cfg)
+    assert first.attachment and first.address
+    kh = Path(cfg.ssh.config_dir) / "known_hosts"
+    old_keys = set(first.local_ssh.details["host_keys"]) if first.local_ssh else set()
+
+    removed = teardown(cfg)
+    kinds = sorted(r.kind for r in removed)
+    assert kinds == ["floating ip", "server"]
+    world = ours(admin_conn, cfg)
+    assert world["servers"] == [] and world["fips"] == []
+    assert [v.id for v in world["volumes"]] == [first.attachment.volume_id]
+    assert teardown(cfg) == []  # idempotent
+
+    second = provision(cfg)
+    assert second.server and second.server.created and second.server.id != first.server.id
+    assert second.attachment and second.attachment.volume_id == first.attachment.volume_id
+    new_keys = set(second.local_ssh.details["host_keys"]) if second.local_ssh else set()
+    assert new_keys and new_keys.isdisjoint(old_keys)
+    entries = [line.split() for line in kh.read_text().splitlines() if line.strip()]
+    for_address = [e for e in entries if host_matches(e[0], second.address or "")]
+    assert for_address and {fingerprint(f"{e[1]} {e[2]}") for e in for_address} <= new_keys
+
+
+def seen_request(fault_control: Any, method: str, suffix: str) -> bool:
+    paths = fault_control.counts()["paths"]
+    return any(
+        key.split(" ", 1)[0] == method and key.split(" ", 1)[1].endswith(suffix)
+        for per_service in paths.values()
+        for key in per_service
+    )
+
+
+STEP_MARKERS = [
+    ("POST", "/servers"),  # the server was just requested
+    ("POST", "/floatingips"),  # an address allocated, not yet attached
+    ("POST", "/os-volume_attachments"),  # the attach was just requested
+]
+
+
+@pytest.mark.parametrize("marker", STEP_MARKERS, ids=[m[1].strip("/") for m in STEP_MARKERS])
+def test_killed_run_converges(
+    env_config, fault_control, admin_conn, prefect_server, marker, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Kill the flow process right after a write, run again: no duplicates, nothing leaked."""
+    cfg = env_config(f"t-kill-{STEP_MARKERS.index(marker)}")
+    SSHKeyPair.generate().save(cfg.ssh.key_block, overwrite=True)
+    cfg_file = tmp_path / "config.yaml"
+    from sails_bootstrap.config import dump_config
+
+    cfg_file.write_text(dump_config(cfg))
+    fault_control.reset()
+    env = {**os.environ, **prefect_server.env()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sails_bootstrap.cli", "provision", "--config", str(cfg_file)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    method, suffix = marker
+    deadline = time.monotonic() + 240
+    seen = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        if seen_request(fault_control, method, suffix):
+            seen = True
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert seen, f"the run never reached {marker}"
+
+    result = provision(cfg)
+    assert result.server and result.server.status == "ACTIVE"
+    world = ours(admin_conn, cfg)
+    assert len(world["servers"]) == 1, world["servers"]
+    assert len(world["fips"]) == 1 and world["fips"][0].port_id
+    assert len(world["volumes"]) == 1 and world["volumes"][0].status == "in-use"
