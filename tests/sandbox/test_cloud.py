@@ -259,7 +259,8 @@ def _sandbox_leftovers() -> list[str]:
     if GUESTS:
         from sandbox import guests
 
-        found += [f"guest {g}" for g in guests.list_guests()]
+        # stopped guests keep their records (disks stay, as a VM's would); none may run
+        found += [f"guest {g}" for g in guests.list_guests() if guests.power_state(g) == "running"]
         found += [f"netns {ln}" for ln in netns.splitlines() if ln.strip()]
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     found += [f"link {layout.TENANT_BRIDGE}" for _ in [0] if layout.TENANT_BRIDGE in links]
