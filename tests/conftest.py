@@ -17,6 +17,8 @@ os.environ.pop("PREFECT_API_URL", None)
 
 pytest_plugins = [
     "tests.fixtures.prefect_server",
+    "tests.fixtures.cloud",
+    "tests.fixtures.guests",
     "tests.fixtures.canfar",
     "tests.fixtures.bootstrap",
 ]
