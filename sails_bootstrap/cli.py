@@ -93,6 +93,13 @@ def _sandbox_manager() -> Any:
     return importlib.import_module("sandbox.manager")
 
 
+@sandbox_app.command("install")
+def sandbox_install() -> None:
+    """Install what the sandbox needs (Debian packages, services, guest image); cached."""
+    _sandbox_manager().install()
+    typer.echo("sandbox installed")
+
+
 @sandbox_app.command("up")
 def sandbox_up() -> None:
     """Install what is missing and start the sandbox (idempotent)."""

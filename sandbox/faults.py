@@ -104,9 +104,10 @@ async def _read_body(
 
 
 class FaultProxy:
-    def __init__(self, upstreams: dict[str, tuple[int, int]], host: str = "127.0.0.1"):
+    def __init__(self, upstreams: dict[str, tuple[int, int]], hosts: list[str] | None = None):
         self.upstreams = upstreams  # service -> (listen port, upstream port)
-        self.host = host
+        self.hosts = hosts or ["127.0.0.1"]
+        self.host = self.hosts[0]  # the control API listens here only
         self.rules: dict[str, dict[str, Any]] = {}
         self.seed = 0
         self.rng = random.Random(0)
@@ -339,15 +340,16 @@ class FaultProxy:
     async def serve(self, ctl_port: int) -> None:
         servers = []
         for service, (listen, _) in self.upstreams.items():
-            servers.append(
-                await asyncio.start_server(
-                    lambda r, w, s=service: self.handle(s, r, w),
-                    self.host,
-                    listen,
-                    reuse_address=True,
-                    limit=1 << 20,
+            for host in self.hosts:
+                servers.append(
+                    await asyncio.start_server(
+                        lambda r, w, s=service: self.handle(s, r, w),
+                        host,
+                        listen,
+                        reuse_address=True,
+                        limit=1 << 20,
+                    )
                 )
-            )
         servers.append(
             await asyncio.start_server(self.control, self.host, ctl_port, reuse_address=True)
         )
@@ -355,9 +357,16 @@ class FaultProxy:
         await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
-def server_argv(python: str, upstreams: dict[str, tuple[int, int]], ctl_port: int) -> list[str]:
+def server_argv(
+    python: str,
+    upstreams: dict[str, tuple[int, int]],
+    ctl_port: int,
+    hosts: tuple[str, ...] = ("127.0.0.1",),
+) -> list[str]:
     """Command line that runs the proxy with ``python`` (which must be able to import sandbox)."""
     argv = [python, "-m", "sandbox.faults", "--ctl-port", str(ctl_port)]
+    for host in hosts:
+        argv += ["--host", host]
     for service, (listen, upstream) in upstreams.items():
         argv += ["--route", f"{service}={listen}:{upstream}"]
     return argv
@@ -367,14 +376,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ctl-port", type=int, required=True)
     parser.add_argument("--route", action="append", default=[], help="service=listen:upstream")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", action="append", default=[], help="address to listen on")
     args = parser.parse_args(argv)
     upstreams = {}
     for route in args.route:
         service, _, ports = route.partition("=")
         listen, _, upstream = ports.partition(":")
         upstreams[service] = (int(listen), int(upstream))
-    asyncio.run(FaultProxy(upstreams, args.host).serve(args.ctl_port))
+    asyncio.run(FaultProxy(upstreams, args.host or None).serve(args.ctl_port))
 
 
 class FaultControl:

@@ -86,6 +86,19 @@ def cloud_running() -> bool:
         return False
 
 
+def install() -> None:
+    """Everything the sandbox needs on this machine (Debian packages, the services venv, the
+    guest image, the guests' wheels); each part skips what is already there."""
+    _require_root()
+    packages.install()
+    guests = _guests()
+    if guests is not None and hasattr(guests, "install"):
+        guests.install()
+    for _name, part in _parts():
+        if hasattr(part, "install"):
+            part.install()
+
+
 def up() -> dict[str, Any]:
     """Bring the whole sandbox up (idempotent) and return ``status()``."""
     _require_root()

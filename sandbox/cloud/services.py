@@ -370,7 +370,10 @@ def start_faults() -> None:
         if stype != "volumev3"
     }
     procs.start(
-        FAULTS, faults.server_argv(str(c.VENV_BIN / "python"), upstreams, c.FAULTS_CTL_PORT)
+        FAULTS,
+        faults.server_argv(
+            str(c.VENV_BIN / "python"), upstreams, c.FAULTS_CTL_PORT, (c.HOST, c.PUBLIC_HOST)
+        ),
     )
 
 

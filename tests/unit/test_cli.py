@@ -15,6 +15,7 @@ COMMANDS = [
     ["blocks"],
     ["blocks", "register"],
     ["sandbox"],
+    ["sandbox", "install"],
     ["sandbox", "up"],
     ["sandbox", "down"],
     ["sandbox", "status"],
