@@ -167,10 +167,15 @@ def provision(
         result.attachment,
     ]
     if apply and local_ssh and result.server.id and result.address:
-        result.console_fingerprints = console_fingerprints(conn, result.server.id)
-        result.local_ssh = ensure_local_ssh(
-            config, key, result.address, result.console_fingerprints, apply
-        )
+        server_id = result.server.id
+
+        def from_console() -> list[str]:
+            result.console_fingerprints = console_fingerprints(conn, server_id)
+            return result.console_fingerprints
+
+        result.local_ssh = ensure_local_ssh(config, key, result.address, from_console, apply)
+        if not result.console_fingerprints:
+            result.console_fingerprints = result.local_ssh.details.get("host_keys", [])
         result.records.append(result.local_ssh)
     blocked = [r for r in result.records if r.action == Action.BLOCKED]
     _publish(result, config)

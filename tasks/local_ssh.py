@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,7 +109,7 @@ def ensure_local_ssh(
     config: BootstrapConfig,
     key: SSHKeyPair,
     address: str,
-    console_fingerprints: list[str],
+    console_fingerprints: list[str] | Callable[[], list[str]],
     apply: bool = True,
 ) -> LocalSSHRecord:
     """Key file, alias and verified known_hosts entries so that ``ssh ALIAS`` just works."""
@@ -140,7 +141,20 @@ def ensure_local_ssh(
     kh = known_hosts_file(config)
     kh_lines = kh.read_text().splitlines() if kh.exists() else []
     scanned = scan_host_keys(address)
-    if console_fingerprints:
+    known = {
+        (f[1], f[2])
+        for f in (line.split() for line in kh_lines)
+        if len(f) >= 3 and not f[0].startswith("#") and host_matches(f[0], address)
+    }
+    if scanned and all(tuple(k.split()[:2]) in known for k in scanned):
+        # Verified on an earlier run and unchanged since: no need to read the console again.
+        console_fingerprints = [fingerprint(k) for k in scanned]
+        record.host_key_check = "known_hosts"
+    elif callable(console_fingerprints):
+        console_fingerprints = console_fingerprints()
+    if record.host_key_check == "known_hosts":
+        verified = scanned
+    elif console_fingerprints:
         verified = [k for k in scanned if fingerprint(k) in console_fingerprints]
         if not verified:
             raise BootstrapError(
