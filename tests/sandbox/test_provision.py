@@ -63,9 +63,10 @@ def env_config(make_config, prefect_server, sandbox_env, admin_conn):  # type: i
     for cfg in configs:  # leave nothing behind, whatever the test did
         with contextlib.suppress(Exception):
             teardown(cfg, delete_data_volume=True)
-        for kp in admin_conn.compute.keypairs():
-            if kp.name == cfg.keypair_name:
-                admin_conn.compute.delete_keypair(kp, ignore_missing=True)
+        import openstack
+
+        user = openstack.connect(cloud=os.environ["OS_CLOUD"])  # keypairs belong to the user
+        user.compute.delete_keypair(cfg.keypair_name, ignore_missing=True)
 
 
 def test_plan_then_provision_then_noop(env_config, fault_control, admin_conn) -> None:  # type: ignore[no-untyped-def]
