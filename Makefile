@@ -25,7 +25,9 @@ test: system lint
 
 demo: system
 	$(RUN) sails-bootstrap sandbox up
-	$(RUN) sails-bootstrap up --config examples/sandbox.yaml
+	eval "$$($(RUN) sails-bootstrap sandbox env)" && \
+	  $(RUN) sails-bootstrap sandbox blocks --config examples/sandbox.yaml && \
+	  $(RUN) sails-bootstrap up --config examples/sandbox.yaml
 
 bench: system
 	$(RUN) python -m bench
