@@ -83,9 +83,10 @@ def vm_config(make_config, prefect_server, sandbox_env, canfar_sandbox):  # type
             registry_url=info["registry_url"],
             ca_bundle=info["ca_bundle"],
         ).save(cfg.canfar.credentials_block, overwrite=True)
-        arc_key = SSHKeyPair.generate("rsa")
-        arc_key.save(str(cfg.arc.key_block), overwrite=True)
-        canfar_sandbox.add_arc_key(arc_key.public_key)
+        if cfg.arc.key_block:  # a key CANFAR already trusts, as an operator would register
+            arc_key = SSHKeyPair.generate("rsa")
+            arc_key.save(cfg.arc.key_block, overwrite=True)
+            canfar_sandbox.add_arc_key(arc_key.public_key)
         made.append(cfg)
         return cfg
 
