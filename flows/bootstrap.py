@@ -50,6 +50,7 @@ def bootstrap(
         "api_url": reg.api_url,
         "changed": prov.changed or conf.changed,
         "smoke": smoke.reason if smoke else None,
+        "register": [r.row() for r in reg.records],
     }
 
 

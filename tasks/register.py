@@ -69,6 +69,28 @@ def remote_api(url: str, auth_string: str | None) -> Iterator[None]:
         yield
 
 
+def remote_client(url: str, auth_string: str | None) -> Any:
+    """A client of the VM's server. Explicit: inside a flow run, settings changed on the fly
+    do not redirect ``get_client()``, which keeps talking to the run's own API."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(url, auth_string=auth_string)
+
+
+def save_remote(blocks: list[tuple[Any, str]], url: str, auth_string: str | None) -> None:
+    """Save blocks on the VM's server (the async client: ``Block.save`` ignores a client)."""
+    import asyncio
+
+    from prefect.client.orchestration import PrefectClient
+
+    async def save_all() -> None:
+        async with PrefectClient(url, auth_string=auth_string) as client:
+            for block, name in blocks:
+                await block.asave(name, overwrite=True, client=client)
+
+    asyncio.run(save_all())
+
+
 @task(name="ensure-local-profile", cache_policy=NO_CACHE)
 def ensure_local_profile(config: BootstrapConfig, url: str, auth_string: str | None) -> StepRecord:
     """A Prefect profile named after the environment, pointing at the VM's API."""
@@ -169,44 +191,44 @@ def copy_blocks(config: BootstrapConfig, url: str, auth_string: str | None) -> S
         )
     except ValueError:
         logger().warning("no CanfarCredentials block %r to copy", config.canfar.credentials_block)
-    with remote_api(url, auth_string):
-        for block, name in blocks:
-            if isinstance(block, OpenStackCredentials) and block.cacert:
-                block = block.model_copy(update={"cacert": VM_CA_BUNDLE})
-            block.save(name, overwrite=True)
+    blocks = [
+        (b.model_copy(update={"cacert": VM_CA_BUNDLE}), n)
+        if isinstance(b, OpenStackCredentials) and b.cacert
+        else (b, n)
+        for b, n in blocks
+    ]
+    save_remote(blocks, url, auth_string)
     names = ", ".join(name for _, name in blocks)
     return StepRecord(name="blocks on the VM server", action=Action.CHANGE, reason=f"saved {names}")
 
 
 @task(name="ensure-work-pools", cache_policy=NO_CACHE)
 def ensure_work_pools(config: BootstrapConfig, url: str, auth_string: str | None) -> StepRecord:
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
-    from prefect.exceptions import ObjectNotFound
 
     changes = []
-    with remote_api(url, auth_string), get_client(sync_client=True) as client:
+    with remote_client(url, auth_string) as client:
+        # The listing is what the UI and `prefect work-pool ls` show; a limit given only at
+        # creation does not always appear there, so limits are set (and checked) by update.
+        listed = {p.name: p for p in client.read_work_pools()}
         for pool in config.prefect.work_pools:
-            try:
-                existing = client.read_work_pool(pool.name)
-            except ObjectNotFound:
+            if pool.name not in listed:
                 client.create_work_pool(
                     WorkPoolCreate(
                         name=pool.name,
                         type="process",
-                        concurrency_limit=pool.concurrency,
                         description=f"{config.environment}: {pool.name}",
                     )
                 )
                 changes.append(f"created {pool.name}")
-                continue
-            if existing.concurrency_limit != pool.concurrency:
+                current = None
+            else:
+                current = listed[pool.name].concurrency_limit
+            if current != pool.concurrency:
                 client.update_work_pool(
                     pool.name, WorkPoolUpdate(concurrency_limit=pool.concurrency)
                 )
-                changes.append(
-                    f"{pool.name} limit {existing.concurrency_limit} -> {pool.concurrency}"
-                )
+                changes.append(f"{pool.name} limit {current} -> {pool.concurrency}")
     return StepRecord(
         name="work pools",
         action=Action.CHANGE if changes else Action.KEEP,

@@ -10,10 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
-from blocks.canfar import CanfarCredentials
-from blocks.ssh import SSHKeyPair
 from flows.configure import configure
 from flows.provision import provision
 from flows.teardown import teardown
@@ -52,48 +49,6 @@ def wait_ssh(cfg: Any, deadline: float = 90) -> None:
                 return
         time.sleep(0.5)
     raise AssertionError("the VM did not come back")
-
-
-@pytest.fixture
-def vm_config(make_config, prefect_server, sandbox_env, canfar_sandbox):  # type: ignore[no-untyped-def]
-    """An environment with its blocks saved as an operator would (CANFAR account, /arc key)."""
-    made = []
-
-    def make(name: str, **sections: Any):  # type: ignore[no-untyped-def]
-        info = canfar_sandbox.info()
-        base = {
-            "arc": {
-                "enabled": True,
-                "host": info["arc_host"],
-                "port": info["arc_port"],
-                "user": info["arc_user"],
-                "key_block": f"{name}-arc-key",
-            },
-            "canfar": {"credentials_block": f"{name}-canfar", "smoke_test": {"enabled": False}},
-            "prefect": {"package_index": info["package_index"]},
-            "ca_bundle": info["ca_bundle"],
-        }
-        from tests.fixtures.bootstrap import deep_merge
-
-        cfg = make_config(name, **deep_merge(base, sections))
-        CanfarCredentials(
-            username=info["username"],
-            password=SecretStr(canfar_sandbox.password()),
-            url=info["canfar_url"],
-            registry_url=info["registry_url"],
-            ca_bundle=info["ca_bundle"],
-        ).save(cfg.canfar.credentials_block, overwrite=True)
-        if cfg.arc.key_block:  # a key CANFAR already trusts, as an operator would register
-            arc_key = SSHKeyPair.generate("rsa")
-            arc_key.save(cfg.arc.key_block, overwrite=True)
-            canfar_sandbox.add_arc_key(arc_key.public_key)
-        made.append(cfg)
-        return cfg
-
-    yield make
-    for cfg in made:
-        with contextlib.suppress(Exception):
-            teardown(cfg, delete_data_volume=True)
 
 
 def test_configure_fresh_then_noop_then_reboot(vm_config) -> None:  # type: ignore[no-untyped-def]
