@@ -86,7 +86,9 @@ def save_remote(blocks: list[tuple[Any, str]], url: str, auth_string: str | None
     async def save_all() -> None:
         async with PrefectClient(url, auth_string=auth_string) as client:
             for block, name in blocks:
-                await block.asave(name, overwrite=True, client=client)
+                # A fresh instance: a loaded block remembers its local document id.
+                fresh = type(block)(**{f: getattr(block, f) for f in type(block).model_fields})
+                await fresh.asave(name, overwrite=True, client=client)
 
     asyncio.run(save_all())
 
@@ -113,6 +115,20 @@ def ensure_local_profile(config: BootstrapConfig, url: str, auth_string: str | N
     )
 
 
+def _digest() -> str:
+    """A hash of the files' names and contents (a tarball's own bytes vary with time)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = code_root()
+    sources = (f for pkg in PACKAGES for f in (root / pkg).rglob("*.py"))
+    files = [prefect_yaml(), *sorted(f for f in sources if "__pycache__" not in f.parts)]
+    for f in files:
+        h.update(str(f.relative_to(root) if f.is_relative_to(root) else f.name).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _tarball() -> bytes:
     buf = io.BytesIO()
     root = code_root()
@@ -128,10 +144,8 @@ def _tarball() -> bytes:
 @task(name="install-code-on-vm", **VM_TASK)
 def install_code(vm: VM, config: BootstrapConfig) -> StepRecord:
     """Copy this package to the VM's volume, put it on the venv's path, write its config."""
-    import hashlib
-
     data = _tarball()
-    digest = hashlib.sha256(data).hexdigest()[:16]
+    digest = _digest()
     target = code_dir(config)
     q = shlex.quote(target)
     user = config.server.user
@@ -144,6 +158,8 @@ def install_code(vm: VM, config: BootstrapConfig) -> StepRecord:
             f" && echo {digest} > {q}.new/.version && rm -rf {q}.old"
             f" && (test ! -d {q} || mv {q} {q}.old) && mv {q}.new {q} && rm -rf {q}.old"
             f" && chown -R {user}:{user} {q}"
+            # workers run from the code directory: start them again in the new one
+            f" && (systemctl try-restart 'prefect-worker@*' || true)"
             f'; rc=$?; rm -rf "$(dirname {archive})"; exit $rc',
             sudo=True,
             timeout=120,
