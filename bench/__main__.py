@@ -103,9 +103,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args()
 
-    from pydantic import SecretStr
-
-    from blocks import CanfarCredentials, SSHKeyPair
+    from blocks import SSHKeyPair
+    from sails_bootstrap.cli import sandbox_canfar_credentials
     from sandbox import canfar, latency, manager
     from sandbox.faults import FaultControl
     from tests.fixtures.prefect_server import start_prefect_server, stop_prefect_server
@@ -121,13 +120,7 @@ def main() -> int:
     a = config("bench-a", tmp, info)
     b = config("bench-b", tmp, info)
     for cfg in (a, b):
-        CanfarCredentials(
-            username=info["username"],
-            password=SecretStr(canfar.password()),
-            url=info["canfar_url"],
-            registry_url=info["registry_url"],
-            ca_bundle=info["ca_bundle"],
-        ).save(cfg.canfar.credentials_block, overwrite=True)
+        sandbox_canfar_credentials(canfar).save(cfg.canfar.credentials_block, overwrite=True)
         key = SSHKeyPair.generate("rsa")
         key.save(cfg.arc.key_block, overwrite=True)
         canfar.add_arc_key(key.public_key)

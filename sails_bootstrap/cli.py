@@ -37,6 +37,12 @@ ConfigOption = Annotated[
 ]
 
 
+ScienceOption = Annotated[
+    str | None,
+    typer.Option(help="Folder on the VM with the science codebase's prefect.yaml to deploy."),
+]
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     typer.secho(message, err=True, fg=typer.colors.RED)
     return typer.Exit(code)
@@ -125,27 +131,34 @@ def sandbox_status() -> None:
         typer.echo(f"{key}: {value}")
 
 
+def sandbox_canfar_credentials(canfar: Any) -> Any:
+    """The CanfarCredentials an operator would save for the sandbox's CANFAR stand-ins."""
+    from pydantic import SecretStr
+
+    from blocks import CanfarCredentials
+
+    info = canfar.info()
+    return CanfarCredentials(
+        username=info["username"],
+        password=SecretStr(canfar.password()),
+        url=info["canfar_url"],
+        registry_url=info["registry_url"],
+        ca_bundle=info["ca_bundle"],
+    )
+
+
 @sandbox_app.command("blocks")
 def sandbox_blocks(config: ConfigOption) -> None:
     """Save the blocks a sandbox run needs, as an operator would for CANFAR: the
     CanfarCredentials block and, if the config names one, the /arc key CANFAR trusts."""
     from typing import cast
 
-    from pydantic import SecretStr
-
-    from blocks import CanfarCredentials, SSHKeyPair
+    from blocks import SSHKeyPair
 
     cfg = read_config(config)
     _sandbox_manager()  # says what is needed when not root
     canfar = importlib.import_module("sandbox.canfar")
-    info = canfar.info()
-    CanfarCredentials(
-        username=info["username"],
-        password=SecretStr(canfar.password()),
-        url=info["canfar_url"],
-        registry_url=info["registry_url"],
-        ca_bundle=info["ca_bundle"],
-    ).save(cfg.canfar.credentials_block, overwrite=True)
+    sandbox_canfar_credentials(canfar).save(cfg.canfar.credentials_block, overwrite=True)
     typer.echo(f"saved CanfarCredentials block {cfg.canfar.credentials_block!r}")
     if cfg.arc.key_block:
         try:
@@ -220,10 +233,7 @@ def configure_cmd(config: ConfigOption) -> None:
 @app.command("register")
 def register_cmd(
     config: ConfigOption,
-    science_codebase: Annotated[
-        str | None,
-        typer.Option(help="Folder on the VM with the science codebase's prefect.yaml to deploy."),
-    ] = None,
+    science_codebase: ScienceOption = None,
 ) -> None:
     """Register the VM's server: profile, blocks, work pools, workers, deployments."""
     from flows.register import register
@@ -237,10 +247,7 @@ def register_cmd(
 @app.command("up")
 def up_cmd(
     config: ConfigOption,
-    science_codebase: Annotated[
-        str | None,
-        typer.Option(help="Folder on the VM with the science codebase's prefect.yaml to deploy."),
-    ] = None,
+    science_codebase: ScienceOption = None,
 ) -> None:
     """The whole bootstrap: provision, configure, register, CANFAR smoke test."""
     from flows.bootstrap import bootstrap
