@@ -93,8 +93,9 @@ def test_clouds_yaml_entries(sandbox_cloud, user_conn, admin_conn):
     pw = connect("sandbox-password")
     assert pw.current_project_id == project
     assert admin_conn.identity.get_project(project).name == "alma-sails"
-    # the catalog a client sees points at the fault proxy
-    assert user_conn.compute.get_endpoint().startswith("http://127.0.0.1:8774")
+    # the catalog a client sees points at the fault proxy, on the tenant gateway (where the
+    # guests reach it too)
+    assert user_conn.compute.get_endpoint().startswith("http://10.211.0.1:8774")
     limits = user_conn.get_compute_limits()
     assert (limits.max_total_instances, limits.max_total_cores) == (4, 4)
     assert limits.max_total_ram_size == 16384
