@@ -414,15 +414,27 @@ def power_state(name: str) -> str:
     return "shutdown"
 
 
+def _stopped_while_booting(name: str, down_since: list[float], grace: float = 3.0) -> bool:
+    """Stopped for ``grace`` seconds in a row: a single look can fall between the supervisor's
+    fork and nspawn's exec (more likely when several guests start at once)."""
+    if power_state(name) == "running":
+        down_since.clear()
+        return False
+    if not down_since:
+        down_since.append(time.monotonic())
+    return time.monotonic() - down_since[0] >= grace
+
+
 def _wait_ready(spec: GuestSpec, timeout: float, previous_pid1: int | None = None) -> None:
     """Until sshd answers on ip:22 and ``systemctl is-system-running --wait`` has settled."""
     name = spec.name
     deadline = time.monotonic() + timeout
+    down_since: list[float] = []
     while True:
         pid1 = _container_pid1(name)
         if pid1 and pid1 != previous_pid1:
             break
-        if power_state(name) != "running":
+        if _stopped_while_booting(name, down_since):
             raise GuestError(f"guest {name} stopped while booting: {_tail(name)}")
         if time.monotonic() > deadline:
             raise GuestError(f"guest {name} did not boot within {timeout:.0f} s: {_tail(name)}")
@@ -435,7 +447,7 @@ def _wait_ready(spec: GuestSpec, timeout: float, previous_pid1: int | None = Non
                     break
         except OSError:
             pass
-        if power_state(name) != "running":
+        if _stopped_while_booting(name, down_since):
             raise GuestError(f"guest {name} stopped while booting: {_tail(name)}")
         if time.monotonic() > deadline:
             raise GuestError(
