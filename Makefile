@@ -27,7 +27,8 @@ demo: system
 	$(RUN) sails-bootstrap sandbox up
 	eval "$$($(RUN) sails-bootstrap sandbox env)" && \
 	  $(RUN) sails-bootstrap sandbox blocks --config examples/sandbox.yaml && \
-	  $(RUN) sails-bootstrap up --config examples/sandbox.yaml
+	  $(RUN) sails-bootstrap up --config examples/sandbox.yaml && \
+	  $(RUN) sails-bootstrap ui --config examples/sandbox.yaml --out ui-screenshots
 
 bench: system
 	$(RUN) python -m bench

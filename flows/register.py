@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
@@ -20,8 +22,11 @@ from tasks.register import (
     ensure_work_pools,
     ensure_workers,
     install_code,
+    latest_artifact_id,
+    run_on_server,
 )
 from tasks.smoke import canfar_smoke_test
+from tasks.ui import UIRecord, capture_ui
 from tasks.vm import StepRecord
 
 
@@ -90,4 +95,43 @@ def smoke_test(
     )
     if record.action == Action.BLOCKED:
         raise BootstrapError(f"CANFAR smoke test {record.reason}")
+    return record
+
+
+@flow(name="ui-check")
+def ui_check(
+    config: BootstrapConfig = BootstrapConfig(),
+    out_dir: str = "ui-screenshots",
+    run_health: bool = True,
+) -> UIRecord:
+    """The VM server's UI as an operator sees it: run the health-check deployment there (so its
+    artifact is current), log in with the auth string in headless Chromium, and screenshot the
+    deployments page and the health artifact."""
+    target = locate_vm(open_connection(config), config)
+    auth = server_secrets(config)["auth_string"] if config.prefect.api_auth else None
+    ui_url = f"http://{target.address}:{config.prefect.port}"
+    health = None
+    if run_health:
+        health = run_on_server(f"{ui_url}/api", auth, "health-check/health-check")
+    key = f"health-{config.environment}"
+    artifact = latest_artifact_id(f"{ui_url}/api", auth, key)
+    if artifact is None:
+        raise BootstrapError(
+            f"the VM's server has no {key!r} artifact yet: run the health-check deployment "
+            "there first (or leave out --no-run-health)"
+        )
+    record = capture_ui(
+        ui_url,
+        auth,
+        {
+            "deployments": ("/deployments", "health-check"),
+            "health-artifact": (f"/artifacts/artifact/{artifact}", "prefect-server"),
+        },
+        Path(out_dir),
+    )
+    lines = [f"# UI of `{config.environment}`", "", f"UI: {ui_url}", ""]
+    if health:
+        lines.append(f"- health-check run on the VM: {health['state']} {health['message']}")
+    lines += [f"- {p.name}: `{p.screenshot}` ({p.url})" for p in record.pages]
+    create_markdown_artifact(key=f"ui-{config.environment}", markdown="\n".join(lines))
     return record

@@ -297,6 +297,29 @@ def reauth_cmd(config: ConfigOption) -> None:
     typer.echo(f"CANFAR: {record.reason}")
 
 
+@app.command("ui")
+def ui_cmd(
+    config: ConfigOption,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the screenshots.")] = Path(
+        "ui-screenshots"
+    ),
+    run_health: Annotated[
+        bool,
+        typer.Option(
+            "--run-health/--no-run-health",
+            help="Run the VM's health-check deployment first, so its artifact is current.",
+        ),
+    ] = True,
+) -> None:
+    """Open the VM server's UI in headless Chromium, log in, and save screenshots."""
+    from flows.register import ui_check
+
+    cfg = read_config(config)
+    record = _run(lambda: ui_check(cfg, str(out), run_health))
+    for page in record.pages:
+        typer.echo(f"  {page.name:<16} {page.screenshot}  ({page.url})")
+
+
 @app.command("down")
 def down_cmd(
     config: ConfigOption,

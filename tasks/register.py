@@ -207,9 +207,13 @@ def copy_blocks(config: BootstrapConfig, url: str, auth_string: str | None) -> S
         )
     except ValueError:
         logger().warning("no CanfarCredentials block %r to copy", config.canfar.credentials_block)
+    # CA files are paths on this machine: on the VM, the bundle configure wrote (the system's
+    # CAs plus config.ca_bundle) takes their place.
     blocks = [
         (b.model_copy(update={"cacert": VM_CA_BUNDLE}), n)
         if isinstance(b, OpenStackCredentials) and b.cacert
+        else (b.model_copy(update={"ca_bundle": VM_CA_BUNDLE}), n)
+        if isinstance(b, CanfarCredentials) and b.ca_bundle
         else (b, n)
         for b, n in blocks
     ]
@@ -383,3 +387,46 @@ def deploy_science(vm: VM, config: BootstrapConfig, directory: str) -> StepRecor
         timeout=900,
     )
     return StepRecord(name="science deployments", action=Action.CHANGE, reason=f"from {d}")
+
+
+@task(name="run-deployment-on-vm", cache_policy=NO_CACHE)
+def run_on_server(
+    url: str, auth_string: str | None, name: str, timeout: float = 300
+) -> dict[str, Any]:
+    """Start a run of deployment ``name`` ("flow/deployment") on the VM's server and wait for
+    its final state (the VM's worker runs it). Returns id, state name and message."""
+    import time
+
+    client = remote_client(url, auth_string)
+    with client:
+        deployment = client.read_deployment_by_name(name)
+        run = client.create_flow_run_from_deployment(deployment.id)
+        logger().info("started %s on the VM's server (run %s)", name, run.id)
+        deadline = time.monotonic() + timeout
+        while True:
+            run = client.read_flow_run(run.id)
+            if run.state is not None and run.state.is_final():
+                break
+            if time.monotonic() > deadline:
+                raise BootstrapError(
+                    f"{name} did not finish within {timeout:.0f} s on the VM "
+                    f"(state {run.state.name if run.state else 'none'}): is its worker running? "
+                    "`systemctl status 'prefect-worker@*'` on the VM"
+                )
+            time.sleep(2)
+    assert run.state is not None
+    return {"id": str(run.id), "state": run.state.name, "message": run.state.message or ""}
+
+
+def latest_artifact_id(url: str, auth_string: str | None, key: str) -> str | None:
+    """The id of the newest artifact under ``key`` on the VM's server."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with remote_client(url, auth_string) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    return str(found[0].id) if found else None

@@ -5,17 +5,19 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flows.bootstrap import bootstrap
 from flows.configure import vm_for
-from flows.register import register
+from flows.register import register, ui_check
 from tasks.arc import probe_arc
+from tasks.canfar import read_vm_expiry, vm_cert_path
 from tasks.cloud import locate_vm, open_connection
 from tasks.prefect_server import server_secrets
-from tasks.register import remote_api
+from tasks.register import remote_api, run_on_server
 
 pytestmark = [pytest.mark.sandbox]
 
@@ -50,7 +52,15 @@ def wait_for_run(client: Any, deployment: str, after: dt.datetime, timeout: floa
     raise AssertionError(f"no finished run of {deployment} within {timeout} s")
 
 
-def test_bootstrap_register_and_self_repair(vm_config, canfar_sandbox) -> None:  # type: ignore[no-untyped-def]
+def run_logs(client: Any, run: Any) -> str:
+    """The run's log lines, for an assertion message."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    return "\n".join(f"{log.level} {log.message}" for log in logs)[-3000:]
+
+
+def test_bootstrap_register_and_self_repair(vm_config, canfar_sandbox, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = vm_config(
         "t-ops",
         canfar={"smoke_test": {"enabled": True, "timeout": 120}},
@@ -108,10 +118,47 @@ def test_bootstrap_register_and_self_repair(vm_config, canfar_sandbox) -> None: 
         canfar_sandbox.arc_thaw()
     with remote_api(url, auth), vm_client(cfg, target.address) as client:
         remount = wait_for_run(client, "remount-arc", start)
+        remount_logs = run_logs(client, remount)
     assert remount.created_by is not None  # started by the automation, not by this test
+    assert remount.state.is_completed(), remount_logs
     deadline = time.monotonic() + 60
     while probe_arc(vm, cfg)[0] != "live" and time.monotonic() < deadline:
         time.sleep(1)
     assert probe_arc(vm, cfg)[0] == "live"
+
+    # An expired CANFAR certificate: the health check fails naming it, the automation runs
+    # reauth-canfar, which installs a fresh one from the CanfarCredentials block.
+    user = cfg.server.user
+    vm.write_file(
+        vm_cert_path(cfg),
+        canfar_sandbox.mint_certificate(seconds=-60),
+        mode="0600",
+        owner=f"{user}:{user}",
+        sudo=False,
+    )
+    start = dt.datetime.now(dt.UTC)
+    old = read_vm_expiry(vm, cfg)
+    assert old is not None and old < start
+    health_run = run_on_server.fn(url, auth, "health-check/health-check", timeout=180)
+    assert health_run["state"] == "Failed" and "expired" in health_run["message"], health_run
+    with remote_api(url, auth), vm_client(cfg, target.address) as client:
+        reauth = wait_for_run(client, "reauth-canfar", start)
+        reauth_logs = run_logs(client, reauth)
+    assert reauth.created_by is not None and reauth.state.is_completed(), reauth_logs
+    new = read_vm_expiry(vm, cfg)
+    assert new is not None and new > start + dt.timedelta(days=1)
+
+    # The UI as a person sees it: health check run on the VM, log in, two screenshots.
+    ui = ui_check(cfg, str(tmp_path / "ui"))
+    deployments = ui.page("deployments").text
+    for name in names:
+        assert name in deployments, deployments
+    assert "At 03:00 AM" in deployments, deployments  # the health check's schedule
+    artifact = ui.page("health-artifact").text
+    for probe in ("arc-mount", "canfar-certificate", "prefect-server", "pspace"):
+        assert probe in artifact, artifact
+    assert "fail" not in artifact, artifact
+    for page in ui.pages:
+        assert Path(page.screenshot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with contextlib.suppress(Exception):
         vm.close()

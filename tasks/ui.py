@@ -1,0 +1,106 @@
+"""The VM server's UI as a person sees it: headless Chromium logs in and takes screenshots.
+
+Uses Debian's ``chromium`` (``sails-bootstrap sandbox install`` installs it) driven by
+playwright (the ``ui`` extra). The auth string is typed into the login page and never leaves
+this process; what each page shows is returned as text so callers can check it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from tasks.errors import BootstrapError
+from tasks.log import logger
+
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+
+
+class UIPage(BaseModel):
+    name: str
+    url: str
+    screenshot: str
+    text: str = ""
+
+
+class UIRecord(BaseModel):
+    ui_url: str
+    pages: list[UIPage] = Field(default_factory=list)
+
+    def page(self, name: str) -> UIPage:
+        return next(p for p in self.pages if p.name == name)
+
+
+def chromium_path() -> str:
+    for candidate in (shutil.which("chromium"), *CHROMIUM_CANDIDATES):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise BootstrapError(
+        "no Chromium found: install Debian's package (apt-get install chromium) "
+        "or run `sails-bootstrap sandbox install`"
+    )
+
+
+@task(name="capture-ui", cache_policy=NO_CACHE)
+def capture_ui(
+    ui_url: str,
+    auth_string: str | None,
+    pages: dict[str, tuple[str, str]],
+    out_dir: Path,
+    timeout: float = 60,
+) -> UIRecord:
+    """Log in (when the server asks for it) and screenshot each page.
+
+    ``pages`` maps a name to (path under the UI, text the page must show before the
+    screenshot is taken); the screenshots are written to ``out_dir/<name>.png``.
+    """
+    try:
+        from playwright.sync_api import Error as PlaywrightError
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:  # the `ui` extra
+        raise BootstrapError(
+            "the UI check needs playwright: pip install 'alma-sails-bootstrap[ui]'"
+        ) from exc
+    log = logger()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = UIRecord(ui_url=ui_url)
+    ms = int(timeout * 1000)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium_path(), args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.set_default_timeout(ms)
+            page.goto(f"{ui_url}/dashboard", wait_until="networkidle")
+            if "/login" in page.url:
+                if not auth_string:
+                    raise BootstrapError(f"{ui_url} asks for a login but no auth string is set")
+                field = page.locator("input").first
+                field.fill(auth_string)
+                field.press("Enter")
+                page.wait_for_url(lambda url: "/login" not in url, timeout=ms)
+                log.info("logged in to %s", ui_url)
+            for name, (path, expect) in pages.items():
+                url = f"{ui_url}{path}"
+                page.goto(url, wait_until="networkidle")
+                try:
+                    page.get_by_text(expect).first.wait_for(timeout=ms)
+                except PlaywrightError as exc:
+                    page.screenshot(path=str(out_dir / f"{name}-failed.png"), full_page=True)
+                    raise BootstrapError(
+                        f"the UI page {url} does not show {expect!r} within {timeout:.0f} s "
+                        f"(screenshot: {out_dir / f'{name}-failed.png'})"
+                    ) from exc
+                shot = out_dir / f"{name}.png"
+                page.screenshot(path=str(shot), full_page=True)
+                text = page.locator("body").inner_text()
+                record.pages.append(UIPage(name=name, url=url, screenshot=str(shot), text=text))
+                log.info("UI page %s: %s", name, shot)
+        finally:
+            browser.close()
+    return record
