@@ -25,13 +25,15 @@ PINNED = [
     "uwsgi==2.0.31",
     "pymysql==1.2.4",
 ]
-APT_PACKAGES = ["mariadb-server", "rabbitmq-server", "nftables", "conntrack"]
+#: chromium is for the UI check (`sails-bootstrap ui`, the demo's last step and its test).
+APT_PACKAGES = ["mariadb-server", "rabbitmq-server", "nftables", "conntrack", "chromium"]
 #: A program each Debian package brings.
 APT_PROBES = {
     "mariadb-server": "/usr/sbin/mariadbd",
     "rabbitmq-server": "/usr/lib/rabbitmq/bin/rabbitmq-server",
     "nftables": "/usr/sbin/nft",
     "conntrack": "/usr/sbin/conntrack",
+    "chromium": "/usr/bin/chromium",
 }
 STAMP = c.VENV / ".sails-stamp"
 PTH_NAME = "sails_sandbox_repo.pth"
