@@ -10,6 +10,7 @@ import io
 import os
 import shlex
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -76,19 +77,24 @@ class VM:
         self.key = key
         self.host_keys = host_keys
         self._conn: fabric.Connection | None = None
+        self._lock = threading.Lock()
 
     @property
     def conn(self) -> fabric.Connection:
-        if self._conn is None:
-            conn = self.key.connect(
-                self.host,
-                port=self.port,
-                connect_timeout=15,
-                connect_kwargs={"banner_timeout": 30, "auth_timeout": 30},
-            )
-            conn.client.set_missing_host_key_policy(_verify_policy(self.host_keys))
-            self._conn = conn
-        return self._conn
+        """The connection, opened once: concurrent commands (the health probes) share it, and
+        fabric's lazy open is not safe to race."""
+        with self._lock:
+            if self._conn is None:
+                conn = self.key.connect(
+                    self.host,
+                    port=self.port,
+                    connect_timeout=15,
+                    connect_kwargs={"banner_timeout": 30, "auth_timeout": 30},
+                )
+                conn.client.set_missing_host_key_policy(_verify_policy(self.host_keys))
+                conn.open()
+                self._conn = conn
+            return self._conn
 
     def close(self) -> None:
         if self._conn is not None:

@@ -322,6 +322,12 @@ def add_arc_key(public_key: str, user: str = USER) -> None:
     arc.add_key(user, public_key)
 
 
+def arc_write(path: str, text: str, user: str = USER) -> Path:
+    """Put a file on /arc as ``user`` would (``path`` relative to the /arc root, e.g.
+    ``projects/ALMA-SAILS/code/x.py``); parent folders are made and owned by the user."""
+    return arc.write_file(user, path, text)
+
+
 def arc_stop() -> None:
     arc.stop()
 

@@ -83,6 +83,21 @@ def prepare_user(user: str) -> None:
     os.chmod(keyfile, 0o644)
 
 
+def write_file(user: str, relpath: str, text: str) -> Path:
+    """A file in the tree, owned by ``user`` like everything the user makes there."""
+    pw = ensure_user(user)
+    target = (ROOT / relpath.lstrip("/")).resolve()
+    if ROOT.resolve() not in target.parents:
+        raise ValueError(f"{relpath!r} is outside /arc")
+    missing = [d for d in [target.parent, *target.parent.parents] if not d.exists()]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for d in missing:
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+    target.write_text(text)
+    os.chown(target, pw.pw_uid, pw.pw_gid)
+    return target
+
+
 def users() -> list[str]:
     return sorted(p.name for p in KEYS.iterdir()) if KEYS.exists() else []
 

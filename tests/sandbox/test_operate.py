@@ -22,6 +22,30 @@ from tasks.register import remote_api, run_on_server
 pytestmark = [pytest.mark.sandbox]
 
 
+SCIENCE_FLOW = """\
+from prefect import flow
+
+
+@flow(name="science-hello")
+def hello(who: str = "ALMA-SAILS") -> str:
+    return f"hello {who}"
+"""
+
+SCIENCE_YAML = """\
+name: science-stand-in
+pull:
+- prefect.deployments.steps.set_working_directory:
+    directory: /home/{user}/canfar_arc/projects/ALMA-SAILS/alma-sails-codebase/flows
+deployments:
+- name: hello-vm
+  entrypoint: hello.py:hello
+  work_pool: {{name: vm-runs}}
+- name: hello-headless
+  entrypoint: hello.py:hello
+  work_pool: {{name: headless-runs}}
+"""
+
+
 def vm_client(cfg: Any, address: str) -> Any:
     from prefect.client.orchestration import get_client
 
@@ -148,10 +172,24 @@ def test_bootstrap_register_and_self_repair(vm_config, canfar_sandbox, tmp_path:
     new = read_vm_expiry(vm, cfg)
     assert new is not None and new > start + dt.timedelta(days=1)
 
+    # The science codebase, kept on /arc as the operators keep it: `register` deploys its own
+    # prefect.yaml, and the VM's workers run it from there.
+    flows_dir = "projects/ALMA-SAILS/alma-sails-codebase/flows"
+    canfar_sandbox.arc_write(f"{flows_dir}/hello.py", SCIENCE_FLOW)
+    canfar_sandbox.arc_write(f"{flows_dir}/prefect.yaml", SCIENCE_YAML.format(user=user))
+    science = register(cfg, science_codebase=f"~/canfar_arc/{flows_dir}")
+    assert [r.action for r in science.records if r.name == "science deployments"] == ["change"]
+    for name in ("hello-vm", "hello-headless"):
+        run = run_on_server.fn(url, auth, f"science-hello/{name}", timeout=180)
+        assert run["state"] == "Completed", run
+    with remote_api(url, auth), vm_client(cfg, target.address) as client:
+        pools = {d.name: d.work_pool_name for d in client.read_deployments()}
+    assert pools["hello-vm"] == "vm-runs" and pools["hello-headless"] == "headless-runs"
+
     # The UI as a person sees it: health check run on the VM, log in, two screenshots.
     ui = ui_check(cfg, str(tmp_path / "ui"))
     deployments = ui.page("deployments").text
-    for name in names:
+    for name in [*names, "hello-vm", "hello-headless"]:
         assert name in deployments, deployments
     assert "At 03:00 AM" in deployments, deployments  # the health check's schedule
     artifact = ui.page("health-artifact").text

@@ -19,35 +19,11 @@ from flows.teardown import teardown
 from tasks.errors import PreflightError
 from tasks.local_ssh import MANAGED_FILE, host_matches, key_file
 from tasks.records import Action
+from tests.fixtures.cloud import ours, resource_writes
 
 pytestmark = [pytest.mark.sandbox]
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def resource_writes(fault_control: Any) -> list[str]:
-    """Write-method requests other than authentication (POST /v3/auth/tokens reads a token)."""
-    out = []
-    for per_service in fault_control.counts()["paths"].values():
-        for key, n in per_service.items():
-            method, path = key.split(" ", 1)
-            if method in ("POST", "PUT", "PATCH", "DELETE") and not path.endswith("/auth/tokens"):
-                out += [key] * n
-    return out
-
-
-def ours(admin_conn: Any, config: Any) -> dict[str, list[Any]]:
-    """What exists of an environment, as the cloud's own admin listings show it."""
-    servers = [
-        s for s in admin_conn.compute.servers(all_projects=True) if s.name == config.server_name
-    ]
-    fips = list(admin_conn.network.ips(description=config.tag))
-    volumes = [
-        v
-        for v in admin_conn.block_storage.volumes(all_projects=True)
-        if v.name == config.volume_name
-    ]
-    return {"servers": servers, "fips": fips, "volumes": volumes}
 
 
 @pytest.fixture

@@ -1,0 +1,77 @@
+"""Bad input, as an operator meets it: `sails-bootstrap provision --config FILE` with a malformed
+config or a cloud that lacks what it names. Each case ends with exit code 1 or 2, a message
+naming what to fix, no traceback, and not one write at the cloud."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.fixtures.cloud import resource_writes
+
+pytestmark = [pytest.mark.sandbox]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: (id, config text or a dict merged into a valid config, what the message must say)
+CASES: list[tuple[str, Any, str]] = [
+    ("not-yaml", "environment: [unclosed\n", "not valid YAML"),
+    ("unknown-section", {"servr": {"flavor": "x"}}, "servr"),
+    ("wrong-type", {"volume": {"size_gb": "big"}}, "volume.size_gb"),
+    (
+        "bad-cidr",
+        {"server": {"ingress": [{"protocol": "tcp", "port": 22, "cidr": "1.2.3.4/40"}]}},
+        "cidr",
+    ),
+    ("bad-port", {"prefect": {"port": 70000}}, "prefect.port"),
+    ("relative-mount", {"volume": {"mount_point": "pspace"}}, "volume.mount_point"),
+    ("no-such-cloud", {"cloud": {"cloud": "arbutus-typo"}}, "arbutus-typo"),
+    ("no-such-credentials-block", {"cloud": {"credentials_block": "nope-cloud"}}, "nope-cloud"),
+    ("missing-image", {"server": {"image": "Ubuntu-99.04"}}, "image 'Ubuntu-99.04' not found"),
+    ("missing-flavor", {"server": {"flavor": "c9-huge"}}, "flavor 'c9-huge' not found"),
+    ("missing-network", {"server": {"network": "no-such-net"}}, "no-such-net"),
+    ("missing-external-network", {"server": {"floating_network": "no-ext"}}, "no-ext"),
+    ("over-quota", {"volume": {"size_gb": 500}}, "quota"),
+]
+
+
+@pytest.mark.parametrize(("data", "expect"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_named_and_writes_nothing(
+    data: Any,
+    expect: str,
+    make_config: Any,
+    prefect_server: Any,
+    sandbox_env: Any,
+    fault_control: Any,
+    tmp_path: Path,
+) -> None:
+    from sails_bootstrap.config import dump_config
+    from tests.fixtures.bootstrap import deep_merge
+
+    if isinstance(data, str):
+        text = data
+    else:
+        base = yaml.safe_load(dump_config(make_config("t-input")))
+        text = yaml.safe_dump(deep_merge(base, data))
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    fault_control.reset()
+    proc = subprocess.run(
+        [sys.executable, "-m", "sails_bootstrap.cli", "provision", "--config", str(path)],
+        cwd=ROOT,
+        env={**os.environ, **prefect_server.env()},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    said = proc.stdout + proc.stderr
+    assert proc.returncode in (1, 2), said
+    assert expect in said, said
+    assert "Traceback" not in said, said
+    assert resource_writes(fault_control) == []
