@@ -3,6 +3,8 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.local/bin:$(PATH)
 export UV_LINK_MODE := copy
+# The demo's local Prefect (ephemeral unless a profile names an API) sends no telemetry.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 RUN := uv run --frozen
 
 .PHONY: setup system lint test demo bench clean

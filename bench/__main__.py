@@ -56,6 +56,20 @@ def config(name: str, tmp: Path, canfar_info: dict[str, Any], **extra: Any) -> A
     return parse_config(deep_merge(base, extra), name)
 
 
+def clean(cfg: Any, teardown: Any) -> None:
+    """Remove an environment's server, floating IP, volume and keypair (each bench run starts
+    a fresh Prefect server, so keys from an earlier run are not in its blocks)."""
+    import openstack
+
+    try:
+        teardown(cfg, delete_data_volume=True)
+    except Exception as exc:
+        print(f"teardown {cfg.environment}: {exc}", file=sys.stderr)
+    conn = openstack.connect(cloud=os.environ["OS_CLOUD"])
+    conn.compute.delete_keypair(cfg.keypair_name, ignore_missing=True)
+    conn.close()
+
+
 def sequential_provision(cfg: Any) -> tuple[float, dict[str, float]]:
     """The same steps, one after another, each waiting for the last (a playbook's order)."""
     from flows.provision import load_key
@@ -119,6 +133,10 @@ def main() -> int:
     results: dict[str, Any] = {}
     a = config("bench-a", tmp, info)
     b = config("bench-b", tmp, info)
+    from flows.teardown import teardown
+
+    for cfg in (a, b):  # what an interrupted earlier run may have left
+        clean(cfg, teardown)
     for cfg in (a, b):
         sandbox_canfar_credentials(canfar).save(cfg.canfar.credentials_block, overwrite=True)
         key = SSHKeyPair.generate("rsa")
@@ -130,7 +148,6 @@ def main() -> int:
     from flows.configure import configure
     from flows.operate import health_check
     from flows.provision import provision
-    from flows.teardown import teardown
     from tasks.arc import probe_arc
     from tasks.cloud import locate_vm, open_connection
 
@@ -191,10 +208,7 @@ def main() -> int:
         faults.clear()
         latency.set_latency()
         for cfg in (a, b):
-            try:
-                teardown(cfg, delete_data_volume=True)
-            except Exception as exc:
-                print(f"teardown {cfg.environment}: {exc}", file=sys.stderr)
+            clean(cfg, teardown)
         stop_prefect_server(server)
 
     write_results(args, results)
@@ -203,7 +217,7 @@ def main() -> int:
 
 
 def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
-    health_ratio = r["health"] / r["slowest_probe"]
+    health_ratio = (r["health"] - r["prefect_overhead"]) / r["slowest_probe"]
     rows = [
         (
             "fresh provisioning: flow / critical path of its steps",
@@ -230,10 +244,17 @@ def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
             f"{r['noop']:.1f} s run, {r['prefect_overhead']:.1f} s empty flow",
         ),
         (
-            "health check / slowest probe",
-            f"{health_ratio:.2f}",
+            "health check, whole flow run / slowest probe",
+            f"{r['health'] / r['slowest_probe']:.2f}",
             "≤ 1.30",
             f"{r['health']:.1f} s vs {r['slowest_probe']:.1f} s ({r['slowest_name']})",
+        ),
+        (
+            "health check beyond Prefect start-up / slowest probe",
+            f"{health_ratio:.2f}",
+            "≤ 1.30",
+            f"{r['health']:.1f} s run ({r['prefect_overhead']:.1f} s empty flow) vs "
+            f"{r['slowest_probe']:.1f} s ({r['slowest_name']})",
         ),
         (
             "frozen /arc detected / probe limit",

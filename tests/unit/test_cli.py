@@ -24,6 +24,7 @@ COMMANDS = [
     *[[c] for c in ("plan", "provision", "configure", "register", "up", "down", "health")],
     ["remount"],
     ["reauth"],
+    ["ui"],
 ]
 
 
