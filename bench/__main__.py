@@ -217,7 +217,6 @@ def main() -> int:
 
 
 def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
-    health_ratio = (r["health"] - r["prefect_overhead"]) / r["slowest_probe"]
     rows = [
         (
             "fresh provisioning: flow / critical path of its steps",
@@ -248,13 +247,6 @@ def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
             f"{r['health'] / r['slowest_probe']:.2f}",
             "≤ 1.30",
             f"{r['health']:.1f} s vs {r['slowest_probe']:.1f} s ({r['slowest_name']})",
-        ),
-        (
-            "health check beyond Prefect start-up / slowest probe",
-            f"{health_ratio:.2f}",
-            "≤ 1.30",
-            f"{r['health']:.1f} s run ({r['prefect_overhead']:.1f} s empty flow) vs "
-            f"{r['slowest_probe']:.1f} s ({r['slowest_name']})",
         ),
         (
             "frozen /arc detected / probe limit",
