@@ -7,6 +7,7 @@ need them, so ``--help`` and ``config validate`` answer at once.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -342,7 +343,23 @@ def down_cmd(
     typer.echo("nothing to remove" if not records else "removed")
 
 
+class _NoTracebackForNamedErrors(logging.Filter):
+    """Errors that name their fix (BootstrapError) are logged by Prefect's engine with a
+    traceback; on the command line the message is the whole story, so the traceback goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.errors import BootstrapError
+
+        if record.exc_info and isinstance(record.exc_info[1], BootstrapError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def main() -> None:
+    quiet = _NoTracebackForNamedErrors()
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(quiet)
     try:
         app()
     except KeyboardInterrupt:

@@ -62,8 +62,9 @@ def open_connection(config: BootstrapConfig) -> Connection:
             creds = OpenStackCredentials.from_clouds_yaml(config.cloud.cloud)
         except Exception as exc:
             raise BootstrapError(
-                f"no cloud credentials: {exc}. Name an OpenStackCredentials block in "
-                "cloud.credentials_block, or a clouds.yaml entry in cloud.cloud (or set OS_CLOUD)"
+                f"no cloud credentials: {str(exc).rstrip('.')}. Name an OpenStackCredentials "
+                "block in cloud.credentials_block, or a clouds.yaml entry in cloud.cloud "
+                "(or set OS_CLOUD)"
             ) from None
     creds.api_timeout = config.cloud.api_timeout
     return creds.get_connection()
