@@ -45,7 +45,13 @@ class ConfigureResult(BaseModel):
 def vm_for(config: BootstrapConfig, target: VMTarget) -> VM:
     from blocks.ssh import SSHKeyPair
 
-    key = cast(SSHKeyPair, SSHKeyPair.load(config.ssh.key_block))
+    try:
+        key = cast(SSHKeyPair, SSHKeyPair.load(config.ssh.key_block))
+    except ValueError:
+        raise BootstrapError(
+            f"no SSHKeyPair block named {config.ssh.key_block!r} on the Prefect API in use: "
+            "`sails-bootstrap provision` makes one, or save the VM's key under that name"
+        ) from None
     return VM(target.address, key, target.host_keys)
 
 

@@ -54,9 +54,16 @@ def open_connection(config: BootstrapConfig) -> Connection:
     from blocks.openstack import OpenStackCredentials
 
     if config.cloud.credentials_block:
-        creds = cast(
-            OpenStackCredentials, OpenStackCredentials.load(config.cloud.credentials_block)
-        )
+        try:
+            creds = cast(
+                OpenStackCredentials, OpenStackCredentials.load(config.cloud.credentials_block)
+            )
+        except ValueError:
+            raise BootstrapError(
+                f"no OpenStackCredentials block named {config.cloud.credentials_block!r} on the "
+                "Prefect API in use: create it (UI, or OpenStackCredentials.from_clouds_yaml(...)"
+                ".save(...)), or fix cloud.credentials_block"
+            ) from None
     else:
         try:
             creds = OpenStackCredentials.from_clouds_yaml(config.cloud.cloud)
