@@ -183,12 +183,22 @@ def sandbox_env() -> None:
 # -- flows -------------------------------------------------------------------------------------
 def _run(fn: Any) -> Any:
     """Run a flow function; errors that name a fix are printed without a traceback."""
-    from tasks.errors import BootstrapError
+    from tasks.errors import BootstrapError, http_detail, is_transient
 
     try:
         return fn()
     except (BootstrapError, ConfigError) as exc:
         raise fail(f"error: {exc}", code=1) from None
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise fail(
+            f"error: still failing after retries: {http_detail(exc)}. Check that the cloud "
+            "(the auth URL of your clouds.yaml entry or credentials block) and the VM are "
+            "reachable from this machine, then run the command again: it picks up where it "
+            "stopped.",
+            code=1,
+        ) from None
 
 
 def _print_records(records: list[Any]) -> None:

@@ -75,3 +75,44 @@ def test_bad_input_is_named_and_writes_nothing(
     assert expect in said, said
     assert "Traceback" not in said, said
     assert resource_writes(fault_control) == []
+
+
+def test_unreachable_cloud_is_named_after_retries(
+    prefect_server: Any, sandbox_env: Any, fault_control: Any, tmp_path: Path
+) -> None:
+    clouds = tmp_path / "clouds.yaml"
+    clouds.write_text(
+        yaml.safe_dump(
+            {
+                "clouds": {
+                    "unreachable": {
+                        "auth": {
+                            "auth_url": "http://127.0.0.1:9/v3",
+                            "username": "u",
+                            "password": "p",
+                            "project_name": "p",
+                            "user_domain_name": "Default",
+                            "project_domain_name": "Default",
+                        },
+                        "identity_api_version": 3,
+                    }
+                }
+            }
+        )
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text("environment: t-unreachable\ncloud: {cloud: unreachable}\n")
+    fault_control.reset()
+    proc = subprocess.run(
+        [sys.executable, "-m", "sails_bootstrap.cli", "plan", "--config", str(path)],
+        cwd=ROOT,
+        env={**os.environ, **prefect_server.env(), "OS_CLIENT_CONFIG_FILE": str(clouds)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    said = proc.stdout + proc.stderr
+    last = [line for line in said.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1, said
+    assert last and "still failing after retries" in last[-1] and "127.0.0.1:9" in last[-1], said
+    assert resource_writes(fault_control) == []
