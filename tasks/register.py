@@ -108,6 +108,12 @@ def ensure_local_profile(config: BootstrapConfig, url: str, auth_string: str | N
     if not same:
         profiles.update_profile(config.environment, wanted)
         save_profiles(profiles)
+    if auth_string:  # the file now holds the auth string: owner only
+        from prefect.settings import PREFECT_PROFILES_PATH
+
+        path = Path(str(PREFECT_PROFILES_PATH.value())).expanduser()
+        if path.exists():
+            path.chmod(0o600)
     return StepRecord(
         name=f"profile {config.environment}",
         action=Action.KEEP if same else (Action.CHANGE if existing else Action.CREATE),
@@ -295,10 +301,12 @@ def ensure_workers(vm: VM, config: BootstrapConfig, auth_string: str | None) -> 
     if auth_string and p.api_auth:
         env.append(f"PREFECT_API_AUTH_STRING={auth_string}")
     changes = []
+    # It holds the auth string: the pipeline's user alone reads it (systemd reads it as root,
+    # and `deploy_science` sources it as that user).
+    user = config.server.user
     env_changed = vm.write_file(
-        WORKER_ENV, "\n".join(env) + "\n", mode="0600", owner=f"root:{config.server.user}"
+        WORKER_ENV, "\n".join(env) + "\n", mode="0600", owner=f"{user}:{user}"
     )
-    vm.run(f"chmod 0640 {WORKER_ENV}", sudo=True)
     unit_changed = vm.write_file(f"/etc/systemd/system/{WORKER_UNIT}", worker_unit(config))
     if unit_changed:
         vm.run("systemctl daemon-reload", sudo=True)

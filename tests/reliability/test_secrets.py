@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -83,9 +84,13 @@ def test_no_secret_outside_its_0600_home(
     vm = vm_for(cfg, target)
     canfar_sandbox.arc_freeze()  # a stale /arc: the health check fails, remount repairs
     try:
-        assert health_check(cfg, return_state=True).is_failed()
+        t0 = time.monotonic()
+        state = health_check(cfg, return_state=True)
+        took = time.monotonic() - t0
     finally:
         canfar_sandbox.arc_thaw()
+    assert state.is_failed() and "arc-mount: stale" in (state.message or ""), state.message
+    assert took < cfg.arc.probe_timeout + 10, took  # a frozen host never hangs the check
     remount_arc(cfg)
     assert reauth_canfar(cfg).action == Action.CHANGE
     assert health_check(cfg).healthy
@@ -120,9 +125,9 @@ def test_no_secret_outside_its_0600_home(
     assert leaks(local, needles) == []
     assert leaks(remote, needles) == []
 
-    # This machine's files: the ssh folder and the Prefect server's home.
+    # This machine's files: the ssh folder, the Prefect home (profiles) and the server's home.
     bad: list[str] = []
-    for root in (Path(cfg.ssh.config_dir), prefect_server.home):
+    for root in (Path(cfg.ssh.config_dir), Path(os.environ["PREFECT_HOME"]), prefect_server.home):
         for path in root.rglob("*"):
             if not path.is_file():
                 continue
