@@ -322,6 +322,11 @@ def add_arc_key(public_key: str, user: str = USER) -> None:
     arc.add_key(user, public_key)
 
 
+def sessions(user: str = USER) -> list[dict[str, Any]]:
+    """The user's sessions that have not been deleted, as the session API lists them."""
+    return services.live_sessions(user)
+
+
 def arc_write(path: str, text: str, user: str = USER) -> Path:
     """Put a file on /arc as ``user`` would (``path`` relative to the /arc root, e.g.
     ``projects/ALMA-SAILS/code/x.py``); parent folders are made and owned by the user."""

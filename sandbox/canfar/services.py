@@ -476,6 +476,19 @@ class Sessions:
                 self._kill(proc.pid)
 
 
+def live_sessions(user: str | None = None) -> list[dict[str, Any]]:
+    """Session records not deleted (read from the state directory, as the service keeps them)."""
+    out = []
+    for path in sorted(SESSIONS.glob("*/session.json")) if SESSIONS.exists() else []:
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not rec.get("_deleted") and (user is None or rec.get("userid") == user):
+            out.append(public(rec))
+    return out
+
+
 def public(rec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in rec.items() if not k.startswith("_")}
 

@@ -12,10 +12,11 @@ import pytest
 
 from flows.bootstrap import bootstrap
 from flows.configure import vm_for
-from flows.register import register, ui_check
+from flows.register import register, smoke_test, ui_check
 from tasks.arc import probe_arc
 from tasks.canfar import read_vm_expiry, vm_cert_path
 from tasks.cloud import locate_vm, open_connection
+from tasks.errors import BootstrapError
 from tasks.prefect_server import server_secrets
 from tasks.register import remote_api, run_on_server
 
@@ -198,5 +199,31 @@ def test_bootstrap_register_and_self_repair(vm_config, canfar_sandbox, tmp_path:
     assert "fail" not in artifact, artifact
     for page in ui.pages:
         assert Path(page.screenshot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A failing smoke test names its cause, and deletes its session even then.
+    def smoke(**settings: Any) -> str:
+        changed = cfg.canfar.smoke_test.model_copy(update=settings)
+        c = cfg.model_copy(update={"canfar": cfg.canfar.model_copy(update={"smoke_test": changed})})
+        with pytest.raises(BootstrapError) as err:
+            smoke_test(c, target)
+        return str(err.value)
+
+    assert "image: " in smoke(image="images.canfar.net/skaha/no-such-image:0")
+    canfar_sandbox.set_failure(start_delay=60)  # the session stays Pending
+    try:
+        assert "timeout: still Pending" in smoke(timeout=4)
+    finally:
+        canfar_sandbox.set_failure()
+    assert not [s for s in canfar_sandbox.sessions() if s["status"] in ("Pending", "Running")]
+    canfar_sandbox.set_failure(fail_next_creates=1, status=503)
+    assert "HTTP 503" in smoke()
+    vm.write_file(  # an expired certificate: the session API refuses it
+        vm_cert_path(cfg),
+        canfar_sandbox.mint_certificate(seconds=-60),
+        mode="0600",
+        owner=f"{user}:{user}",
+        sudo=False,
+    )
+    assert "auth: " in smoke()
     with contextlib.suppress(Exception):
         vm.close()
