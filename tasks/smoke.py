@@ -26,11 +26,18 @@ out = {"id": None, "status": None, "cause": None, "logs": "", "seconds": 0.0}
 start = time.monotonic()
 def cause(exc):
     text = str(exc)
-    for err in (getattr(exc, "errors", None) or {}).values():
-        response = getattr(err, "response", None)
-        if response is not None:
-            text = "HTTP %s: %s" % (response.status_code, response.text.strip()[:300])
-            break
+    errors = getattr(exc, "errors", None)
+    if callable(errors):  # pydantic's ValidationError: the client refused its own settings
+        try:
+            text = "; ".join(e["msg"] for e in errors())
+        except Exception:
+            pass
+    elif isinstance(errors, dict):
+        for err in errors.values():
+            response = getattr(err, "response", None)
+            if response is not None:
+                text = "HTTP %s: %s" % (response.status_code, response.text.strip()[:300])
+                break
     low = text.lower()
     if "401" in text or "403" in text or "unauthori" in low or "certificate" in low:
         return "auth: " + text
@@ -39,8 +46,9 @@ def cause(exc):
     if "quota" in low or "limit" in low or "resource" in low:
         return "quota: " + text
     return text
-session = Session(errors="raise")
+session = None
 try:
+    session = Session(errors="raise")  # refuses an expired certificate already
     ids = session.create(name=spec["name"], image=spec["image"], cores=spec["cores"],
                          ram=spec["ram"], kind="headless", cmd=spec["cmd"], args=spec["args"])
     out["id"] = ids[0]
@@ -62,7 +70,7 @@ try:
 except Exception as exc:
     out["cause"] = cause(exc)
 finally:
-    if out["id"]:
+    if out["id"] and session is not None:
         try:
             session.destroy([out["id"]])
         except Exception as exc:
