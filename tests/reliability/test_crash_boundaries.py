@@ -12,10 +12,6 @@ and volume; at the end the volume's filesystem and the data file are the ones ma
 from __future__ import annotations
 
 import datetime as dt
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,11 +23,11 @@ from flows.configure import vm_for
 from flows.teardown import teardown
 from sails_bootstrap.config import dump_config
 from tasks.cloud import locate_vm, open_connection
+from tests.fixtures.bootstrap import kill_cli, start_cli
 from tests.fixtures.cloud import ours
 
 pytestmark = [pytest.mark.sandbox]
 
-ROOT = Path(__file__).resolve().parents[2]
 DATA = "/mnt/pspace/precious.bin"
 
 
@@ -79,21 +75,13 @@ def test_up_killed_at_every_step_boundary_converges(
 
     cfg_file = tmp_path / "config.yaml"
     cfg_file.write_text(dump_config(cfg))
-    env = {**os.environ, **prefect_server.env()}
     kills: list[int] = []
     n = 1
     finished = False
     total = 0
     for _ in range(60):
         start = dt.datetime.now(dt.UTC)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sails_bootstrap.cli", "up", "--config", str(cfg_file)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        proc = start_cli("up", "--config", str(cfg_file), env=prefect_server.env())
         done = 0
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
@@ -106,8 +94,7 @@ def test_up_killed_at_every_step_boundary_converges(
             total = completed_task_runs(start)
             finished = True
             break
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_cli(proc)
         kills.append(done)
         world = ours(admin_conn, cfg)
         assert [len(world[k]) <= 1 for k in ("servers", "fips", "volumes")] == [True] * 3, (

@@ -17,28 +17,13 @@ from flows.teardown import teardown
 from tasks.errors import BootstrapError
 from tasks.prefect_server import api_check, server_secrets
 from tasks.records import Action
+from tests.fixtures.bootstrap import ssh_alias
 
 pytestmark = [pytest.mark.sandbox]
 
 
 def run(cfg: Any, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    ssh_dir = Path(cfg.ssh.config_dir)
-    return subprocess.run(
-        [
-            "ssh",
-            "-F",
-            str(ssh_dir / "config"),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=5",
-            cfg.ssh.alias,
-            command,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return ssh_alias(cfg, command, "ConnectTimeout=5", timeout=timeout)
 
 
 def wait_ssh(cfg: Any, deadline: float = 90) -> None:

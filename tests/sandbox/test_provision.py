@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +16,10 @@ from flows.teardown import teardown
 from tasks.errors import PreflightError
 from tasks.local_ssh import MANAGED_FILE, host_matches, key_file
 from tasks.records import Action
+from tests.fixtures.bootstrap import kill_cli, ssh_alias, start_cli
 from tests.fixtures.cloud import ours, resource_writes
 
 pytestmark = [pytest.mark.sandbox]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -76,22 +72,7 @@ def test_plan_then_provision_then_noop(env_config, fault_control, admin_conn) ->
     ssh_dir = Path(cfg.ssh.config_dir)
     assert (ssh_dir / "config").read_text().startswith(f"Include {ssh_dir / MANAGED_FILE}")
     assert oct(key_file(cfg).stat().st_mode & 0o777) == "0o600"
-    out = subprocess.run(
-        [
-            "ssh",
-            "-F",
-            str(ssh_dir / "config"),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            cfg.ssh.alias,
-            "cat /proc/1/comm; whoami",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = ssh_alias(cfg, "cat /proc/1/comm; whoami", "StrictHostKeyChecking=yes")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["systemd", "ubuntu"]
 
@@ -206,15 +187,7 @@ def test_killed_run_converges(
 
     cfg_file.write_text(dump_config(cfg))
     fault_control.reset()
-    env = {**os.environ, **prefect_server.env()}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sails_bootstrap.cli", "provision", "--config", str(cfg_file)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_cli("provision", "--config", str(cfg_file), env=prefect_server.env())
     method, suffix = marker
     deadline = time.monotonic() + 240
     seen = False
@@ -223,8 +196,7 @@ def test_killed_run_converges(
             seen = True
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_cli(proc)
     assert seen, f"the run never reached {marker}"
 
     result = provision(cfg)
