@@ -72,9 +72,9 @@ def probe_all(config: BootstrapConfig, on_vm: bool) -> list[ProbeResult]:
             target = locate_vm.fn(conn, config)
         except Exception as exc:
             reason = f"VM not located: {exc}"[:300]
-            names = ["ssh", "pspace", "prefect-server", "canfar-certificate"]
-            names += ["arc-mount"] if config.arc.enabled else []
-            host = [ProbeResult(name, FAIL, reason, 0.0) for name in names]
+            # The same probes, each reported failed (building them runs nothing).
+            unrun = host_probes(LocalHost(), config, "", False)
+            host = [ProbeResult(p.name, FAIL, reason, 0.0) for p in unrun]
         else:
             vm = vm_for(config, target)
             try:

@@ -215,14 +215,15 @@ def copy_blocks(config: BootstrapConfig, url: str, auth_string: str | None) -> S
         logger().warning("no CanfarCredentials block %r to copy", config.canfar.credentials_block)
     # CA files are paths on this machine: on the VM, the bundle configure wrote (the system's
     # CAs plus config.ca_bundle) takes their place.
-    blocks = [
-        (b.model_copy(update={"cacert": VM_CA_BUNDLE}), n)
-        if isinstance(b, OpenStackCredentials) and b.cacert
-        else (b.model_copy(update={"ca_bundle": VM_CA_BUNDLE}), n)
-        if isinstance(b, CanfarCredentials) and b.ca_bundle
-        else (b, n)
-        for b, n in blocks
-    ]
+    ca_fields: dict[type, str] = {OpenStackCredentials: "cacert", CanfarCredentials: "ca_bundle"}
+
+    def for_vm(block: Any) -> Any:
+        field = ca_fields.get(type(block))
+        if field and getattr(block, field):
+            return block.model_copy(update={field: VM_CA_BUNDLE})
+        return block
+
+    blocks = [(for_vm(b), n) for b, n in blocks]
     save_remote(blocks, url, auth_string)
     names = ", ".join(name for _, name in blocks)
     return StepRecord(name="blocks on the VM server", action=Action.CHANGE, reason=f"saved {names}")

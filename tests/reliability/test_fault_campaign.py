@@ -58,7 +58,7 @@ def test_bootstrap_converges_under_faults_and_leaks_nothing(
 
     # Converged means nothing left to change, even with the faults still on.
     again = provision(cfg, plan=True)
-    changes = [r for r in again.records if r.action not in (Action.KEEP,)]
+    changes = [r for r in again.records if r.action != Action.KEEP]
     assert not changes, [r.row() for r in changes]
 
     records = teardown(cfg, delete_data_volume=True)

@@ -154,13 +154,17 @@ def test_bootstrap_register_and_self_repair(vm_config, canfar_sandbox, tmp_path:
     # An expired CANFAR certificate: the health check fails naming it, the automation runs
     # reauth-canfar, which installs a fresh one from the CanfarCredentials block.
     user = cfg.server.user
-    vm.write_file(
-        vm_cert_path(cfg),
-        canfar_sandbox.mint_certificate(seconds=-60),
-        mode="0600",
-        owner=f"{user}:{user}",
-        sudo=False,
-    )
+
+    def expire_certificate() -> None:
+        vm.write_file(
+            vm_cert_path(cfg),
+            canfar_sandbox.mint_certificate(seconds=-60),
+            mode="0600",
+            owner=f"{user}:{user}",
+            sudo=False,
+        )
+
+    expire_certificate()
     start = dt.datetime.now(dt.UTC)
     old = read_vm_expiry(vm, cfg)
     assert old is not None and old < start
@@ -217,13 +221,7 @@ def test_bootstrap_register_and_self_repair(vm_config, canfar_sandbox, tmp_path:
     assert not [s for s in canfar_sandbox.sessions() if s["status"] in ("Pending", "Running")]
     canfar_sandbox.set_failure(fail_next_creates=1, status=503)
     assert "HTTP 503" in smoke()
-    vm.write_file(  # an expired certificate: the session API refuses it
-        vm_cert_path(cfg),
-        canfar_sandbox.mint_certificate(seconds=-60),
-        mode="0600",
-        owner=f"{user}:{user}",
-        sudo=False,
-    )
+    expire_certificate()  # the client refuses it before any request
     assert "auth: " in smoke()
     with contextlib.suppress(Exception):
         vm.close()
