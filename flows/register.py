@@ -108,13 +108,14 @@ def ui_check(
     artifact is current), log in with the auth string in headless Chromium, and screenshot the
     deployments page and the health artifact."""
     target = locate_vm(open_connection(config), config)
-    auth = server_secrets(config)["auth_string"] if config.prefect.api_auth else None
+    auth = (
+        server_secrets(config, must_exist=True)["auth_string"] if config.prefect.api_auth else None
+    )
     ui_url = f"http://{target.address}:{config.prefect.port}"
-    health = None
-    if run_health:
-        health = run_on_server(f"{ui_url}/api", auth, "health-check/health-check")
+    api_url = f"{ui_url}/api"
+    health = run_on_server(api_url, auth, "health-check/health-check") if run_health else None
     key = f"health-{config.environment}"
-    artifact = latest_artifact_id(f"{ui_url}/api", auth, key)
+    artifact = latest_artifact_id(api_url, auth, key)
     if artifact is None:
         raise BootstrapError(
             f"the VM's server has no {key!r} artifact yet: run the health-check deployment "

@@ -33,8 +33,11 @@ def local_prefect_version() -> str:
     return str(prefect.__version__)
 
 
-def server_secrets(config: BootstrapConfig, apply: bool = True) -> dict[str, str]:
-    """The API auth string and encryption key, kept in a Prefect Secret block (made once)."""
+def server_secrets(
+    config: BootstrapConfig, apply: bool = True, must_exist: bool = False
+) -> dict[str, str]:
+    """The API auth string and encryption key, kept in a Prefect Secret block (made once;
+    with ``must_exist``, a missing block is an error instead)."""
     from prefect.blocks.system import Secret
 
     try:
@@ -43,6 +46,12 @@ def server_secrets(config: BootstrapConfig, apply: bool = True) -> dict[str, str
             return {k: str(v) for k, v in value.items()}
     except ValueError:
         pass
+    if must_exist:
+        raise BootstrapError(
+            f"no Secret block {config.prefect.auth_block!r} with the VM server's auth string on "
+            "the Prefect API in use: run `sails-bootstrap configure` (it makes one), or point "
+            "at the API where it was saved"
+        )
     from cryptography.fernet import Fernet
 
     value = {
