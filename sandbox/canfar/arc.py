@@ -129,6 +129,9 @@ def prepare() -> None:
         f"ChrootDirectory {ROOT}\n"
         "ForceCommand internal-sftp -d /home/%u\n"
     )
+    # sshd's privilege-separation directory: `sshd -t` refuses the config without it, and a
+    # machine with no systemd never has it made at boot.
+    os.makedirs("/run/sshd", exist_ok=True)
     _run(SSHD, "-t", "-f", str(CONFIG))
 
 
@@ -207,7 +210,7 @@ def _signal(pids: list[int], sig: int) -> None:
 def start() -> None:
     if listener_pid():
         return
-    os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
+    os.makedirs("/run/sshd", exist_ok=True)  # /run may have been emptied since prepare()
     LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
     PID_FILE.unlink(missing_ok=True)
     _run(SSHD, "-f", str(CONFIG), "-E", str(LOG_FILE))
