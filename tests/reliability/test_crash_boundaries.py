@@ -11,8 +11,10 @@ and volume; at the end the volume's filesystem and the data file are the ones ma
 
 from __future__ import annotations
 
-import datetime as dt
-import time
+import collections
+import re
+import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +33,53 @@ pytestmark = [pytest.mark.sandbox]
 DATA = "/mnt/pspace/precious.bin"
 
 
-def completed_task_runs(after: dt.datetime) -> int:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        TaskRunFilter,
-        TaskRunFilterStartTime,
-        TaskRunFilterState,
-        TaskRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
+#: The line the task engine logs once a task run's final state is set, in the process itself.
+FINISHED = re.compile(rb"Task run '[^']+' - Finished in state Completed\(\)")
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            task_run_filter=TaskRunFilter(
-                start_time=TaskRunFilterStartTime(after_=after),
-                state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED])),
-            )
-        )
-    return len(runs)
+
+class TaskRunWatch:
+    """Counts the task runs a CLI process reports completed, reading its log lines as they come."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        self._stream = proc.stderr
+        self.done = 0
+        self.tail: collections.deque[str] = collections.deque(maxlen=30)
+        self._eof = False
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._stream:
+            with self._cond:
+                self.tail.append(line.decode(errors="replace").rstrip())
+                if FINISHED.search(line):
+                    self.done += 1
+                    self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def wait_for(self, n: int, timeout: float) -> int:
+        """Block until n task runs completed or the process's output ended; the count so far."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.done >= n or self._eof, timeout)
+            return self.done
+
+    @property
+    def ended(self) -> bool:
+        """The process closed its output: it is exiting by itself."""
+        with self._cond:
+            return self._eof
+
+    def close(self) -> int:
+        self._reader.join(timeout=30)
+        return self.done
+
+    def log_tail(self) -> str:
+        with self._cond:
+            return "\n".join(self.tail)
 
 
 def fingerprint(cfg: Any) -> tuple[str, str]:
@@ -80,31 +111,30 @@ def test_up_killed_at_every_step_boundary_converges(
     finished = False
     total = 0
     for _ in range(60):
-        start = dt.datetime.now(dt.UTC)
-        proc = start_cli("up", "--config", str(cfg_file), env=prefect_server.env())
-        done = 0
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            done = completed_task_runs(start)
-            if done >= n:
-                break
-            time.sleep(0.1)
-        if proc.poll() is not None:
-            assert proc.returncode == 0, f"`up` failed by itself after the kills at {kills}"
-            total = completed_task_runs(start)
+        proc = start_cli("up", "--config", str(cfg_file), env=prefect_server.env(), logs=True)
+        watch = TaskRunWatch(proc)
+        done = watch.wait_for(n, timeout=300)
+        if done < n and not watch.ended:
+            kill_cli(proc)
+            raise AssertionError(f"`up` stalled before task run {n}:\n{watch.log_tail()}")
+        if done < n:  # `up` finished by itself
+            assert proc.wait(timeout=60) == 0, (
+                f"`up` failed by itself after the kills at {kills}:\n{watch.log_tail()}"
+            )
+            total = watch.close()
             finished = True
             break
         kill_cli(proc)
-        kills.append(done)
+        kills.append(watch.close())
         world = ours(admin_conn, cfg)
         assert [len(world[k]) <= 1 for k in ("servers", "fips", "volumes")] == [True] * 3, (
             kills,
             world,
         )
-        n = done + 1
+        n = kills[-1] + 1
     assert finished, f"`up` never completed; killed after {kills} task runs"
     # Kill points walk through the whole run: strictly later each time, the last one near the
-    # end. (Polling can land a few boundaries late where no-op steps finish close together.)
+    # end. (A kill can land a boundary late where concurrent steps finish together.)
     assert kills == sorted(set(kills)) and kills[0] <= 2, kills
     assert kills[-1] >= total - 3 and len(kills) >= total // 2, (kills, total)
 
