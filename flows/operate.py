@@ -135,6 +135,7 @@ def remount_arc(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False
         if state == "live":
             return StepRecord(name="/arc mount", reason="live: nothing to do")
         log.warning("/arc is %s (%s): remounting", state, detail)
+        was = f"{state}: {detail}"
         mp = vm_path(config, config.arc.mount_point)
         user = config.server.user
         host.run(f"systemctl stop {UNIT}", sudo=True, check=False, timeout=30)
@@ -150,7 +151,7 @@ def remount_arc(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False
             raise BootstrapError(f"/arc is still {state} after remounting: {detail}")
         create_markdown_artifact(
             key=f"remount-{config.environment}",
-            markdown=f"/arc remounted at `{mp}` (was {state}: {detail})",
+            markdown=f"/arc remounted at `{mp}` (was {was})",
         )
         return StepRecord(name="/arc mount", action=Action.CHANGE, reason="remounted")
     finally:
