@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.local/bin:$(PATH)
 export UV_LINK_MODE := copy
-# The demo's local Prefect (ephemeral unless a profile names an API) sends no telemetry.
+# The Prefect servers started here (the CLI's ephemeral one, the bench's) send no telemetry.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 RUN := uv run --frozen
 

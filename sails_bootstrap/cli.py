@@ -367,6 +367,10 @@ class _NoTracebackForNamedErrors(logging.Filter):
 
 
 def main() -> None:
+    # With no Prefect profile, a command runs on an ephemeral server it starts itself; that
+    # server's telemetry heartbeat races the run's own writes to its SQLite file and logs a
+    # "database is locked" traceback. Off unless the operator has set it.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     quiet = _NoTracebackForNamedErrors()
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(quiet)
