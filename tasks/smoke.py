@@ -43,7 +43,12 @@ def cause(exc):
         return "auth: " + text
     if "image" in low:
         return "image: " + text
-    if "quota" in low or "limit" in low or "resource" in low:
+    # Skaha refuses a request past what the platform offers as "Invalid value for 'cores': N"
+    # (or 'ram', 'gpus'), and an interactive session past the user's cap as "has reached the
+    # maximum of N active sessions"; both are the user's allowance, not a fault.
+    if ("quota" in low or "limit" in low or "resource" in low or "maximum of" in low
+            or "invalid value for 'cores'" in low or "invalid value for 'ram'" in low
+            or "invalid value for 'gpus'" in low):
         return "quota: " + text
     return text
 session = None

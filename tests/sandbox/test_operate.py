@@ -213,6 +213,7 @@ def test_bootstrap_register_and_self_repair(vm_config, canfar_sandbox, tmp_path:
         return str(err.value)
 
     assert "image: " in smoke(image="images.canfar.net/skaha/no-such-image:0")
+    assert "quota: HTTP 400: Invalid value for 'cores': 64" in smoke(cores=64)  # 16 offered
     canfar_sandbox.set_failure(start_delay=60)  # the session stays Pending
     try:
         assert "timeout: still Pending" in smoke(timeout=4)
