@@ -24,6 +24,8 @@ from canfar.sessions import Session
 spec = json.loads(sys.argv[1])
 out = {"id": None, "status": None, "cause": None, "logs": "", "seconds": 0.0}
 start = time.monotonic()
+QUOTA = ("quota", "limit", "resource", "maximum of", "invalid value for 'cores'",
+         "invalid value for 'ram'", "invalid value for 'gpus'")
 def cause(exc):
     text = str(exc)
     errors = getattr(exc, "errors", None)
@@ -46,9 +48,7 @@ def cause(exc):
     # Skaha refuses a request past what the platform offers as "Invalid value for 'cores': N"
     # (or 'ram', 'gpus'), and an interactive session past the user's cap as "has reached the
     # maximum of N active sessions"; both are the user's allowance, not a fault.
-    if ("quota" in low or "limit" in low or "resource" in low or "maximum of" in low
-            or "invalid value for 'cores'" in low or "invalid value for 'ram'" in low
-            or "invalid value for 'gpus'" in low):
+    if any(m in low for m in QUOTA):
         return "quota: " + text
     return text
 session = None
