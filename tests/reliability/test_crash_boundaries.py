@@ -74,7 +74,9 @@ class TaskRunWatch:
             return self._eof
 
     def close(self) -> int:
+        """Wait for the rest of the output (the process has exited or been killed); the count."""
         self._reader.join(timeout=30)
+        self._stream.close()
         return self.done
 
     def log_tail(self) -> str:
@@ -133,9 +135,10 @@ def test_up_killed_at_every_step_boundary_converges(
         )
         n = kills[-1] + 1
     assert finished, f"`up` never completed; killed after {kills} task runs"
-    # Kill points walk through the whole run: strictly later each time, the last one near the
-    # end. (A kill can land a boundary late where concurrent steps finish together.)
-    assert kills == sorted(set(kills)) and kills[0] <= 2, kills
+    # Each run is killed only past the previous kill point, so the points rise by construction;
+    # what is checked is that they start at the first boundaries and cover the run to its end.
+    # (A kill can land a boundary late where concurrent steps finish together.)
+    assert kills[0] <= 2, kills
     assert kills[-1] >= total - 3 and len(kills) >= total // 2, (kills, total)
 
     bootstrap(cfg)  # and once more in this process: converged
