@@ -57,6 +57,7 @@ def probe_all(config: BootstrapConfig, on_vm: bool) -> list[ProbeResult]:
     """The cloud probes start at once; from this machine, the host probes start as soon as the
     VM is located (its address comes from the cloud), so the check takes about as long as the
     longer of the two chains rather than their sum."""
+    import contextvars
     from concurrent.futures import ThreadPoolExecutor
 
     conn = open_connection(config)
@@ -67,7 +68,8 @@ def probe_all(config: BootstrapConfig, on_vm: bool) -> list[ProbeResult]:
     from flows.configure import vm_for
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-probes") as pool:
-        cloud = pool.submit(run_probes, cloud_probes(conn, config))
+        context = contextvars.copy_context()  # the same Prefect API for the cloud probes
+        cloud = pool.submit(context.run, run_probes, cloud_probes(conn, config))
         try:
             target = locate_vm.fn(conn, config)
         except Exception as exc:

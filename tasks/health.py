@@ -1,11 +1,13 @@
 """Health probes: all at once, each with its own time limit, none able to hang the check.
 
-Each probe runs in its own daemon thread; the check waits for each only until that probe's
+Each probe runs in its own daemon thread, in a copy of the caller's context (the Prefect settings
+and run in use: a block loads from the same API); the check waits for each only until that probe's
 deadline and reports "timeout" past it, leaving a stuck thread behind rather than waiting on it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import shlex
 import threading
@@ -66,7 +68,12 @@ def run_probes(probes: list[Probe]) -> list[ProbeResult]:
 
     threads = []
     for p in probes:
-        t = threading.Thread(target=runner, args=(p,), name=f"probe-{p.name}", daemon=True)
+        t = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(runner, p),
+            name=f"probe-{p.name}",
+            daemon=True,
+        )
         t.start()
         threads.append((p, t))
     out = []
