@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -65,6 +64,19 @@ def server_texts(client: Any) -> dict[str, str]:
     return texts
 
 
+def latest_health_table(environment: str) -> list[dict[str, str]]:
+    """The rows of the newest health table artifact of ``environment``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"health-{environment}"]))
+        )
+    data = artifact.data
+    return cast(list[dict[str, str]], json.loads(data) if isinstance(data, str) else data)
+
+
 def leaks(texts: dict[str, str], needles: dict[str, str]) -> list[str]:
     return [
         f"{what} in {where}"
@@ -84,13 +96,16 @@ def test_no_secret_outside_its_0600_home(
     vm = vm_for(cfg, target)
     canfar_sandbox.arc_freeze()  # a stale /arc: the health check fails, remount repairs
     try:
-        t0 = time.monotonic()
         state = health_check(cfg, return_state=True)
-        took = time.monotonic() - t0
     finally:
         canfar_sandbox.arc_thaw()
     assert state.is_failed() and "arc-mount: stale" in (state.message or ""), state.message
-    assert took < cfg.arc.probe_timeout + 10, took  # a frozen host never hangs the check
+    # A frozen host never hangs the check: /arc is the only failing probe (df on the volume,
+    # the certificate read and the rest still answer), and its own reported time is inside
+    # the limit it was given.
+    rows = {row["probe"]: row for row in latest_health_table(cfg.environment)}
+    assert [p for p, row in rows.items() if row["status"] == "fail"] == ["arc-mount"], rows
+    assert float(rows["arc-mount"]["duration"].split()[0]) <= cfg.arc.probe_timeout + 2, rows
     remount_arc(cfg)
     assert reauth_canfar(cfg).action == Action.CHANGE
     assert health_check(cfg).healthy
