@@ -33,6 +33,7 @@ from tasks.vm import (
 class ConfigureResult(BaseModel):
     environment: str
     address: str
+    plan: bool = False
     records: list[StepRecord] = Field(default_factory=list)
     ui_url: str = ""
     canfar_public_key: str = ""
@@ -68,6 +69,13 @@ def load_canfar(config: BootstrapConfig) -> Any:
 
 
 def _publish(result: ConfigureResult, config: BootstrapConfig) -> None:
+    if result.plan:
+        create_table_artifact(
+            key=f"plan-vm-{config.environment}",
+            table=[r.row() for r in result.records],
+            description=f"what configure would change on {result.address} (nothing was changed)",
+        )
+        return
     create_table_artifact(
         key=f"configure-{config.environment}",
         table=[r.row() for r in result.records],
@@ -94,47 +102,66 @@ def _publish(result: ConfigureResult, config: BootstrapConfig) -> None:
 
 
 def configure_host(
-    host: VM, config: BootstrapConfig, volume_id: str | None, address: str
+    host: VM, config: BootstrapConfig, volume_id: str | None, address: str, plan: bool = False
 ) -> ConfigureResult:
-    """Every VM step, on ``host`` (SSH to the VM, or the VM itself)."""
+    """Every VM step, on ``host`` (SSH to the VM, or the VM itself). With ``plan``, every step
+    reads the VM and says what it would change; nothing is written, installed or restarted."""
     if volume_id is None:
         raise BootstrapError("the volume is not attached to the server; run provision first")
-    result = ConfigureResult(environment=config.environment, address=address)
+    apply = not plan
+    result = ConfigureResult(environment=config.environment, address=address, plan=plan)
     records = result.records
     try:
         if not isinstance(host, LocalHost):
             records.append(wait_for_ssh(host, config.ssh.connect_timeout))
-        records.append(ensure_volume_mounted(host, config, volume_id))
-        records.append(ensure_operator_keys(host, config))
-        records.append(ensure_ca_bundle(host, config))
+        records.append(ensure_volume_mounted(host, config, volume_id, apply))
+        records.append(ensure_operator_keys(host, config, apply))
+        records.append(ensure_ca_bundle(host, config, apply))
         if config.arc.enabled or config.canfar.smoke_test.enabled:
             creds = load_canfar(config)
-            records.append(ensure_canfar_auth(host, config, creds))
+            records.append(ensure_canfar_auth(host, config, creds, apply=apply))
         if config.arc.enabled:
-            key = ensure_canfar_key(host, config)
+            key = ensure_canfar_key(host, config, apply)
             result.canfar_public_key = key.details["public_key"]
             records.append(key)
-            records.append(ensure_arc_mount(host, config, arc_user(config, creds.username)))
-        records.append(ensure_prefect_venv(host, config))
-        secret = server_secrets(config)
-        records.append(ensure_prefect_server(host, config, address, secret))
+            user = arc_user(config, creds.username)
+            records.append(ensure_arc_mount(host, config, user, apply))
+        records.append(ensure_prefect_venv(host, config, apply=apply))
+        secret = server_secrets(config, apply=apply)
+        records.append(ensure_prefect_server(host, config, address, secret, apply))
         result.ui_url = f"http://{address}:{config.prefect.port}"
+    except BootstrapError as exc:
+        if apply:
+            raise
+        # In a plan, a step that would refuse ends the plan there, named like any other row.
+        records.append(
+            StepRecord(name="next step", action=Action.BLOCKED, applied=False, reason=str(exc))
+        )
     finally:
         host.close()
         if records:
             _publish(result, config)
     blocked = [r for r in records if r.action == Action.BLOCKED]
-    if blocked:
+    if blocked and apply:
         raise BootstrapError("; ".join(f"{r.name}: {r.reason}" for r in blocked))
-    logger().info("configured %s: %s", address, ", ".join(f"{r.name}={r.action}" for r in records))
+    logger().info(
+        "%s %s: %s",
+        "plan for" if plan else "configured",
+        address,
+        ", ".join(f"{r.name}={r.action}" for r in records),
+    )
     return result
 
 
 @flow(name="configure")
 def configure(
-    config: BootstrapConfig = BootstrapConfig(), target: VMTarget | None = None
+    config: BootstrapConfig = BootstrapConfig(),
+    target: VMTarget | None = None,
+    plan: bool = False,
 ) -> ConfigureResult:
-    """Bring the VM to the configured state; a second run changes nothing."""
+    """Bring the VM to the configured state; a second run changes nothing. ``plan=True`` only
+    reports what would change."""
     if target is None:
         target = locate_vm(open_connection(config), config)
-    return configure_host(vm_for(config, target), config, target.volume_id, target.address)
+    host = vm_for(config, target)
+    return configure_host(host, config, target.volume_id, target.address, plan)

@@ -210,13 +210,15 @@ def _print_records(records: list[Any]) -> None:
 
 @app.command("plan")
 def plan_cmd(config: ConfigOption) -> None:
-    """Say what provisioning would change, changing nothing."""
-    from flows.provision import provision
+    """Say what `up` would change in the cloud and on the VM, changing nothing."""
+    from flows.plan import plan
 
     cfg = read_config(config)
-    result = _run(lambda: provision(cfg, plan=True))
+    result = _run(lambda: plan(cfg))
     typer.echo(f"plan for {cfg.environment}:")
-    _print_records(result.records)
+    _print_records([*result.cloud, *result.vm])
+    if result.vm_note:
+        typer.echo(f"  vm: {result.vm_note}")
 
 
 @app.command("provision")

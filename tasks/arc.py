@@ -16,7 +16,7 @@ from sails_bootstrap.config import BootstrapConfig
 from tasks.errors import BootstrapError
 from tasks.log import logger
 from tasks.records import Action
-from tasks.vm import MANAGED, VM, VM_TASK, StepRecord
+from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 
 UNIT = "sails-arc.service"
 
@@ -37,7 +37,7 @@ def arc_user(config: BootstrapConfig, canfar_username: str | None) -> str:
 
 
 @task(name="ensure-canfar-key", **VM_TASK)
-def ensure_canfar_key(vm: VM, config: BootstrapConfig) -> StepRecord:
+def ensure_canfar_key(vm: VM, config: BootstrapConfig, apply: bool = True) -> StepRecord:
     """The VM's key for /arc: from the key block CANFAR trusts, else generated once (RSA 4096,
     as CANFAR documents). An existing key is never replaced."""
     key = vm_path(config, config.arc.key_path)
@@ -45,6 +45,19 @@ def ensure_canfar_key(vm: VM, config: BootstrapConfig) -> StepRecord:
     user = config.server.user
     exists = vm.run(f"test -f {q} && test -f {q}.pub", check=False).ok
     reason = "present (kept)"
+    if not exists and not apply:
+        source = (
+            f"install it from block {config.arc.key_block!r}"
+            if config.arc.key_block
+            else "generate one (RSA 4096) for CANFAR to trust"
+        )
+        return StepRecord(
+            name="canfar key",
+            action=Action.CREATE,
+            applied=False,
+            reason=f"pending: no {key}; {source}",
+            details={"public_key": "", "path": key},
+        )
     if not exists and config.arc.key_block:
         from blocks.ssh import SSHKeyPair
 
@@ -144,13 +157,42 @@ def probe_arc(vm: VM, config: BootstrapConfig) -> tuple[str, str]:
 
 
 @task(name="ensure-arc-mount", **VM_TASK)
-def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str) -> StepRecord:
+def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str, apply: bool = True) -> StepRecord:
     """sshfs under systemd (back after a reboot, restarted if it dies); verified by listing."""
     log = logger()
     changes = []
     if not vm.run("command -v sshfs", check=False).ok:
-        vm.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -q sshfs", sudo=True, timeout=600)
+        if apply:
+            vm.run(
+                "DEBIAN_FRONTEND=noninteractive apt-get install -y -q sshfs",
+                sudo=True,
+                timeout=600,
+            )
         changes.append("installed sshfs")
+    if not apply:
+        if vm.write_file(f"/etc/systemd/system/{UNIT}", unit_text(config, user), apply=False):
+            changes.append(f"wrote {UNIT}, restarted it")
+        else:
+            if not vm.run(f"systemctl is-enabled --quiet {UNIT}", check=False).ok:
+                changes.append("enabled the unit")
+            if not vm.run(f"systemctl is-active --quiet {UNIT}", check=False).ok:
+                changes.append("started the unit")
+        if not changes:
+            state, detail = probe_arc(vm, config)
+            if state != "live":
+                return StepRecord(
+                    name="/arc mount",
+                    action=Action.BLOCKED,
+                    applied=False,
+                    reason=f"{state}: {detail} (`sails-bootstrap remount` repairs a stale mount)",
+                )
+        return StepRecord(
+            name="/arc mount",
+            action=Action.CHANGE if changes else Action.KEEP,
+            applied=False,
+            reason=planned(changes, apply)
+            or f"{config.arc.host} mounted at {config.arc.mount_point}",
+        )
     if vm.write_file(f"/etc/systemd/system/{UNIT}", unit_text(config, user)):
         vm.run("systemctl daemon-reload", sudo=True)
         changes.append(f"wrote {UNIT}")

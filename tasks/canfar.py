@@ -20,7 +20,7 @@ from tasks.arc import home
 from tasks.errors import BootstrapError
 from tasks.log import logger
 from tasks.records import Action
-from tasks.vm import VM, VM_TASK, StepRecord
+from tasks.vm import VM, VM_TASK, StepRecord, planned
 
 if TYPE_CHECKING:
     from blocks.canfar import CanfarCredentials
@@ -127,23 +127,28 @@ def read_vm_expiry(vm: VM, config: BootstrapConfig) -> dt.datetime | None:
 
 
 @task(name="ensure-ca-bundle", **VM_TASK)
-def ensure_ca_bundle(vm: VM, config: BootstrapConfig) -> StepRecord:
+def ensure_ca_bundle(vm: VM, config: BootstrapConfig, apply: bool = True) -> StepRecord:
     """System CAs plus the config's extra CA file, for private services (SSL_CERT_FILE)."""
     from pathlib import Path
 
     extra = Path(config.ca_bundle).expanduser().read_text() if config.ca_bundle else ""
     system = vm.run("cat /etc/ssl/certs/ca-certificates.crt 2>/dev/null || true").stdout
-    changed = vm.write_file(VM_CA_BUNDLE, system + extra, mode="0644")
+    changed = vm.write_file(VM_CA_BUNDLE, system + extra, mode="0644", apply=apply)
     return StepRecord(
         name="CA bundle",
         action=Action.CHANGE if changed else Action.KEEP,
-        reason="written" if changed else "up to date",
+        applied=apply,
+        reason=planned([f"wrote {VM_CA_BUNDLE}"], apply) if changed else "up to date",
     )
 
 
 @task(name="ensure-canfar-auth", **VM_TASK)
 def ensure_canfar_auth(
-    vm: VM, config: BootstrapConfig, creds: CanfarCredentials, force: bool = False
+    vm: VM,
+    config: BootstrapConfig,
+    creds: CanfarCredentials,
+    force: bool = False,
+    apply: bool = True,
 ) -> StepRecord:
     """A valid proxy certificate on the VM and the env file the canfar client reads."""
     log = logger()
@@ -151,7 +156,20 @@ def ensure_canfar_auth(
     expiry = read_vm_expiry(vm, config)
     min_left = dt.timedelta(days=config.canfar.renew_days_before)
     action = Action.KEEP
-    if creds.token is None and (force or expiry is None or expiry - now < min_left):
+    renew = creds.token is None and (force or expiry is None or expiry - now < min_left)
+    if renew and not apply:
+        return StepRecord(
+            name="canfar auth",
+            action=Action.CREATE if expiry is None else Action.CHANGE,
+            applied=False,
+            reason=(
+                "pending: a proxy certificate for the VM (it has none)"
+                if expiry is None
+                else f"pending: a new proxy certificate (the VM's ends {expiry:%Y-%m-%d %H:%M} UTC)"
+            ),
+            details={"expiry": expiry.isoformat() if expiry else None},
+        )
+    if renew:
         pem = fetch_proxy_certificate(creds)
         new_expiry = certificate_expiry(pem)
         if new_expiry <= now:
@@ -180,17 +198,22 @@ def ensure_canfar_auth(
         mode="0600",
         owner=f"{config.server.user}:{config.server.user}",
         sudo=False,
+        apply=apply,
     )
     if env_changed and action == Action.KEEP:
         action = Action.CHANGE
     days = (expiry - now).total_seconds() / 86400 if expiry else None
+    current = (
+        f"certificate valid until {expiry:%Y-%m-%d %H:%M} UTC ({days:.1f} days)"
+        if expiry
+        else "bearer token"
+    )
     return StepRecord(
         name="canfar auth",
         action=action,
-        reason=(
-            f"certificate valid until {expiry:%Y-%m-%d %H:%M} UTC ({days:.1f} days)"
-            if expiry
-            else "bearer token"
-        ),
+        applied=apply,
+        reason=current
+        if apply or not env_changed
+        else f"pending: {vm_env_path(config)}; {current}",
         details={"expiry": expiry.isoformat() if expiry else None, "days_left": days},
     )

@@ -20,7 +20,7 @@ from sails_bootstrap.config import BootstrapConfig
 from tasks.errors import BootstrapError
 from tasks.log import Progress, logger
 from tasks.records import Action
-from tasks.vm import MANAGED, VM, VM_TASK, StepRecord
+from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 
 SERVER_UNIT = "prefect-server.service"
 VM_PACKAGES = ("canfar==1.5.2", "openstacksdk==4.22.0", "fabric==3.2.3")
@@ -79,7 +79,7 @@ def pip_index_args(config: BootstrapConfig) -> str:
 
 @task(name="ensure-prefect-venv", **VM_TASK)
 def ensure_prefect_venv(
-    vm: VM, config: BootstrapConfig, extra: list[str] | None = None
+    vm: VM, config: BootstrapConfig, extra: list[str] | None = None, apply: bool = True
 ) -> StepRecord:
     """A venv on the volume with the wanted Prefect (and the canfar client) installed."""
     version = config.prefect.version or local_prefect_version()
@@ -100,7 +100,19 @@ def ensure_prefect_venv(
         and sorted(have.stdout.split()) == sorted(packages)
         and not config.prefect.requirements
     ):
-        return StepRecord(name="prefect venv", reason=f"{venv} has prefect {version}")
+        return StepRecord(
+            name="prefect venv", applied=apply, reason=f"{venv} has prefect {version}"
+        )
+    if not apply:
+        wanted = ", ".join(packages) + (
+            " and the requirements" if config.prefect.requirements else ""
+        )
+        return StepRecord(
+            name="prefect venv",
+            action=Action.CHANGE if have.ok else Action.CREATE,
+            applied=False,
+            reason=f"pending: pip install {wanted} in {venv}",
+        )
     progress = Progress("the VM's Prefect venv (pip install)")
     progress.tick("starting")
     user = config.server.user
@@ -186,37 +198,45 @@ def wait_for_health(url: str, timeout: float) -> None:
 
 @task(name="ensure-prefect-server", **VM_TASK)
 def ensure_prefect_server(
-    vm: VM, config: BootstrapConfig, address: str, secret: dict[str, str]
+    vm: VM, config: BootstrapConfig, address: str, secret: dict[str, str], apply: bool = True
 ) -> StepRecord:
     changes: list[str] = []
     user = config.server.user
-    vm.run(
-        f"mkdir -p {shlex.quote(config.prefect.home)} && "
-        f"chown {user}:{user} {shlex.quote(config.prefect.home)}",
-        sudo=True,
-    )
+    if apply:
+        vm.run(
+            f"mkdir -p {shlex.quote(config.prefect.home)} && "
+            f"chown {user}:{user} {shlex.quote(config.prefect.home)}",
+            sudo=True,
+        )
     env_changed = vm.write_file(
-        SERVER_ENV, server_env(config, address, secret), mode="0600", owner="root"
+        SERVER_ENV, server_env(config, address, secret), mode="0600", owner="root", apply=apply
     )
-    unit_changed = vm.write_file(f"/etc/systemd/system/{SERVER_UNIT}", server_unit(config))
+    unit_changed = vm.write_file(
+        f"/etc/systemd/system/{SERVER_UNIT}", server_unit(config), apply=apply
+    )
     if env_changed:
         changes.append("server environment")
     if unit_changed:
         changes.append(f"wrote {SERVER_UNIT}")
-        vm.run("systemctl daemon-reload", sudo=True)
+        if apply:
+            vm.run("systemctl daemon-reload", sudo=True)
     if not vm.run(f"systemctl is-enabled --quiet {SERVER_UNIT}", check=False).ok:
-        vm.run(f"systemctl enable {SERVER_UNIT}", sudo=True)
+        if apply:
+            vm.run(f"systemctl enable {SERVER_UNIT}", sudo=True)
         changes.append("enabled")
     active = vm.run(f"systemctl is-active --quiet {SERVER_UNIT}", check=False).ok
     if not active or env_changed or unit_changed:
-        vm.run(f"systemctl restart {SERVER_UNIT}", sudo=True)
+        if apply:
+            vm.run(f"systemctl restart {SERVER_UNIT}", sudo=True)
         changes.append("restarted" if active else "started")
     url = f"http://{address}:{config.prefect.port}/api"
-    wait_for_health(url, timeout=300)
+    if apply:
+        wait_for_health(url, timeout=300)
     return StepRecord(
         name="prefect server",
         action=Action.CHANGE if changes else Action.KEEP,
-        reason="; ".join(changes) or f"healthy at {url}",
+        applied=apply,
+        reason=planned(changes, apply) or (f"healthy at {url}" if apply else f"running at {url}"),
         details={"url": url},
     )
 

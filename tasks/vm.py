@@ -43,6 +43,13 @@ class StepRecord(Record):
     kind: str = "vm"
 
 
+def planned(changes: list[str], apply: bool) -> str:
+    """The reason of a step record: what was done, or in plan mode what would be."""
+    if not changes:
+        return ""
+    return "; ".join(changes) if apply else "pending: " + "; ".join(changes)
+
+
 @dataclass
 class Result:
     stdout: str
@@ -135,14 +142,25 @@ class VM:
         return path
 
     def write_file(
-        self, path: str, content: str, *, mode: str = "0644", owner: str = "root", sudo: bool = True
+        self,
+        path: str,
+        content: str,
+        *,
+        mode: str = "0644",
+        owner: str = "root",
+        sudo: bool = True,
+        apply: bool = True,
     ) -> bool:
-        """Write ``content`` to ``path`` if it differs. True when changed."""
+        """Write ``content`` to ``path`` if it differs. True when changed (with ``apply=False``:
+        when it would be; nothing is written)."""
         q = shlex.quote(path)
         current = self.run(f"cat {q} 2>/dev/null || true", sudo=sudo, check=False).stdout
         if current == content:
-            self.run(f"chmod {mode} {q} && chown {owner} {q}", sudo=sudo)
+            if apply:
+                self.run(f"chmod {mode} {q} && chown {owner} {q}", sudo=sudo)
             return False
+        if not apply:
+            return True
         tmp = shlex.quote(self.upload(content.encode()))
         self.run(
             f'mkdir -p "$(dirname {q})" && chmod {mode} {tmp} && chown {owner} {tmp} && '
@@ -297,7 +315,9 @@ def resolve_device(vm: VM, volume_id: str, timeout: float = 60) -> str:
 
 
 @task(name="ensure-volume-mounted", **VM_TASK)
-def ensure_volume_mounted(vm: VM, config: BootstrapConfig, volume_id: str) -> StepRecord:
+def ensure_volume_mounted(
+    vm: VM, config: BootstrapConfig, volume_id: str, apply: bool = True
+) -> StepRecord:
     """Format only an empty volume, mount it by UUID from fstab, hand it to the owner."""
     log = logger()
     mp, owner = config.volume.mount_point, config.volume.owner
@@ -314,6 +334,17 @@ def ensure_volume_mounted(vm: VM, config: BootstrapConfig, volume_id: str) -> St
         raise BootstrapError(
             f"volume {volume_id} ({device}) holds a {fstype} filesystem, not ext4; refusing to "
             "format it. Copy its data off and wipe it, or attach another volume"
+        )
+    if not fstype and not apply:
+        return StepRecord(
+            name=f"volume at {mp}",
+            action=Action.CHANGE,
+            applied=False,
+            reason=(
+                f"pending: format {device} ext4 (it holds no filesystem), add it to fstab by UUID, "
+                f"mount it at {mp} and hand it to {owner}"
+            ),
+            details={"device": device},
         )
     if not fstype:
         vm.run(
@@ -333,7 +364,7 @@ def ensure_volume_mounted(vm: VM, config: BootstrapConfig, volume_id: str) -> St
     others = [entry for entry in fstab if entry.split()[1:2] != [mp] or entry.startswith("#")]
     if line not in fstab:
         changes.append("fstab entry by UUID")
-        vm.write_file("/etc/fstab", "\n".join([*others, line]) + "\n")
+        vm.write_file("/etc/fstab", "\n".join([*others, line]) + "\n", apply=apply)
     source = vm.run(f"findmnt -n -o SOURCE --mountpoint {shlex.quote(mp)}", check=False)
     mounted_from = source.stdout.strip() if source.ok else ""
     if mounted_from:
@@ -344,26 +375,31 @@ def ensure_volume_mounted(vm: VM, config: BootstrapConfig, volume_id: str) -> St
                 f"({device}); unmount it first"
             )
     else:
-        vm.run(f"mkdir -p {shlex.quote(mp)} && mount {shlex.quote(mp)}", sudo=True)
+        if apply:
+            vm.run(f"mkdir -p {shlex.quote(mp)} && mount {shlex.quote(mp)}", sudo=True)
         changes.append(f"mounted at {mp}")
-    own = vm.run(f"stat -c %U:%G {shlex.quote(mp)}").stdout.strip()
-    if own != f"{owner}:{owner}":
-        vm.run(f"chown {owner}:{owner} {shlex.quote(mp)}", sudo=True)
-        changes.append(f"owner {own} -> {owner}")
-    if changes:
+    # Not mounted (plan mode): the owner that counts is the volume's, known once it is mounted.
+    if apply or mounted_from:
+        own = vm.run(f"stat -c %U:%G {shlex.quote(mp)}").stdout.strip()
+        if own != f"{owner}:{owner}":
+            if apply:
+                vm.run(f"chown {owner}:{owner} {shlex.quote(mp)}", sudo=True)
+            changes.append(f"owner {own} -> {owner}")
+    if changes and apply:
         log.info("volume: %s", "; ".join(changes))
     return StepRecord(
         name=f"volume at {mp}",
         id=uuid,
         action=Action.CHANGE if changes else Action.KEEP,
-        reason="; ".join(changes) or f"ext4 {device} mounted at {mp}, owned by {owner}",
+        applied=apply,
+        reason=planned(changes, apply) or f"ext4 {device} mounted at {mp}, owned by {owner}",
         details={"device": device, "uuid": uuid},
     )
 
 
 # -- operator keys -----------------------------------------------------------------------------
 @task(name="ensure-operator-keys", **VM_TASK)
-def ensure_operator_keys(vm: VM, config: BootstrapConfig) -> StepRecord:
+def ensure_operator_keys(vm: VM, config: BootstrapConfig, apply: bool = True) -> StepRecord:
     """Add listed team keys; remove only keys this tool added earlier and no longer lists."""
     home = f"/home/{config.server.user}"
     auth_file, ledger = f"{home}/.ssh/authorized_keys", f"{home}/.ssh/sails-bootstrap-keys"
@@ -390,6 +426,7 @@ def ensure_operator_keys(vm: VM, config: BootstrapConfig) -> StepRecord:
             mode="0600",
             owner=f"{config.server.user}:{config.server.user}",
             sudo=False,
+            apply=apply,
         )
     if sorted(ledger_lines) != sorted(added_before):
         vm.write_file(
@@ -398,13 +435,15 @@ def ensure_operator_keys(vm: VM, config: BootstrapConfig) -> StepRecord:
             mode="0600",
             owner=f"{config.server.user}:{config.server.user}",
             sudo=False,
+            apply=apply,
         )
     changed = bool(new or removed)
     return StepRecord(
         name="operator keys",
         action=Action.CHANGE if changed else Action.KEEP,
+        applied=apply,
         reason=(
-            f"added {len(new)}, removed {removed}"
+            planned([f"added {len(new)}, removed {removed}"], apply)
             if changed
             else f"{len(wanted)} team key(s) present"
         ),

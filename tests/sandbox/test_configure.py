@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from flows.configure import configure
+from flows.plan import plan
 from flows.provision import provision
 from flows.teardown import teardown
 from tasks.errors import BootstrapError
@@ -38,7 +39,21 @@ def wait_ssh(cfg: Any, deadline: float = 90) -> None:
 
 def test_configure_fresh_then_noop_then_reboot(vm_config) -> None:  # type: ignore[no-untyped-def]
     cfg = vm_config("t-conf")
-    provision(cfg)
+    prov = provision(cfg)
+    assert prov.attachment and prov.attachment.device_path
+    device = prov.attachment.device_path
+
+    # The plan reads the fresh VM and says what configure would do; the VM is left as it was.
+    before = plan(cfg)
+    assert [r.action for r in before.cloud] == [Action.KEEP] * len(before.cloud), before.cloud
+    pending = {r.name: r for r in before.vm}
+    assert pending["volume at /mnt/pspace"].reason.startswith("pending: format"), pending
+    assert pending["prefect venv"].action == Action.CREATE
+    assert pending["canfar auth"].action == Action.CREATE
+    assert not any(r.applied for r in before.vm if r.changed)
+    assert run(cfg, f"sudo blkid -p {device}").returncode == 2  # still no filesystem
+    assert run(cfg, "findmnt /mnt/pspace || test -e /etc/sails-bootstrap").returncode != 0
+
     first = configure(cfg)
     actions = {r.name: r.action for r in first.records}
     assert actions["volume at /mnt/pspace"] == Action.CHANGE  # formatted + mounted
@@ -47,6 +62,16 @@ def test_configure_fresh_then_noop_then_reboot(vm_config) -> None:  # type: igno
 
     second = configure(cfg)
     assert [r.name for r in second.records if r.changed] == [], [r.row() for r in second.records]
+    assert not plan(cfg).pending
+
+    # Drift on the VM: the plan names it and leaves it; configure puts it back.
+    bundle = "/etc/sails-bootstrap/ca-bundle.pem"
+    run(cfg, f"echo drift | sudo tee -a {bundle} >/dev/null")
+    drifted = plan(cfg)
+    assert [(r.name, r.action) for r in drifted.vm if r.changed] == [("CA bundle", Action.CHANGE)]
+    assert run(cfg, f"sudo tail -n 1 {bundle}").stdout == "drift\n"
+    assert [r.name for r in configure(cfg).records if r.changed] == ["CA bundle"]
+    assert run(cfg, f"sudo tail -n 1 {bundle}").stdout != "drift\n"
 
     # The server answers authenticated calls only (its auth string lives in a Secret block).
     url = f"http://{first.address}:{cfg.prefect.port}/api"

@@ -1,0 +1,56 @@
+"""The whole plan: what provision would change in the cloud and, when the VM is already there,
+what configure would change on it. Nothing is written anywhere."""
+
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from flows.configure import configure
+from flows.provision import provision
+from sails_bootstrap.config import BootstrapConfig
+from tasks.errors import BootstrapError
+from tasks.log import logger
+from tasks.records import Action, Record
+from tasks.vm import StepRecord
+
+#: The cloud resources that must already be as configured before the VM itself can be read.
+VM_PREREQUISITES = ("server", "floating ip", "volume attachment")
+
+
+class PlanResult(BaseModel):
+    environment: str
+    cloud: list[Record] = Field(default_factory=list)
+    vm: list[StepRecord] = Field(default_factory=list)
+    #: Why the VM was not read (empty when ``vm`` holds its steps).
+    vm_note: str = ""
+
+    @property
+    def pending(self) -> bool:
+        """Something would change, or something blocks the run."""
+        return any(r.changed or r.action == Action.BLOCKED for r in [*self.cloud, *self.vm])
+
+
+@flow(name="plan")
+def plan(config: BootstrapConfig = BootstrapConfig()) -> PlanResult:
+    """Say what `up` would change, changing nothing."""
+    cloud = provision(config, plan=True)
+    result = PlanResult(environment=config.environment, cloud=cloud.records)
+    kinds = {r.kind: r.action for r in cloud.records}
+    pending = [k for k in VM_PREREQUISITES if kinds.get(k) != Action.KEEP]
+    if pending:
+        result.vm_note = (
+            f"not read: {', '.join(pending)} not in place yet; configure runs every step "
+            "once provision has made them"
+        )
+    else:
+        try:
+            result.vm = configure(config, plan=True).records
+        except BootstrapError as exc:
+            result.vm_note = f"not read: {exc}"
+    logger().info(
+        "plan for %s: %s",
+        config.environment,
+        "changes pending" if result.pending or result.vm_note else "nothing to change",
+    )
+    return result
