@@ -50,6 +50,20 @@ def planned(changes: list[str], apply: bool) -> str:
     return "; ".join(changes) if apply else "pending: " + "; ".join(changes)
 
 
+def same_attrs(stat_line: str, mode: str, owner: str) -> bool:
+    """Whether ``stat -c '%a %U:%G'`` output matches ``mode`` (octal) and ``owner`` ("user" or
+    "user:group")."""
+    have_mode, _, have_owner = stat_line.strip().partition(" ")
+    try:
+        if int(have_mode, 8) != int(mode, 8):
+            return False
+    except ValueError:
+        return False
+    user, _, group = have_owner.partition(":")
+    want_user, _, want_group = owner.partition(":")
+    return user == want_user and (not want_group or group == want_group)
+
+
 @dataclass
 class Result:
     stdout: str
@@ -151,14 +165,22 @@ class VM:
         sudo: bool = True,
         apply: bool = True,
     ) -> bool:
-        """Write ``content`` to ``path`` if it differs. True when changed (with ``apply=False``:
-        when it would be; nothing is written)."""
+        """Write ``content`` to ``path`` with ``mode`` and ``owner`` where any of them differs.
+        True when something changed (with ``apply=False``: would; nothing is written). One
+        command reads the file's mode, owner and content."""
         q = shlex.quote(path)
-        current = self.run(f"cat {q} 2>/dev/null || true", sudo=sudo, check=False).stdout
-        if current == content:
+        read = self.run(
+            f"stat -c '%a %U:%G' {q} 2>/dev/null || echo missing; cat {q} 2>/dev/null || true",
+            sudo=sudo,
+            check=False,
+        ).stdout
+        attrs, _, current = read.partition("\n")
+        if attrs != "missing" and current == content:
+            if same_attrs(attrs, mode, owner):
+                return False
             if apply:
                 self.run(f"chmod {mode} {q} && chown {owner} {q}", sudo=sudo)
-            return False
+            return True
         if not apply:
             return True
         tmp = shlex.quote(self.upload(content.encode()))
