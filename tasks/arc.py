@@ -169,44 +169,27 @@ def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str, apply: bool = T
                 timeout=600,
             )
         changes.append("installed sshfs")
-    if not apply:
-        if vm.write_file(f"/etc/systemd/system/{UNIT}", unit_text(config, user), apply=False):
-            changes.append(f"wrote {UNIT}, restarted it")
-        else:
-            if not vm.run(f"systemctl is-enabled --quiet {UNIT}", check=False).ok:
-                changes.append("enabled the unit")
-            if not vm.run(f"systemctl is-active --quiet {UNIT}", check=False).ok:
-                changes.append("started the unit")
-        if not changes:
-            state, detail = probe_arc(vm, config)
-            if state != "live":
-                return StepRecord(
-                    name="/arc mount",
-                    action=Action.BLOCKED,
-                    applied=False,
-                    reason=f"{state}: {detail} (`sails-bootstrap remount` repairs a stale mount)",
-                )
-        return StepRecord(
-            name="/arc mount",
-            action=Action.CHANGE if changes else Action.KEEP,
-            applied=False,
-            reason=planned(changes, apply)
-            or f"{config.arc.host} mounted at {config.arc.mount_point}",
-        )
-    if vm.write_file(f"/etc/systemd/system/{UNIT}", unit_text(config, user)):
-        vm.run("systemctl daemon-reload", sudo=True)
+    if vm.write_file(f"/etc/systemd/system/{UNIT}", unit_text(config, user), apply=apply):
+        if apply:
+            vm.run("systemctl daemon-reload", sudo=True)
+            vm.run(f"systemctl enable {UNIT} && systemctl restart {UNIT}", sudo=True)
         changes.append(f"wrote {UNIT}")
-        vm.run(f"systemctl enable {UNIT} && systemctl restart {UNIT}", sudo=True)
     elif not vm.run(f"systemctl is-enabled --quiet {UNIT}", check=False).ok:
-        vm.run(f"systemctl enable {UNIT}", sudo=True)
+        if apply:
+            vm.run(f"systemctl enable {UNIT}", sudo=True)
         changes.append("enabled the unit")
     if not vm.run(f"systemctl is-active --quiet {UNIT}", check=False).ok:
-        vm.run(f"systemctl restart {UNIT}", sudo=True)
+        if apply:
+            vm.run(f"systemctl restart {UNIT}", sudo=True)
         changes.append("started the unit")
+    if changes and not apply:  # nothing was started: there is no mount to verify yet
+        return StepRecord(
+            name="/arc mount", action=Action.CHANGE, applied=False, reason=planned(changes, apply)
+        )
     state, detail = "dead", ""
-    for _ in range(20):
+    for _ in range(20 if apply else 1):
         state, detail = probe_arc(vm, config)
-        if state == "live":
+        if state == "live" or not apply:
             break
         vm.run("sleep 1", check=False)
     if state != "live":
@@ -216,10 +199,12 @@ def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str, apply: bool = T
         return StepRecord(
             name="/arc mount",
             action=Action.BLOCKED,
+            applied=apply,
             reason=(
                 f"{state}: {detail}. Add the VM's CANFAR public key (artifact "
                 f"'canfar-key-{config.environment}') to ~/.ssh/authorized_keys on CANFAR, "
-                f"then run configure again. Last log: {journal[-300:]}"
+                f"then run configure again (`sails-bootstrap remount` repairs a stale mount). "
+                f"Last log: {journal[-300:]}"
             ),
         )
     if changes:
@@ -227,5 +212,6 @@ def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str, apply: bool = T
     return StepRecord(
         name="/arc mount",
         action=Action.CHANGE if changes else Action.KEEP,
+        applied=apply,
         reason="; ".join(changes) or f"{config.arc.host} mounted at {config.arc.mount_point}",
     )
