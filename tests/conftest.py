@@ -22,16 +22,3 @@ pytest_plugins = [
     "tests.fixtures.canfar",
     "tests.fixtures.bootstrap",
 ]
-
-
-def pytest_sessionfinish(session: object, exitstatus: int) -> None:
-    """Stop a temporary Prefect server this process may have started (a run with no API URL)
-    while pytest's output capture is still open; left to the interpreter's exit, its shutdown
-    message is logged to a closed stream."""
-    import sys
-
-    if "prefect.server.api.server" in sys.modules:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        for server in list(SubprocessASGIServer._instances.values()):
-            server.stop()
