@@ -1,8 +1,8 @@
 """Realistic slowness for benchmarks: how long a server build or a volume creation takes.
 
 A JSON file under the state directory, read by the guests library (``boot``, seconds added
-before a guest boots) and by the sandbox's Cinder driver (``volume_create``). API latency itself
-is the fault proxy's business (``sandbox.faults``).
+before a guest boots) and by the sandbox's Cinder driver (``volume_create``, ``volume_delete``).
+API latency itself is the fault proxy's business (``sandbox.faults``).
 """
 
 from __future__ import annotations

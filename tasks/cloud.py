@@ -560,7 +560,8 @@ def wait_for_volume(conn: Connection, volume: Any, status: str, timeout: float) 
 def ensure_volume(conn: Connection, config: BootstrapConfig, apply: bool = True) -> VolumeRecord:
     """The persistent volume. Extra empty copies of ours (retried creates) are deleted."""
     log = logger()
-    vols = _our_volumes(conn, config)
+    # A volume being deleted is on its way out (an interrupted teardown): not ours to keep.
+    vols = [v for v in _our_volumes(conn, config) if v.status != "deleting"]
     if vols:
         volume = vols[0]
         if apply:
@@ -716,7 +717,9 @@ def delete_volume(
     conn: Connection, config: BootstrapConfig, apply: bool = True
 ) -> list[VolumeRecord]:
     out = []
-    for vol in _our_volumes(conn, config):
+    vols = _our_volumes(conn, config)
+    for vol in vols:
+        deleting = vol.status == "deleting"
         out.append(
             VolumeRecord(
                 name=vol.name,
@@ -724,14 +727,19 @@ def delete_volume(
                 size_gb=vol.size,
                 status=vol.status,
                 action=Action.DELETE,
-                reason="teardown --delete-volume",
+                reason="already being deleted" if deleting else "teardown --delete-volume",
                 applied=apply,
             )
         )
-        if apply:
+        if apply and not deleting:
             if vol.status != "available":
                 wait_for_volume(conn, vol, "available", config.volume.timeout)
             conn.block_storage.delete_volume(vol.id, ignore_missing=True)
+    if apply:
+        # Cinder deletes in the background: done means gone, so a re-run or a new volume of the
+        # same name never meets a half-deleted one.
+        for vol in vols:
+            conn.block_storage.wait_for_delete(vol, interval=1, wait=int(config.volume.timeout))
             logger().info("deleted volume %s", vol.id)
     return out
 

@@ -60,7 +60,11 @@ def apt_install(packages: list[str], probes: dict[str, str]) -> None:
 def plugin_hash() -> str:
     h = hashlib.sha256("\n".join(PINNED).encode())
     for path in sorted(c.PLUGIN_SRC.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts and path.suffix in {".py", ".toml"}:
+        parts = path.relative_to(c.PLUGIN_SRC).parts
+        built = parts[0] == "build" or any(
+            p.endswith(".egg-info") or p == "__pycache__" for p in parts
+        )
+        if path.is_file() and not built and path.suffix in {".py", ".toml"}:
             h.update(str(path.relative_to(c.PLUGIN_SRC)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()

@@ -159,6 +159,39 @@ def test_teardown_then_reprovision_keeps_the_volume(env_config, admin_conn) -> N
     assert for_address and {fingerprint(f"{e[1]} {e[2]}") for e in for_address} <= new_keys
 
 
+def test_teardown_returns_when_the_volume_is_gone(env_config, admin_conn, user_conn) -> None:  # type: ignore[no-untyped-def]
+    """Cinder deletes in the background; teardown is done only when the volume is gone, also
+    when it meets a volume that an interrupted run had begun deleting."""
+    from sandbox import latency
+    from tasks.cloud import MARKER
+
+    cfg = env_config("t-slowdelete")
+
+    def our_volume() -> Any:
+        vol = user_conn.block_storage.create_volume(
+            name=cfg.volume_name, size=1, metadata={MARKER: cfg.environment}
+        )
+        return user_conn.block_storage.wait_for_status(vol, "available", interval=1, wait=60)
+
+    latency.set_latency(volume_delete=15)
+    try:
+        vol = our_volume()
+        removed = teardown(cfg, delete_data_volume=True)
+        assert [(r.kind, r.id) for r in removed] == [("volume", vol.id)]
+        assert ours(admin_conn, cfg)["volumes"] == []
+
+        vol = our_volume()
+        user_conn.block_storage.delete_volume(vol.id)  # a run killed right after this call
+        assert user_conn.block_storage.get_volume(vol.id).status == "deleting"
+        plan = provision(cfg, plan=True)  # a volume on its way out is not the data volume
+        assert {r.kind: r.action for r in plan.records}["volume"] == Action.CREATE
+        removed = teardown(cfg, delete_data_volume=True)
+        assert [(r.id, r.reason) for r in removed] == [(vol.id, "already being deleted")]
+        assert ours(admin_conn, cfg)["volumes"] == []
+    finally:
+        latency.set_latency()
+
+
 def seen_request(fault_control: Any, method: str, suffix: str) -> bool:
     paths = fault_control.counts()["paths"]
     return any(

@@ -82,6 +82,10 @@ class SandboxFileDriver(driver.VolumeDriver):
         return {}
 
     def delete_volume(self, volume):
+        # A real backend wipes or unmaps first: the volume stays "deleting" meanwhile.
+        delay = _latency("volume_delete")
+        if delay > 0:
+            time.sleep(delay)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_path(volume))
 
