@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,17 +117,25 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args()
 
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from blocks import SSHKeyPair
     from sails_bootstrap.cli import sandbox_canfar_credentials
     from sandbox import canfar, latency, manager
     from sandbox.faults import FaultControl
-    from tests.fixtures.prefect_server import start_prefect_server, stop_prefect_server
+    from tests.fixtures.prefect_server import (
+        drain_prefect_workers,
+        start_prefect_server,
+        stop_prefect_server,
+    )
 
     manager.up()
     os.environ.update(manager.env())
     tmp = Path(tempfile.mkdtemp(prefix="sails-bench-"))
     server = start_prefect_server(tmp / "prefect")
-    os.environ.update(server.env())
+    # Prefect read its settings when it was imported: the environment alone is too late here.
+    client_settings = ExitStack()
+    client_settings.enter_context(temporary_settings({PREFECT_API_URL: server.url}))
     info = canfar.info()
     faults = FaultControl()
     results: dict[str, Any] = {}
@@ -218,6 +226,8 @@ def main() -> int:
         latency.set_latency()
         for cfg in (a, b, warm):
             clean(cfg, teardown)
+        drain_prefect_workers()
+        client_settings.close()
         stop_prefect_server(server)
 
     write_results(args, results)
