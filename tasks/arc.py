@@ -187,9 +187,9 @@ def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str, apply: bool = T
             name="/arc mount", action=Action.CHANGE, applied=False, reason=planned(changes, apply)
         )
     state, detail = "dead", ""
-    for _ in range(20 if apply else 1):
+    for _ in range(20):
         state, detail = probe_arc(vm, config)
-        if state == "live" or not apply:
+        if state == "live" or not apply:  # a plan probes once
             break
         vm.run("sleep 1", check=False)
     if state != "live":
