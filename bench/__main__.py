@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,25 +117,25 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args()
 
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from blocks import SSHKeyPair
-    from sails_bootstrap.cli import sandbox_canfar_credentials
-    from sandbox import canfar, latency, manager
-    from sandbox.faults import FaultControl
-    from tests.fixtures.prefect_server import (
-        drain_prefect_workers,
-        start_prefect_server,
-        stop_prefect_server,
-    )
+    from sandbox import manager
+    from tests.fixtures.prefect_server import serving_prefect
 
     manager.up()
     os.environ.update(manager.env())
     tmp = Path(tempfile.mkdtemp(prefix="sails-bench-"))
-    server = start_prefect_server(tmp / "prefect")
-    # Prefect read its settings when it was imported: the environment alone is too late here.
-    client_settings = ExitStack()
-    client_settings.enter_context(temporary_settings({PREFECT_API_URL: server.url}))
+    with serving_prefect(tmp / "prefect"):
+        results = measure(args, tmp)
+    write_results(args, results)
+    print(args.out.read_text())
+    return 0
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from blocks import SSHKeyPair
+    from sails_bootstrap.cli import sandbox_canfar_credentials
+    from sandbox import canfar, latency
+    from sandbox.faults import FaultControl
+
     info = canfar.info()
     faults = FaultControl()
     results: dict[str, Any] = {}
@@ -226,13 +226,7 @@ def main() -> int:
         latency.set_latency()
         for cfg in (a, b, warm):
             clean(cfg, teardown)
-        drain_prefect_workers()
-        client_settings.close()
-        stop_prefect_server(server)
-
-    write_results(args, results)
-    print(args.out.read_text())
-    return 0
+    return results
 
 
 def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
