@@ -152,7 +152,7 @@ def neutron() -> Sections:
         "DEFAULT": {
             **_common("neutron"),
             "core_plugin": "ml2",
-            "service_plugins": "router,sails_floatingip",
+            "service_plugins": "router,sails_floatingip,sails_secgroups",
             "auth_strategy": "keystone",
             "api_workers": 1,
             "rpc_workers": 1,

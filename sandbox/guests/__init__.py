@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sandbox import latency, layout, net
-from sandbox.guests import rootfs
+from sandbox.guests import firewall, rootfs
 
 GUESTS_DIR = layout.STATE_DIR / "guests"
 #: Exit code of systemd-nspawn when the guest rebooted itself.
@@ -486,6 +486,7 @@ def start_guest(spec: GuestSpec, timeout: float = 90) -> None:
         else:
             spec = GuestSpec(**_load(spec.name)["spec"])  # the guest keeps what it was built with
         _ensure_netns(spec.name, spec)
+        firewall.restore(spec.name)  # its security groups (Nova guests), before it boots
         _mount_overlay(spec.name)
         # a supervisor still winding down after a power-off must be gone before the next one
         if not _wait_gone(lambda: _supervisor_pid(spec.name), 5):

@@ -197,6 +197,9 @@ def test_power_off_from_inside_and_api_start_stop(user_conn):
     tag = uuid.uuid4().hex[:6]
     public, pkey = make_key()
     conn.create_keypair(f"k-{tag}", public_key=public)
+    # security groups are enforced: the project's default group admits only its own members
+    sg = conn.create_security_group(f"sg-{tag}", "ssh")
+    conn.create_security_group_rule(sg.id, 22, 22, "tcp", remote_ip_prefix="0.0.0.0/0")
     server = None
     try:
         server = conn.create_server(
@@ -205,6 +208,7 @@ def test_power_off_from_inside_and_api_start_stop(user_conn):
             flavor="p1-1.5gb",
             network=NETWORK,
             key_name=f"k-{tag}",
+            security_groups=[sg.name],
             auto_ip=False,
             wait=True,
             timeout=180,
@@ -237,6 +241,7 @@ def test_power_off_from_inside_and_api_start_stop(user_conn):
     finally:
         if server is not None:
             conn.delete_server(server.id, wait=True, delete_ips=True, timeout=120)
+        conn.delete_security_group(sg.id)
         conn.delete_keypair(f"k-{tag}")
 
 
