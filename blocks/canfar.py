@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from canfar.idp import get_idp
 from prefect.blocks.abstract import CredentialsBlock
 from pydantic import Field, SecretStr, model_validator
 
-CADC_REGISTRY_URL = "https://ws.cadc-ccda.hia-iha.nrc-cnrc.gc.ca/reg/resource-caps"
+#: The IVOA registry the canfar client itself asks for CADC's services (its built-in "cadc"
+#: identity provider), so a login here finds the credential service where ``canfar`` does.
+CADC_REGISTRY_URL = str(get_idp("cadc").registry_url)
 CANFAR_SESSION_URL = "https://ws-uv.canfar.net/skaha/v1"
 
 

@@ -36,7 +36,6 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 SEED_IMAGE = "Ubuntu-24.04-Noble-x64-2024-06"
 SEED_FLAVOR = "c1-7.5gb-36"
-CADC_REGISTRY_URL = "https://ws.cadc-ccda.hia-iha.nrc-cnrc.gc.ca/reg/resource-caps"
 CANFAR_SESSION_URL = "https://ws-uv.canfar.net/skaha/v1"
 
 

@@ -28,11 +28,12 @@ SERVICES_IP = TENANT_GATEWAY
 EXTERNAL_CIDR = "172.24.4.0/24"
 EXTERNAL_GATEWAY = "172.24.4.1"
 
-#: CANFAR stand-ins and the guests' package index, all on SERVICES_IP.
+#: CANFAR stand-ins and the guests' package index and Debian mirror, all on SERVICES_IP.
 ARC_PORT = 64022  # SFTP-only OpenSSH standing in for ws-uv.canfar.net
 SKAHA_PORT = 8443  # HTTPS session API (X.509 client certificates or bearer tokens)
 CRED_PORT = 8444  # HTTPS: IVOA registry, VOSI capabilities, CDP proxy-certificate service
 INDEX_PORT = 8480  # HTTP PEP 503 simple index of wheels for the guests
+MIRROR_PORT = 8481  # HTTP signed Debian package mirror for the guests (sandbox.mirror)
 
 #: Name of the clouds.yaml entries the sandbox writes.
 CLOUD_NAME = "sandbox"

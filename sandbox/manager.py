@@ -25,7 +25,7 @@ from sandbox import layout, net
 from sandbox.cloud import common, packages, procs, seed, services
 
 #: Optional sandbox parts, started after the cloud and stopped before it.
-PARTS: list[str] = ["sandbox.canfar"]
+PARTS: list[str] = ["sandbox.canfar", "sandbox.mirror"]
 FIP_TABLE = "sails_fip"
 
 
