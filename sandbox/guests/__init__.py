@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sandbox import latency, layout, net
+from sandbox import latency, layout, mirror, net
 from sandbox.guests import firewall, rootfs
 
 GUESTS_DIR = layout.STATE_DIR / "guests"
@@ -270,6 +270,7 @@ def _prepare(spec: GuestSpec) -> None:
     )
     (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
     (etc / "machine-id").write_text(hashlib.md5(spec.name.encode()).hexdigest() + "\n")
+    mirror.prepare_guest(upper)  # apt source and key of the sandbox mirror; dpkg-lock fault
     ssh_dir = upper / "home/ubuntu/.ssh"
     ssh_dir.mkdir(parents=True, exist_ok=True)
     _copy_dir_attrs(lower / "home", upper / "home")
