@@ -113,3 +113,12 @@ def test_blocks_round_trip_through_a_real_server(prefect_server, caplog) -> None
     logged = caplog.text + prefect_server.log.read_text()
     for secret in (PASSWORD, CADC_PASSWORD, "PRIVATE KEY"):
         assert secret not in logged
+
+
+def test_canfar_registry_is_the_one_the_canfar_client_uses() -> None:
+    from canfar.idp import get_idp
+
+    creds = CanfarCredentials(username="someone", password=SecretStr(CADC_PASSWORD))
+    assert creds.registry_url == str(get_idp("cadc").registry_url)
+    assert creds.registry_url == "https://cadc-west-01.canfar.net/reg/resource-caps"
+    assert CanfarCredentials.model_fields["registry_url"].default == creds.registry_url
