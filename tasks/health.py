@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sails_bootstrap.config import BootstrapConfig
+from sails_bootstrap.config import BootstrapConfig, IngressRule
 from tasks.arc import probe_arc
 from tasks.canfar import read_vm_expiry
 from tasks.records import Action
@@ -88,6 +88,28 @@ def run_probes(probes: list[Probe]) -> list[ProbeResult]:
 
 
 # -- the probes --------------------------------------------------------------------------------
+def describe_rule(rule: IngressRule) -> str:
+    port = f" {rule.port}" if rule.port is not None else ""
+    return f"ingress {rule.protocol}{port} from {rule.cidr}"
+
+
+def ingress_probe(conn: Connection, config: BootstrapConfig) -> tuple[str, str]:
+    """Every configured ingress rule is in the security group (the cloud enforces the group: a
+    missing port-22 rule locks the operator out), each missing one named."""
+    from tasks.cloud import _rule_key
+
+    name = config.server.security_group
+    groups = list(conn.network.security_groups(name=name, project_id=str(conn.current_project_id)))
+    if not groups:
+        return FAIL, f"security group {name} not found in the project"
+    group = conn.network.get_security_group(groups[0].id)
+    have = {_rule_key(r) for r in group.security_group_rules if r["direction"] == "ingress"}
+    missing = [describe_rule(r) for r in config.server.ingress if r.key() not in have]
+    if missing:
+        return FAIL, f"security group {name} lacks " + "; ".join(missing)
+    return OK, f"security group {name} has all {len(config.server.ingress)} ingress rules"
+
+
 def cloud_probes(conn: Connection, config: BootstrapConfig) -> list[Probe]:
     from tasks.cloud import _our_servers, _our_volumes, _server_port
 
@@ -122,6 +144,9 @@ def cloud_probes(conn: Connection, config: BootstrapConfig) -> list[Probe]:
         if v.status == "in-use" and servers & set(on):
             return OK, f"{v.name} in-use on the server"
         return FAIL, f"{v.name} {v.status}, attached to {on or 'nothing'}"
+
+    def ingress() -> tuple[str, str]:
+        return ingress_probe(conn, config)
 
     def drift() -> tuple[str, str]:
         from flows.provision import load_key
@@ -159,6 +184,7 @@ def cloud_probes(conn: Connection, config: BootstrapConfig) -> list[Probe]:
         Probe("server", server, t),
         Probe("floating-ip", floating_ip, t),
         Probe("volume", volume, t),
+        Probe("security-group", ingress, t),
         Probe("drift", drift, 2 * t, critical=False),
     ]
 
