@@ -1,0 +1,189 @@
+"""Security groups as the sandbox cloud enforces them, and what the product makes of a missing rule.
+
+One provisioned VM serves every test here. It sits in a security group of its own (made by the
+test, filled by the product's ingress rules), so that removing its port-22 rule locks no other
+test's VM out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sails_bootstrap.config import BootstrapConfig, dump_config, parse_config
+from tests.fixtures.bootstrap import ssh_alias, start_cli
+
+pytestmark = [pytest.mark.sandbox]
+
+
+@dataclass
+class SecuredVM:
+    config: BootstrapConfig
+    config_file: Path
+    group_id: str
+    server_id: str
+    address: str
+
+    @property
+    def guest(self) -> str:
+        """The sandbox guest behind the server (as the sandbox's Nova driver names it)."""
+        return "os-" + self.server_id.replace("-", "")[:12]
+
+
+@pytest.fixture(scope="module")
+def secured_vm(
+    sandbox_cloud: dict[str, str], prefect_server: Any, user_conn: Any, tmp_path_factory: Any
+) -> Iterator[SecuredVM]:
+    from flows.provision import provision
+    from flows.teardown import teardown
+    from sandbox import manager
+
+    manager.up()
+    env = f"t-sg-{uuid.uuid4().hex[:4]}"
+    group = user_conn.network.create_security_group(name=env, description="test_secgroups")
+    home = tmp_path_factory.mktemp("secgroups")
+    cfg = parse_config(
+        {
+            "environment": env,
+            "ssh": {
+                "key_block": f"{env}-key",
+                "config_dir": str(home / "ssh"),
+                "connect_timeout": 120,
+            },
+            "arc": {"enabled": False},
+            "canfar": {"smoke_test": {"enabled": False}},
+            "server": {"build_timeout": 180, "security_group": env},
+            "volume": {"size_gb": 1, "timeout": 120},
+            "prefect": {"auth_block": f"{env}-prefect-auth"},
+        },
+        f"test config {env}",
+    )
+    cfg_file = home / "config.yaml"
+    cfg_file.write_text(dump_config(cfg))
+    try:
+        result = provision(cfg)
+        assert result.server and result.server.id and result.address
+        yield SecuredVM(cfg, cfg_file, group.id, result.server.id, result.address)
+    finally:
+        with contextlib.suppress(Exception):
+            teardown(cfg, delete_data_volume=True)
+        user_conn.compute.delete_keypair(cfg.keypair_name, ignore_missing=True)
+        user_conn.network.delete_security_group(group.id, ignore_missing=True)
+
+
+def _rules(conn: Any, vm: SecuredVM, **match: Any) -> list[Any]:
+    rules = conn.network.security_group_rules(security_group_id=vm.group_id, direction="ingress")
+    return [r for r in rules if all(r[k] == v for k, v in match.items())]
+
+
+def _ssh(vm: SecuredVM, command: str = "true") -> subprocess.CompletedProcess[str]:
+    return ssh_alias(vm.config, command, "ConnectTimeout=4", "ConnectionAttempts=1", timeout=30)
+
+
+def _tcp_answers(address: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(3)
+        return s.connect_ex((address, port)) == 0
+
+
+def _ping(address: str) -> bool:
+    proc = subprocess.run(["ping", "-n", "-c", "1", "-W", "2", address], capture_output=True)
+    return proc.returncode == 0
+
+
+def test_removed_port22_rule_cuts_ssh_health_names_it_provision_restores(
+    secured_vm: SecuredVM, user_conn: Any, prefect_server: Any
+) -> None:
+    vm = secured_vm
+    assert _ssh(vm).returncode == 0
+    (rule,) = _rules(user_conn, vm, protocol="tcp", port_range_min=22)
+    user_conn.network.delete_security_group_rule(rule.id)
+
+    # The guest's namespace drops new connections as soon as Neutron answered the delete.
+    assert not _tcp_answers(vm.address, 22)
+    refused = _ssh(vm)
+    assert refused.returncode == 255, refused.stdout
+    assert "timed out" in refused.stderr, refused.stderr
+
+    from flows.operate import health_check
+
+    state = health_check(vm.config, return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert f"security-group: security group {vm.config.server.security_group} lacks " in message
+    assert "ingress tcp 22 from 0.0.0.0/0" in message, message
+    assert "ingress tcp 4200" not in message and "ingress icmp" not in message, message
+
+    proc = start_cli("provision", "--config", str(vm.config_file), env=prefect_server.env())
+    assert proc.wait(timeout=600) == 0
+    (restored,) = _rules(user_conn, vm, protocol="tcp", port_range_min=22)
+    assert restored.remote_ip_prefix == "0.0.0.0/0" and restored.id != rule.id
+    back = _ssh(vm, "whoami")
+    assert back.returncode == 0, back.stderr
+    assert back.stdout.strip() == "ubuntu"
+
+
+def test_guest_ruleset_follows_the_icmp_rule(secured_vm: SecuredVM, user_conn: Any) -> None:
+    from sandbox.guests import firewall
+
+    vm = secured_vm
+    table = firewall.ruleset(vm.guest)
+    assert "policy drop" in table and "tcp dport 22 accept" in table, table
+    assert "tcp dport 4200 accept" in table and "icmp accept" in table, table
+    assert _ping(vm.address)
+
+    (icmp,) = _rules(user_conn, vm, protocol="icmp")
+    user_conn.network.delete_security_group_rule(icmp.id)
+    try:
+        table = firewall.ruleset(vm.guest)
+        assert "icmp accept" not in table and "tcp dport 22 accept" in table, table
+        assert not _ping(vm.address)
+    finally:
+        user_conn.network.create_security_group_rule(
+            security_group_id=vm.group_id,
+            direction="ingress",
+            ethertype="IPv4",
+            protocol="icmp",
+            remote_ip_prefix="0.0.0.0/0",
+        )
+    assert "icmp accept" in firewall.ruleset(vm.guest)
+    assert _ping(vm.address)
+
+
+def test_dropped_ssh_connection_ends_the_command_in_flight(secured_vm: SecuredVM) -> None:
+    from sandbox.guests import firewall
+
+    vm = secured_vm
+    ssh_config = Path(vm.config.ssh.config_dir) / "config"
+    proc = subprocess.Popen(
+        ["ssh", "-F", str(ssh_config), "-o", "BatchMode=yes", vm.config.ssh.alias,
+         "echo started; sleep 120; echo finished"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "started"
+        assert firewall.drop_ssh_connections(vm.guest) >= 1
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 255, (out, err)
+    assert "finished" not in out
+    assert "reset" in err.lower() or "closed" in err.lower(), err
+    # The next connection works: only the sessions were dropped.
+    again = _ssh(vm)
+    assert again.returncode == 0, again.stderr
