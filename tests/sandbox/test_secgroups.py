@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,9 +97,30 @@ def _tcp_answers(address: str, port: int) -> bool:
         return s.connect_ex((address, port)) == 0
 
 
-def _ping(address: str) -> bool:
-    proc = subprocess.run(["ping", "-n", "-c", "1", "-W", "2", address], capture_output=True)
-    return proc.returncode == 0
+def _ping(address: str, wait: float = 2.0) -> bool:
+    """One ICMP echo request (a raw socket: root, no ping binary needed); True on its reply."""
+    ident, seq = os.getpid() & 0xFFFF, int(time.monotonic() * 1000) & 0xFFFF
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+    payload = b"sails-secgroups"
+    data = header + payload + b"\0" * (len(payload) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    checksum = ~(total + (total >> 16)) & 0xFFFF
+    packet = struct.pack("!BBHHH", 8, 0, checksum, ident, seq) + payload
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        s.sendto(packet, (address, 0))
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            s.settimeout(left)
+            try:
+                reply, (source, _) = s.recvfrom(1024)
+            except TimeoutError:
+                return False
+            icmp = reply[(reply[0] & 0x0F) * 4 :]
+            kind, _, _, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
+            if source == address and kind == 0 and (rid, rseq) == (ident, seq):
+                return True
+    return False
 
 
 def test_removed_port22_rule_cuts_ssh_health_names_it_provision_restores(
