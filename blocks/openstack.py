@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Literal
 
 from prefect.blocks.abstract import CredentialsBlock
@@ -9,6 +10,31 @@ from pydantic import Field, SecretStr
 
 if TYPE_CHECKING:
     from openstack.connection import Connection
+
+
+AuthType = Literal["password", "v3applicationcredential"]
+
+#: clouds.yaml ``auth_type`` spellings and the plugin this block uses for each.
+_AUTH_TYPES: dict[str, AuthType] = {
+    "password": "password",
+    "v3password": "password",
+    "v3applicationcredential": "v3applicationcredential",
+}
+
+
+class CredentialsError(ValueError):
+    """Credentials that cannot be used as given; the message says how to fix them."""
+
+
+def missing_password(cloud: str | None) -> str:
+    where = f"clouds.yaml entry {cloud!r}" if cloud else "the OpenStackCredentials block"
+    return (
+        f"{where} uses password auth but holds no password (the dashboard's clouds.yaml "
+        "leaves it out). Either export OS_PASSWORD, put it in secure.yaml, or better, create an "
+        "application credential (on Arbutus: the arbutus-canfar dashboard you sign in to with "
+        "your CADC account, Identity > Application Credentials) and use the clouds.yaml it "
+        "offers (auth_type: v3applicationcredential)"
+    )
 
 
 class OpenStackCredentials(CredentialsBlock):
@@ -32,15 +58,25 @@ class OpenStackCredentials(CredentialsBlock):
     auth_url: str = Field(
         description="Keystone URL, e.g. https://arbutus.cloud.computecanada.ca:5000/v3"
     )
-    auth_type: Literal["password", "v3applicationcredential"] = Field(
+    auth_type: AuthType = Field(
         default="v3applicationcredential", description="How to authenticate."
     )
     username: str | None = Field(default=None, description="User name (password auth).")
     password: SecretStr | None = Field(default=None, description="Password (password auth).")
     project_name: str | None = Field(default=None, description="Project (password auth).")
-    project_id: str | None = Field(default=None, title="Project ID")
+    project_id: str | None = Field(
+        default=None,
+        title="Project ID",
+        description="Project to scope to (password auth); preferred over the name when given.",
+    )
     user_domain_name: str = Field(default="Default", title="User domain")
+    user_domain_id: str | None = Field(
+        default=None, title="User domain ID", description="Used instead of the name when given."
+    )
     project_domain_name: str = Field(default="Default", title="Project domain")
+    project_domain_id: str | None = Field(
+        default=None, title="Project domain ID", description="Used instead of the name when given."
+    )
     application_credential_id: str | None = Field(default=None, title="Application credential ID")
     application_credential_secret: SecretStr | None = Field(
         default=None, title="Application credential secret"
@@ -56,23 +92,50 @@ class OpenStackCredentials(CredentialsBlock):
 
     @classmethod
     def from_clouds_yaml(cls, cloud: str | None = None) -> OpenStackCredentials:
-        """Read an entry of clouds.yaml (``OS_CLIENT_CONFIG_FILE`` and the usual places)."""
+        """Read an entry of clouds.yaml (``OS_CLIENT_CONFIG_FILE`` and the usual places; a
+        secure.yaml beside it may hold the secret). A password entry without a password takes
+        ``OS_PASSWORD``, as the openstack client does; with neither, a CredentialsError says how
+        to give one. Project and domain ids are kept: scoping is by id when the entry has one."""
         import openstack.config
 
-        region = openstack.config.OpenStackConfig().get_one(cloud=cloud)
+        region = openstack.config.OpenStackConfig().get_one(cloud=cloud, validate=False)
         cfg = region.config
+        name = cloud or region.name
         auth = dict(cfg.get("auth", {}))
+        auth_type = _AUTH_TYPES.get(str(cfg.get("auth_type") or "password"))
+        if auth_type is None:
+            raise CredentialsError(
+                f"clouds.yaml entry {name!r} uses auth_type {cfg.get('auth_type')!r}; "
+                "sails-bootstrap supports v3applicationcredential (recommended: create one in "
+                "the dashboard under Identity > Application Credentials) and password"
+            )
+        if not auth.get("auth_url"):
+            raise CredentialsError(f"clouds.yaml entry {name!r} has no auth.auth_url")
         secret = auth.get("application_credential_secret")
         password = auth.get("password")
+        if auth_type == "password" and not password:
+            password = os.environ.get("OS_PASSWORD") or None
+            if not password:
+                raise CredentialsError(missing_password(name))
+        if auth_type == "v3applicationcredential" and not (
+            auth.get("application_credential_id") and secret
+        ):
+            raise CredentialsError(
+                f"clouds.yaml entry {name!r} needs auth.application_credential_id and "
+                "auth.application_credential_secret (the clouds.yaml the dashboard offers when "
+                "the application credential is created holds both)"
+            )
         return cls(
             auth_url=auth["auth_url"],
-            auth_type=cfg.get("auth_type") or "password",
+            auth_type=auth_type,
             username=auth.get("username"),
             password=SecretStr(password) if password else None,
             project_name=auth.get("project_name"),
             project_id=auth.get("project_id"),
             user_domain_name=auth.get("user_domain_name") or "Default",
+            user_domain_id=auth.get("user_domain_id"),
             project_domain_name=auth.get("project_domain_name") or "Default",
+            project_domain_id=auth.get("project_domain_id"),
             application_credential_id=auth.get("application_credential_id"),
             application_credential_secret=SecretStr(secret) if secret else None,
             region_name=cfg.get("region_name") or None,
@@ -82,8 +145,9 @@ class OpenStackCredentials(CredentialsBlock):
 
     def _auth(self) -> dict[str, Any]:
         if self.auth_type == "v3applicationcredential":
+            # Project-scoped by Keystone itself: no project or domain is sent with it.
             if not (self.application_credential_id and self.application_credential_secret):
-                raise ValueError(
+                raise CredentialsError(
                     "application credential auth needs application_credential_id and "
                     "application_credential_secret"
                 )
@@ -94,19 +158,29 @@ class OpenStackCredentials(CredentialsBlock):
                     self.application_credential_secret.get_secret_value()
                 ),
             }
-        if not (self.username and self.password and (self.project_name or self.project_id)):
-            raise ValueError("password auth needs username, password and project_name/project_id")
+        if not self.password:
+            raise CredentialsError(missing_password(None))
+        if not (self.username and (self.project_name or self.project_id)):
+            raise CredentialsError(
+                "password auth needs username, password and project_id (or project_name)"
+            )
         auth: dict[str, str] = {
             "auth_url": self.auth_url,
             "username": self.username,
             "password": self.password.get_secret_value(),
-            "user_domain_name": self.user_domain_name,
-            "project_domain_name": self.project_domain_name,
         }
-        if self.project_name:
-            auth["project_name"] = self.project_name
-        elif self.project_id:
+        if self.user_domain_id:
+            auth["user_domain_id"] = self.user_domain_id
+        else:
+            auth["user_domain_name"] = self.user_domain_name
+        if self.project_id:  # an id names one project whatever its domain
             auth["project_id"] = self.project_id
+        else:
+            auth["project_name"] = str(self.project_name)
+            if self.project_domain_id:
+                auth["project_domain_id"] = self.project_domain_id
+            else:
+                auth["project_domain_name"] = self.project_domain_name
         return auth
 
     def get_connection(self) -> Connection:

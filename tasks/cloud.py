@@ -51,7 +51,7 @@ CLOUD_TASK: dict[str, Any] = {
 
 def open_connection(config: BootstrapConfig) -> Connection:
     """A connection through the named OpenStackCredentials block, or the clouds.yaml entry."""
-    from blocks.openstack import OpenStackCredentials
+    from blocks.openstack import CredentialsError, OpenStackCredentials
 
     if config.cloud.credentials_block:
         try:
@@ -67,6 +67,8 @@ def open_connection(config: BootstrapConfig) -> Connection:
     else:
         try:
             creds = OpenStackCredentials.from_clouds_yaml(config.cloud.cloud)
+        except CredentialsError as exc:
+            raise BootstrapError(str(exc)) from None
         except Exception as exc:
             raise BootstrapError(
                 f"no cloud credentials: {str(exc).rstrip('.')}. Name an OpenStackCredentials "
@@ -74,7 +76,10 @@ def open_connection(config: BootstrapConfig) -> Connection:
                 "(or set OS_CLOUD)"
             ) from None
     creds.api_timeout = config.cloud.api_timeout
-    return creds.get_connection()
+    try:
+        return creds.get_connection()
+    except CredentialsError as exc:
+        raise BootstrapError(str(exc)) from None
 
 
 def _ours(resource_meta: dict[str, Any] | None, config: BootstrapConfig) -> bool:

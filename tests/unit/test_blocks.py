@@ -122,3 +122,92 @@ def test_canfar_registry_is_the_one_the_canfar_client_uses() -> None:
     assert creds.registry_url == str(get_idp("cadc").registry_url)
     assert creds.registry_url == "https://cadc-west-01.canfar.net/reg/resource-caps"
     assert CanfarCredentials.model_fields["registry_url"].default == creds.registry_url
+
+
+# The password clouds.yaml the dashboard offers (Horizon's template): project by id and name,
+# the user's domain, no password.
+DASHBOARD_CLOUDS_YAML = """clouds:
+  arbutus:
+    auth:
+      auth_url: https://arbutus-canfar.example.org:5000
+      username: "cadcuser"
+      project_id: 3f1e0c6b9a2d4e8f8c7b6a5d4c3b2a19
+      project_name: "canfar-alma-sails"
+      user_domain_name: "CANFAR"
+    region_name: "RegionOne"
+    interface: "public"
+    identity_api_version: 3
+"""
+
+
+def _clouds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    clouds = tmp_path / "clouds.yaml"
+    clouds.write_text(text)
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
+    monkeypatch.delenv("OS_PASSWORD", raising=False)
+    monkeypatch.delenv("OS_CLOUD", raising=False)
+
+
+def test_dashboard_clouds_yaml_without_password_names_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blocks.openstack import CredentialsError
+
+    _clouds(tmp_path, monkeypatch, DASHBOARD_CLOUDS_YAML)
+    with pytest.raises(CredentialsError) as info:
+        OpenStackCredentials.from_clouds_yaml("arbutus")
+    message = str(info.value)
+    for fix in ("OS_PASSWORD", "secure.yaml", "arbutus-canfar", "Application Credentials"):
+        assert fix in message
+
+    # OS_PASSWORD fills it, as for the openstack client; scoping is by the project's id.
+    monkeypatch.setenv("OS_PASSWORD", PASSWORD)
+    creds = OpenStackCredentials.from_clouds_yaml("arbutus")
+    assert creds.project_id == "3f1e0c6b9a2d4e8f8c7b6a5d4c3b2a19"
+    assert PASSWORD not in repr(creds)
+    auth = creds.get_connection().config.get_auth_args()
+    assert auth["project_id"] == "3f1e0c6b9a2d4e8f8c7b6a5d4c3b2a19"
+    assert "project_name" not in auth and "project_domain_name" not in auth
+    assert auth["user_domain_name"] == "CANFAR"
+    assert auth["password"] == PASSWORD
+
+
+def test_domain_ids_are_kept_and_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _clouds(
+        tmp_path,
+        monkeypatch,
+        "clouds:\n  c:\n    auth_type: v3password\n    auth:\n"
+        "      auth_url: http://127.0.0.1:5000/v3\n      username: u\n"
+        f"      password: {PASSWORD}\n      project_name: p\n"
+        "      project_domain_id: pdom01\n      user_domain_id: udom01\n",
+    )
+    creds = OpenStackCredentials.from_clouds_yaml("c")
+    assert (creds.auth_type, creds.project_domain_id, creds.user_domain_id) == (
+        "password",
+        "pdom01",
+        "udom01",
+    )
+    auth = creds.get_connection().config.get_auth_args()
+    assert auth["project_name"] == "p" and auth["project_domain_id"] == "pdom01"
+    assert auth["user_domain_id"] == "udom01"
+    assert "user_domain_name" not in auth and "project_domain_name" not in auth
+
+
+def test_application_credential_entry_and_unsupported_auth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blocks.openstack import CredentialsError
+
+    # The application credential's clouds.yaml as the dashboard offers it, secret left out.
+    _clouds(
+        tmp_path,
+        monkeypatch,
+        "clouds:\n  a:\n    auth_type: v3applicationcredential\n    auth:\n"
+        "      auth_url: http://127.0.0.1:5000\n      application_credential_id: abc\n"
+        "  o:\n    auth_type: v3oidcpassword\n    auth:\n      auth_url: http://x:5000\n",
+    )
+    with pytest.raises(CredentialsError, match="application_credential_secret"):
+        OpenStackCredentials.from_clouds_yaml("a")
+    with pytest.raises(CredentialsError, match="v3applicationcredential") as info:
+        OpenStackCredentials.from_clouds_yaml("o")
+    assert "v3oidcpassword" in str(info.value)
