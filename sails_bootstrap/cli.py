@@ -86,6 +86,7 @@ def blocks_register() -> None:
     """Register this package's block types with the Prefect API in use."""
     from blocks import register_block_types
 
+    ensure_api()
     for slug in register_block_types():
         typer.echo(f"registered block type {slug}")
 
@@ -158,6 +159,7 @@ def sandbox_blocks(config: ConfigOption) -> None:
 
     cfg = read_config(config)
     _sandbox_manager()  # says what is needed when not root
+    ensure_api()
     canfar = importlib.import_module("sandbox.canfar")
     sandbox_canfar_credentials(canfar).save(cfg.canfar.credentials_block, overwrite=True)
     typer.echo(f"saved CanfarCredentials block {cfg.canfar.credentials_block!r}")
@@ -180,11 +182,118 @@ def sandbox_env() -> None:
         typer.echo(f"export {key}={shlex.quote(str(value))}")
 
 
+# -- the Prefect API -----------------------------------------------------------------------------
+#: Seconds a local server may take to answer its first health check. Its first start creates
+#: the database (migrations); on a 2-core machine that outlasts Prefect's own bound of 20 s.
+LOCAL_SERVER_STARTUP_TIMEOUT = 300
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+def ensure_api() -> None:
+    """With no Prefect API configured (no profile, no PREFECT_API_URL), start the local server
+    Prefect would start on the first call, now: with a bound that fits a first start, progress
+    while it starts, its output in a log file, and a failure that names the fix."""
+    import threading
+    import time
+
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return
+    if not settings.server.ephemeral.enabled:
+        raise fail(
+            "error: no Prefect API: set PREFECT_API_URL (or `prefect profile use` a profile "
+            "that has one), or allow a local server with `prefect profile use ephemeral`",
+            code=1,
+        )
+    timeout = (
+        settings.server.ephemeral.startup_timeout_seconds
+        if os.environ.get(STARTUP_TIMEOUT_ENV)
+        else LOCAL_SERVER_STARTUP_TIMEOUT
+    )
+    log = Path(settings.home) / "local-server.log"
+    server = _local_server(log)
+    if server.running:
+        return
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start(timeout=timeout)
+        except BaseException as exc:
+            failure.append(exc)
+
+    typer.echo(
+        f"starting a local Prefect server (no profile or PREFECT_API_URL set; a first start "
+        f"creates its database, up to {timeout} s)",
+        err=True,
+    )
+    began = time.monotonic()
+    thread = threading.Thread(target=start, name="local-prefect-server", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(10)
+        if thread.is_alive():
+            typer.echo(f"  still starting ({time.monotonic() - began:.0f} s)", err=True)
+    if failure:
+        raise fail(_startup_failure(failure[0], timeout, log), code=1)
+    typer.echo(
+        f"local Prefect server ready at {server.api_url} ({time.monotonic() - began:.0f} s)",
+        err=True,
+    )
+
+
+def _local_server(log: Path) -> Any:
+    """Prefect's own local server object, its process writing to ``log``, not the terminal."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class LoggedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> Any:
+            # The child inherits stdout/stderr when it is spawned: point them at the log for
+            # that moment, so the server's own output (errors included) lands there.
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("ab") as out:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                saved = os.dup(1), os.dup(2)
+                os.dup2(out.fileno(), 1)
+                os.dup2(out.fileno(), 2)
+                try:
+                    return super()._run_uvicorn_command()
+                finally:
+                    os.dup2(saved[0], 1)
+                    os.dup2(saved[1], 2)
+                    os.close(saved[0])
+                    os.close(saved[1])
+
+    # The class keeps one instance per port (None: any free port) and Prefect's client asks
+    # for that same one, so the server started here is the one every later call uses.
+    return LoggedServer()
+
+
+def _startup_failure(exc: BaseException, timeout: int, log: Path) -> str:
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        lines = []
+    said = f" (its last words: {lines[-1].strip()[:200]})" if lines else ""
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    what = f"did not answer within {timeout} s" if "Timed out" in first else f"failed: {first}"
+    return (
+        f"error: the local Prefect server {what}{said}; its log is {log}. Run the command again "
+        f"with a longer bound ({STARTUP_TIMEOUT_ENV}=600), or start a server yourself "
+        "(`prefect server start`) and point at it "
+        "(`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`)"
+    )
+
+
 # -- flows -------------------------------------------------------------------------------------
 def _run(fn: Any) -> Any:
     """Run a flow function; errors that name a fix are printed without a traceback."""
     from tasks.errors import BootstrapError, http_detail, is_transient
 
+    ensure_api()
     try:
         return fn()
     except (BootstrapError, ConfigError) as exc:

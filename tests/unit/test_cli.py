@@ -75,3 +75,54 @@ def test_blocks_register_against_a_real_server(prefect_server) -> None:  # type:
         timeout=120,
     )
     assert "openstack-credentials" in listed.stdout
+
+
+def fresh_home_env(home: Path, **extra: str) -> dict[str, str]:
+    """A new user's environment: an empty Prefect home, no profile, no API URL."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), DO_NOT_TRACK="1", **extra)
+    return env
+
+
+def test_first_command_with_a_fresh_prefect_home(tmp_path: Path) -> None:
+    """The first command that needs the API starts a local server, whose first start creates
+    its database (longer than Prefect's own 20 s bound on a small machine): it shows progress
+    and succeeds, with no traceback."""
+    home = tmp_path / "prefect-home"
+    result = subprocess.run(
+        ["sails-bootstrap", "blocks", "register"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=fresh_home_env(home),
+        timeout=600,
+    )
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said
+    assert "Traceback" not in said, said
+    assert "starting a local Prefect server" in result.stderr
+    assert "local Prefect server ready at http://127.0.0.1:" in result.stderr
+    assert "registered block type openstack-credentials" in result.stdout
+    assert (home / "prefect.db").exists()  # its database, made by this first start
+
+
+def test_local_server_that_does_not_start_in_time_names_the_fix(tmp_path: Path) -> None:
+    # A bound no first start meets: one line naming the fix, no traceback.
+    result = subprocess.run(
+        ["sails-bootstrap", "blocks", "register"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=fresh_home_env(
+            tmp_path / "prefect-home", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1"
+        ),
+        timeout=300,
+    )
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert "Traceback" not in said, said
+    errors = [line for line in said.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, said
+    assert "did not answer within 1 s" in errors[0]
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in errors[0]
+    assert "PREFECT_API_URL" in errors[0]
