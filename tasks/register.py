@@ -36,10 +36,18 @@ def code_root() -> Path:
 
 
 def prefect_yaml() -> Path:
-    for candidate in (code_root() / "prefect.yaml", code_root() / "deployments" / "prefect.yaml"):
+    """This package's prefect.yaml: inside the ``deployments`` package when installed from a
+    wheel (the build puts it there), at the top of a checkout otherwise."""
+    import deployments
+
+    packaged = Path(deployments.__file__).resolve().parent / "prefect.yaml"
+    for candidate in (packaged, code_root() / "prefect.yaml"):
         if candidate.exists():
             return candidate
-    raise BootstrapError("prefect.yaml not found beside the package")
+    raise BootstrapError(
+        f"prefect.yaml not found ({packaged} or {code_root() / 'prefect.yaml'}): reinstall "
+        "alma-sails-bootstrap from a wheel or run it from a checkout"
+    )
 
 
 def code_dir(config: BootstrapConfig) -> str:
