@@ -7,6 +7,8 @@ message the operator needs.
 
 from __future__ import annotations
 
+import errno
+import re
 import socket
 from typing import Any
 
@@ -30,6 +32,60 @@ class RemoteCommandError(BootstrapError):
     """A command on the VM failed."""
 
 
+class MissingToolError(BootstrapError):
+    """The VM's image lacks a command this tool relies on."""
+
+
+#: What each command the product runs on the VM comes from, for the error that names the fix.
+IMAGE_PROVIDES = {
+    "python3": "python3 (3.10 or later)",
+    "apt-get": "apt (a Debian or Ubuntu image)",
+    "dpkg-query": "dpkg (a Debian or Ubuntu image)",
+    "systemctl": "systemd as init",
+    "journalctl": "systemd as init",
+    "sudo": "sudo, with passwordless sudo for the login user",
+    "mkfs.ext4": "e2fsprogs",
+    "blkid": "util-linux",
+    "findmnt": "util-linux",
+    "mount": "util-linux (mount)",
+    "setsid": "util-linux",
+    "pgrep": "procps",
+    "ssh-keygen": "openssh-client",
+    "openssl": "openssl",
+    "stat": "coreutils",
+    "timeout": "coreutils",
+}
+
+# bash: "bash: line 1: python3: command not found"; dash: "sh: 1: python3: not found".
+_NOT_FOUND = re.compile(
+    r"^(?:.*?: )?(?:line )?(?:\d+: )?([A-Za-z0-9_.+-]+): (?:command )?not found\s*$", re.M
+)
+
+
+def missing_tool(code: int, stderr: str) -> str | None:
+    """The command a shell could not find (exit 127), or None. A path that does not exist
+    ("No such file or directory") is not a missing tool: the caller asked for that file."""
+    if code != 127:
+        return None
+    match = _NOT_FOUND.search(stderr)
+    return match.group(1) if match else None
+
+
+def missing_tool_error(tool: str, host: str) -> MissingToolError:
+    need = IMAGE_PROVIDES.get(tool, f"a `{tool}` command")
+    return MissingToolError(
+        f"{host} has no `{tool}` command: the VM's image must provide {need}. Use a stock "
+        "Ubuntu 24.04 cloud image (server.image) or an image built from one"
+    )
+
+
+#: What a guest that is still booting answers on its floating IP: no route yet, nothing
+#: listening yet, or no answer at all.
+BOOTING_ERRNOS = frozenset(
+    {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.ECONNRESET}
+)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for failures that a later attempt may not see."""
     if isinstance(exc, BootstrapError):
@@ -50,6 +106,8 @@ def is_transient(exc: BaseException) -> bool:
         code = getattr(exc, "http_status", 0) or 0
         return code >= 500 or code == 429
     if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout, EOFError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in BOOTING_ERRNOS:
         return True
     try:
         import paramiko

@@ -20,7 +20,14 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.ssh import fingerprint
 from sails_bootstrap.config import BootstrapConfig
-from tasks.errors import BootstrapError, RemoteCommandError, retry_transient
+from tasks.errors import (
+    BOOTING_ERRNOS,
+    BootstrapError,
+    RemoteCommandError,
+    missing_tool,
+    missing_tool_error,
+    retry_transient,
+)
 from tasks.log import Progress, logger
 from tasks.records import Action, Record
 
@@ -138,10 +145,18 @@ class VM:
         else:
             kwargs["in_stream"] = False
         r = self.conn.run(full, **kwargs)
-        result = Result(r.stdout, r.stderr, r.exited)
+        return self._checked(command, Result(r.stdout, r.stderr, r.exited), check)
+
+    def _checked(self, command: str, result: Result, check: bool) -> Result:
+        """A command the image lacks is an error naming the image's requirement, whether or
+        not the caller checks the exit code (its non-zero would mean something else)."""
+        tool = missing_tool(result.code, result.stderr)
+        if tool:
+            raise missing_tool_error(tool, self.host)
         if check and not result.ok:
+            where = f"on {self.host}: " if self.port else ""
             raise RemoteCommandError(
-                f"on {self.host}: `{command.splitlines()[0][:120]}` exited {result.code}: "
+                f"{where}`{command.splitlines()[0][:120]}` exited {result.code}: "
                 f"{(result.stderr or result.stdout).strip()[-500:]}"
             )
         return result
@@ -242,30 +257,32 @@ class LocalHost(VM):
             result = Result(p.stdout, p.stderr, p.returncode)
         except subprocess.TimeoutExpired:
             result = Result("", f"timed out after {timeout:.0f} s", 124)
-        if check and not result.ok:
-            raise RemoteCommandError(
-                f"`{command.splitlines()[0][:120]}` exited {result.code}: "
-                f"{(result.stderr or result.stdout).strip()[-500:]}"
-            )
-        return result
+        return self._checked(command, result, check)
 
 
-def wait_for_port(host: str, port: int, timeout: float) -> None:
-    progress = Progress(f"{host}:{port}")
+def wait_for_port(host: str, port: int, timeout: float) -> float:
+    """Wait until ``host:port`` accepts a TCP connection; return the seconds waited.
+
+    A guest that Nova calls ACTIVE is still booting: its address answers "no route to host",
+    refuses, or stays silent until sshd listens (20-90 s on a real cloud). Those are waited out
+    within ``timeout``; only then is it an error, naming what to check."""
+    progress = Progress(f"{host}:{port} to accept connections (the VM is booting)")
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection((host, port), timeout=3):
-                return
+            with socket.create_connection((host, port), timeout=5):
+                return progress.elapsed
         except OSError as exc:
-            if time.monotonic() > deadline:
+            booting = isinstance(exc, TimeoutError) or exc.errno in BOOTING_ERRNOS
+            if not booting or time.monotonic() > deadline:
                 raise BootstrapError(
-                    f"{host}:{port} did not accept connections within {timeout:.0f} s ({exc}); "
-                    "check the server is ACTIVE, the floating IP is attached and the security "
-                    f"group allows TCP {port}"
+                    f"{host}:{port} did not accept connections within {timeout:.0f} s "
+                    f"({exc.strerror or exc}); check that the security group allows TCP {port} "
+                    "from this machine, that the floating IP is attached, and the server's "
+                    "console log (`openstack console log show`) for a boot that stopped"
                 ) from None
-            progress.tick(str(exc))
-            time.sleep(1)
+            progress.tick(exc.strerror or type(exc).__name__)
+            time.sleep(2)
 
 
 @task(name="wait-for-ssh", cache_policy=NO_CACHE)
@@ -298,6 +315,84 @@ def wait_for_ssh(vm: VM, timeout: float) -> StepRecord:
             progress.tick(type(exc).__name__)
             time.sleep(2)
     return StepRecord(name="ssh", reason=f"logged in as {vm.key.username}@{vm.host}")
+
+
+# -- cloud-init -------------------------------------------------------------------------------
+def cloud_init_state(output: str) -> str:
+    """'done', 'error', 'running' or 'disabled' from ``cloud-init status --long`` output ('' if
+    none). cloud-init 23.4+ adds ``extended_status`` ('degraded done': recoverable errors)."""
+    fields: dict[str, str] = {}
+    for line in output.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("status", "extended_status"):
+            fields.setdefault(key.strip(), value.strip())
+    state = fields.get("status", "")
+    extended = fields.get("extended_status", "")
+    if state == "error" or "error" in extended or "degraded" in extended:
+        return "error"
+    if state == "done":
+        return "done"
+    if state in ("running", "not run", "not started"):
+        return "running"
+    if state == "disabled":
+        return "disabled"
+    return ""
+
+
+@task(name="wait-for-cloud-init", **VM_TASK)
+def wait_for_cloud_init(vm: VM, timeout: float) -> StepRecord:
+    """Wait for cloud-init's first boot to finish before packages or disks are touched (it
+    creates the user, installs keys, mounts the ephemeral disk and may run apt itself).
+
+    An image without cloud-init has nothing to wait for. An error cloud-init reports is named
+    but does not stop the run when the login user, its key and sudo work (this step runs over
+    that login): what remains is this tool's to do."""
+    if not vm.run("command -v cloud-init", check=False).ok:
+        return StepRecord(name="cloud-init", reason="not installed: nothing to wait for")
+    progress = Progress(f"cloud-init on {vm.host} to finish the first boot")
+    progress.tick("cloud-init status --wait")
+    # coreutils' timeout bounds the wait on the VM itself; the SSH command ends with it.
+    r = vm.run(
+        f"timeout {max(1, round(timeout))} cloud-init status --wait --long",
+        timeout=timeout + 60,
+        check=False,
+    )
+    state = cloud_init_state(r.stdout)
+    if r.code == 124 or state == "running":
+        raise BootstrapError(
+            f"cloud-init on {vm.host} was still running after {timeout:.0f} s "
+            "(server.boot_timeout); see /var/log/cloud-init-output.log on the VM or the "
+            "server's console log"
+        )
+    if state == "error" or (r.code != 0 and state != "done"):
+        detail = " ".join(
+            line.strip()
+            for line in (r.stdout + r.stderr).splitlines()
+            if line.strip() and not line.lstrip().startswith(("boot_status_code", "detail:"))
+        )[-400:]
+        if not vm.run("sudo -n true", check=False).ok:
+            raise BootstrapError(
+                f"cloud-init on {vm.host} reported an error and the login user has no "
+                f"passwordless sudo: {detail}. See /var/log/cloud-init.log on the VM"
+            )
+        logger().warning(
+            "cloud-init on %s reported an error (%s); the login user, its key and sudo work, "
+            "so configuring goes on. See /var/log/cloud-init.log on the VM",
+            vm.host,
+            detail,
+        )
+        return StepRecord(
+            name="cloud-init",
+            reason=f"reported an error (user, key and sudo in place; going on): {detail}",
+            details={"status": "error"},
+        )
+    if progress.elapsed > 5:
+        logger().info("cloud-init on %s finished (%.0f s)", vm.host, progress.elapsed)
+    return StepRecord(
+        name="cloud-init",
+        reason="first boot done" if state != "disabled" else "disabled on this image",
+        details={"status": state or "done"},
+    )
 
 
 # -- persistent volume -------------------------------------------------------------------------
