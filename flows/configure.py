@@ -1,4 +1,5 @@
-"""Configure the VM over SSH: volume, /arc, CANFAR auth, the Prefect server, operator keys."""
+"""Configure the VM over SSH: cloud-init's first boot, packages, volume, /arc, CANFAR auth, the
+Prefect server, operator keys."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tasks.canfar import ensure_ca_bundle, ensure_canfar_auth
 from tasks.cloud import VMTarget, locate_vm, open_connection
 from tasks.errors import BootstrapError
 from tasks.log import logger
+from tasks.packages import ensure_packages
 from tasks.prefect_server import (
     ensure_prefect_server,
     ensure_prefect_venv,
@@ -26,6 +28,7 @@ from tasks.vm import (
     StepRecord,
     ensure_operator_keys,
     ensure_volume_mounted,
+    wait_for_cloud_init,
     wait_for_ssh,
 )
 
@@ -114,6 +117,10 @@ def configure_host(
     try:
         if not isinstance(host, LocalHost):
             records.append(wait_for_ssh(host, config.ssh.connect_timeout))
+        # cloud-init first (it makes the user, mounts /mnt, may run apt), then the packages
+        # every later step relies on, before any disk is touched.
+        records.append(wait_for_cloud_init(host, config.server.boot_timeout))
+        records.append(ensure_packages(host, config, apply))
         records.append(ensure_volume_mounted(host, config, volume_id, apply))
         records.append(ensure_operator_keys(host, config, apply))
         records.append(ensure_ca_bundle(host, config, apply))

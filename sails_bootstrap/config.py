@@ -122,6 +122,18 @@ class ServerSettings(_Model):
     ingress: list[IngressRule] = Field(default_factory=_seed_rules)
     user: NonEmpty = Field(default="ubuntu", description="Login user of the image.")
     build_timeout: float = Field(default=900, gt=0, description="Seconds to wait for ACTIVE.")
+    boot_timeout: float = Field(
+        default=600,
+        gt=0,
+        description="Seconds for the guest's own boot after ACTIVE: sshd listening, the console's "
+        "host key fingerprints, cloud-init's first boot.",
+    )
+    apt_timeout: float = Field(
+        default=900,
+        gt=0,
+        description="Seconds the packages step may take, waiting for the dpkg lock included "
+        "(unattended-upgrades holds it for minutes on a first boot).",
+    )
 
 
 class VolumeSettings(_Model):

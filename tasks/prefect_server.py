@@ -77,11 +77,26 @@ def pip_index_args(config: BootstrapConfig) -> str:
     return args
 
 
+def venv_probe(venv: str, code: str) -> str:
+    """One command that says what the venv is: 'missing', 'broken' (a ``python -m venv`` cut off
+    without ensurepip leaves bin/python and no pip; a python upgrade leaves a dangling link), or
+    the installed versions ``code`` prints."""
+    py = shlex.quote(f"{venv}/bin/python")
+    return (
+        f"if [ ! -e {py} ] && [ ! -L {py} ]; then echo missing; "
+        f"elif ! {py} -m pip --version >/dev/null 2>&1; then echo broken; "
+        f"else {py} -c {shlex.quote(code)}; fi"
+    )
+
+
 @task(name="ensure-prefect-venv", **VM_TASK)
 def ensure_prefect_venv(
     vm: VM, config: BootstrapConfig, extra: list[str] | None = None, apply: bool = True
 ) -> StepRecord:
-    """A venv on the volume with the wanted Prefect (and the canfar client) installed."""
+    """A venv on the volume with the wanted Prefect (and the canfar client) installed.
+
+    The venv holds the operators' own packages too: it is rebuilt (``--clear``) only when it is
+    broken, i.e. its python cannot run pip."""
     version = config.prefect.version or local_prefect_version()
     venv = config.prefect.venv
     py = f"{venv}/bin/python"
@@ -90,33 +105,53 @@ def ensure_prefect_venv(
     packages = [f"prefect=={version}", *VM_PACKAGES, *(extra or [])]
     names = [p.split("==")[0] for p in packages]
     code = (
-        "import importlib.metadata as m; "
-        f"print(' '.join(f'{{n}}=={{m.version(n)}}' for n in {names!r}))"
+        "import importlib.metadata as m\n"
+        "def v(n):\n"
+        "    try:\n"
+        "        return m.version(n)\n"
+        "    except m.PackageNotFoundError:\n"
+        "        return 'none'\n"
+        f"print(' '.join(f'{{n}}=={{v(n)}}' for n in {names!r}))"
     )
-    check = f"{py} -c {shlex.quote(code)}"
-    have = vm.run(check, check=False)
+    have = vm.run(venv_probe(venv, code), check=False)
+    state = have.stdout.strip() if have.stdout.strip() in ("missing", "broken") else "ok"
     if (
-        have.ok
+        state == "ok"
+        and have.ok
         and sorted(have.stdout.split()) == sorted(packages)
         and not config.prefect.requirements
     ):
         return StepRecord(
             name="prefect venv", applied=apply, reason=f"{venv} has prefect {version}"
         )
+    wanted = ", ".join(packages) + (" and the requirements" if config.prefect.requirements else "")
+    action = Action.CREATE if state == "missing" else Action.CHANGE
     if not apply:
-        wanted = ", ".join(packages) + (
-            " and the requirements" if config.prefect.requirements else ""
-        )
+        first = {
+            "missing": f"create {venv}, then ",
+            "broken": f"venv broken (its python has no working pip): rebuild {venv}, then ",
+        }.get(state, "")
         return StepRecord(
             name="prefect venv",
-            action=Action.CHANGE if have.ok else Action.CREATE,
+            action=action,
             applied=False,
-            reason=f"pending: pip install {wanted} in {venv}",
+            reason=f"pending: {first}pip install {wanted} in {venv}",
+            details={"venv": state},
         )
     progress = Progress("the VM's Prefect venv (pip install)")
     progress.tick("starting")
     user = config.server.user
-    vm.run(f"test -x {py} || python3 -m venv {shlex.quote(venv)}", timeout=300)
+    if state != "ok":
+        clear = "--clear " if state == "broken" else ""
+        if state == "broken":
+            logger().warning("%s is broken (no working pip): rebuilding it", venv)
+        made = vm.run(f"python3 -m venv {clear}{shlex.quote(venv)}", timeout=300, check=False)
+        if not made.ok:
+            raise BootstrapError(
+                f"python3 -m venv {venv} failed on {vm.host}: "
+                f"{(made.stderr or made.stdout).strip()[-300:]}. The venv needs the "
+                "python3-venv package (the packages step installs it)"
+            )
     vm.run(f"chown -R {user}:{user} {shlex.quote(venv)}", sudo=True, check=False)
     reqs = ""
     if config.prefect.requirements:
@@ -130,10 +165,12 @@ def ensure_prefect_venv(
         timeout=1800,
     )
     logger().info("installed %s in %s (%.0f s)", ", ".join(packages), venv, progress.elapsed)
+    done = {"missing": "created the venv; ", "broken": "rebuilt the broken venv; "}.get(state, "")
     return StepRecord(
         name="prefect venv",
-        action=Action.CHANGE if have.ok else Action.CREATE,
-        reason=f"installed {', '.join(packages)}",
+        action=action,
+        reason=f"{done}installed {', '.join(packages)}",
+        details={"venv": state},
     )
 
 

@@ -1,0 +1,283 @@
+"""The Debian packages the configuration needs on the VM, installed with apt as on a fresh VM.
+
+A stock Ubuntu cloud image lacks what the other steps use (sshfs for /arc, python3-venv for the
+Prefect venv: without it ``python3 -m venv`` has no ensurepip). On a first boot the package
+lists are stale or empty, unattended-upgrades holds the dpkg lock for minutes, and a mirror may
+answer 5xx for a while. So: ``dpkg-query`` first (installed: nothing to do, a second run changes
+nothing); the lists refreshed when missing, stale, or when apt cannot find a package; the dpkg
+lock waited for with a bound (apt's own ``DPkg::Lock::Timeout``); transient failures retried
+with backoff; anything else is an error with apt's own words.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from enum import StrEnum
+
+from prefect import task
+from pydantic import Field
+
+from sails_bootstrap.config import BootstrapConfig
+from tasks.errors import BootstrapError
+from tasks.log import Progress, logger
+from tasks.records import Action
+from tasks.vm import VM, VM_TASK, Result, StepRecord
+
+#: Package lists older than this are refreshed before installing.
+LISTS_MAX_AGE = 24 * 3600
+#: Attempts for a transient apt failure (mirror 5xx, timeouts, DNS, hash mismatch).
+TRANSIENT_ATTEMPTS = 4
+APT = "DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0"
+
+
+class PackagesRecord(StepRecord):
+    wanted: list[str] = Field(default_factory=list)
+    #: Not installed when the step started (what it installed, or in a plan would install).
+    missing: list[str] = Field(default_factory=list)
+    lists_refreshed: bool = False
+
+
+def needed_packages(config: BootstrapConfig) -> list[str]:
+    """What the configuration needs beyond the stock image, in install order."""
+    # python3-venv brings ensurepip, so the venv bootstraps its own pip (no python3-pip).
+    wanted = ["python3-venv"]
+    if config.arc.enabled:
+        wanted.append("sshfs")  # brings fuse3 (fusermount3, used by the unit)
+    return wanted
+
+
+def parse_dpkg_status(output: str) -> dict[str, bool]:
+    """``dpkg-query -W -f '${Package}\\t${db:Status-Abbrev}\\n'`` output → installed or not.
+    Only 'ii' counts: removed ('rc'), half-installed or half-configured packages do not."""
+    status: dict[str, bool] = {}
+    for line in output.splitlines():
+        name, _, abbrev = line.partition("\t")
+        if name.strip():
+            status[name.strip().split(":")[0]] = abbrev.startswith("ii")
+    return status
+
+
+def missing_packages(wanted: list[str], status: dict[str, bool]) -> list[str]:
+    return [name for name in wanted if not status.get(name, False)]
+
+
+def lists_stale(count: int, newest: int, now: int, max_age: float = LISTS_MAX_AGE) -> bool:
+    """Package lists are missing (a fresh image ships none) or older than ``max_age``."""
+    return count == 0 or now - newest > max_age
+
+
+class AptOutcome(StrEnum):
+    OK = "ok"
+    LOCKED = "locked"  # another apt or dpkg (unattended-upgrades) holds the lock
+    TRANSIENT = "transient"  # the mirror or the network failed this time
+    STALE_LISTS = "stale-lists"  # the lists do not know the package or name a removed file
+    INTERRUPTED = "interrupted"  # an earlier dpkg run was cut off: dpkg --configure -a
+    FAILED = "failed"
+
+
+_MARKERS: list[tuple[AptOutcome, tuple[str, ...]]] = [
+    (AptOutcome.INTERRUPTED, ("dpkg was interrupted",)),
+    (
+        AptOutcome.LOCKED,
+        (
+            "could not get lock",
+            "unable to acquire the dpkg frontend lock",
+            "unable to lock the administration directory",
+            "unable to lock directory",
+            "is another process using it",
+        ),
+    ),
+    (
+        AptOutcome.STALE_LISTS,
+        (
+            "unable to locate package",
+            "has no installation candidate",
+            "404  not found",
+            "404 not found",
+            "unable to fetch some archives",
+        ),
+    ),
+    (
+        AptOutcome.TRANSIENT,
+        (
+            "temporary failure resolving",
+            "could not resolve",
+            "connection timed out",
+            "connection failed",
+            "could not connect to",
+            "connection reset",
+            "network is unreachable",
+            "no route to host",
+            "hash sum mismatch",
+            "file has unexpected size",
+            "some index files failed to download",
+            "undetermined error",
+            "500  internal server error",
+            "502  bad gateway",
+            "503  service unavailable",
+            "504  gateway time-out",
+            "500 internal server error",
+            "502 bad gateway",
+            "503 service unavailable",
+            "504 gateway timeout",
+            "429  too many requests",
+            "failed to fetch",
+        ),
+    ),
+]
+
+
+def classify_apt(code: int, output: str) -> AptOutcome:
+    """What an apt-get run's exit code and output (stdout + stderr) mean for the next step."""
+    if code == 0:
+        return AptOutcome.OK
+    text = output.lower()
+    for outcome, markers in _MARKERS:
+        if any(marker in text for marker in markers):
+            return outcome
+    if code == 124:  # coreutils timeout / LocalHost's own: a hung mirror
+        return AptOutcome.TRANSIENT
+    return AptOutcome.FAILED
+
+
+def _dpkg_status(vm: VM, wanted: list[str]) -> dict[str, bool]:
+    names = " ".join(shlex.quote(n) for n in wanted)
+    fmt = shlex.quote("${Package}\t${db:Status-Abbrev}\n")
+    return parse_dpkg_status(vm.run(f"dpkg-query -W -f {fmt} {names}", check=False).stdout)
+
+
+def _lists_stale(vm: VM) -> bool:
+    out = vm.run(
+        "find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -printf '%T@\\n' 2>/dev/null"
+        " | sort -n | awk '{n++; t=$1} END {printf \"%d %d \", n, t}'; date +%s",
+        check=False,
+    ).stdout.split()
+    try:
+        count, newest, now = (int(float(x)) for x in out[:3])
+    except ValueError:
+        return True
+    return lists_stale(count, newest, now)
+
+
+def _tail(r: Result, n: int = 600) -> str:
+    lines = [
+        line
+        for line in (r.stdout + "\n" + r.stderr).splitlines()
+        if line.strip() and not line.startswith(("Reading ", "Building ", "Get:", "Hit:", "Ign:"))
+    ]
+    return " | ".join(lines)[-n:]
+
+
+def _apt(vm: VM, args: str, deadline: float, what: str) -> Result:
+    """One apt-get command, retried while the lock is held or the mirror fails, until
+    ``deadline`` (monotonic). Returns the last result (OK or STALE_LISTS / INTERRUPTED for the
+    caller to handle); anything else past the bound is an error."""
+    log = logger()
+    progress = Progress(what)
+    transient = 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BootstrapError(
+                f"apt on {vm.host} did not finish {what} within the packages step's bound "
+                "(server.apt_timeout); another apt or dpkg (unattended-upgrades) may still hold "
+                "the lock: see `sudo lsof /var/lib/dpkg/lock-frontend` and "
+                "/var/log/unattended-upgrades/ on the VM"
+            )
+        lock_wait = max(1, int(left))
+        r = vm.run(
+            f"{APT} -o DPkg::Lock::Timeout={lock_wait} {args}",
+            sudo=True,
+            timeout=left + 120,
+            check=False,
+        )
+        outcome = classify_apt(r.code, r.stdout + r.stderr)
+        if outcome in (AptOutcome.OK, AptOutcome.STALE_LISTS, AptOutcome.INTERRUPTED):
+            return r
+        if outcome == AptOutcome.LOCKED:
+            progress.tick("the dpkg lock is held by another process")
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+            continue
+        if outcome == AptOutcome.TRANSIENT and transient < TRANSIENT_ATTEMPTS - 1:
+            transient += 1
+            delay = min(5.0 * 2 ** (transient - 1), max(0.0, deadline - time.monotonic()))
+            log.warning(
+                "apt %s on %s failed (%s); retrying in %.0f s (%d/%d)",
+                what,
+                vm.host,
+                _tail(r, 200),
+                delay,
+                transient,
+                TRANSIENT_ATTEMPTS - 1,
+            )
+            time.sleep(delay)
+            continue
+        raise BootstrapError(
+            f"apt on {vm.host} failed {what} (exit {r.code}"
+            f"{', after retries' if outcome == AptOutcome.TRANSIENT else ''}): {_tail(r)}"
+        )
+
+
+@task(name="ensure-packages", **VM_TASK)
+def ensure_packages(vm: VM, config: BootstrapConfig, apply: bool = True) -> PackagesRecord:
+    """Install what the configuration needs and the image lacks; keep what is there."""
+    wanted = needed_packages(config)
+    missing = missing_packages(wanted, _dpkg_status(vm, wanted))
+    record = PackagesRecord(name="packages", wanted=wanted, missing=missing, applied=apply)
+    if not missing:
+        record.reason = f"installed: {', '.join(wanted)}"
+        return record
+    stale = _lists_stale(vm)
+    record.action = Action.CHANGE
+    if not apply:
+        record.reason = f"pending: apt-get install {' '.join(missing)}" + (
+            " (package lists refreshed first)" if stale else ""
+        )
+        return record
+    log = logger()
+    start = time.monotonic()
+    deadline = start + config.server.apt_timeout
+    install = "install --no-install-recommends " + " ".join(shlex.quote(m) for m in missing)
+    refreshed = configured = False
+    if stale:
+        log.info("refreshing the package lists on %s (apt-get update)", vm.host)
+        update = _apt(vm, "update", deadline, "refreshing the package lists")
+        if classify_apt(update.code, update.stdout + update.stderr) != AptOutcome.OK:
+            raise BootstrapError(f"apt-get update on {vm.host} failed: {_tail(update)}")
+        refreshed = True
+    log.info("installing %s on %s with apt", ", ".join(missing), vm.host)
+    while True:
+        r = _apt(vm, install, deadline, f"installing {', '.join(missing)}")
+        outcome = classify_apt(r.code, r.stdout + r.stderr)
+        if outcome == AptOutcome.OK:
+            break
+        if outcome == AptOutcome.STALE_LISTS and not refreshed:
+            log.info("apt does not know %s yet: refreshing the package lists", " ".join(missing))
+            update = _apt(vm, "update", deadline, "refreshing the package lists")
+            refreshed = True
+            continue
+        if outcome == AptOutcome.INTERRUPTED and not configured:
+            log.warning("an earlier dpkg run was interrupted: dpkg --configure -a")
+            vm.run("DEBIAN_FRONTEND=noninteractive dpkg --configure -a", sudo=True, timeout=900)
+            configured = True
+            continue
+        hint = (
+            "; the image's apt sources may not carry it (check /etc/apt/sources.list.d/)"
+            if outcome == AptOutcome.STALE_LISTS
+            else ""
+        )
+        raise BootstrapError(
+            f"apt on {vm.host} could not install {' '.join(missing)}: {_tail(r)}{hint}"
+        )
+    still = missing_packages(wanted, _dpkg_status(vm, wanted))
+    if still:
+        raise BootstrapError(
+            f"apt on {vm.host} reported success but {' '.join(still)} is not installed"
+        )
+    record.lists_refreshed = refreshed
+    record.reason = f"installed {', '.join(missing)}" + (
+        " (package lists refreshed)" if refreshed else ""
+    )
+    log.info("packages on %s: %s (%.0f s)", vm.host, record.reason, time.monotonic() - start)
+    return record
