@@ -170,8 +170,14 @@ def provision(
         server_id = result.server.id
 
         def from_console() -> list[str]:
-            result.console_fingerprints = console_fingerprints(conn, server_id)
+            # Printed by cloud-init's final stage, a minute or more after ACTIVE on a real cloud.
+            result.console_fingerprints = console_fingerprints(
+                conn, server_id, wait=config.server.boot_timeout
+            )
             return result.console_fingerprints
+
+        # ACTIVE means the hypervisor started the guest: ensure_local_ssh first waits for its
+        # port 22 (no route / refused while it boots), then reads its host keys.
 
         result.local_ssh = ensure_local_ssh(config, key, result.address, from_console, apply)
         if not result.console_fingerprints:

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,8 +23,9 @@ from prefect.cache_policies import NO_CACHE
 from blocks.ssh import fingerprint, write_private
 from sails_bootstrap.config import BootstrapConfig
 from tasks.errors import BootstrapError, retry_transient
-from tasks.log import logger
+from tasks.log import Progress, logger
 from tasks.records import Action, LocalSSHRecord
+from tasks.vm import wait_for_port
 
 if TYPE_CHECKING:
     from blocks.ssh import SSHKeyPair
@@ -77,10 +79,14 @@ def host_matches(entry_hosts: str, address: str) -> bool:
 
 
 def scan_host_keys(address: str, port: int = 22, timeout: float = 10) -> list[str]:
-    """The server's host keys as 'type base64' strings, one handshake per key type."""
+    """The server's host keys as 'type base64' strings, one handshake per key type.
+
+    A type the server has no key of is skipped; a handshake that fails otherwise (sshd still
+    starting, the connection dropped) raises, so the caller waits and asks again."""
     import socket
 
     import paramiko
+    from paramiko.ssh_exception import IncompatiblePeer
 
     keys = []
     for key_type in HOST_KEY_TYPES:
@@ -91,11 +97,39 @@ def scan_host_keys(address: str, port: int = 22, timeout: float = 10) -> list[st
             transport.start_client(timeout=timeout)
             key = transport.get_remote_server_key()
             keys.append(f"{key.get_name()} {key.get_base64()}")
-        except paramiko.SSHException:
+        except IncompatiblePeer:
             continue  # the server has no key of this type
         finally:
             transport.close()
     return keys
+
+
+def wait_for_host_keys(address: str, timeout: float, port: int = 22) -> list[str]:
+    """Port 22 accepting connections, then the host keys. A guest that is still booting (no
+    route, refused, sshd not answering its banner yet) is waited for within ``timeout``."""
+    import paramiko
+
+    deadline = time.monotonic() + timeout
+    waited = wait_for_port(address, port, timeout)
+    if waited > 5:
+        logger().info("%s:%d accepts connections after %.0f s", address, port, waited)
+    progress = Progress(f"sshd on {address} to present its host keys")
+    while True:
+        try:
+            keys = scan_host_keys(address, port)
+            if keys:
+                return keys
+            problem = "no host key offered"
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            problem = str(exc) or type(exc).__name__
+        if time.monotonic() > deadline:
+            raise BootstrapError(
+                f"{address}:{port} accepts connections but no SSH handshake succeeded within "
+                f"{timeout:.0f} s (server.boot_timeout): {problem}. Check the server's console "
+                "log for sshd"
+            )
+        progress.tick(problem)
+        time.sleep(2)
 
 
 @task(
@@ -140,7 +174,7 @@ def ensure_local_ssh(
     # Host keys: the ones on the console are the truth; anything else for this address is stale.
     kh = known_hosts_file(config)
     kh_lines = kh.read_text().splitlines() if kh.exists() else []
-    scanned = scan_host_keys(address)
+    scanned = wait_for_host_keys(address, config.server.boot_timeout)
     known = {
         (f[1], f[2])
         for f in (line.split() for line in kh_lines)
