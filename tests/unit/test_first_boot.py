@@ -1,0 +1,280 @@
+"""What a real first boot shows the product, read by its pure parts: cloud-init's console, apt's
+answers, dpkg's status, ``cloud-init status``, a shell that lacks a command; and the venv probe
+and a missing tool on this machine (``LocalHost``)."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blocks.ssh import fingerprint
+from sails_bootstrap.config import BootstrapConfig
+from tasks.arc import START_LIMIT_BURST, unit_text
+from tasks.cloud import parse_fingerprints
+from tasks.errors import MissingToolError, RemoteCommandError, is_transient, missing_tool
+from tasks.packages import (
+    AptOutcome,
+    classify_apt,
+    lists_stale,
+    missing_packages,
+    needed_packages,
+    parse_dpkg_status,
+)
+from tasks.prefect_server import venv_probe
+from tasks.vm import LocalHost, cloud_init_state
+
+
+def host_keys(tmp_path: Path) -> list[tuple[str, str]]:
+    """Three real host keys: (public key line, `ssh-keygen -l` line)."""
+    out = []
+    for kind, bits in (("ecdsa", "256"), ("ed25519", "256"), ("rsa", "3072")):
+        path = tmp_path / f"ssh_host_{kind}_key"
+        subprocess.run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                kind,
+                "-b",
+                bits,
+                "-N",
+                "",
+                "-C",
+                "root@vm",
+                "-f",
+                str(path),
+            ],
+            check=True,
+        )
+        listed = subprocess.run(
+            ["ssh-keygen", "-l", "-f", f"{path}.pub"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        out.append(((tmp_path / f"{path.name}.pub").read_text().strip(), listed))
+    return out
+
+
+def console(keys: list[tuple[str, str]], *, with_keys_block: bool = True) -> str:
+    """A console log as an Ubuntu cloud image prints it on its first boot (CRLF line ends, a
+    syslog prefix on the fingerprint lines, a kernel line interleaved, the ci-info tables)."""
+    p = "<14>Dec  2 15:01:07 ec2: "
+    lines = [
+        "[    0.000000] Linux version 6.8.0-31-generic (buildd@lcy02-amd64-080)",
+        "[    4.512031] cloud-init[512]: Cloud-init v. 24.1.3-0ubuntu3 running 'init' at "
+        "Wed, 02 Dec 2026 15:00:41 +0000. Up 4.48 seconds.",
+        "ci-info: ++++++++++++++++++++++++Net device info+++++++++++++++++++++++++",
+        "ci-info: | Device |  Up  |  Address  |    Mask    | Scope | Hw-Address |",
+        "ci-info: |  ens3  | True | 10.0.0.12 | 255.255.255.0 | global | fa:16:3e:aa |",
+        "ci-info: +++++Authorized keys from /home/ubuntu/.ssh/authorized_keys for user ubuntu++++",
+        "ci-info: | Keytype |                Fingerprint (sha256)                | Options |",
+        "ci-info: | ssh-ed25519 | 6c:1f:0e:2d:6a:52:0e:44:1b:9c:aa:aa:aa:aa:aa:aa |    -    |",
+        f"{p}#############################################################",
+        f"{p}-----BEGIN SSH HOST KEY FINGERPRINTS-----",
+        f"{p}{keys[0][1]}",
+        "[   31.104212] random: crng init done",
+        f"{p}{keys[1][1]}",
+        f"{p}{keys[2][1]}",
+        f"{p}-----END SSH HOST KEY FINGERPRINTS-----",
+        f"{p}#############################################################",
+    ]
+    if with_keys_block:
+        lines += [
+            "-----BEGIN SSH HOST KEY KEYS-----",
+            *(k[0] for k in keys),
+            "-----END SSH HOST KEY KEYS-----",
+        ]
+    lines.append(
+        "[   32.901833] cloud-init[1041]: Cloud-init v. 24.1.3-0ubuntu3 finished at Wed, 02 "
+        "Dec 2026 15:01:07 +0000. Datasource DataSourceOpenStackLocal.  Up 32.88 seconds"
+    )
+    return "\r\n".join(lines) + "\r\n"
+
+
+def test_fingerprints_from_a_real_cloud_init_console(tmp_path: Path) -> None:
+    keys = host_keys(tmp_path)
+    expected = [fingerprint(public) for public, _ in keys]
+    assert [listed.split()[1] for _, listed in keys] == expected  # our hash is ssh-keygen's
+    assert parse_fingerprints(console(keys)) == expected
+    # Only the keys block left (an image that prints no fingerprint block): computed from it.
+    only_keys = console(keys).split("<14>", 1)[0] + "-----BEGIN SSH HOST KEY KEYS-----\n"
+    only_keys += "\n".join(public for public, _ in keys) + "\n-----END SSH HOST KEY KEYS-----\n"
+    assert parse_fingerprints(only_keys) == expected
+
+
+def test_fingerprints_cut_off_or_absent_are_none(tmp_path: Path) -> None:
+    keys = host_keys(tmp_path)
+    text = console(keys, with_keys_block=False)
+    begin = text.index("-----BEGIN SSH HOST KEY FINGERPRINTS-----")
+    # Nova returns the last 100 KiB: the block's first line scrolled away.
+    assert parse_fingerprints(text[begin + 10 :]) == []
+    # Read while cloud-init was still printing: no END line yet.
+    assert parse_fingerprints(text[: text.index("-----END SSH HOST KEY")]) == []
+    # The authorized-keys table of ci-info is never taken for host keys.
+    assert parse_fingerprints(text[:begin]) == []
+
+
+def test_the_last_block_counts(tmp_path: Path) -> None:
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old, new = host_keys(tmp_path / "old"), host_keys(tmp_path / "new")
+    text = console(old, with_keys_block=False) + console(new, with_keys_block=False)
+    assert parse_fingerprints(text) == [fingerprint(public) for public, _ in new]
+
+
+@pytest.mark.parametrize(
+    ("code", "output", "outcome"),
+    [
+        (0, "Setting up sshfs (3.7.3-1.1build3) ...", AptOutcome.OK),
+        (
+            100,
+            "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 1372 "
+            "(unattended-upgr)\nE: Unable to acquire the dpkg frontend lock "
+            "(/var/lib/dpkg/lock-frontend), is another process using it?",
+            AptOutcome.LOCKED,
+        ),
+        (
+            100,
+            "E: Could not get lock /var/lib/apt/lists/lock. It is held by process 911 (apt-get)\n"
+            "E: Unable to lock directory /var/lib/apt/lists/",
+            AptOutcome.LOCKED,
+        ),
+        (100, "E: Unable to locate package sshfs", AptOutcome.STALE_LISTS),
+        (
+            100,
+            "E: Package 'python3-venv' has no installation candidate",
+            AptOutcome.STALE_LISTS,
+        ),
+        (
+            100,
+            "E: Failed to fetch http://archive.ubuntu.com/ubuntu/pool/main/s/sshfs-fuse/"
+            "sshfs_3.7.3-1.1build3_amd64.deb  404  Not Found [IP: 185.125.190.36 80]\n"
+            "E: Unable to fetch some archives, maybe run apt-get update or try with --fix-missing?",
+            AptOutcome.STALE_LISTS,
+        ),
+        (
+            100,
+            "W: Failed to fetch http://archive.ubuntu.com/ubuntu/dists/noble/InRelease  "
+            "Temporary failure resolving 'archive.ubuntu.com'\n"
+            "E: Some index files failed to download. They have been ignored, or old ones used "
+            "instead.",
+            AptOutcome.TRANSIENT,
+        ),
+        (
+            100,
+            "E: Failed to fetch http://mirror/pool/main/f/fuse3/fuse3_3.14.0-5_amd64.deb  "
+            "Hash Sum mismatch\n   Hashes of expected file:",
+            AptOutcome.TRANSIENT,
+        ),
+        (
+            100,
+            "E: Failed to fetch http://mirror/dists/bookworm/InRelease  503  Service Unavailable",
+            AptOutcome.TRANSIENT,
+        ),
+        (
+            100,
+            "Err:1 http://mirror bookworm InRelease\n  Could not connect to mirror:80 "
+            "(10.0.0.1), connection timed out",
+            AptOutcome.TRANSIENT,
+        ),
+        (
+            100,
+            "E: dpkg was interrupted, you must manually run 'sudo dpkg --configure -a' to "
+            "correct the problem.",
+            AptOutcome.INTERRUPTED,
+        ),
+        (100, "E: Sub-process /usr/bin/dpkg returned an error code (1)", AptOutcome.FAILED),
+        (124, "", AptOutcome.TRANSIENT),
+    ],
+)
+def test_apt_answers_are_classified(code: int, output: str, outcome: AptOutcome) -> None:
+    assert classify_apt(code, output) == outcome
+
+
+def test_package_decision() -> None:
+    assert needed_packages(BootstrapConfig()) == ["python3-venv", "sshfs"]
+    no_arc = BootstrapConfig.model_validate({"arc": {"enabled": False}})
+    assert needed_packages(no_arc) == ["python3-venv"]
+    status = parse_dpkg_status(
+        "sshfs\tii \npython3-venv\trc \nfuse3:amd64\tiU \nopenssh-server\tii \n"
+    )
+    assert status == {
+        "sshfs": True,
+        "python3-venv": False,
+        "fuse3": False,
+        "openssh-server": True,
+    }
+    assert missing_packages(["python3-venv", "sshfs"], status) == ["python3-venv"]
+    # dpkg-query prints nothing for a package it never heard of: missing.
+    assert missing_packages(["python3-venv", "sshfs"], parse_dpkg_status("")) == [
+        "python3-venv",
+        "sshfs",
+    ]
+    assert missing_packages(["sshfs"], {"sshfs": True}) == []
+    now = 1_800_000_000
+    assert lists_stale(0, 0, now)  # a fresh image: no lists at all
+    assert lists_stale(3, now - 40 * 24 * 3600, now)  # the image build's lists
+    assert not lists_stale(3, now - 3600, now)
+
+
+@pytest.mark.parametrize(
+    ("output", "state"),
+    [
+        ("\nstatus: done\nboot_status_code: enabled-by-generator\n", "done"),
+        ("...........\nstatus: running\n", "running"),
+        ("status: error\ndetail:\nDataSourceNone\nerrors:\n\t('ssh', ...)\n", "error"),
+        (
+            "status: done\nextended_status: degraded done\nboot_status_code: enabled\n",
+            "error",
+        ),
+        ("status: disabled\n", "disabled"),
+        ("", ""),
+    ],
+)
+def test_cloud_init_status(output: str, state: str) -> None:
+    assert cloud_init_state(output) == state
+
+
+def test_a_missing_command_names_the_image_requirement(tmp_path: Path) -> None:
+    assert missing_tool(127, "bash: line 1: python3: command not found\n") == "python3"
+    assert missing_tool(127, "sh: 1: apt-get: not found\n") == "apt-get"
+    assert missing_tool(127, "bash: /mnt/pspace/prefect-env/bin/python: No such file") is None
+    assert missing_tool(1, "sh: 1: apt-get: not found") is None
+    host = LocalHost()
+    with pytest.raises(MissingToolError, match="no `sails-no-such-tool` command: the VM's image"):
+        host.run("sails-no-such-tool --version", check=False)
+    with pytest.raises(MissingToolError, match="must provide systemd as init"):
+        host.run("PATH=/nonexistent systemctl is-active x")
+    # A path that does not exist is the caller's question, not a missing tool.
+    with pytest.raises(RemoteCommandError) as info:
+        host.run(f"{tmp_path}/venv/bin/python -V")
+    assert not isinstance(info.value, MissingToolError)
+    assert host.run(f"{tmp_path}/venv/bin/python -V", check=False).code == 127
+
+
+def test_venv_probe_tells_missing_broken_and_working(tmp_path: Path) -> None:
+    host = LocalHost()
+    venv = str(tmp_path / "prefect-env")
+    code = "print('ok')"
+    assert host.run(venv_probe(venv, code)).stdout.strip() == "missing"
+    # What `python3 -m venv` leaves behind without ensurepip: bin/python and no pip.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    assert host.run(venv_probe(venv, code)).stdout.strip() == "broken"
+    subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
+    assert host.run(venv_probe(venv, code)).stdout.strip() == "ok"
+    # A python removed under the venv (an image upgrade): the link dangles, the venv is broken.
+    (tmp_path / "prefect-env" / "bin" / "python").unlink()
+    (tmp_path / "prefect-env" / "bin" / "python").symlink_to("/usr/bin/python3.0-gone")
+    assert host.run(venv_probe(venv, code)).stdout.strip() == "broken"
+
+
+def test_booting_guest_errors_are_transient_and_the_arc_unit_gives_up() -> None:
+    for code in (errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.ETIMEDOUT):
+        assert is_transient(OSError(code, "booting"))
+    assert not is_transient(OSError(errno.EACCES, "denied"))
+    unit = unit_text(BootstrapConfig(), "someone")
+    assert f"StartLimitBurst={START_LIMIT_BURST}" in unit
+    assert "StartLimitIntervalSec=0" not in unit  # 0 would retry forever
+    assert "Restart=always" in unit and "RestartSec=10" in unit
