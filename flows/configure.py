@@ -133,9 +133,12 @@ def configure_host(
             records.append(key)
             user = arc_user(config, creds.username)
             records.append(ensure_arc_mount(host, config, user, apply))
-        records.append(ensure_prefect_venv(host, config, apply=apply))
+        venv = ensure_prefect_venv(host, config, apply=apply)
+        records.append(venv)
         secret = server_secrets(config, apply=apply)
-        records.append(ensure_prefect_server(host, config, address, secret, apply))
+        records.append(
+            ensure_prefect_server(host, config, address, secret, apply, venv_changed=venv.changed)
+        )
         result.ui_url = f"http://{address}:{config.prefect.port}"
     except BootstrapError as exc:
         if apply:

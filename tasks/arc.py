@@ -64,7 +64,15 @@ def ensure_canfar_key(vm: VM, config: BootstrapConfig, apply: bool = True) -> St
     if not exists and config.arc.key_block:
         from blocks.ssh import SSHKeyPair
 
-        block = cast(SSHKeyPair, SSHKeyPair.load(config.arc.key_block))
+        try:
+            block = cast(SSHKeyPair, SSHKeyPair.load(config.arc.key_block))
+        except ValueError:
+            raise BootstrapError(
+                f"no SSHKeyPair block named {config.arc.key_block!r} (arc.key_block): save the "
+                "key CANFAR already trusts under that name (its public line is in "
+                "~/.ssh/authorized_keys of your CANFAR home), or remove arc.key_block to have "
+                "a key generated on the VM"
+            ) from None
         vm.write_file(
             key,
             block.private_key.get_secret_value(),

@@ -235,8 +235,15 @@ def wait_for_health(url: str, timeout: float) -> None:
 
 @task(name="ensure-prefect-server", **VM_TASK)
 def ensure_prefect_server(
-    vm: VM, config: BootstrapConfig, address: str, secret: dict[str, str], apply: bool = True
+    vm: VM,
+    config: BootstrapConfig,
+    address: str,
+    secret: dict[str, str],
+    apply: bool = True,
+    venv_changed: bool = False,
 ) -> StepRecord:
+    """The server's environment file and unit, enabled and running; restarted when either or
+    its venv (``venv_changed``: rebuilt or upgraded under the running process) changed."""
     changes: list[str] = []
     user = config.server.user
     if apply:
@@ -262,10 +269,12 @@ def ensure_prefect_server(
             vm.run(f"systemctl enable {SERVER_UNIT}", sudo=True)
         changes.append("enabled")
     active = vm.run(f"systemctl is-active --quiet {SERVER_UNIT}", check=False).ok
-    if not active or env_changed or unit_changed:
+    if not active or env_changed or unit_changed or venv_changed:
         if apply:
             vm.run(f"systemctl restart {SERVER_UNIT}", sudo=True)
-        changes.append("restarted" if active else "started")
+        changes.append(
+            ("restarted for the new venv" if venv_changed else "restarted") if active else "started"
+        )
     url = f"http://{address}:{config.prefect.port}/api"
     if apply:
         wait_for_health(url, timeout=300)
