@@ -28,6 +28,8 @@ from tasks.vm import VM, VM_TASK, Result, StepRecord
 LISTS_MAX_AGE = 24 * 3600
 #: Attempts for a transient apt failure (mirror 5xx, timeouts, DNS, hash mismatch).
 TRANSIENT_ATTEMPTS = 4
+#: Seconds apt waits for the dpkg lock per attempt (attempts go on until the step's bound).
+LOCK_SLICE = 60
 APT = "DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0"
 
 
@@ -185,7 +187,8 @@ def _apt(vm: VM, args: str, deadline: float, what: str) -> Result:
                 "the lock: see `sudo lsof /var/lib/dpkg/lock-frontend` and "
                 "/var/log/unattended-upgrades/ on the VM"
             )
-        lock_wait = max(1, int(left))
+        # apt waits for the lock itself; in slices, so the run log shows the wait going on.
+        lock_wait = max(1, min(LOCK_SLICE, int(left)))
         r = vm.run(
             f"{APT} -o DPkg::Lock::Timeout={lock_wait} {args}",
             sudo=True,
@@ -196,8 +199,8 @@ def _apt(vm: VM, args: str, deadline: float, what: str) -> Result:
         if outcome in (AptOutcome.OK, AptOutcome.STALE_LISTS, AptOutcome.INTERRUPTED):
             return r
         if outcome == AptOutcome.LOCKED:
-            progress.tick("the dpkg lock is held by another process")
-            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+            progress.tick("the dpkg lock is held by another process (unattended-upgrades?)")
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
             continue
         if outcome == AptOutcome.TRANSIENT and transient < TRANSIENT_ATTEMPTS - 1:
             transient += 1
