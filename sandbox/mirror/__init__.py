@@ -401,9 +401,15 @@ def up() -> str:
     """Serve the mirror on the tenant gateway (idempotent, quick when it already serves the
     current build); returns its URL."""
     served = build_dir() if ready() else build(log=_log)
-    pid = _alive()
-    if pid and _health() == str(served):
+    if _alive() and _health() == str(served):
         return url()
+    with _lock(".up.lock"):  # one starter at a time (the sandbox's up(), a test fixture)
+        if not (_alive() and _health() == str(served)):
+            _start(served)
+    return url()
+
+
+def _start(served: Path) -> None:
     net.ensure_network()
     down()
     PID_FILE.parent.mkdir(parents=True, exist_ok=True)
@@ -429,7 +435,6 @@ def up() -> str:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the package mirror did not start; see {LOG_FILE}")
         time.sleep(0.1)
-    return url()
 
 
 def down() -> None:
@@ -521,6 +526,18 @@ def reset_faults() -> None:
     with _faults_locked() as current:
         current.clear()
         current.update(DEFAULT_FAULTS)
+
+
+@contextlib.contextmanager
+def fault(**changes: Any) -> Iterator[dict[str, Any]]:
+    """``set_faults(**changes)`` for the duration of a block; the faults in force before come
+    back afterwards (e.g. a test's fault scoped to its guest, in a shared sandbox)."""
+    saved = faults()
+    try:
+        yield set_faults(**changes)
+    finally:
+        with _faults_locked() as current:
+            current.update({k: saved[k] for k in changes})
 
 
 def take_failure(client: str, rand: float) -> int | None:
