@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -117,7 +118,11 @@ def _single(items: list[Any], what: str, setting: str, wanted: str | None) -> An
 
 @task(name="preflight", **CLOUD_TASK)
 def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> CloudFacts:
-    """Check credentials, image, flavor, networks, key and quota. Makes no writes."""
+    """Check credentials, image, flavor, networks, key and quota. Makes no writes.
+
+    The reads run at once, one chain per service (so each service's version discovery happens
+    once); quota is read only for what this run would create, so a run that changes nothing
+    pays for no quota reads at all."""
     log = logger()
     from keystoneauth1 import exceptions as ks
 
@@ -140,14 +145,32 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
     project_id = str(conn.current_project_id)
     problems: list[str] = []
 
-    image = conn.image.find_image(config.server.image, ignore_missing=True)
-    if image is None:
-        names = sorted(i.name for i in conn.image.images() if i.name)[:20]
-        problems.append(
-            f"image {config.server.image!r} not found; fix server.image (some images: "
-            f"{', '.join(names) or 'none'})"
+    def compute() -> tuple[Any, Any, list[Any]]:
+        flavor = conn.compute.find_flavor(config.server.flavor, ignore_missing=True)
+        keypair = conn.compute.find_keypair(config.keypair_name, ignore_missing=True)
+        servers = _find_ours(
+            conn.compute.servers(name=f"^{re.escape(config.server_name)}$"), config
         )
-    flavor = conn.compute.find_flavor(config.server.flavor, ignore_missing=True)
+        return flavor, keypair, servers
+
+    def network() -> tuple[list[Any], list[Any]]:
+        groups = conn.network.security_groups(
+            name=config.server.security_group, project_id=project_id
+        )
+        return list(conn.network.networks()), list(groups)
+
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="preflight") as pool:
+        image_f = pool.submit(find_image, conn, config.server.image)
+        compute_f = pool.submit(compute)
+        network_f = pool.submit(network)
+        volumes_f = pool.submit(lambda: _find_ours(_named_volumes(conn, config), config))
+        image, image_problem = image_f.result()
+        flavor, existing_kp, servers = compute_f.result()
+        networks, groups = network_f.result()
+        volumes = volumes_f.result()
+
+    if image_problem:
+        problems.append(image_problem)
     if flavor is None:
         names = sorted(f.name for f in conn.compute.flavors())
         problems.append(
@@ -155,12 +178,11 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
             f"(available: {', '.join(names) or 'none'})"
         )
 
-    networks = list(conn.network.networks())
     internal = [n for n in networks if not n.is_router_external]
     external = [n for n in networks if n.is_router_external]
-    network = floating = None
+    network_obj = floating = None
     try:
-        network = _single(internal, "project network", "server.network", config.server.network)
+        network_obj = _single(internal, "project network", "server.network", config.server.network)
     except LookupError as exc:
         problems.append(str(exc))
     try:
@@ -170,16 +192,12 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
     except LookupError as exc:
         problems.append(str(exc))
 
-    groups = list(
-        conn.network.security_groups(name=config.server.security_group, project_id=project_id)
-    )
     if not groups:
         problems.append(
             f"security group {config.server.security_group!r} not found in the project; "
             "fix server.security_group"
         )
 
-    existing_kp = conn.compute.find_keypair(config.keypair_name, ignore_missing=True)
     if existing_kp is not None and not _same_key(existing_kp.public_key, key.public_key):
         from blocks.ssh import fingerprint
 
@@ -190,33 +208,23 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
             "point ssh.key_block at the matching key"
         )
 
-    # Quota: only what this run would create counts.
-    server = _find_ours(conn.compute.servers(name=f"^{re.escape(config.server_name)}$"), config)
-    volume = _find_ours(_named_volumes(conn, config), config, meta="metadata")
-    if flavor is not None and not server:
-        limits = conn.compute.get_limits().absolute
-        checks = [
-            ("instances", 1, limits.instances, limits.instances_used),
-            ("vCPUs", flavor.vcpus, limits.total_cores, limits.total_cores_used),
-            ("RAM (MB)", flavor.ram, limits.total_ram, limits.total_ram_used),
-        ]
-        for what, need, limit, used in checks:
-            if limit is not None and limit >= 0 and used + need > limit:
-                problems.append(
-                    f"quota: the server needs {need} {what} but {used} of {limit} are in use; "
-                    "free some or ask for more quota"
-                )
-    if not volume:
-        vlimits = conn.block_storage.get_limits().absolute
-        cap, used = vlimits.max_total_volume_gigabytes, vlimits.total_gigabytes_used
-        if cap is not None and cap >= 0 and used + config.volume.size_gb > cap:
-            problems.append(
-                f"quota: the volume needs {config.volume.size_gb} GB but {used} of {cap} GB are "
-                "in use; lower volume.size_gb or free volume space"
-            )
+    # Quota: only what this run would add counts, against what the project already uses
+    # (a hand-made VM's address and volumes included).
+    server = servers[0] if servers else None
+    adds = _would_add(config, server, groups[0] if groups else None)
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="preflight-quota") as pool:
+        futures = []
+        if flavor is not None and server is None:
+            futures.append(pool.submit(_compute_quota, conn, flavor))
+        if not volumes:
+            futures.append(pool.submit(_volume_quota, conn, config))
+        if any(adds.values()):
+            futures.append(pool.submit(_network_quota, conn, config, project_id, adds, log))
+        for future in futures:
+            problems.extend(future.result())
     if problems:
         raise PreflightError(problems)
-    assert image and flavor and network and floating  # for the type checker
+    assert image and flavor and network_obj and floating  # for the type checker
     log.info("preflight passed: image, flavor, networks, security group, keypair and quota")
     return CloudFacts(
         project_id=project_id,
@@ -224,10 +232,171 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
         flavor_id=flavor.id,
         flavor_vcpus=flavor.vcpus,
         flavor_ram=flavor.ram,
-        network_id=network.id,
+        network_id=network_obj.id,
         floating_network_id=floating.id,
         security_group_id=groups[0].id,
     )
+
+
+def find_image(conn: Connection, wanted: str) -> tuple[Any | None, str | None]:
+    """The image named (or with the id) ``wanted``, else the problem: two images of that name
+    (their ids, and the fix: name it by id), or none (with the names that resemble it)."""
+    from openstack import exceptions as os_exc
+
+    try:
+        image = conn.image.find_image(wanted, ignore_missing=True)
+    except os_exc.DuplicateResource:
+        same = sorted(conn.image.images(name=wanted), key=lambda i: i.created_at or "")
+        listed = "; ".join(
+            f"{i.id} ({i.visibility or '?'}, {i.status}, created {i.created_at or '?'})"
+            for i in same
+        )
+        return None, (
+            f"{len(same)} images are named {wanted!r}: {listed}. Set server.image to the id of "
+            "the one to use"
+        )
+    if image is not None:
+        if image.status != "active":
+            return None, (
+                f"image {wanted!r} ({image.id}) is {image.status}, not active; choose another "
+                "in server.image"
+            )
+        return image, None
+    images = list(conn.image.images())
+    similar = similar_image_names(wanted, images)
+    hint = (
+        f"similar: {', '.join(similar)}"
+        if similar
+        else f"no image name resembles it among the {len(images)} visible; "
+        "`openstack image list` shows them"
+    )
+    return None, f"image {wanted!r} not found; fix server.image ({hint})"
+
+
+def _words(name: str) -> list[str]:
+    return [w for w in re.split(r"[-_.\s]+", name.lower()) if w]
+
+
+def similar_image_names(wanted: str, images: list[Any], limit: int = 8) -> list[str]:
+    """Names of images like ``wanted``: the same first word (``Ubuntu-…``), the same
+    ``os_distro`` as those or as that word, or a close spelling; closest first."""
+    import difflib
+
+    want = _words(wanted)
+    head = want[0] if want else ""
+    named = [i for i in images if i.name]
+    prefix = {i.id for i in named if _words(i.name)[:1] == [head]}
+    distros = {(i.os_distro or "").lower() for i in named if i.id in prefix} | {head}
+    distros.discard("")
+    scored: dict[str, float] = {}
+    for image in named:
+        ratio = difflib.SequenceMatcher(None, wanted.lower(), image.name.lower()).ratio()
+        related = image.id in prefix or (image.os_distro or "").lower() in distros
+        if related or ratio >= 0.75:
+            scored[image.name] = max(scored.get(image.name, 0.0), ratio + (1 if related else 0))
+    ranked = sorted(scored, key=lambda n: (-scored[n], n))
+    if len(ranked) > limit:
+        return [*ranked[:limit], f"and {len(ranked) - limit} more"]
+    return ranked
+
+
+def _would_add(config: BootstrapConfig, server: Any | None, group: Any | None) -> dict[str, int]:
+    """Neutron resources this run would create: a port with a new server, a floating IP when
+    the server has none, and the ingress rules the group lacks."""
+    has_fip = server is not None and any(
+        a.get("OS-EXT-IPS:type") == "floating"
+        for addrs in (server.addresses or {}).values()
+        for a in addrs
+    )
+    rules = 0
+    if group is not None:
+        have = {
+            _rule_key(r) for r in group.security_group_rules or [] if r["direction"] == "ingress"
+        }
+        rules = len({r.key() for r in config.server.ingress} - have)
+    return {
+        "port": 0 if server is not None else 1,
+        "floatingip": 0 if has_fip else 1,
+        "security_group_rule": rules,
+    }
+
+
+def _over(used: int | None, need: int, limit: int | None) -> bool:
+    return limit is not None and limit >= 0 and (used or 0) + need > limit
+
+
+def _compute_quota(conn: Connection, flavor: Any) -> list[str]:
+    limits = conn.compute.get_limits().absolute
+    checks = [
+        ("instances", 1, limits.instances, limits.instances_used),
+        ("vCPUs", flavor.vcpus, limits.total_cores, limits.total_cores_used),
+        ("RAM (MB)", flavor.ram, limits.total_ram, limits.total_ram_used),
+    ]
+    return [
+        f"quota: the server needs {need} {what} but {used} of {limit} are in use; "
+        "free some or ask for more quota"
+        for what, need, limit, used in checks
+        if _over(used, need, limit)
+    ]
+
+
+def _volume_quota(conn: Connection, config: BootstrapConfig) -> list[str]:
+    limits = conn.block_storage.get_limits().absolute
+    out = []
+    if _over(limits.total_volumes_used, 1, limits.max_total_volumes):
+        out.append(
+            f"quota: the volume would be one more but {limits.total_volumes_used} of "
+            f"{limits.max_total_volumes} volumes exist (Cinder quota 'volumes'); delete an "
+            "unused volume or ask for more quota"
+        )
+    cap, used = limits.max_total_volume_gigabytes, limits.total_gigabytes_used
+    if _over(used, config.volume.size_gb, cap):
+        out.append(
+            f"quota: the volume needs {config.volume.size_gb} GB but {used} of {cap} GB are "
+            "in use (Cinder quota 'gigabytes'); lower volume.size_gb or free volume space"
+        )
+    return out
+
+
+def _network_quota(
+    conn: Connection, config: BootstrapConfig, project_id: str, adds: dict[str, int], log: Any
+) -> list[str]:
+    from openstack import exceptions as os_exc
+
+    try:
+        quota = conn.network.get_quota(project_id, details=True)
+    except (os_exc.ForbiddenException, os_exc.NotFoundException) as exc:
+        # A cloud that hides its quota details: Neutron itself refuses what exceeds them.
+        log.warning("Neutron quota not checked (HTTP %s)", exc.status_code)
+        return []
+    fixes = {
+        "floatingip": "release an address the project no longer uses (`openstack floating ip "
+        "list`; an unattached one can go with `openstack floating ip delete`) or ask for "
+        "more quota",
+        "port": "delete unused ports or ask for more quota",
+        "security_group_rule": f"remove unused rules (from {config.server.security_group!r} or "
+        "other groups) or ask for more quota",
+    }
+    details = {
+        "floatingip": quota.floating_ips,
+        "port": quota.ports,
+        "security_group_rule": quota.security_group_rules,
+    }
+    out = []
+    for name, need in adds.items():
+        d = details[name] or {}
+        used, limit = d.get("used"), d.get("limit")
+        if not need or not _over(used, need, limit):
+            continue
+        if name == "floatingip" and any(
+            not f.port_id for f in conn.network.ips(description=config.tag)
+        ):
+            continue  # a free address of ours is reused, nothing allocated
+        out.append(
+            f"quota: this run would add {need} {name} but the project uses {used} of {limit} "
+            f"(Neutron quota '{name}'); {fixes[name]}"
+        )
+    return out
 
 
 def _same_key(a: str | None, b: str) -> bool:

@@ -65,6 +65,9 @@ def test_plan_then_provision_then_noop(env_config, fault_control, admin_conn) ->
     second = provision(cfg)
     assert resource_writes(fault_control) == []
     assert all(r.action == Action.KEEP for r in second.records), second.table()
+    # Nothing to add, so no quota is read (preflight stays a handful of reads).
+    quota_reads = [p for p in _paths(fault_control) if "/limits" in p or "/quotas" in p]
+    assert quota_reads == [], quota_reads
     after = provision(cfg, plan=True)
     assert all(r.action == Action.KEEP for r in after.records)
 
@@ -192,6 +195,10 @@ def test_teardown_returns_when_the_volume_is_gone(env_config, admin_conn, user_c
         latency.set_latency()
 
 
+def _paths(fault_control: Any) -> list[str]:
+    return [key for per_service in fault_control.counts()["paths"].values() for key in per_service]
+
+
 def seen_request(fault_control: Any, method: str, suffix: str) -> bool:
     paths = fault_control.counts()["paths"]
     return any(
@@ -238,3 +245,149 @@ def test_killed_run_converges(
     assert len(world["servers"]) == 1, world["servers"]
     assert len(world["fips"]) == 1 and world["fips"][0].port_id
     assert len(world["volumes"]) == 1 and world["volumes"][0].status == "in-use"
+
+
+# -- preflight: images, quota and credentials as a real project has them -------------------------
+@pytest.fixture
+def private_images(user_conn):  # type: ignore[no-untyped-def]
+    """Images the project itself uploads (queued, no data: enough to be listed and found)."""
+    made: list[Any] = []
+
+    def make(name: str, **props: Any) -> Any:
+        image = user_conn.image.create_image(
+            name=name, disk_format="raw", container_format="bare", visibility="private", **props
+        )
+        made.append(image)
+        return image
+
+    yield make
+    for image in made:
+        user_conn.image.delete_image(image, ignore_missing=True)
+
+
+def test_two_images_with_one_name_and_a_missing_one(
+    env_config, fault_control, private_images
+) -> None:  # type: ignore[no-untyped-def]
+    import secrets
+
+    name = f"Ubuntu-24.04-Noble-x64-t{secrets.token_hex(3)}"
+    first, second = private_images(name), private_images(name)
+    cfg = env_config("t-dupimage", server={"image": name})
+    fault_control.reset()
+    with pytest.raises(PreflightError) as info:
+        provision(cfg)
+    message = str(info.value)
+    assert f"2 images are named {name!r}" in message
+    assert first.id in message and second.id in message and "server.image" in message
+    assert resource_writes(fault_control) == []
+
+    # Named by id instead, the image is no problem (it is queued: said so, not a duplicate).
+    by_id = provision(env_config("t-byid", server={"image": first.id}), plan=True)
+    reasons = [r.reason for r in by_id.records if r.kind == "preflight"]
+    assert reasons == [
+        f"image {first.id!r} ({first.id}) is queued, not active; choose another in server.image"
+    ]
+
+    # Missing: the hint names the project's Ubuntu images, not the first names alphabetically.
+    with pytest.raises(PreflightError) as info:
+        provision(env_config("t-noimage", server={"image": "Ubuntu-99.04"}))
+    assert "similar: " in str(info.value) and "Ubuntu-24.04-Noble-x64-2024-06" in str(info.value)
+
+
+@pytest.fixture
+def tight_project(admin_conn, sandbox_env, tmp_path):  # type: ignore[no-untyped-def]
+    """A second project as small allocations are: its one floating IP already held (by the
+    hand-made VM), no room for another volume or for more security-group rules. Yields the
+    path of a clouds.yaml whose entry ``tight`` is scoped to it by project_id, as the
+    dashboard's clouds.yaml is, with no password in it."""
+    import secrets
+
+    import yaml
+
+    from sandbox import layout
+
+    ident, net = admin_conn.identity, admin_conn.network
+    clouds = yaml.safe_load(layout.clouds_yaml().read_text())["clouds"]
+    entry = clouds[f"{layout.CLOUD_NAME}-password"]
+    project = ident.create_project(name=f"t-tight-{secrets.token_hex(3)}", domain_id="default")
+    try:
+        user = ident.find_user(entry["auth"]["username"], domain_id="default")
+        ident.assign_project_role_to_user(project, user, ident.find_role("member"))
+        network = net.create_network(name="t-tight-net", project_id=project.id)
+        net.create_subnet(
+            network_id=network.id, project_id=project.id, ip_version=4, cidr="10.231.0.0/24"
+        )
+        public = net.find_network("public")
+        net.create_ip(
+            floating_network_id=public.id, project_id=project.id, description="hand-made VM"
+        )
+        auth = {k: v for k, v in entry["auth"].items() if k not in ("project_name", "password")}
+        auth["project_id"] = project.id
+        tight = {**entry, "auth": auth}
+        path = tmp_path / "clouds.yaml"
+        path.write_text(yaml.safe_dump({"clouds": {"tight": tight}}))
+        # The project's default group (with its default rules) exists once the project looks.
+        scoped = openstack_connect(tight, entry["auth"]["password"])
+        list(scoped.network.security_groups(project_id=project.id))
+        used = net.get_quota(project.id, details=True).security_group_rules["used"]
+        admin_conn.set_network_quotas(project.id, floatingip=1, security_group_rule=used)
+        admin_conn.set_volume_quotas(project.id, volumes=0)
+        yield path, project, entry["auth"]["password"]
+    finally:
+        for fip in net.ips(project_id=project.id):
+            net.delete_ip(fip, ignore_missing=True)
+        for port in net.ports(project_id=project.id):
+            if port.device_owner != "network:dhcp":
+                net.delete_port(port, ignore_missing=True)
+        for network in net.networks(project_id=project.id):
+            net.delete_network(network, ignore_missing=True)
+        for group in net.security_groups(project_id=project.id):
+            net.delete_security_group(group, ignore_missing=True)
+        ident.delete_project(project, ignore_missing=True)
+
+
+def openstack_connect(entry: dict[str, Any], password: str) -> Any:
+    import openstack
+
+    return openstack.connect(
+        auth_type=entry.get("auth_type", "password"),
+        auth={**entry["auth"], "password": password},
+        region_name=entry.get("region_name"),
+        interface=entry.get("interface", "public"),
+        load_yaml_config=False,
+        load_envvars=False,
+    )
+
+
+def test_preflight_sees_the_projects_quota_and_scopes_by_id(
+    make_config, prefect_server, tight_project, fault_control, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from tasks.errors import BootstrapError
+
+    clouds, _project, password = tight_project
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
+    monkeypatch.delenv("OS_PASSWORD", raising=False)
+    cfg = make_config("t-tight", cloud={"cloud": "tight"})
+    SSHKeyPair.generate().save(cfg.ssh.key_block, overwrite=True)
+
+    # The dashboard's password clouds.yaml has no password: said before any cloud request.
+    fault_control.reset()
+    with pytest.raises(BootstrapError, match="OS_PASSWORD") as info:
+        provision(cfg)
+    assert "application credential" in str(info.value)
+    assert resource_writes(fault_control) == []
+
+    # With OS_PASSWORD, scoped to the project by its id; every full quota is named, with its fix.
+    monkeypatch.setenv("OS_PASSWORD", password)
+    fault_control.reset()
+    with pytest.raises(PreflightError) as info:
+        provision(cfg)
+    problems = info.value.problems
+    assert resource_writes(fault_control) == []
+    assert not any("network" in p and "not found" in p for p in problems), problems
+    joined = "\n".join(problems)
+    assert "Neutron quota 'floatingip'" in joined and "uses 1 of 1" in joined, problems
+    assert "openstack floating ip delete" in joined
+    assert "would add 3 security_group_rule" in joined and "'security_group_rule'" in joined
+    assert "Cinder quota 'volumes'" in joined and "0 of 0 volumes" in joined
+    assert len(problems) == 3, problems
