@@ -1,4 +1,5 @@
-"""The guests' golden root filesystem: Debian bookworm with systemd, sshd, sudo, sshfs, python3.
+"""The guests' golden root filesystem: Debian bookworm made to hold what Ubuntu's server cloud
+image holds (systemd, sshd, sudo, python3 without venv or pip, cloud-init, unattended-upgrades).
 
 Built once with debootstrap from the machine's own Debian mirror and kept under
 ``$CACHE_DIR/rootfs/<key>``, where the key is a hash of everything in ``sandbox/rootfs/`` (the
@@ -24,7 +25,7 @@ SOURCE_DIR = Path(__file__).resolve().parents[1] / "rootfs"
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 #: Files of SOURCE_DIR that define the build (all of them go into the cache key).
-FILES = ("packages.txt", "customise.sh", "sandbox-disks", "sandbox-disks.service")
+FILES = ("packages.txt", "customise.sh", "sandbox-disks", "sandbox-disks.service", "cloud-init.cfg")
 
 
 def packages() -> list[str]:
@@ -112,6 +113,7 @@ def build(log: Callable[[str], object] = print) -> Path:
         shutil.copy(
             SOURCE_DIR / "sandbox-disks.service", tmp / "etc/systemd/system/sandbox-disks.service"
         )
+        shutil.copy(SOURCE_DIR / "cloud-init.cfg", tmp / "etc/cloud/cloud.cfg.d/90_sandbox.cfg")
         shutil.copy(SOURCE_DIR / "customise.sh", tmp / "tmp/customise.sh")
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
         _check(["chroot", str(tmp), "/bin/sh", "/tmp/customise.sh"], env=env)
