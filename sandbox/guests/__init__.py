@@ -1,11 +1,16 @@
-"""Guests that look like Ubuntu cloud VMs: systemd-nspawn containers with systemd as PID 1.
+"""Guests that boot as Ubuntu cloud VMs do: systemd-nspawn containers with systemd as PID 1.
 
 Each guest has its own network namespace (a veth on the tenant bridge with the guest's MAC and
-fixed IP, no default route), an overlay on the golden root filesystem, per-guest SSH host keys,
-the instance's key in ``ubuntu``'s authorized_keys, and block devices plugged as /dev/vdX with
-/dev/disk/by-id/virtio-<serial> links as a KVM guest shows them. A small supervisor process per
-guest (``sandbox.guests.supervisor``, in its own session) runs systemd-nspawn, starts it again
-after ``sudo reboot`` (nspawn exits 133) and records a power-off, so the guest behaves as a VM.
+fixed IP, no default route), an overlay on the golden root filesystem (a stock cloud image: no
+user, no host keys, cloud-init), and block devices plugged as /dev/vdX with
+/dev/disk/by-id/virtio-<serial> links as a KVM guest shows them. Before the first boot the
+guest's upper layer gets a config drive seed (/var/lib/cloud/seed/config_drive: Nova's own tree
+from the sandbox's Nova driver, or a minimal one from ``write_seed`` for guests started
+directly), so cloud-init creates ``ubuntu`` with the instance's key, generates the host keys,
+prints their fingerprints on the console, mounts the ephemeral disk at /mnt and runs the
+user-data, once per instance. A small supervisor process per guest
+(``sandbox.guests.supervisor``, in its own session) runs systemd-nspawn, starts it again after
+``sudo reboot`` (nspawn exits 133) and records a power-off, so the guest behaves as a VM.
 
 State lives under ``$STATE_DIR/guests/<name>/``: ``guest.json`` (spec, namespace and interface
 names, disks), ``upper/`` and ``work/`` (the overlay's writable layer), ``root/`` (the mounted
@@ -30,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +44,10 @@ from sandbox import latency, layout, mirror, net
 from sandbox.guests import firewall, rootfs
 
 GUESTS_DIR = layout.STATE_DIR / "guests"
+#: Where cloud-init's ConfigDrive datasource reads a config drive's tree without a device.
+SEED_DIR = "var/lib/cloud/seed/config_drive"
+#: Nova's libvirt driver returns at most this much of the console log (MAX_CONSOLE_BYTES).
+MAX_CONSOLE_BYTES = 100 * 1024
 #: Exit code of systemd-nspawn when the guest rebooted itself.
 REBOOT_EXIT = 133
 FUSE_DEV = (10, 229)
@@ -53,6 +63,9 @@ class GuestSpec:
     gateway: str  # layout.TENANT_GATEWAY (on-link; the guest gets no default route)
     authorized_keys: str  # the instance's key_data (may be empty)
     ephemeral_gb: int = 0  # >0: a sparse ext4 disk shown as /dev/vdb, mounted at /mnt
+    user_data: str = ""  # given to cloud-init by the minimal seed (not by Nova's tree)
+    #: seconds sshd starts late at each boot; None: the ``sshd_delay`` latency (sandbox.latency)
+    sshd_delay: float | None = None
 
 
 class GuestError(RuntimeError):
@@ -238,13 +251,66 @@ def install() -> None:
 
 
 # -- preparing a guest -------------------------------------------------------------------------
-def _host_keys(upper: Path, hostname: str) -> None:
-    ssh = upper / "etc/ssh"
-    ssh.mkdir(parents=True, exist_ok=True)
-    for kind in ("ecdsa", "ed25519", "rsa"):
-        key = ssh / f"ssh_host_{kind}_key"
-        if not key.exists():
-            _run("ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{hostname}", "-f", str(key))
+def instance_uuid(name: str) -> str:
+    """The instance id the minimal seed gives a guest started directly (stable per name)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"sails-sandbox-guest:{name}"))
+
+
+def seed_files(spec: GuestSpec) -> dict[str, bytes]:
+    """A minimal config drive tree for a guest started without Nova: what cloud-init's
+    ConfigDrive datasource needs (meta_data.json with uuid, hostname and public keys; the
+    ephemeral disk's name in the EC2 block device mapping; optional user_data)."""
+    keys = [line.strip() for line in spec.authorized_keys.splitlines() if line.strip()]
+    meta = {
+        "uuid": instance_uuid(spec.name),
+        "name": spec.hostname,
+        "hostname": spec.hostname,
+        "launch_index": 0,
+        "availability_zone": "nova",
+        "public_keys": {f"key-{i}": key for i, key in enumerate(keys)},
+    }
+    if keys:
+        meta["keys"] = [
+            {"name": f"key-{i}", "type": "ssh", "data": key} for i, key in enumerate(keys)
+        ]
+    mapping = {"ami": "vda", "root": "/dev/vda"}
+    if spec.ephemeral_gb > 0:
+        mapping["ephemeral0"] = "/dev/vdb"
+    files = {
+        "openstack/latest/meta_data.json": json.dumps(meta).encode(),
+        "ec2/latest/meta-data.json": json.dumps({"block-device-mapping": mapping}).encode(),
+    }
+    if spec.user_data:
+        files["openstack/latest/user_data"] = spec.user_data.encode()
+    return files
+
+
+def write_seed(upper: Path, files: dict[str, bytes] | Path) -> None:
+    """Put a config drive tree (files by relative path, or a directory holding one) where
+    cloud-init's ConfigDrive datasource reads it, in the guest's upper layer."""
+    seed = upper / SEED_DIR
+    shutil.rmtree(seed, ignore_errors=True)
+    seed.mkdir(parents=True)
+    if isinstance(files, Path):
+        shutil.copytree(files, seed, dirs_exist_ok=True)
+    else:
+        for rel, data in files.items():
+            path = seed / rel
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                raise GuestError(f"bad seed path {rel!r}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    for path in [seed, *seed.rglob("*")]:
+        os.chmod(path, 0o700 if path.is_dir() else 0o600)
+
+
+def _sshd_delay(upper: Path, seconds: float) -> None:
+    """sshd starts ``seconds`` late at every boot (a cloud's 30-90 s until SSH answers)."""
+    dropin = upper / "etc/systemd/system/ssh.service.d"
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "50-sandbox-delay.conf").write_text(
+        f"[Service]\nExecStartPre=/bin/sleep {seconds:g}\nTimeoutStartSec={int(seconds) + 90}\n"
+    )
 
 
 def _copy_dir_attrs(lower: Path, upper: Path) -> None:
@@ -254,15 +320,17 @@ def _copy_dir_attrs(lower: Path, upper: Path) -> None:
     os.chmod(upper, st.st_mode & 0o7777)
 
 
-def _prepare(spec: GuestSpec) -> None:
-    """First boot: the overlay's upper layer with the guest's identity, and its ephemeral disk."""
+def _prepare(spec: GuestSpec, seed: Path | None = None) -> None:
+    """Before the first boot: the overlay's upper layer with what the hypervisor and the cloud
+    give a VM (hostname, config drive seed), and its ephemeral disk. The rest is cloud-init's."""
     d = _dir(spec.name)
     lower = rootfs.build()
     upper = d / "upper"
     for sub in ("upper", "work", "root"):
         (d / sub).mkdir(parents=True, exist_ok=True)
-    _host_keys(upper, spec.hostname)
     etc = upper / "etc"
+    etc.mkdir(exist_ok=True)
+    _copy_dir_attrs(lower / "etc", etc)
     (etc / "hostname").write_text(spec.hostname + "\n")
     (etc / "hosts").write_text(
         f"127.0.0.1 localhost\n127.0.1.1 {spec.hostname}\n{spec.ip} {spec.hostname}\n"
@@ -271,27 +339,18 @@ def _prepare(spec: GuestSpec) -> None:
     (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
     (etc / "machine-id").write_text(hashlib.md5(spec.name.encode()).hexdigest() + "\n")
     mirror.prepare_guest(upper)  # apt source and key of the sandbox mirror; dpkg-lock fault
-    ssh_dir = upper / "home/ubuntu/.ssh"
-    ssh_dir.mkdir(parents=True, exist_ok=True)
-    _copy_dir_attrs(lower / "home", upper / "home")
-    _copy_dir_attrs(lower / "home/ubuntu", upper / "home/ubuntu")
-    keys = spec.authorized_keys.strip()
-    (ssh_dir / "authorized_keys").write_text(keys + "\n" if keys else "")
-    os.chmod(ssh_dir, 0o700)
-    os.chmod(ssh_dir / "authorized_keys", 0o600)
-    for path in (ssh_dir, ssh_dir / "authorized_keys"):
-        os.chown(path, 1000, 1000)
+    write_seed(upper, seed if seed is not None else seed_files(spec))
+    delay = spec.sshd_delay if spec.sshd_delay is not None else latency.get("sshd_delay")
+    if delay > 0:
+        _sshd_delay(upper, delay)
     disks: list[dict] = []
-    fstab = "# /etc/fstab: static file system information.\n"
     if spec.ephemeral_gb > 0:
+        # formatted and labelled as Nova's libvirt driver makes it; cloud-init mounts it at /mnt
         img = d / "ephemeral0.img"
         with open(img, "wb") as fh:
             fh.truncate(spec.ephemeral_gb * 2**30)
         _run("mkfs.ext4", "-q", "-F", "-L", "ephemeral0", "-E", "nodiscard", str(img))
         disks.append({"dev": "vdb", "path": str(img), "serial": "-", "ephemeral": True})
-        # as Ubuntu's cloud-init writes it for the ephemeral disk
-        fstab += "/dev/vdb\t/mnt\tauto\tdefaults,nofail,comment=cloudconfig\t0\t2\n"
-    (etc / "fstab").write_text(fstab)
     record = {"spec": asdict(spec), "names": _names(spec.name), "lower": str(lower), "disks": disks}
     _save(spec.name, record)
 
@@ -426,20 +485,35 @@ def _stopped_while_booting(name: str, down_since: list[float], grace: float = 3.
     return time.monotonic() - down_since[0] >= grace
 
 
-def _wait_ready(spec: GuestSpec, timeout: float, previous_pid1: int | None = None) -> None:
-    """Until sshd answers on ip:22 and ``systemctl is-system-running --wait`` has settled."""
-    name = spec.name
-    deadline = time.monotonic() + timeout
+def _systemd_running(pid: int) -> bool:
+    """The guest's PID 1 has become systemd (not nspawn's child still setting up)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "systemd"
+    except OSError:
+        return False
+
+
+def _wait_pid1(name: str, deadline: float, previous_pid1: int | None = None) -> int:
+    """Until the guest's systemd runs as its PID 1 (a hypervisor's "the domain runs")."""
     down_since: list[float] = []
     while True:
         pid1 = _container_pid1(name)
-        if pid1 and pid1 != previous_pid1:
-            break
+        if pid1 and pid1 != previous_pid1 and _systemd_running(pid1):
+            return pid1
         if _stopped_while_booting(name, down_since):
             raise GuestError(f"guest {name} stopped while booting: {_tail(name)}")
         if time.monotonic() > deadline:
-            raise GuestError(f"guest {name} did not boot within {timeout:.0f} s: {_tail(name)}")
+            raise GuestError(f"guest {name} did not start within its time: {_tail(name)}")
         time.sleep(0.05)
+
+
+def _wait_ready(spec: GuestSpec, timeout: float, previous_pid1: int | None = None) -> None:
+    """Until sshd answers on ip:22 and ``systemctl is-system-running --wait`` has settled
+    (cloud-init's stages included)."""
+    name = spec.name
+    deadline = time.monotonic() + timeout
+    pid1 = _wait_pid1(name, deadline, previous_pid1)
+    down_since: list[float] = []
     while True:
         try:
             with socket.create_connection((spec.ip, 22), timeout=2) as s:
@@ -468,8 +542,16 @@ def _wait_ready(spec: GuestSpec, timeout: float, previous_pid1: int | None = Non
         raise GuestError(f"guest {name} did not settle (is-system-running: {state or 'timeout'})")
 
 
-def start_guest(spec: GuestSpec, timeout: float = 90) -> None:
-    """Create or power on the guest; return once its sshd answers and boot has settled.
+def start_guest(
+    spec: GuestSpec, timeout: float = 90, wait: bool = True, seed: Path | None = None
+) -> None:
+    """Create or power on the guest.
+
+    ``wait=True`` (tests): return once its sshd answers and its boot has settled, cloud-init's
+    first boot included. ``wait=False`` (the Nova driver): return once its systemd runs as PID 1,
+    as a hypervisor reports a server ACTIVE while the guest's OS is still booting.
+    ``seed``: a config drive tree (a directory, e.g. Nova's) for the first boot; without it the
+    guest gets ``seed_files(spec)``. A guest that exists keeps what it was built with.
 
     Raises GuestError after cleaning up: a new guest is destroyed, an existing one is left
     powered off with its disk state.
@@ -483,7 +565,7 @@ def start_guest(spec: GuestSpec, timeout: float = 90) -> None:
     GUESTS_DIR.mkdir(parents=True, exist_ok=True)
     try:
         if first_boot:
-            _prepare(spec)
+            _prepare(spec, seed)
         else:
             spec = GuestSpec(**_load(spec.name)["spec"])  # the guest keeps what it was built with
         _ensure_netns(spec.name, spec)
@@ -494,7 +576,10 @@ def start_guest(spec: GuestSpec, timeout: float = 90) -> None:
             _kill(_supervisor_pid(spec.name), signal.SIGKILL)
         _set_power(spec.name, "on")
         _launch_supervisor(spec.name)
-        _wait_ready(spec, timeout)
+        if wait:
+            _wait_ready(spec, timeout)
+        else:
+            _wait_pid1(spec.name, time.monotonic() + timeout)
     except BaseException as exc:
         with contextlib.suppress(Exception):
             if first_boot:
@@ -543,10 +628,11 @@ def stop_guest(name: str, timeout: float = 30) -> None:
     (d / "nspawn.pid").unlink(missing_ok=True)
 
 
-def reboot_guest(name: str, hard: bool = False) -> None:
+def reboot_guest(name: str, hard: bool = False, wait: bool = True) -> None:
     """Reboot a running guest (soft: systemd's reboot; hard: kill and boot again).
 
-    A guest that is not running is powered on. Returns once it is ready again.
+    A guest that is not running is powered on. Returns once it is ready again (``wait``), or
+    once its systemd runs again (``wait=False``, as a hypervisor reports it).
     """
     data = _load(name) if (_dir(name) / "guest.json").exists() else None
     if data is None:
@@ -555,14 +641,17 @@ def reboot_guest(name: str, hard: bool = False) -> None:
     pid1 = _container_pid1(name)
     if power_state(name) != "running" or pid1 is None or not _supervisor_pid(name):
         stop_guest(name, timeout=10)
-        start_guest(spec)
+        start_guest(spec, wait=wait)
         return
     _set_power(name, "reboot")
     if hard:
         _kill(pid1, signal.SIGKILL)
     else:
         _kill(pid1, signal.SIGRTMIN + 5)  # systemd: start reboot.target
-    _wait_ready(spec, 90, previous_pid1=pid1)
+    if wait:
+        _wait_ready(spec, 90, previous_pid1=pid1)
+    else:
+        _wait_pid1(name, time.monotonic() + 90, previous_pid1=pid1)
 
 
 def _release(name: str) -> None:
@@ -681,6 +770,8 @@ def _plug_script(dev: str, loop: str, serial: str) -> str:
         f"{{ rm -f /dev/{dev}; mknod /dev/{dev} b {major} {minor}; }}; "
         f"chmod 0660 /dev/{dev}; chgrp disk /dev/{dev} 2>/dev/null || true; "
         f"mkdir -p /dev/disk/by-id /dev/disk/by-uuid; {link}"
+        f"if mountpoint -q /sys/block; then ln -sfn "
+        f'"$(readlink -f /sys/dev/block/{major}:{minor})" /sys/block/{dev} || true; fi; '
         f"u=$(blkid -p -s UUID -o value /dev/{dev} 2>/dev/null || true); "
         f'[ -z "$u" ] || ln -sfn ../../{dev} "/dev/disk/by-uuid/$u"'
     )
@@ -726,41 +817,20 @@ def detach_volume(name: str, serial: str) -> None:
                     name,
                     "for l in /dev/disk/by-id/* /dev/disk/by-uuid/*; do "
                     f'[ "$(readlink "$l")" = ../../{dev} ] && rm -f "$l"; done; '
-                    f"rm -f /dev/{dev}",
+                    f"rm -f /dev/{dev}; ! mountpoint -q /sys/block || rm -f /sys/block/{dev}",
                 )
             _detach_loops(disk["path"])
 
 
 # -- console -----------------------------------------------------------------------------------
 def console_output(name: str) -> bytes:
-    """The guest's boot log, then cloud-init style blocks of its SSH host key fingerprints (as
-    ``ssh-keygen -lf`` prints them) and of the public host keys. Always bytes."""
-    d = _dir(name)
+    """What the guest printed on its console (systemd's boot status, cloud-init's stages and its
+    host key fingerprints, once per instance), as systemd-nspawn captured it in console.log:
+    the last MAX_CONSOLE_BYTES of it, as Nova's libvirt driver returns it."""
     try:
-        with open(d / "console.log", "rb") as fh:
+        with open(_dir(name) / "console.log", "rb") as fh:
             fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 65536))
-            log = fh.read()
+            fh.seek(max(0, fh.tell() - MAX_CONSOLE_BYTES))
+            return fh.read()
     except OSError:
-        log = b""
-    fingerprints, keys = [], []
-    for key in sorted((d / "upper/etc/ssh").glob("ssh_host_*_key.pub")):
-        out = _run("ssh-keygen", "-l", "-f", str(key), check=False).stdout.strip()
-        if out:
-            fingerprints.append(out)
-        with contextlib.suppress(OSError):
-            keys.append(key.read_text().strip())
-    block = "".join(
-        [
-            "-----BEGIN SSH HOST KEY FINGERPRINTS-----\n",
-            *(line + "\n" for line in fingerprints),
-            "-----END SSH HOST KEY FINGERPRINTS-----\n",
-            "-----BEGIN SSH HOST KEY KEYS-----\n",
-            *(line + "\n" for line in keys),
-            "-----END SSH HOST KEY KEYS-----\n",
-        ]
-    )
-    log = log.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    if log and not log.endswith(b"\n"):
-        log += b"\n"
-    return log + block.encode()
+        return b""
