@@ -1,19 +1,29 @@
 """Nova compute driver whose servers are systemd-nspawn guests (``sandbox.guests``).
 
 Nova's own fake driver keeps the bookkeeping (resources, the instance list); this driver adds
-the machine behind each server: spawn boots a guest with the server's MAC, fixed IP and key,
-power and reboot act on it, volumes (cinder's ``sails_file`` connections) become virtio-like
-disks inside it, and the console output is the guest's boot log. get_info asks the guest, so a
-guest that powered itself off is seen as SHUTOFF by nova's power-state sync.
+the machine behind each server: spawn writes the instance's config drive with nova's own code
+(``InstanceMetadata`` + ``ConfigDriveBuilder``: meta_data.json with the key, hostname and uuid,
+user_data, network_data.json, injected files) into the guest's cloud-init seed and boots a guest
+with the server's MAC and fixed IP. As with libvirt, spawn returns once the guest runs (the
+server goes ACTIVE), not when its OS is up: cloud-init creates the user and the host keys and
+sshd answers later. Power and reboot act on the guest the same way; volumes (cinder's
+``sails_file`` connections) become virtio-like disks inside it; the console output is the
+guest's real console, its last 100 KiB. get_info asks the guest, so a guest that powered itself
+off is seen as SHUTOFF by nova's power-state sync.
 
 When the guests library cannot be imported the driver keeps the fake driver's behaviour (an
 API-level cloud with nothing behind the servers).
 """
 
+import shutil
+import tempfile
+from pathlib import Path
+
 from nova import exception
+from nova.api.metadata import base as instance_metadata
 from nova.compute import power_state
+from nova.virt import configdrive, fake, hardware
 from nova.virt import driver as virt_driver
-from nova.virt import fake, hardware
 from oslo_log import log as logging
 
 LOG = logging.getLogger(__name__)
@@ -58,6 +68,18 @@ def guest_spec(instance, network_info):
     raise exception.InstanceDeployFailure(
         reason="the sandbox needs an IPv4 network on the server", instance_id=instance.uuid
     )
+
+
+def config_drive_tree(instance, injected_files, admin_password, network_info, target):
+    """The instance's config drive files, as nova's libvirt driver puts them on the drive."""
+    extra_md = {}
+    if admin_password:
+        extra_md["admin_pass"] = admin_password
+    inst_md = instance_metadata.InstanceMetadata(
+        instance, content=injected_files, extra_md=extra_md, network_info=network_info
+    )
+    with configdrive.ConfigDriveBuilder(instance_md=inst_md) as cdb:
+        cdb._write_md_files(str(target))
 
 
 def _volume(connection_info):
@@ -106,8 +128,13 @@ class SandboxGuestDriver(fake.FakeDriverWithoutFakeNodes):
         )
         if _guests is None or not power_on:
             return
+        seed = Path(tempfile.mkdtemp(prefix="config-drive-"))
         try:
-            _guests.start_guest(guest_spec(instance, network_info), timeout=90)
+            config_drive_tree(instance, injected_files, admin_password, network_info, seed)
+            # ACTIVE once the guest's systemd runs; its own boot reaches sshd later
+            _guests.start_guest(
+                guest_spec(instance, network_info), timeout=90, wait=False, seed=seed
+            )
         except Exception as exc:
             LOG.exception("guest for %s did not start", instance.uuid)
             try:
@@ -117,6 +144,8 @@ class SandboxGuestDriver(fake.FakeDriverWithoutFakeNodes):
             raise exception.InstanceDeployFailure(
                 reason=str(exc), instance_id=instance.uuid
             ) from exc
+        finally:
+            shutil.rmtree(seed, ignore_errors=True)
 
     def destroy(
         self,
@@ -150,7 +179,7 @@ class SandboxGuestDriver(fake.FakeDriverWithoutFakeNodes):
         if _guests is not None:
             name = guest_name(instance)
             if _guests.power_state(name) != "running":
-                _guests.start_guest(guest_spec(instance, network_info), timeout=90)
+                _guests.start_guest(guest_spec(instance, network_info), timeout=90, wait=False)
                 self._replug_volumes(instance, block_device_info)
         self._remember(instance, power_state.RUNNING)
 
@@ -178,9 +207,9 @@ class SandboxGuestDriver(fake.FakeDriverWithoutFakeNodes):
             )
         name = guest_name(instance)
         if _guests.power_state(name) == "running":
-            _guests.reboot_guest(name, hard=reboot_type.upper() == "HARD")
+            _guests.reboot_guest(name, hard=reboot_type.upper() == "HARD", wait=False)
         else:
-            _guests.start_guest(guest_spec(instance, network_info), timeout=90)
+            _guests.start_guest(guest_spec(instance, network_info), timeout=90, wait=False)
         self._replug_volumes(instance, block_device_info)
         self._remember(instance, power_state.RUNNING)
 
