@@ -1,9 +1,12 @@
 """The sandbox's guests on their own (no cloud): real systemd-nspawn guests on the tenant bridge.
 
-Boot and key-only SSH, systemd as PID 1 and passwordless sudo, console fingerprints against
-ssh-keyscan, a volume plugged by serial, fstab mounts that survive ``sudo reboot`` from inside,
-power-off from inside, host-side reboots, several guests at once, and nothing left behind by
-destroy_guest and cleanup_all.
+A fresh guest is a stock cloud image (no sshfs, no venv, no pip, no package lists) whose first
+boot is cloud-init's: the ubuntu user, the key, host keys made at first boot and their
+fingerprints on the real console (at most 100 KiB of it), the ephemeral disk at /mnt, the
+user-data. Then: a late sshd while the guest already runs, key-only SSH, systemd as PID 1 and
+passwordless sudo, a volume plugged by serial, fstab mounts that survive ``sudo reboot`` from
+inside, power-off from inside, host-side reboots, several guests at once, and nothing left
+behind by destroy_guest and cleanup_all.
 """
 
 # ruff: noqa: F811  (pytest fixtures imported from tests.fixtures.guests)
@@ -23,13 +26,42 @@ import pytest
 
 from blocks.ssh import fingerprint
 from tests.fixtures.guests import (  # noqa: F401  (fixtures)
+    SHARED_USER_DATA,
     GuestHandle,
     guest_factory,
     guest_key,
     guest_rootfs,
+    shared_guest,
 )
 
 pytestmark = [pytest.mark.sandbox]
+
+FINGERPRINTS = re.compile(
+    rb"-----BEGIN SSH HOST KEY FINGERPRINTS-----\r?\n(.*?)-----END SSH HOST KEY FINGERPRINTS-----",
+    re.S,
+)
+KEYS = re.compile(
+    rb"-----BEGIN SSH HOST KEY KEYS-----\r?\n(.*?)-----END SSH HOST KEY KEYS-----", re.S
+)
+
+
+def console_fingerprints(console: bytes) -> list[list[str]]:
+    """Each fingerprint block cloud-init printed: its ``SHA256:...`` fingerprints. cloud-init
+    prints them through ``logger -s``, so each line carries a syslog prefix
+    (``<14>Dec  2 15:30:01 cloud-init: 256 SHA256:... root@host (ED25519)``)."""
+    return [
+        re.findall(r"\b\d+ (SHA256:\S+) \S+ \((?:ED25519|ECDSA|RSA)\)", block.decode())
+        for block in FINGERPRINTS.findall(console)
+    ]
+
+
+def scanned_keys(ip: str) -> list[str]:
+    """The host keys the guest's sshd presents ("type base64")."""
+    return [
+        " ".join(ln.split()[1:3])
+        for ln in _sh("ssh-keyscan", "-T", "5", ip).splitlines()
+        if ln and not ln.startswith("#")
+    ]
 
 
 def _sh(*argv: str) -> str:
@@ -72,6 +104,101 @@ def wait_state(name: str, state: str, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
+def test_fresh_guest_is_a_stock_cloud_image(shared_guest: GuestHandle) -> None:
+    """What the product must install itself is missing, as on Ubuntu's cloud image."""
+    g = shared_guest
+    for tool in ("sshfs", "fusermount3", "pip", "pip3"):
+        assert g.ssh(f"command -v {tool}").returncode != 0, f"{tool} is in the image"
+    absent = g.ssh("dpkg-query -W -f '${db:Status-Abbrev}\\n' sshfs fuse3 python3-venv python3-pip")
+    assert "ii" not in absent.stdout, absent.stdout
+    # python3 without ensurepip: venv fails (leaving bin/python behind), pip is absent
+    venv = g.ssh("python3 -m venv /tmp/venv")
+    assert venv.returncode != 0 and "because ensurepip is not" in venv.stdout + venv.stderr
+    assert g.check("test -x /tmp/venv/bin/python && echo left-behind").strip() == "left-behind"
+    assert "No module named pip" in g.ssh("python3 -m pip --version").stderr
+    assert g.ssh("python3 -c 'import ensurepip'").returncode != 0
+    # what the image does hold
+    present = g.check(
+        "dpkg-query -W -f '${Package} ${db:Status-Abbrev}\\n' systemd openssh-server sudo python3"
+        " e2fsprogs util-linux curl ca-certificates procps cloud-init unattended-upgrades"
+    )
+    assert all(line.split()[1] == "ii" for line in present.splitlines()), present
+    assert len(present.splitlines()) == 11
+    # empty package lists, no Debian archive, apt's timers on as on a fresh VM
+    assert g.check("find /var/lib/apt/lists -type f ! -name lock | wc -l").strip() == "0"
+    assert g.ssh("grep -rs debian.org /etc/apt/sources.list /etc/apt/sources.list.d").stdout == ""
+    enabled = g.check("systemctl is-enabled apt-daily.timer apt-daily-upgrade.timer").split()
+    assert enabled == ["enabled", "enabled"]
+    # FUSE can be used once the product installs sshfs
+    assert g.check("stat -c %F:%t:%T /dev/fuse").strip() == "character special file:a:e5"
+    g.check("sudo python3 -c \"import os; os.close(os.open('/dev/fuse', os.O_RDWR))\"")
+
+
+def test_cloud_init_did_the_first_boot(shared_guest: GuestHandle) -> None:
+    from sandbox import guests
+
+    g = shared_guest
+    status = g.ssh("cloud-init status --long")
+    assert status.returncode == 0 and "status: done" in status.stdout, status.stdout
+    assert g.check("cat /var/lib/cloud/data/instance-id").strip() == guests.instance_uuid(g.name)
+    # the ubuntu user is cloud-init's: sudo rule, groups, shell, locked password
+    log = g.check("sudo cat /var/log/cloud-init.log")
+    assert "Adding user ubuntu" in log
+    assert "NOPASSWD:ALL" in g.check("sudo cat /etc/sudoers.d/90-cloud-init-users")
+    assert {"sudo", "adm"} <= set(g.check("id -nG").split())
+    assert g.check("getent passwd ubuntu").strip().endswith(":/home/ubuntu:/bin/bash")
+    assert g.check("sudo passwd -S ubuntu").split()[1] == "L"
+    assert g.check("cat ~/.ssh/authorized_keys").split()[:2] == g.spec.authorized_keys.split()[:2]
+    # host keys made in the guest at its first boot: none in the image
+    lower = Path(guests._load(g.name)["lower"])
+    assert not list((lower / "etc/ssh").glob("ssh_host_*"))
+    assert len(list((guests.GUESTS_DIR / g.name / "upper/etc/ssh").glob("ssh_host_*_key.pub"))) == 3
+    # the ephemeral disk mounted at /mnt by cloud-init's mounts module; the user-data ran
+    assert g.check("findmnt -n -o SOURCE /mnt").strip() == "/dev/vdb"
+    assert "comment=cloudconfig" in g.check("grep /mnt /etc/fstab")
+    assert g.check("cat /var/tmp/user-data-ran").strip() == "user-data ran as root"
+    assert SHARED_USER_DATA.splitlines()[0] == "#!/bin/sh"
+    assert g.check("hostname").strip() == g.spec.hostname
+
+
+def test_console_is_the_real_console(shared_guest: GuestHandle) -> None:
+    from sandbox import guests
+
+    g = shared_guest
+    console = guests.console_output(g.name)
+    assert isinstance(console, bytes) and 0 < len(console) <= 100 * 1024
+    assert b"Reached target" in console  # systemd's boot status, as a VM's console shows it
+    assert b"Cloud-init v." in console and b"finished at" in console
+    blocks = console_fingerprints(console)
+    assert len(blocks) == 1, console[-3000:]
+    keys = scanned_keys(g.ip)
+    assert len(keys) == 3, keys
+    assert sorted(blocks[0]) == sorted(fingerprint(key) for key in keys)
+    printed = KEYS.search(console)
+    assert printed and all(key.encode() in printed.group(1) for key in keys)
+
+
+def test_late_sshd_while_running(guest_factory, shared_guest: GuestHandle) -> None:
+    """ACTIVE is early: the guest runs at once; sshd answers only after its boot delay."""
+    from sandbox import guests
+
+    delay = 20
+    t0 = time.monotonic()
+    g: GuestHandle = guest_factory(sshd_delay=delay, wait=False)
+    started = time.monotonic() - t0
+    assert guests.power_state(g.name) == "running"
+    probe = subprocess.run(
+        ["ssh-keyscan", "-T", "3", g.ip], capture_output=True, text=True, timeout=30
+    )
+    assert probe.stdout.strip() == "", "sshd answered before its delay"
+    login = g.wait_ssh(delay + 90)
+    print(f"started in {started:.1f} s; SSH answered {time.monotonic() - t0:.1f} s after start")
+    assert time.monotonic() - t0 >= delay
+    # host keys are the guest's own: another guest has others
+    assert set(scanned_keys(g.ip)).isdisjoint(scanned_keys(shared_guest.ip))
+    assert login > 0
+
+
 def test_guest_life_cycle(guest_factory, tmp_path: Path) -> None:
     from sandbox import guests
 
@@ -89,14 +216,6 @@ def test_guest_life_cycle(guest_factory, tmp_path: Path) -> None:
     )
     assert out.split() == ["systemd", "sudo-ok", "/dev/vdb", g.spec.hostname], out
     assert g.check("systemctl is-system-running").strip() in ("running", "degraded")
-    # FUSE works inside (sshfs of the guest's own sshd, as the flows mount CANFAR's /arc)
-    out = g.check(
-        "ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/self && cat ~/.ssh/self.pub >> ~/.ssh/authorized_keys"
-        " && mkdir -p ~/m && sshfs -o IdentityFile=$HOME/.ssh/self,StrictHostKeyChecking=no"
-        " localhost:/etc ~/m && findmnt -n -o FSTYPE ~/m && test -f ~/m/hostname && fusermount3 -u ~/m"
-        " && sed -i '$d' ~/.ssh/authorized_keys"
-    )
-    assert out.strip() == "fuse.sshfs", out
     # on-link tenant subnet only: no default route
     assert "default" not in g.check("ip route")
     # key only: a login without the key is refused
@@ -108,31 +227,9 @@ def test_guest_life_cycle(guest_factory, tmp_path: Path) -> None:
     )
     assert r.returncode != 0 and "publickey" in r.stderr
 
-    # the console carries the host key fingerprints as cloud-init prints them
-    console = guests.console_output(g.name)
-    assert isinstance(console, bytes)
-    block = re.search(
-        rb"-----BEGIN SSH HOST KEY FINGERPRINTS-----\n(.*?)-----END SSH HOST KEY FINGERPRINTS-----",
-        console,
-        re.S,
-    )
-    assert block, console[-2000:]
-    assert b"Reached target" in console and b"\r" not in console  # the guest's boot log
-    lines = block.group(1).decode().splitlines()
-    assert all(re.fullmatch(r"\d+ SHA256:\S+ \S+ \((ED25519|ECDSA|RSA)\)", ln) for ln in lines), (
-        lines
-    )
-    scanned = [
-        ln.split(None, 1)[1]
-        for ln in _sh("ssh-keyscan", "-T", "5", g.ip).splitlines()
-        if ln and not ln.startswith("#")
-    ]
-    assert len(scanned) == 3, scanned
-    for key in scanned:
-        assert fingerprint(key) in block.group(1).decode()
-        assert (
-            " ".join(key.split()[:2]).encode() in console.split(b"-----BEGIN SSH HOST KEY KEYS")[1]
-        )
+    # cloud-init printed the host key fingerprints once, at first boot
+    first = console_fingerprints(guests.console_output(g.name))
+    assert len(first) == 1 and len(first[0]) == 3, first
 
     # a 1 GiB volume by serial: /dev/vdc (vdb is the ephemeral disk)
     volume = sparse(tmp_path / "volume.img")
@@ -176,6 +273,17 @@ def test_guest_life_cycle(guest_factory, tmp_path: Path) -> None:
         assert g.ssh("test -e /run/booted-before").returncode == 1, f"hard={hard}"
         assert g.check("findmnt -n -o SOURCE /mnt").strip() == "/dev/vdb"
 
+    # reboots do not make new host keys nor print them again (cloud-init: once per instance)
+    assert console_fingerprints(guests.console_output(g.name)) == first
+    assert g.check("cloud-init status").split() == ["status:", "done"]
+    # the console keeps its last 100 KiB: enough output and the fingerprints scroll away
+    g.check("sudo sh -c 'yes console-filler | head -c 150000 > /dev/console'")
+    deadline = time.monotonic() + 10
+    while console_fingerprints(guests.console_output(g.name)):
+        assert time.monotonic() < deadline, "the fingerprints did not scroll away"
+        time.sleep(0.2)
+    assert len(guests.console_output(g.name)) == 100 * 1024
+
     # `sudo poweroff` from inside: shutdown, then power on again with its disk state
     g.fire("sudo poweroff")
     wait_state(g.name, "shutdown")
@@ -197,13 +305,13 @@ def test_guest_life_cycle(guest_factory, tmp_path: Path) -> None:
     assert str(guests.GUESTS_DIR / g.name) not in Path("/proc/self/mountinfo").read_text()
 
 
-def test_four_guests_at_once(guest_factory) -> None:
+def test_three_guests_at_once(guest_factory) -> None:
     from sandbox import guests
 
     t0 = time.monotonic()
-    with cf.ThreadPoolExecutor(max_workers=4) as pool:
-        made = list(pool.map(lambda _: guest_factory(), range(4)))
-    print(f"4 guests started in parallel in {time.monotonic() - t0:.2f} s")
+    with cf.ThreadPoolExecutor(max_workers=3) as pool:
+        made = list(pool.map(lambda _: guest_factory(), range(3)))
+    print(f"3 guests started in parallel in {time.monotonic() - t0:.2f} s")
     for g in made:
         assert guests.power_state(g.name) == "running"
         assert g.check("hostname").strip() == g.spec.hostname
