@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import ipaddress
 import json
 import os
 import shutil
@@ -258,8 +259,9 @@ def instance_uuid(name: str) -> str:
 
 def seed_files(spec: GuestSpec) -> dict[str, bytes]:
     """A minimal config drive tree for a guest started without Nova: what cloud-init's
-    ConfigDrive datasource needs (meta_data.json with uuid, hostname and public keys; the
-    ephemeral disk's name in the EC2 block device mapping; optional user_data)."""
+    ConfigDrive datasource needs (meta_data.json with uuid, hostname and public keys;
+    network_data.json with its NIC by MAC; the ephemeral disk's name in the EC2 block device
+    mapping; optional user_data)."""
     keys = [line.strip() for line in spec.authorized_keys.splitlines() if line.strip()]
     meta = {
         "uuid": instance_uuid(spec.name),
@@ -276,8 +278,23 @@ def seed_files(spec: GuestSpec) -> dict[str, bytes]:
     mapping = {"ami": "vda", "root": "/dev/vda"}
     if spec.ephemeral_gb > 0:
         mapping["ephemeral0"] = "/dev/vdb"
+    network = {
+        "links": [{"id": "tap0", "type": "bridge", "mtu": 1500, "ethernet_mac_address": spec.mac}],
+        "networks": [
+            {
+                "id": "network0",
+                "type": "ipv4",
+                "link": "tap0",
+                "ip_address": spec.ip,
+                "netmask": str(ipaddress.ip_network(f"0.0.0.0/{spec.prefix}").netmask),
+                "routes": [],
+            }
+        ],
+        "services": [],
+    }
     files = {
         "openstack/latest/meta_data.json": json.dumps(meta).encode(),
+        "openstack/latest/network_data.json": json.dumps(network).encode(),
         "ec2/latest/meta-data.json": json.dumps({"block-device-mapping": mapping}).encode(),
     }
     if spec.user_data:

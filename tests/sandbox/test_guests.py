@@ -141,6 +141,9 @@ def test_cloud_init_did_the_first_boot(shared_guest: GuestHandle) -> None:
     status = g.ssh("cloud-init status --long")
     assert status.returncode == 0 and "status: done" in status.stdout, status.stdout
     assert g.check("cat /var/lib/cloud/data/instance-id").strip() == guests.instance_uuid(g.name)
+    # the NIC of network_data.json is found by its MAC: the guest sees its own devices in /sys
+    assert g.check("ls /sys/class/net").split() == ["eth0", "lo"]
+    assert g.check("cat /sys/class/net/eth0/address").strip() == g.spec.mac
     # the ubuntu user is cloud-init's: sudo rule, groups, shell, locked password
     log = g.check("sudo cat /var/log/cloud-init.log")
     assert "Adding user ubuntu" in log
