@@ -77,6 +77,7 @@ DEFAULT_FAULTS: dict[str, Any] = {
     "repo": "signed",  # "signed" | "unsigned" (no InRelease/Release.gpg) | "tampered"
     "clients": None,  # None: every client; else only these client IPs meet the HTTP faults
     "dpkg_lock_seconds": 0.0,  # >0: guests prepared now hold the dpkg lock at first boot
+    "dpkg_lock_guests": None,  # None: every guest; else only guests of these names
 }
 REPO_MODES = ("signed", "unsigned", "tampered")
 
@@ -493,6 +494,7 @@ def set_faults(
     repo: str | None = None,
     clients: list[str] | None = None,
     dpkg_lock_seconds: float | None = None,
+    dpkg_lock_guests: list[str] | None = None,
 ) -> dict[str, Any]:
     """Change the given faults (the others stay); returns all of them.
 
@@ -501,7 +503,8 @@ def set_faults(
     InRelease/Release.gpg, ``tampered`` a changed index under the original signatures;
     ``clients``: only requests from these IPs meet the HTTP faults (``[]``: every client
     again); ``dpkg_lock_seconds``: guests prepared from now on hold the dpkg lock that long at
-    their first boot.
+    their first boot; ``dpkg_lock_guests``: only the guests of these names (sandbox.guests
+    names; ``[]``: every guest again).
     """
     if repo is not None and repo not in REPO_MODES:
         raise ValueError(f"repo must be one of {REPO_MODES}, not {repo!r}")
@@ -519,6 +522,8 @@ def set_faults(
         current.update({k: v for k, v in changes.items() if v is not None})
         if clients is not None:
             current["clients"] = list(clients) or None
+        if dpkg_lock_guests is not None:
+            current["dpkg_lock_guests"] = list(dpkg_lock_guests) or None
     return faults()
 
 
@@ -613,12 +618,17 @@ def lock_unit(seconds: float) -> str:
 def prepare_guest(upper: Path) -> None:
     """Before a guest's first boot, in its overlay's upper layer: the mirror's deb822 source
     and its signing key; and, while the ``dpkg_lock_seconds`` fault is set, the unit that holds
-    the dpkg lock at this first boot. Package lists stay empty, as on a fresh VM."""
+    the dpkg lock at this first boot. Package lists stay empty, as on a fresh VM.
+
+    ``upper`` is ``<guests dir>/<guest name>/upper``: the name is what ``dpkg_lock_guests``
+    matches."""
     keyring = ensure_key()
     _write(_mkdirs(upper, "etc/apt/sources.list.d") / Path(GUEST_SOURCES).name, sources_text())
     _write(_mkdirs(upper, "etc/apt/keyrings") / Path(GUEST_KEYRING).name, keyring.read_bytes())
-    seconds = float(faults()["dpkg_lock_seconds"] or 0)
-    if seconds > 0:
+    current = faults()
+    seconds = float(current["dpkg_lock_seconds"] or 0)
+    only = current["dpkg_lock_guests"]
+    if seconds > 0 and (not only or upper.parent.name in only):
         units = _mkdirs(upper, "etc/systemd/system")
         _write(units / LOCK_UNIT, lock_unit(seconds))
         wants = _mkdirs(upper, "etc/systemd/system/multi-user.target.wants")

@@ -202,12 +202,21 @@ def test_a_slow_mirror_delays_every_answer(mirror: ModuleType, fault_guest: Gues
 
 
 def test_dpkg_lock_held_at_first_boot(
-    mirror: ModuleType, guest_factory: Callable[..., GuestHandle]
+    mirror: ModuleType, guest_factory: Callable[..., GuestHandle], tmp_path: Path
 ) -> None:
     from sandbox import guests
 
-    with mirror.fault(dpkg_lock_seconds=30):
-        g = guest_factory()
+    g = guest_factory(start=False)
+    before = mirror.faults()["dpkg_lock_seconds"]
+    with mirror.fault(dpkg_lock_seconds=30, dpkg_lock_guests=[g.name]):
+        guests.start_guest(g.spec)
+        # a guest prepared meanwhile under another name gets the source, not the fault
+        other = tmp_path / "another-guest" / "upper"
+        other.mkdir(parents=True)
+        mirror.prepare_guest(other)
+        assert (other / mirror.GUEST_SOURCES).read_text() == mirror.sources_text()
+        assert not (other / "etc/systemd/system" / mirror.LOCK_UNIT).exists()
+    assert mirror.faults()["dpkg_lock_seconds"] == before  # put back for the guests after
     assert g.check(f"systemctl is-active {mirror.LOCK_UNIT}").strip() == "active"
     assert g.ssh(f"{APT} update", timeout=120).returncode == 0
     r = g.ssh(f"{APT} install -y {PROBE}", timeout=120)
