@@ -142,13 +142,22 @@ def test_server_life_cycle(user_conn):
         conn.attach_volume(server, volume, wait=True, timeout=120)
         assert conn.get_volume_attach_device(conn.get_volume(volume.id), server.id) == "/dev/vdc"
 
-        console = conn.get_server_console(server)
-        assert console
+        assert conn.get_server_console(server)
         if GUESTS:
-            assert "-----BEGIN SSH HOST KEY FINGERPRINTS-----" in console
+            # ACTIVE is early: sshd answers, and cloud-init prints the host key fingerprints on
+            # the console, once the guest's own first boot gets there
             client = ssh(address, pkey)
             try:
+                deadline = time.monotonic() + 90
+                while "-----BEGIN SSH HOST KEY FINGERPRINTS-----" not in (
+                    conn.get_server_console(server) or ""
+                ):
+                    assert time.monotonic() < deadline, "no host key fingerprints on the console"
+                    time.sleep(1)
                 assert run(client, "cat /proc/1/comm").strip() == "systemd"
+                # cloud-init's first boot read nova's own metadata (the config drive tree)
+                assert run(client, "cat /var/lib/cloud/data/instance-id").strip() == server.id
+                assert run(client, "cloud-init status").split() == ["status:", "done"]
                 # the flavor's 36 GB ephemeral disk comes before the first volume, as on Arbutus
                 assert run(client, "sudo blockdev --getsize64 /dev/vdb").strip() == str(36 << 30)
                 by_id = f"/dev/disk/by-id/virtio-{volume.id[:20]}"
