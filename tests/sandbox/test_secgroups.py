@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import struct
 import subprocess
@@ -63,7 +64,7 @@ def secured_vm(
             },
             "arc": {"enabled": False},
             "canfar": {"smoke_test": {"enabled": False}},
-            "server": {"build_timeout": 180, "security_group": env},
+            "server": {"build_timeout": 180, "security_group": env, "flavor": "p1-1.5gb"},
             "volume": {"size_gb": 1, "timeout": 120},
             "prefect": {"auth_block": f"{env}-prefect-auth"},
         },
@@ -99,7 +100,8 @@ def _tcp_answers(address: str, port: int) -> bool:
 
 def _ping(address: str, wait: float = 2.0) -> bool:
     """One ICMP echo request (a raw socket: root, no ping binary needed); True on its reply."""
-    ident, seq = os.getpid() & 0xFFFF, int(time.monotonic() * 1000) & 0xFFFF
+    # a fresh identifier each time: a reused one would match the last echo's conntrack entry
+    ident, seq = random.getrandbits(16), random.getrandbits(16)
     header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
     payload = b"sails-secgroups"
     data = header + payload + b"\0" * (len(payload) % 2)
@@ -206,7 +208,8 @@ def test_dropped_ssh_connection_ends_the_command_in_flight(secured_vm: SecuredVM
             proc.wait()
     assert proc.returncode == 255, (out, err)
     assert "finished" not in out
-    assert "reset" in err.lower() or "closed" in err.lower(), err
+    # ssh words it by where the reset caught it: "Connection reset", "closed", "Broken pipe"
+    assert any(word in err.lower() for word in ("reset", "closed", "broken pipe")), err
     # The next connection works: only the sessions were dropped.
     again = _ssh(vm)
     assert again.returncode == 0, again.stderr
