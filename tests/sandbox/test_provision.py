@@ -65,9 +65,6 @@ def test_plan_then_provision_then_noop(env_config, fault_control, admin_conn) ->
     second = provision(cfg)
     assert resource_writes(fault_control) == []
     assert all(r.action == Action.KEEP for r in second.records), second.table()
-    # Nothing to add, so no quota is read (preflight stays a handful of reads).
-    quota_reads = [p for p in _paths(fault_control) if "/limits" in p or "/quotas" in p]
-    assert quota_reads == [], quota_reads
     after = provision(cfg, plan=True)
     assert all(r.action == Action.KEEP for r in after.records)
 
@@ -391,3 +388,35 @@ def test_preflight_sees_the_projects_quota_and_scopes_by_id(
     assert "would add 3 security_group_rule" in joined and "'security_group_rule'" in joined
     assert "Cinder quota 'volumes'" in joined and "0 of 0 volumes" in joined
     assert len(problems) == 3, problems
+
+
+def test_preflight_of_a_run_that_changes_nothing_reads_no_quota(
+    env_config, fault_control, user_conn
+) -> None:  # type: ignore[no-untyped-def]
+    """A no-op run's preflight: one read chain per service, no quota. Its requests are told
+    apart from anyone else's on the shared proxy by the connection's own User-Agent."""
+    import openstack
+
+    from tasks.cloud import preflight
+
+    cfg = env_config("t-noopquota")
+    made = provision(cfg, local_ssh=False)  # the server, address and volume, no SSH wait
+    assert made.address and made.attachment and made.attachment.id
+    key = SSHKeyPair.load(cfg.ssh.key_block)
+    agent = f"t-preflight-{os.getpid()}"
+    conn = openstack.connect(cloud=os.environ["OS_CLOUD"], app_name=agent)
+    before = fault_control.counts()["agents"].get(agent, {})
+    facts = preflight.fn(conn, cfg, key)
+    assert facts.image_id and facts.security_group_id
+    seen = fault_control.counts()["agents"].get(agent, {})
+    assert not before
+    reads = sorted(f"{svc} {p}" for svc, paths in seen.items() for p in paths)
+    assert not any("/limits" in r or "/quotas" in r for r in reads), reads
+    assert not any(
+        r.split(" ")[1] in ("POST", "PUT", "PATCH", "DELETE")
+        for r in reads
+        if "/auth/tokens" not in r
+    ), reads
+    total = sum(sum(paths.values()) for paths in seen.values())
+    print(f"no-op preflight: {total} requests: {reads}")
+    assert total <= 16, reads
