@@ -34,6 +34,8 @@ pytestmark = [pytest.mark.sandbox]
 #: In the mirror's package list, in no guest image.
 PROBE = "hello"
 APT = "sudo DEBIAN_FRONTEND=noninteractive apt-get -q"
+#: Where the dpkg lock is not what a test is about (the guests run apt's own timers).
+APT_WAIT = f"{APT} -o DPkg::Lock::Timeout=120"
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def _out(r) -> str:  # type: ignore[no-untyped-def]
 def _forget_lists(g: GuestHandle) -> None:
     """Back to a fresh VM's state: no package lists, the probe package not installed."""
     g.check(
-        f"{APT} purge -y {PROBE} >/dev/null 2>&1; "
+        f"{APT_WAIT} purge -y {PROBE} >/dev/null 2>&1; "
         "sudo find /var/lib/apt/lists -maxdepth 1 -type f ! -name lock -delete"
     )
 
@@ -130,7 +132,7 @@ def test_fresh_guest_installs_from_the_signed_mirror(
     policy = g.check(f"apt-cache policy {PROBE}")
     assert f"{mirror.url()} bookworm/main amd64 Packages" in policy, policy
 
-    r = g.ssh(f"{APT} install -y {PROBE} sshfs python3-venv", timeout=300)
+    r = g.ssh(f"{APT_WAIT} install -y {PROBE} sshfs python3-venv", timeout=300)
     assert r.returncode == 0, _out(r)
     assert g.check(PROBE).strip() == "Hello, world!"
     assert g.check("command -v sshfs && python3 -c 'import ensurepip' && echo ok").endswith("ok\n")
@@ -159,7 +161,7 @@ def test_apt_refuses_an_unsigned_or_tampered_repository(
     r = g.ssh(f"{APT} update", timeout=120)
     assert r.returncode == 0 and "GPG error" not in _out(r), _out(r)
     assert _candidate(g) != "(none)"
-    assert g.ssh(f"{APT} install -y {PROBE}", timeout=120).returncode == 0
+    assert g.ssh(f"{APT_WAIT} install -y {PROBE}", timeout=120).returncode == 0
 
 
 def test_mirror_failures_make_the_update_fail_until_cleared(
@@ -186,7 +188,7 @@ def test_mirror_failures_make_the_update_fail_until_cleared(
         r = g.ssh(f"{APT} -o Acquire::Retries=3 -o APT::Update::Error-Mode=any update")
         assert r.returncode == 0 and "Failed to fetch" not in _out(r), _out(r)
         assert mirror.faults()["fail_next"] == 0
-    assert g.ssh(f"{APT} install -y {PROBE}", timeout=120).returncode == 0
+    assert g.ssh(f"{APT_WAIT} install -y {PROBE}", timeout=120).returncode == 0
 
 
 def test_a_slow_mirror_delays_every_answer(mirror: ModuleType, fault_guest: GuestHandle) -> None:
