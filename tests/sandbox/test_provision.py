@@ -420,3 +420,24 @@ def test_preflight_of_a_run_that_changes_nothing_reads_no_quota(
     total = sum(sum(paths.values()) for paths in seen.values())
     print(f"no-op preflight: {total} requests: {reads}")
     assert total <= 16, reads
+
+
+def test_application_credential_block_opens_the_project(
+    prefect_server, sandbox_env, user_conn
+) -> None:  # type: ignore[no-untyped-def]
+    """The seed's clouds.yaml entry is an application credential, as the dashboard makes one:
+    kept as a block, it opens the project (scoped by Keystone, no project named)."""
+    from blocks.openstack import OpenStackCredentials
+    from sails_bootstrap.config import SEED_IMAGE, parse_config
+    from tasks.cloud import open_connection
+
+    creds = OpenStackCredentials.from_clouds_yaml(os.environ["OS_CLOUD"])
+    assert creds.auth_type == "v3applicationcredential" and creds.password is None
+    assert creds.application_credential_secret is not None
+    creds.save("t-appcred", overwrite=True)
+    cfg = parse_config({"environment": "t-appcred", "cloud": {"credentials_block": "t-appcred"}})
+    conn = open_connection(cfg)
+    assert "project_id" not in conn.config.get_auth_args()
+    assert conn.current_project_id == user_conn.current_project_id
+    image = conn.image.find_image(SEED_IMAGE)
+    assert image is not None and image.status == "active"
