@@ -126,6 +126,7 @@ def test_server_life_cycle(user_conn):
             key_name=f"k-{tag}",
             security_groups=[sg.name],
             auto_ip=False,
+            userdata="#cloud-config\nruncmd:\n  - [sh, -c, 'echo ran > /var/tmp/user-data']\n",
             wait=True,
             timeout=180,
         )
@@ -158,6 +159,9 @@ def test_server_life_cycle(user_conn):
                 # cloud-init's first boot read nova's own metadata (the config drive tree)
                 assert run(client, "cat /var/lib/cloud/data/instance-id").strip() == server.id
                 assert run(client, "cloud-init status").split() == ["status:", "done"]
+                assert run(client, "cat /var/tmp/user-data").strip() == "ran"
+                # cloud-init mounted the flavor's ephemeral disk (nova's ephemeral0 mapping)
+                assert run(client, "findmnt -n -o SOURCE /mnt").strip() == "/dev/vdb"
                 # the flavor's 36 GB ephemeral disk comes before the first volume, as on Arbutus
                 assert run(client, "sudo blockdev --getsize64 /dev/vdb").strip() == str(36 << 30)
                 by_id = f"/dev/disk/by-id/virtio-{volume.id[:20]}"
