@@ -32,6 +32,11 @@ TABLE = "sails_sg"
 RULES_DIR = layout.STATE_DIR / "secgroups"
 
 
+def guest_of_server(server_id: str) -> str:
+    """The guest behind a Nova server (the name the sandbox's Nova driver gives it)."""
+    return "os-" + server_id.replace("-", "")[:12]
+
+
 def rules_file(name: str) -> Path:
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"bad guest name {name!r}")

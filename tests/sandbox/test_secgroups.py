@@ -38,8 +38,9 @@ class SecuredVM:
 
     @property
     def guest(self) -> str:
-        """The sandbox guest behind the server (as the sandbox's Nova driver names it)."""
-        return "os-" + self.server_id.replace("-", "")[:12]
+        from sandbox.guests import firewall
+
+        return firewall.guest_of_server(self.server_id)
 
 
 @pytest.fixture(scope="module")
