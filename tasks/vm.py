@@ -350,7 +350,8 @@ def wait_for_cloud_init(vm: VM, timeout: float) -> StepRecord:
     if not vm.run("command -v cloud-init", check=False).ok:
         return StepRecord(name="cloud-init", reason="not installed: nothing to wait for")
     progress = Progress(f"cloud-init on {vm.host} to finish the first boot")
-    progress.tick("cloud-init status --wait")
+    if cloud_init_state(vm.run("cloud-init status", check=False).stdout) == "running":
+        progress.tick("cloud-init status --wait")  # said only when there is a wait
     # coreutils' timeout bounds the wait on the VM itself; the SSH command ends with it.
     r = vm.run(
         f"timeout {max(1, round(timeout))} cloud-init status --wait --long",

@@ -168,3 +168,62 @@ def test_generated_arc_key_is_published_until_trusted(vm_config, canfar_sandbox)
     assert result.canfar_public_key == public  # generated once, never replaced
     arc = {r.name: r for r in result.records}["/arc mount"]
     assert (arc.action != Action.BLOCKED and "mounted" in arc.reason) or "started" in arc.reason
+
+
+@pytest.mark.timeout(1800)  # two pip installs of Prefect on the guest, and the teardown
+def test_packages_from_the_mirror_and_a_half_made_venv_rebuilt(vm_config) -> None:  # type: ignore[no-untyped-def]
+    """A guest without sshfs or python3-venv: the plan names them, configure installs them from
+    the sandbox's package mirror (lists empty at first), a second run changes nothing; a venv
+    left half-made on the volume (bin/python, no pip) is named by the plan and rebuilt."""
+    cfg = vm_config("t-pkgs", server={"flavor": "p1-1.5gb"})
+    provision(cfg)
+    wanted = ["python3-venv", "sshfs"]
+    status = run(cfg, "dpkg-query -W -f '${Package} ${db:Status-Abbrev}\\n' " + " ".join(wanted))
+    preinstalled = [line.split()[0] for line in status.stdout.splitlines() if " ii" in line]
+    if preinstalled:  # an older guest image that ships them: removed, as the cloud image lacks them
+        r = run(
+            cfg,
+            "sudo DEBIAN_FRONTEND=noninteractive apt-get remove -y -q " + " ".join(preinstalled),
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert run(cfg, "command -v sshfs").returncode != 0
+
+    planned = {r.name: r for r in plan(cfg).vm}
+    packages = planned["packages"]
+    assert packages.action == Action.CHANGE and not packages.applied
+    assert packages.reason.startswith("pending: apt-get install python3-venv sshfs"), packages
+    assert run(cfg, "command -v sshfs").returncode != 0  # the plan installed nothing
+
+    first = {r.name: r for r in configure(cfg).records}
+    assert first["packages"].action == Action.CHANGE
+    assert first["packages"].reason.startswith("installed python3-venv, sshfs"), first["packages"]
+    assert first["prefect venv"].action == Action.CREATE
+    assert first["/arc mount"].action == Action.CHANGE
+    again = configure(cfg)
+    assert [r.name for r in again.records if r.changed] == [], [r.row() for r in again.records]
+    assert {r.name: r for r in again.records}["packages"].action == Action.KEEP
+
+    # What `python3 -m venv` leaves without ensurepip: bin/python and no pip. Data beside it on
+    # the volume must survive the repair.
+    venv = cfg.prefect.venv
+    r = run(
+        cfg,
+        f"echo keep > /mnt/pspace/operator.txt && rm -rf {venv} && "
+        f"python3 -m venv --without-pip {venv} && test -x {venv}/bin/python && "
+        f"! {venv}/bin/python -m pip --version",
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    broken = {r.name: r for r in plan(cfg).vm}["prefect venv"]
+    assert broken.action == Action.CHANGE
+    assert broken.reason.startswith("pending: venv broken"), broken.reason
+    assert "rebuild" in broken.reason
+
+    repaired = {r.name: r for r in configure(cfg).records}
+    assert repaired["prefect venv"].reason.startswith("rebuilt the broken venv"), repaired
+    assert repaired["prefect server"].action == Action.CHANGE  # restarted on the new venv
+    r = run(cfg, f"{venv}/bin/python -m pip --version && {venv}/bin/prefect version", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert run(cfg, "cat /mnt/pspace/operator.txt").stdout == "keep\n"
+    assert [r.name for r in configure(cfg).records if r.changed] == []
