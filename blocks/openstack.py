@@ -183,8 +183,11 @@ class OpenStackCredentials(CredentialsBlock):
                 auth["project_domain_name"] = self.project_domain_name
         return auth
 
-    def get_connection(self) -> Connection:
-        """An openstacksdk Connection (lazy: nothing is sent until the first call)."""
+    def get_connection(self, environment: str | None = None) -> Connection:
+        """An openstacksdk Connection (lazy: nothing is sent until the first call).
+
+        ``environment`` goes into the User-Agent (``sails-bootstrap/ENV``), so the cloud's
+        request logs tell one environment's runs from another's."""
         import openstack
 
         kwargs: dict[str, Any] = {
@@ -198,6 +201,7 @@ class OpenStackCredentials(CredentialsBlock):
             "load_yaml_config": False,
             "load_envvars": False,
             "app_name": "sails-bootstrap",
+            "app_version": environment,
         }
         if self.region_name:
             kwargs["region_name"] = self.region_name

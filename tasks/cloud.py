@@ -78,7 +78,7 @@ def open_connection(config: BootstrapConfig) -> Connection:
             ) from None
     creds.api_timeout = config.cloud.api_timeout
     try:
-        return creds.get_connection()
+        return creds.get_connection(config.environment)
     except CredentialsError as exc:
         raise BootstrapError(str(exc)) from None
 
