@@ -15,6 +15,7 @@ from flows.configure import configure
 from flows.plan import plan
 from flows.provision import provision
 from flows.teardown import teardown
+from tasks.arc import START_LIMIT_BURST
 from tasks.errors import BootstrapError
 from tasks.prefect_server import api_check, server_secrets
 from tasks.records import Action
@@ -163,6 +164,16 @@ def test_generated_arc_key_is_published_until_trusted(vm_config, canfar_sandbox)
         configure(cfg)
     public = run(cfg, "cat ~/.ssh/canfar_key.pub").stdout.strip()
     assert public.startswith("ssh-rsa ")
+    # Untrusted, the unit backs off and gives up at its start limit instead of retrying forever.
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        out = run(cfg, "systemctl show -p ActiveState,NRestarts sails-arc.service").stdout
+        state = dict(line.split("=", 1) for line in out.split())
+        if state.get("ActiveState") == "failed":
+            break
+        time.sleep(5)
+    assert state.get("ActiveState") == "failed", state
+    assert int(state["NRestarts"]) <= START_LIMIT_BURST, state
     canfar_sandbox.add_arc_key(public)  # what the operator does on CANFAR
     result = configure(cfg)
     assert result.canfar_public_key == public  # generated once, never replaced
