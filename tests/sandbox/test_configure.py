@@ -183,22 +183,25 @@ def test_generated_arc_key_is_published_until_trusted(vm_config, canfar_sandbox)
 
 @pytest.mark.timeout(1800)  # two pip installs of Prefect on the guest, and the teardown
 def test_packages_from_the_mirror_and_a_half_made_venv_rebuilt(vm_config) -> None:  # type: ignore[no-untyped-def]
-    """A guest without sshfs or python3-venv: the plan names them, configure installs them from
-    the sandbox's package mirror (lists empty at first), a second run changes nothing; a venv
+    """A guest without sshfs or python3-venv, the dpkg lock held at its first boot: the plan
+    names them, configure waits for the lock and installs them from the sandbox's package
+    mirror (lists empty at first), a second run changes nothing; a venv
     left half-made on the volume (bin/python, no pip) is named by the plan and rebuilt."""
+    from sandbox import mirror
+
     cfg = vm_config("t-pkgs", server={"flavor": "p1-1.5gb"})
-    provision(cfg)
+    # unattended-upgrades holding the dpkg lock through the first minutes of the first boot
+    with mirror.fault(dpkg_lock_seconds=150):
+        provision(cfg)
+    # A stock first boot: cloud-init made the user and the host keys; no sshfs, no venv
+    # module, no package lists.
+    booted = run(cfg, "cloud-init query instance_id && ls /etc/ssh/ssh_host_ed25519_key.pub")
+    assert booted.returncode == 0, booted.stdout + booted.stderr
     wanted = ["python3-venv", "sshfs"]
     status = run(cfg, "dpkg-query -W -f '${Package} ${db:Status-Abbrev}\\n' " + " ".join(wanted))
-    preinstalled = [line.split()[0] for line in status.stdout.splitlines() if " ii" in line]
-    if preinstalled:  # an older guest image that ships them: removed, as the cloud image lacks them
-        r = run(
-            cfg,
-            "sudo DEBIAN_FRONTEND=noninteractive apt-get remove -y -q " + " ".join(preinstalled),
-            timeout=120,
-        )
-        assert r.returncode == 0, r.stdout + r.stderr
+    assert not [line for line in status.stdout.splitlines() if " ii" in line], status.stdout
     assert run(cfg, "command -v sshfs").returncode != 0
+    assert run(cfg, "ls /var/lib/apt/lists/ | grep -c _Packages").stdout.strip() == "0"
 
     planned = {r.name: r for r in plan(cfg).vm}
     packages = planned["packages"]
@@ -206,6 +209,8 @@ def test_packages_from_the_mirror_and_a_half_made_venv_rebuilt(vm_config) -> Non
     assert packages.reason.startswith("pending: apt-get install python3-venv sshfs"), packages
     assert run(cfg, "command -v sshfs").returncode != 0  # the plan installed nothing
 
+    lock = run(cfg, f"systemctl is-active {mirror.LOCK_UNIT}").stdout.strip()
+    assert lock == "active", "the dpkg lock is no longer held: the test would not show the wait"
     first = {r.name: r for r in configure(cfg).records}
     assert first["packages"].action == Action.CHANGE
     assert first["packages"].reason.startswith("installed python3-venv, sshfs"), first["packages"]
