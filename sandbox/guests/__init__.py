@@ -25,7 +25,6 @@ The sandbox's Nova driver calls these functions; they know nothing of Nova.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import ipaddress
 import json
@@ -37,11 +36,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sandbox import latency, layout, mirror, net
+from sandbox import latency, layout, locks, mirror, net
 from sandbox.guests import firewall, rootfs
 
 GUESTS_DIR = layout.STATE_DIR / "guests"
@@ -107,24 +105,13 @@ def _names(name: str) -> dict[str, str]:
     }
 
 
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _guest_lock(name: str) -> contextlib.AbstractContextManager[None]:
     """Held only around short read-modify-write steps of one guest's record."""
-    return _flock(_dir(name) / ".lock")
+    return locks.flock(_dir(name) / ".lock")
 
 
 def _loop_lock() -> contextlib.AbstractContextManager[None]:
-    return _flock(GUESTS_DIR / ".loop.lock")
+    return locks.flock(GUESTS_DIR / ".loop.lock")
 
 
 def _legacy_names(name: str) -> dict[str, str]:

@@ -10,16 +10,15 @@ boot it read-only through overlayfs, so each guest costs only its own changes. N
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from sandbox import layout
+from sandbox import layout, locks
 
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "rootfs"
 SUITE = "bookworm"
@@ -70,16 +69,8 @@ def ready() -> bool:
     return (rootfs_dir() / ".complete").exists()
 
 
-@contextlib.contextmanager
-def _build_lock() -> Iterator[None]:
-    lock = layout.CACHE_DIR / "rootfs" / ".lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _build_lock() -> contextlib.AbstractContextManager[None]:
+    return locks.flock(layout.CACHE_DIR / "rootfs" / ".lock")
 
 
 def _in_use(path: Path) -> bool:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sandbox import layout, net
+from sandbox import layout, locks, net
 
 SOURCE_DIR = Path(__file__).resolve().parent
 SUITE = "bookworm"
@@ -130,16 +130,8 @@ def sources_text() -> str:
     )
 
 
-@contextlib.contextmanager
-def _lock(name: str) -> Iterator[None]:
-    path = MIRROR_DIR / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _lock(name: str) -> contextlib.AbstractContextManager[None]:
+    return locks.flock(MIRROR_DIR / name)
 
 
 # -- host tools and the signing key -----------------------------------------------------------
