@@ -109,6 +109,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError) and exc.errno in BOOTING_ERRNOS:
         return True
+    if isinstance(exc, OSError) and str(exc) == "Socket is closed":
+        return True  # paramiko, on a channel of a transport that a dropped connection ended
     try:
         import paramiko
 

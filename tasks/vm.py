@@ -112,6 +112,10 @@ class VM:
         """The connection, opened once: concurrent commands (the health probes) share it, and
         fabric's lazy open is not safe to race."""
         with self._lock:
+            if self._conn is not None and not self._conn.is_connected:
+                # the transport died (a dropped connection, the VM rebooted): open a new one
+                self._conn.close()
+                self._conn = None
             if self._conn is None:
                 conn = self.key.connect(
                     self.host,

@@ -274,6 +274,9 @@ def test_booting_guest_errors_are_transient_and_the_arc_unit_gives_up() -> None:
     for code in (errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.ETIMEDOUT):
         assert is_transient(OSError(code, "booting"))
     assert not is_transient(OSError(errno.EACCES, "denied"))
+    # paramiko on the transport of a dropped connection: the retry opens a new one
+    assert is_transient(OSError("Socket is closed"))
+    assert is_transient(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
     unit = unit_text(BootstrapConfig(), "someone")
     assert f"StartLimitBurst={START_LIMIT_BURST}" in unit
     assert "StartLimitIntervalSec=0" not in unit  # 0 would retry forever
