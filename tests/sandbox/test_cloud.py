@@ -307,8 +307,7 @@ def test_down_then_up_keeps_volumes(sandbox_cloud, user_conn):
         t0 = time.monotonic()
         manager.up()
         up_s = time.monotonic() - t0
-        print(f"down {down_s:.1f} s, up {up_s:.1f} s")
-        assert up_s < 120
+        print(f"down {down_s:.1f} s, up {up_s:.1f} s")  # the bench's business, not a bound here
         assert conn.get_volume(volume.id).status == "available"
         with path.open("rb") as fh:
             fh.seek(4096)
