@@ -805,6 +805,14 @@ def ensure_attachment(
     for att in current.attachments or []:
         if att.get("server_id") == server.id:
             return AttachmentRecord(**base, id=att.get("attachment_id"), reason="attached")
+    # Cinder lists an attachment once it is complete; Nova's list has it from the request on.
+    # A request still in flight (a killed run's, whose server side went on) is waited for.
+    pending = _nova_attachment(conn, server.id, volume.id)
+    if pending is not None:
+        if not apply:
+            return AttachmentRecord(**base, id=pending.id, reason=f"attaching ({current.status})")
+        wait_for_volume(conn, current, "in-use", config.volume.timeout)
+        return AttachmentRecord(**base, id=pending.id, reason="attached (an earlier request)")
     others = [a.get("server_id") for a in current.attachments or []]
     live_others = [s for s in others if conn.compute.find_server(s, ignore_missing=True)]
     if live_others:
@@ -818,12 +826,30 @@ def ensure_attachment(
         return AttachmentRecord(**base, action=Action.CREATE, reason="not attached", applied=False)
     if current.status != "available":
         current = wait_for_volume(conn, current, "available", config.volume.timeout)
-    att = conn.compute.create_volume_attachment(
-        server.id, volume_id=volume.id, device=config.volume.device_hint
-    )
-    logger().info("attaching volume %s to %s", volume.name, server.name)
+    from openstack import exceptions as os_exc
+
+    try:
+        att = conn.compute.create_volume_attachment(
+            server.id, volume=volume.id, device=config.volume.device_hint
+        )
+    except os_exc.BadRequestException:
+        # Between our read and this request another one (a killed run's) got there first.
+        att = _nova_attachment(conn, server.id, volume.id)
+        if att is None:
+            raise
+        logger().info("volume %s: an earlier attach request is completing", volume.name)
+    else:
+        logger().info("attaching volume %s to %s", volume.name, server.name)
     wait_for_volume(conn, current, "in-use", config.volume.timeout)
     return AttachmentRecord(**base, id=att.id, action=Action.CREATE, reason="attached now")
+
+
+def _nova_attachment(conn: Connection, server_id: str, volume_id: str) -> Any | None:
+    """The server's attachment of this volume as Nova lists it (requested or complete)."""
+    for att in conn.compute.volume_attachments(server_id):
+        if att.volume_id == volume_id:
+            return att
+    return None
 
 
 @task(name="console-fingerprints", **CLOUD_TASK)
