@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from tasks.errors import BootstrapError
 from tasks.log import logger
 
+ATTEMPTS = 2  # loads of a page before it counts as failed
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 
 
@@ -87,15 +88,22 @@ def capture_ui(
                 log.info("logged in to %s", ui_url)
             for name, (path, expect) in pages.items():
                 url = f"{ui_url}{path}"
-                page.goto(url, wait_until="networkidle")
-                try:
-                    page.get_by_text(expect).first.wait_for(timeout=ms)
-                except PlaywrightError as exc:
-                    page.screenshot(path=str(out_dir / f"{name}-failed.png"), full_page=True)
-                    raise BootstrapError(
-                        f"the UI page {url} does not show {expect!r} within {timeout:.0f} s "
-                        f"(screenshot: {out_dir / f'{name}-failed.png'})"
-                    ) from exc
+                # A page whose API calls failed (a busy server) stays empty until reloaded, as a
+                # person would: one reload before the page counts as failed.
+                for attempt in range(1, ATTEMPTS + 1):
+                    page.goto(url, wait_until="networkidle")
+                    try:
+                        page.get_by_text(expect).first.wait_for(timeout=ms)
+                        break
+                    except PlaywrightError as exc:
+                        failed = out_dir / f"{name}-failed.png"
+                        page.screenshot(path=str(failed), full_page=True)
+                        if attempt == ATTEMPTS:
+                            raise BootstrapError(
+                                f"the UI page {url} does not show {expect!r} within "
+                                f"{timeout:.0f} s, {ATTEMPTS} loads (screenshot: {failed})"
+                            ) from exc
+                        log.warning("UI page %s: no %r yet; loading it again", name, expect)
                 shot = out_dir / f"{name}.png"
                 page.screenshot(path=str(shot), full_page=True)
                 text = page.locator("body").inner_text()
