@@ -3,7 +3,7 @@ Prefect server, operator keys."""
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from sails_bootstrap.config import BootstrapConfig
 from tasks.arc import arc_user, ensure_arc_mount, ensure_canfar_key
+from tasks.blocks import load_block
 from tasks.canfar import ensure_ca_bundle, ensure_canfar_auth
 from tasks.cloud import VMTarget, locate_vm, open_connection
 from tasks.errors import BootstrapError
@@ -49,26 +50,22 @@ class ConfigureResult(BaseModel):
 def vm_for(config: BootstrapConfig, target: VMTarget) -> VM:
     from blocks.ssh import SSHKeyPair
 
-    try:
-        key = cast(SSHKeyPair, SSHKeyPair.load(config.ssh.key_block))
-    except ValueError:
-        raise BootstrapError(
-            f"no SSHKeyPair block named {config.ssh.key_block!r} on the Prefect API in use: "
-            "`sails-bootstrap provision` makes one, or save the VM's key under that name"
-        ) from None
+    key = load_block(
+        SSHKeyPair,
+        config.ssh.key_block,
+        "`sails-bootstrap provision` makes one, or save the VM's key under that name",
+    )
     return VM(target.address, key, target.host_keys)
 
 
 def load_canfar(config: BootstrapConfig) -> Any:
     from blocks.canfar import CanfarCredentials
 
-    try:
-        return CanfarCredentials.load(config.canfar.credentials_block)
-    except ValueError:
-        raise BootstrapError(
-            f"no CanfarCredentials block named {config.canfar.credentials_block!r}: create it "
-            "(username + password, or a certificate) or fix canfar.credentials_block"
-        ) from None
+    return load_block(
+        CanfarCredentials,
+        config.canfar.credentials_block,
+        "create it (username + password, or a certificate) or fix canfar.credentials_block",
+    )
 
 
 def _publish(result: ConfigureResult, config: BootstrapConfig) -> None:

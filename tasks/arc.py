@@ -8,11 +8,11 @@ only polls for its result with a deadline; the SSH command itself always returns
 from __future__ import annotations
 
 import shlex
-from typing import cast
 
 from prefect import task
 
 from sails_bootstrap.config import BootstrapConfig
+from tasks.blocks import load_block
 from tasks.errors import BootstrapError
 from tasks.log import logger
 from tasks.records import Action
@@ -64,15 +64,13 @@ def ensure_canfar_key(vm: VM, config: BootstrapConfig, apply: bool = True) -> St
     if not exists and config.arc.key_block:
         from blocks.ssh import SSHKeyPair
 
-        try:
-            block = cast(SSHKeyPair, SSHKeyPair.load(config.arc.key_block))
-        except ValueError:
-            raise BootstrapError(
-                f"no SSHKeyPair block named {config.arc.key_block!r} (arc.key_block): save the "
-                "key CANFAR already trusts under that name (its public line is in "
-                "~/.ssh/authorized_keys of your CANFAR home), or remove arc.key_block to have "
-                "a key generated on the VM"
-            ) from None
+        block = load_block(
+            SSHKeyPair,
+            config.arc.key_block,
+            "(arc.key_block) save the key CANFAR already trusts under that name (its public "
+            "line is in ~/.ssh/authorized_keys of your CANFAR home), or remove arc.key_block to "
+            "have a key generated on the VM",
+        )
         vm.write_file(
             key,
             block.private_key.get_secret_value(),

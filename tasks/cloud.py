@@ -12,13 +12,14 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from sails_bootstrap.config import BootstrapConfig
+from tasks.blocks import load_block
 from tasks.errors import BootstrapError, PreflightError, retry_transient
 from tasks.log import Progress, logger
 from tasks.records import (
@@ -55,16 +56,12 @@ def open_connection(config: BootstrapConfig) -> Connection:
     from blocks.openstack import CredentialsError, OpenStackCredentials
 
     if config.cloud.credentials_block:
-        try:
-            creds = cast(
-                OpenStackCredentials, OpenStackCredentials.load(config.cloud.credentials_block)
-            )
-        except ValueError:
-            raise BootstrapError(
-                f"no OpenStackCredentials block named {config.cloud.credentials_block!r} on the "
-                "Prefect API in use: create it (UI, or OpenStackCredentials.from_clouds_yaml(...)"
-                ".save(...)), or fix cloud.credentials_block"
-            ) from None
+        creds = load_block(
+            OpenStackCredentials,
+            config.cloud.credentials_block,
+            "create it (UI, or OpenStackCredentials.from_clouds_yaml(...).save(...)), or fix "
+            "cloud.credentials_block",
+        )
     else:
         try:
             creds = OpenStackCredentials.from_clouds_yaml(config.cloud.cloud)
