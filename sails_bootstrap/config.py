@@ -34,6 +34,57 @@ Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
+# Values that reach root shells, systemd units and sshfs on the VM: each type admits only what
+# its field needs, so no value can end a line, open a substitution or add an option.
+#: A POSIX login name (useradd's rule), as the image and CANFAR use them.
+UserName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")]
+#: A DNS name or an IP address.
+HostName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9]([A-Za-z0-9.:-]{0,251}[A-Za-z0-9])?$")
+]
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+@%=-]+$")
+#: sshfs -o options accepted in arc.options: (name, pattern of its value or None for a flag).
+SSHFS_OPTIONS: dict[str, str | None] = {
+    "reconnect": None,
+    "delay_connect": None,
+    "follow_symlinks": None,
+    "transform_symlinks": None,
+    "allow_other": None,
+    "default_permissions": None,
+    "kernel_cache": None,
+    "auto_cache": None,
+    "noatime": None,
+    "idmap": r"none|user",
+    "cache": r"yes|no",
+    "dir_cache": r"yes|no",
+    "compression": r"yes|no",
+    "ServerAliveInterval": r"\d{1,5}",
+    "ServerAliveCountMax": r"\d{1,5}",
+    "ConnectTimeout": r"\d{1,5}",
+    "TCPKeepAlive": r"yes|no",
+    "max_conns": r"\d{1,2}",
+    "umask": r"[0-7]{3,4}",
+    "uid": r"\d{1,10}",
+    "gid": r"\d{1,10}",
+}
+
+
+def checked_vm_path(value: str, *, home: bool = False) -> str:
+    """A path on the VM: absolute (or ``~/…`` where ``home``), no ``..``, no whitespace, quotes
+    or shell characters."""
+    rest = value[2:] if home and value.startswith("~/") else value
+    if not (home and value.startswith("~/")) and not value.startswith("/"):
+        start = "absolute (or ~/…)" if home else "absolute"
+        raise ValueError(f"{value!r} must be an {start} path, e.g. /mnt/pspace")
+    if not _SAFE_PATH.match(rest) or ".." in PurePosixPath(rest).parts:
+        raise ValueError(
+            f"{value!r} must be a plain path: letters, digits and _ . / + @ % = - only, no '..'"
+        )
+    if value.rstrip("/") in ("", "~"):
+        raise ValueError(f"{value!r} must be a path below / (or below ~)")
+    return value
+
+
 SEED_IMAGE = "Ubuntu-24.04-Noble-x64-2024-06"
 SEED_FLAVOR = "c1-7.5gb-36"
 CANFAR_SESSION_URL = "https://ws-uv.canfar.net/skaha/v1"
@@ -120,7 +171,7 @@ class ServerSettings(_Model):
         default="default", description="Security group that receives the ingress rules."
     )
     ingress: list[IngressRule] = Field(default_factory=_seed_rules)
-    user: NonEmpty = Field(default="ubuntu", description="Login user of the image.")
+    user: UserName = Field(default="ubuntu", description="Login user of the image.")
     build_timeout: float = Field(default=900, gt=0, description="Seconds to wait for ACTIVE.")
     boot_timeout: float = Field(
         default=600,
@@ -139,11 +190,11 @@ class ServerSettings(_Model):
 class VolumeSettings(_Model):
     size_gb: int = Field(default=50, ge=1, description="Size of the persistent volume in GB.")
     mount_point: str = Field(default="/mnt/pspace", description="Where the volume is mounted.")
-    owner: NonEmpty = Field(default="ubuntu", description="Owner of the mounted volume.")
+    owner: UserName = Field(default="ubuntu", description="Owner of the mounted volume.")
     label: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,16}$")] = Field(
         default="pspace", description="ext4 label given when the volume is first formatted."
     )
-    device_hint: str = Field(
+    device_hint: Annotated[str, StringConstraints(pattern=r"^/dev/[a-z]{2,4}[a-z]$")] = Field(
         default="/dev/vdc",
         description="Device name asked of Nova; a hint only (the guest path is found by id).",
     )
@@ -152,9 +203,7 @@ class VolumeSettings(_Model):
     @field_validator("mount_point")
     @classmethod
     def _absolute(cls, value: str) -> str:
-        if not PurePosixPath(value).is_absolute() or value == "/":
-            raise ValueError(f"{value!r} must be an absolute path below /, e.g. /mnt/pspace")
-        return value
+        return checked_vm_path(value)
 
 
 class SSHSettings(_Model):
@@ -173,7 +222,9 @@ class SSHSettings(_Model):
     @classmethod
     def _public_keys(cls, keys: list[str]) -> list[str]:
         for key in keys:
-            if not re.match(r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp\d+) [A-Za-z0-9+/=]+", key):
+            if not re.fullmatch(
+                r"(ssh-(ed25519|rsa)|ecdsa-sha2-nistp\d+) [A-Za-z0-9+/]+={0,2}( [ -~]*)?", key
+            ):
                 raise ValueError(
                     f"{key[:30]!r}… is not an OpenSSH public key line ('ssh-ed25519 AAAA… comment')"
                 )
@@ -184,9 +235,9 @@ class ArcSettings(_Model):
     """CANFAR's /arc, mounted on the VM with sshfs."""
 
     enabled: bool = True
-    host: NonEmpty = Field(default="ws-uv.canfar.net", description="SFTP host serving /arc.")
+    host: HostName = Field(default="ws-uv.canfar.net", description="SFTP host serving /arc.")
     port: Port = 64022
-    user: str | None = Field(
+    user: UserName | None = Field(
         default=None, description="CANFAR user name on the /arc host (default: the CANFAR block's)."
     )
     remote_path: str = "/"
@@ -202,6 +253,34 @@ class ArcSettings(_Model):
         description="sshfs -o options.",
     )
     probe_timeout: float = Field(default=8, gt=0, le=60, description="Seconds before 'stale'.")
+
+    @field_validator("remote_path")
+    @classmethod
+    def _remote(cls, value: str) -> str:
+        return value if value == "/" else checked_vm_path(value)
+
+    @field_validator("mount_point", "key_path")
+    @classmethod
+    def _vm_paths(cls, value: str) -> str:
+        return checked_vm_path(value, home=True)
+
+    @field_validator("options")
+    @classmethod
+    def _sshfs_options(cls, options: list[str]) -> list[str]:
+        for option in options:
+            name, eq, value = option.partition("=")
+            if name not in SSHFS_OPTIONS:
+                raise ValueError(
+                    f"sshfs option {name!r} is not one this tool passes on; allowed: "
+                    + ", ".join(SSHFS_OPTIONS)
+                )
+            pattern = SSHFS_OPTIONS[name]
+            if (pattern is None and eq) or (
+                pattern is not None and not re.fullmatch(pattern, value)
+            ):
+                form = name if pattern is None else f"{name}={pattern}"
+                raise ValueError(f"{option!r}: write it as {form}")
+        return options
 
 
 class SmokeTest(_Model):
@@ -245,8 +324,8 @@ class PrefectSettings(_Model):
     port: Port = 4200
     home: str = "/mnt/pspace/prefect-data"
     venv: str = "/mnt/pspace/prefect-env"
-    version: str | None = Field(
-        default=None, description="Prefect version for the VM; empty: the local one."
+    version: Annotated[str, StringConstraints(pattern=r"^[0-9][0-9A-Za-z.+!-]{0,40}$")] | None = (
+        Field(default=None, description="Prefect version for the VM; empty: the local one.")
     )
     requirements: str | None = Field(
         default=None, description="Local requirements file to install in the VM's venv."
@@ -259,7 +338,21 @@ class PrefectSettings(_Model):
         default="sails-prefect-auth", description="Secret block holding the API auth string."
     )
     work_pools: list[WorkPool] = Field(default_factory=_seed_pools)
-    health_cron: str = Field(default="*/15 * * * *", description="Health check schedule.")
+    health_cron: Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z*/,?#@ -]{1,100}$")] = Field(
+        default="*/15 * * * *", description="Health check schedule."
+    )
+
+    @field_validator("home", "venv")
+    @classmethod
+    def _vm_paths(cls, value: str) -> str:
+        return checked_vm_path(value)
+
+    @field_validator("package_index")
+    @classmethod
+    def _index_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[A-Za-z0-9._~:/?#@!&*+,=%-]+", value):
+            raise ValueError(f"{value!r} must be an http(s) URL without spaces, quotes, $ or ;")
+        return value
 
 
 class BootstrapConfig(_Model):

