@@ -38,11 +38,30 @@ def wait_ssh(cfg: Any, deadline: float = 90) -> None:
     raise AssertionError("the VM did not come back")
 
 
-def test_configure_fresh_then_noop_then_reboot(vm_config) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.timeout(1800)  # two pip installs of Prefect on the guest, a reboot, the teardown
+def test_first_boot_configure_noop_drift_venv_repair_and_reboot(vm_config) -> None:  # type: ignore[no-untyped-def]
+    """A stock first boot (no sshfs, no venv module, no package lists; the dpkg lock held by
+    "unattended-upgrades"): the plan names what configure would do and changes nothing; configure
+    waits for the lock, installs from the sandbox's mirror and sets up the volume, /arc, CANFAR
+    auth and the server in one run; a second run changes nothing; drift is named and put back; a
+    venv left half-made on the volume is rebuilt; a reboot brings everything back."""
+    from sandbox import mirror
+
     cfg = vm_config("t-conf")
-    prov = provision(cfg)
+    # unattended-upgrades holding the dpkg lock through the first minutes of the first boot
+    with mirror.fault(dpkg_lock_seconds=150):
+        prov = provision(cfg)
     assert prov.attachment and prov.attachment.device_path
     device = prov.attachment.device_path
+
+    # cloud-init made the user and the host keys; no sshfs, no venv module, no package lists.
+    booted = run(cfg, "cloud-init query instance_id && ls /etc/ssh/ssh_host_ed25519_key.pub")
+    assert booted.returncode == 0, booted.stdout + booted.stderr
+    wanted = ["python3-venv", "sshfs"]
+    status = run(cfg, "dpkg-query -W -f '${Package} ${db:Status-Abbrev}\\n' " + " ".join(wanted))
+    assert not [line for line in status.stdout.splitlines() if " ii" in line], status.stdout
+    assert run(cfg, "command -v sshfs").returncode != 0
+    assert run(cfg, "ls /var/lib/apt/lists/ | grep -c _Packages").stdout.strip() == "0"
 
     # The plan reads the fresh VM and says what configure would do; the VM is left as it was.
     before = plan(cfg)
@@ -51,18 +70,27 @@ def test_configure_fresh_then_noop_then_reboot(vm_config) -> None:  # type: igno
     assert pending["volume at /mnt/pspace"].reason.startswith("pending: format"), pending
     assert pending["prefect venv"].action == Action.CREATE
     assert pending["canfar auth"].action == Action.CREATE
+    packages = pending["packages"]
+    assert packages.action == Action.CHANGE
+    assert packages.reason.startswith("pending: apt-get install python3-venv sshfs"), packages
     assert not any(r.applied for r in before.vm if r.changed)
     assert run(cfg, f"sudo blkid -p {device}").returncode == 2  # still no filesystem
     assert run(cfg, "findmnt /mnt/pspace || test -e /etc/sails-bootstrap").returncode != 0
+    assert run(cfg, "command -v sshfs").returncode != 0  # the plan installed nothing
 
+    lock = run(cfg, f"systemctl is-active {mirror.LOCK_UNIT}").stdout.strip()
+    assert lock == "active", "the dpkg lock is no longer held: the test would not show the wait"
     first = configure(cfg)
-    actions = {r.name: r.action for r in first.records}
-    assert actions["volume at /mnt/pspace"] == Action.CHANGE  # formatted + mounted
-    assert actions["prefect venv"] == Action.CREATE
-    assert actions["/arc mount"] == Action.CHANGE
+    records = {r.name: r for r in first.records}
+    assert records["packages"].action == Action.CHANGE
+    assert records["packages"].reason.startswith("installed python3-venv, sshfs"), records
+    assert records["volume at /mnt/pspace"].action == Action.CHANGE  # formatted + mounted
+    assert records["prefect venv"].action == Action.CREATE
+    assert records["/arc mount"].action == Action.CHANGE
 
     second = configure(cfg)
     assert [r.name for r in second.records if r.changed] == [], [r.row() for r in second.records]
+    assert {r.name: r for r in second.records}["packages"].action == Action.KEEP
     assert not plan(cfg).pending
 
     # Drift on the VM: the plan names it and leaves it; configure puts it back.
@@ -91,6 +119,29 @@ def test_configure_fresh_then_noop_then_reboot(vm_config) -> None:  # type: igno
     assert out[:3] == ["/dev/vdc", "ext4", "ubuntu"]
     assert any(word.startswith("UUID=") for word in out)
     assert "home" in out and "projects" in out
+
+    # What `python3 -m venv` leaves without ensurepip: bin/python and no pip. Data beside it on
+    # the volume must survive the repair.
+    venv = cfg.prefect.venv
+    r = run(
+        cfg,
+        f"echo keep > /mnt/pspace/operator.txt && rm -rf {venv} && "
+        f"python3 -m venv --without-pip {venv} && test -x {venv}/bin/python && "
+        f"! {venv}/bin/python -m pip --version",
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    broken = {r.name: r for r in plan(cfg).vm}["prefect venv"]
+    assert broken.action == Action.CHANGE
+    assert broken.reason.startswith("pending: venv broken"), broken.reason
+    assert "rebuild" in broken.reason
+    repaired = {r.name: r for r in configure(cfg).records}
+    assert repaired["prefect venv"].reason.startswith("rebuilt the broken venv"), repaired
+    assert repaired["prefect server"].action == Action.CHANGE  # restarted on the new venv
+    r = run(cfg, f"{venv}/bin/python -m pip --version && {venv}/bin/prefect version", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert run(cfg, "cat /mnt/pspace/operator.txt").stdout == "keep\n"
+    assert [r.name for r in configure(cfg).records if r.changed] == []
 
     # A reboot from inside brings back the volume, /arc and the Prefect server.
     subprocess.Popen(
@@ -179,67 +230,3 @@ def test_generated_arc_key_is_published_until_trusted(vm_config, canfar_sandbox)
     assert result.canfar_public_key == public  # generated once, never replaced
     arc = {r.name: r for r in result.records}["/arc mount"]
     assert (arc.action != Action.BLOCKED and "mounted" in arc.reason) or "started" in arc.reason
-
-
-@pytest.mark.timeout(1800)  # two pip installs of Prefect on the guest, and the teardown
-def test_packages_from_the_mirror_and_a_half_made_venv_rebuilt(vm_config) -> None:  # type: ignore[no-untyped-def]
-    """A guest without sshfs or python3-venv, the dpkg lock held at its first boot: the plan
-    names them, configure waits for the lock and installs them from the sandbox's package
-    mirror (lists empty at first), a second run changes nothing; a venv
-    left half-made on the volume (bin/python, no pip) is named by the plan and rebuilt."""
-    from sandbox import mirror
-
-    cfg = vm_config("t-pkgs", server={"flavor": "p1-1.5gb"})
-    # unattended-upgrades holding the dpkg lock through the first minutes of the first boot
-    with mirror.fault(dpkg_lock_seconds=150):
-        provision(cfg)
-    # A stock first boot: cloud-init made the user and the host keys; no sshfs, no venv
-    # module, no package lists.
-    booted = run(cfg, "cloud-init query instance_id && ls /etc/ssh/ssh_host_ed25519_key.pub")
-    assert booted.returncode == 0, booted.stdout + booted.stderr
-    wanted = ["python3-venv", "sshfs"]
-    status = run(cfg, "dpkg-query -W -f '${Package} ${db:Status-Abbrev}\\n' " + " ".join(wanted))
-    assert not [line for line in status.stdout.splitlines() if " ii" in line], status.stdout
-    assert run(cfg, "command -v sshfs").returncode != 0
-    assert run(cfg, "ls /var/lib/apt/lists/ | grep -c _Packages").stdout.strip() == "0"
-
-    planned = {r.name: r for r in plan(cfg).vm}
-    packages = planned["packages"]
-    assert packages.action == Action.CHANGE and not packages.applied
-    assert packages.reason.startswith("pending: apt-get install python3-venv sshfs"), packages
-    assert run(cfg, "command -v sshfs").returncode != 0  # the plan installed nothing
-
-    lock = run(cfg, f"systemctl is-active {mirror.LOCK_UNIT}").stdout.strip()
-    assert lock == "active", "the dpkg lock is no longer held: the test would not show the wait"
-    first = {r.name: r for r in configure(cfg).records}
-    assert first["packages"].action == Action.CHANGE
-    assert first["packages"].reason.startswith("installed python3-venv, sshfs"), first["packages"]
-    assert first["prefect venv"].action == Action.CREATE
-    assert first["/arc mount"].action == Action.CHANGE
-    again = configure(cfg)
-    assert [r.name for r in again.records if r.changed] == [], [r.row() for r in again.records]
-    assert {r.name: r for r in again.records}["packages"].action == Action.KEEP
-
-    # What `python3 -m venv` leaves without ensurepip: bin/python and no pip. Data beside it on
-    # the volume must survive the repair.
-    venv = cfg.prefect.venv
-    r = run(
-        cfg,
-        f"echo keep > /mnt/pspace/operator.txt && rm -rf {venv} && "
-        f"python3 -m venv --without-pip {venv} && test -x {venv}/bin/python && "
-        f"! {venv}/bin/python -m pip --version",
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    broken = {r.name: r for r in plan(cfg).vm}["prefect venv"]
-    assert broken.action == Action.CHANGE
-    assert broken.reason.startswith("pending: venv broken"), broken.reason
-    assert "rebuild" in broken.reason
-
-    repaired = {r.name: r for r in configure(cfg).records}
-    assert repaired["prefect venv"].reason.startswith("rebuilt the broken venv"), repaired
-    assert repaired["prefect server"].action == Action.CHANGE  # restarted on the new venv
-    r = run(cfg, f"{venv}/bin/python -m pip --version && {venv}/bin/prefect version", timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert run(cfg, "cat /mnt/pspace/operator.txt").stdout == "keep\n"
-    assert [r.name for r in configure(cfg).records if r.changed] == []
