@@ -6,7 +6,9 @@ need them, so ``--help`` and ``config validate`` answer at once.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import logging
 import os
 import sys
@@ -216,6 +218,7 @@ def ensure_api() -> None:
     server = _local_server(log)
     if server.running:
         return
+    secure_local_home(Path(settings.home), settings.server.database.connection_url)
     failure: list[BaseException] = []
 
     def start() -> None:
@@ -231,17 +234,64 @@ def ensure_api() -> None:
     )
     began = time.monotonic()
     thread = threading.Thread(target=start, name="local-prefect-server", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(10)
-        if thread.is_alive():
-            typer.echo(f"  still starting ({time.monotonic() - began:.0f} s)", err=True)
+    umask = os.umask(0o077)  # the server process makes its database and journals 0600
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(10)
+            if thread.is_alive():
+                typer.echo(f"  still starting ({time.monotonic() - began:.0f} s)", err=True)
+    finally:
+        os.umask(umask)
     if failure:
         raise fail(_startup_failure(failure[0], timeout, log), code=1)
     typer.echo(
         f"local Prefect server ready at {server.api_url} ({time.monotonic() - began:.0f} s)",
         err=True,
     )
+
+
+ENCRYPTION_KEY_FILE = "server-encryption.key"
+
+
+def secure_local_home(home: Path, database_url: Any) -> Path:
+    """The local server's secrets at rest: its home 0700, its SQLite database 0600, and the key
+    that encrypts the blocks in a 0600 file beside it, not in the database it protects (Prefect
+    keeps it there unless PREFECT_SERVER_ENCRYPTION_KEY is set). A key the database already
+    holds is moved out, so blocks saved before stay readable. Returns the key file."""
+    import sqlite3
+
+    from blocks.ssh import write_private
+
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    home.chmod(0o700)
+    url = database_url.get_secret_value() if database_url is not None else ""
+    db = Path(url.split(":///", 1)[1]) if url.startswith("sqlite") and ":///" in url else None
+    if not url:
+        db = home / "prefect.db"
+    key_file = home / ENCRYPTION_KEY_FILE
+    if not key_file.exists():
+        key = None
+        if db is not None and db.exists():
+            with contextlib.closing(sqlite3.connect(db)) as con, con:
+                row = con.execute(
+                    "SELECT value FROM configuration WHERE key = 'ENCRYPTION_KEY'"
+                ).fetchone()
+                if row:
+                    key = json.loads(row[0])["fernet_key"]
+                    write_private(key_file, key)
+                    con.execute("DELETE FROM configuration WHERE key = 'ENCRYPTION_KEY'")
+        if key is None:
+            from cryptography.fernet import Fernet
+
+            write_private(key_file, Fernet.generate_key().decode())
+    key_file.chmod(0o600)
+    os.environ.setdefault("PREFECT_SERVER_ENCRYPTION_KEY", key_file.read_text().strip())
+    if db is not None:
+        for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            if path.exists():
+                path.chmod(0o600)
+    return key_file
 
 
 def _local_server(log: Path) -> Any:

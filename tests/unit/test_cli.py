@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sqlite3
+import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from sails_bootstrap.cli import ENCRYPTION_KEY_FILE, secure_local_home
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [
@@ -104,6 +110,41 @@ def test_first_command_with_a_fresh_prefect_home(tmp_path: Path) -> None:
     assert "local Prefect server ready at http://127.0.0.1:" in result.stderr
     assert "registered block type openstack-credentials" in result.stdout
     assert (home / "prefect.db").exists()  # its database, made by this first start
+    # Secrets at rest: the home 0700, the database 0600, the blocks' key outside the database.
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert stat.S_IMODE((home / "prefect.db").stat().st_mode) == 0o600
+    key_file = home / ENCRYPTION_KEY_FILE
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    with contextlib.closing(sqlite3.connect(home / "prefect.db")) as con:
+        keys = [k for (k,) in con.execute("SELECT key FROM configuration")]
+    assert "ENCRYPTION_KEY" not in keys, keys
+
+
+def test_a_key_kept_in_the_database_is_moved_out(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A home whose database holds the blocks' key (a server Prefect started by itself): the key
+    moves to the 0600 file and out of the database, unchanged, so the blocks stay readable."""
+    from cryptography.fernet import Fernet
+
+    home = tmp_path / "old-home"
+    home.mkdir(mode=0o755)
+    db = home / "prefect.db"
+    key = Fernet.generate_key().decode()
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        con.execute("CREATE TABLE configuration (key TEXT, value JSON)")
+        con.execute(
+            "INSERT INTO configuration VALUES ('ENCRYPTION_KEY', ?)",
+            (json.dumps({"fernet_key": key}),),
+        )
+    db.chmod(0o644)
+    monkeypatch.delenv("PREFECT_SERVER_ENCRYPTION_KEY", raising=False)
+    key_file = secure_local_home(home, None)
+    assert key_file.read_text() == key
+    assert os.environ["PREFECT_SERVER_ENCRYPTION_KEY"] == key
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (home, db, key_file)] == [0o700, 0o600, 0o600]
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        assert con.execute("SELECT count(*) FROM configuration").fetchone() == (0,)
+    monkeypatch.delenv("PREFECT_SERVER_ENCRYPTION_KEY")
+    assert secure_local_home(home, None).read_text() == key  # kept, never rotated
 
 
 def test_local_server_that_does_not_start_in_time_names_the_fix(tmp_path: Path) -> None:
