@@ -215,21 +215,26 @@ def server_unit(config: BootstrapConfig) -> str:
 
 
 def wait_for_health(url: str, timeout: float) -> None:
+    """Until the server's /health answers 200; a refused connection and any other answer alike
+    are waited out only within ``timeout``."""
     import httpx
 
     progress = Progress(f"Prefect server at {url}")
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+            status = httpx.get(f"{url}/health", timeout=5).status_code
+            if status == 200:
                 return
+            last = f"HTTP {status}"
         except httpx.HTTPError as exc:
-            if time.monotonic() > deadline:
-                raise BootstrapError(
-                    f"the Prefect server at {url} did not become healthy within {timeout:.0f} s "
-                    f"({exc}); see `journalctl -u {SERVER_UNIT}` on the VM"
-                ) from None
-            progress.tick(type(exc).__name__)
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() > deadline:
+            raise BootstrapError(
+                f"the Prefect server at {url} did not become healthy within {timeout:.0f} s "
+                f"(last answer: {last}); see `journalctl -u {SERVER_UNIT}` on the VM"
+            )
+        progress.tick(last.split(":")[0])
         time.sleep(1)
 
 
