@@ -339,14 +339,21 @@ def _startup_failure(exc: BaseException, timeout: int, log: Path) -> str:
 
 
 # -- flows -------------------------------------------------------------------------------------
-def _run(fn: Any) -> Any:
-    """Run a flow function; errors that name a fix are printed without a traceback."""
+def _run(fn: Any, lock: BootstrapConfig | None = None, command: str = "") -> Any:
+    """Run a flow function; errors that name a fix are printed without a traceback. With
+    ``lock`` (a command that changes the environment), one run of it at a time."""
+    from sails_bootstrap.lock import LockHeld, environment_lock
     from tasks.errors import BootstrapError, http_detail, is_transient
 
     ensure_api()
     try:
-        return fn()
-    except (BootstrapError, ConfigError) as exc:
+        with (
+            environment_lock(lock.environment, command, say=lambda m: typer.echo(m, err=True))
+            if lock is not None
+            else contextlib.nullcontext()
+        ):
+            return fn()
+    except (BootstrapError, ConfigError, LockHeld) as exc:
         raise fail(f"error: {exc}", code=1) from None
     except Exception as exc:
         if not is_transient(exc):
@@ -386,7 +393,7 @@ def provision_cmd(config: ConfigOption) -> None:
     from flows.provision import provision
 
     cfg = read_config(config)
-    result = _run(lambda: provision(cfg))
+    result = _run(lambda: provision(cfg), cfg, "provision")
     _print_records(result.records)
     typer.echo(f"ready: ssh {cfg.ssh.alias}  ({cfg.server.user}@{result.address})")
 
@@ -397,7 +404,7 @@ def configure_cmd(config: ConfigOption) -> None:
     from flows.configure import configure
 
     cfg = read_config(config)
-    result = _run(lambda: configure(cfg))
+    result = _run(lambda: configure(cfg), cfg, "configure")
     _print_records(result.records)
     typer.echo(f"Prefect UI: {result.ui_url}")
 
@@ -411,7 +418,7 @@ def register_cmd(
     from flows.register import register
 
     cfg = read_config(config)
-    result = _run(lambda: register(cfg, science_codebase=science_codebase))
+    result = _run(lambda: register(cfg, science_codebase=science_codebase), cfg, "register")
     _print_records(result.records)
     typer.echo(f"profile {cfg.environment} -> {result.api_url}")
 
@@ -425,7 +432,7 @@ def up_cmd(
     from flows.bootstrap import bootstrap
 
     cfg = read_config(config)
-    out = _run(lambda: bootstrap(cfg, science_codebase=science_codebase))
+    out = _run(lambda: bootstrap(cfg, science_codebase=science_codebase), cfg, "up")
     typer.echo(f"\n{cfg.environment} is up")
     typer.echo(f"  Prefect UI:  {out['ui_url']}")
     typer.echo(f"  ssh:         ssh {cfg.ssh.alias}")
@@ -456,7 +463,8 @@ def remount_cmd(config: ConfigOption) -> None:
     """Remount /arc on the VM if it is stale or dead (no-op when live)."""
     from flows.operate import remount_arc
 
-    record = _run(lambda: remount_arc(read_config(config)))
+    cfg = read_config(config)
+    record = _run(lambda: remount_arc(cfg), cfg, "remount")
     typer.echo(f"/arc: {record.reason}")
 
 
@@ -465,7 +473,8 @@ def reauth_cmd(config: ConfigOption) -> None:
     """Renew the CANFAR certificate on the VM from the CanfarCredentials block."""
     from flows.operate import reauth_canfar
 
-    record = _run(lambda: reauth_canfar(read_config(config)))
+    cfg = read_config(config)
+    record = _run(lambda: reauth_canfar(cfg), cfg, "reauth")
     typer.echo(f"CANFAR: {record.reason}")
 
 
@@ -509,7 +518,7 @@ def down_cmd(
         what += f", and volume {cfg.volume_name} WITH ITS DATA"
     if not yes and not typer.confirm(f"Delete {what}?", default=False):
         raise fail("nothing deleted", code=1)
-    records = _run(lambda: teardown(cfg, delete_data_volume=delete_volume))
+    records = _run(lambda: teardown(cfg, delete_data_volume=delete_volume), cfg, "down")
     _print_records(records)
     typer.echo("nothing to remove" if not records else "removed")
 

@@ -244,6 +244,26 @@ def test_killed_run_converges(
     assert len(world["volumes"]) == 1 and world["volumes"][0].status == "in-use"
 
 
+def test_two_runs_started_together_make_one_of_each(
+    env_config, admin_conn, prefect_server, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Two `provision` runs of one environment started at once: the second waits for the first
+    (saying so) and then changes nothing; one server, one floating IP, one volume."""
+    cfg = env_config("t-twice")
+    SSHKeyPair.generate().save(cfg.ssh.key_block, overwrite=True)
+    cfg_file = tmp_path / "config.yaml"
+    from sails_bootstrap.config import dump_config
+
+    cfg_file.write_text(dump_config(cfg))
+    env = {**prefect_server.env(), "XDG_STATE_HOME": str(tmp_path / "state")}
+    runs = [start_cli("provision", "--config", str(cfg_file), env=env, logs=True) for _ in range(2)]
+    said = [run.communicate(timeout=600)[1].decode(errors="replace") for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], said
+    assert sum("waiting for another run of 't-twice' to end" in out for out in said) == 1, said
+    world = ours(admin_conn, cfg)
+    assert [len(world[k]) for k in ("servers", "fips", "volumes")] == [1, 1, 1], world
+
+
 # -- preflight: images, quota and credentials as a real project has them -------------------------
 @pytest.fixture
 def private_images(user_conn):  # type: ignore[no-untyped-def]
