@@ -4,6 +4,9 @@ They run on the VM's workers, from the code directory that ``register`` copies t
 deployments' pull step sets it as the working directory), and read the environment's
 configuration from ``config.yaml`` beside the code: the same desired state the operator keeps,
 with the names of the blocks registered on the VM's server.
+
+There is no teardown here: a VM that deletes itself stops half-way (its floating IP leaks), and
+anyone with UI access could start it. Teardown is the operator's `sails-bootstrap down`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from prefect import flow
 
 from flows import bootstrap as bootstrap_flows
 from flows import operate
-from flows import teardown as teardown_flows
 from sails_bootstrap.config import load_config
 
 CONFIG_FILE = "config.yaml"
@@ -42,9 +44,3 @@ def reauth_canfar(config_path: str = CONFIG_FILE, reason: str = "on demand") -> 
 def bootstrap(config_path: str = CONFIG_FILE) -> Any:
     """On demand: converge the whole environment again (from the VM, for repairs)."""
     return bootstrap_flows.converge_from_vm(load_config(config_path))
-
-
-@flow(name="teardown")
-def teardown(config_path: str = CONFIG_FILE, delete_data_volume: bool = False) -> Any:
-    """On demand: remove the server and its floating IP (this stops the VM running it)."""
-    return teardown_flows.teardown.fn(load_config(config_path), delete_data_volume)

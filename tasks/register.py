@@ -380,11 +380,30 @@ def deploy(config: BootstrapConfig, url: str, auth_string: str | None) -> StepRe
         if auth_string:
             tail = tail.replace(auth_string, "****")
         raise BootstrapError(f"prefect deploy failed: {tail}")
-    return StepRecord(
-        name="deployments",
-        action=Action.CHANGE,
-        reason="health-check, remount-arc, reauth-canfar, bootstrap, teardown",
-    )
+    import yaml
+
+    wanted = [d["name"] for d in yaml.safe_load(yaml_path.read_text())["deployments"]]
+    retired = retire_deployments(url, auth_string, wanted)
+    reason = ", ".join(wanted)
+    if retired:
+        reason += f"; removed {', '.join(retired)} (no longer in prefect.yaml)"
+    return StepRecord(name="deployments", action=Action.CHANGE, reason=reason)
+
+
+def retire_deployments(url: str, auth_string: str | None, wanted: list[str]) -> list[str]:
+    """Delete this package's deployments (tag ``sails-bootstrap``) that prefect.yaml no longer
+    lists, such as the ``teardown`` an earlier version put on the VM."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
+
+    with remote_client(url, auth_string) as client:
+        ours = client.read_deployments(
+            deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=["sails-bootstrap"]))
+        )
+        retired = [d for d in ours if d.name not in wanted]
+        for d in retired:
+            client.delete_deployment(d.id)
+            logger().info("removed deployment %s from the VM's server", d.name)
+    return sorted(d.name for d in retired)
 
 
 @task(name="deploy-science-codebase", **VM_TASK)

@@ -143,7 +143,7 @@ def test_bootstrap_register_and_self_repair(
         return names, sorted(a.name for a in automations), (health, pools)
 
     names, automations, (health, pools) = inventory()
-    assert names == ["bootstrap", "health-check", "reauth-canfar", "remount-arc", "teardown"]
+    assert names == ["bootstrap", "health-check", "reauth-canfar", "remount-arc"]
     assert len(automations) == 2
     assert [s.schedule.cron for s in health.schedules] == ["0 3 * * *"]
     assert health.pull_steps == [
