@@ -15,6 +15,7 @@ from tasks.blocks import load_block
 from tasks.canfar import ensure_ca_bundle, ensure_canfar_auth
 from tasks.cloud import VMTarget, locate_vm, open_connection
 from tasks.errors import BootstrapError
+from tasks.local_ssh import known_hosts_file
 from tasks.log import logger
 from tasks.packages import ensure_packages
 from tasks.prefect_server import (
@@ -55,7 +56,12 @@ def vm_for(config: BootstrapConfig, target: VMTarget) -> VM:
         config.ssh.key_block,
         "`sails-bootstrap provision` makes one, or save the VM's key under that name",
     )
-    return VM(target.address, key, target.host_keys)
+    return VM(
+        target.address,
+        key,
+        [*target.host_keys, *config.ssh.trusted_host_keys],
+        known_hosts=known_hosts_file(config),
+    )
 
 
 def load_canfar(config: BootstrapConfig) -> Any:

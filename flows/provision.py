@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from sails_bootstrap.config import BootstrapConfig
 from tasks.cloud import (
+    boot_time_left,
     console_fingerprints,
     ensure_attachment,
     ensure_floating_ip,
@@ -168,12 +169,12 @@ def provision(
     ]
     if apply and local_ssh and result.server.id and result.address:
         server_id = result.server.id
+        booting = boot_time_left(result.server, config.server.boot_timeout)
 
         def from_console() -> list[str]:
             # Printed by cloud-init's final stage, a minute or more after ACTIVE on a real cloud.
-            result.console_fingerprints = console_fingerprints(
-                conn, server_id, wait=config.server.boot_timeout
-            )
+            # A server up for longer than the boot bound prints nothing new: read it once.
+            result.console_fingerprints = console_fingerprints(conn, server_id, wait=booting)
             return result.console_fingerprints
 
         # ACTIVE means the hypervisor started the guest: ensure_local_ssh first waits for its

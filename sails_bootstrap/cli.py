@@ -40,6 +40,30 @@ ConfigOption = Annotated[
 ]
 
 
+TrustOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--trust-host-key",
+        help="A host key fingerprint (SHA256:…) to trust beside the console's, for a VM whose "
+        "keys were regenerated on purpose. Check it on the VM first.",
+    ),
+]
+
+
+def with_trusted(config: BootstrapConfig, fingerprints: list[str] | None) -> BootstrapConfig:
+    """The config with ``fingerprints`` added to ssh.trusted_host_keys (validated)."""
+    if not fingerprints:
+        return config
+    from sails_bootstrap.config import parse_config
+
+    data = config.model_dump(mode="json")
+    data["ssh"]["trusted_host_keys"] = [*data["ssh"]["trusted_host_keys"], *fingerprints]
+    try:
+        return parse_config(data, "--trust-host-key")
+    except ConfigError as exc:
+        raise fail(f"error: {exc}") from None
+
+
 ScienceOption = Annotated[
     str | None,
     typer.Option(help="Folder on the VM with the science codebase's prefect.yaml to deploy."),
@@ -388,22 +412,22 @@ def plan_cmd(config: ConfigOption) -> None:
 
 
 @app.command("provision")
-def provision_cmd(config: ConfigOption) -> None:
+def provision_cmd(config: ConfigOption, trust_host_key: TrustOption = None) -> None:
     """Create or fix the keypair, rules, server, floating IP, volume and the local ssh alias."""
     from flows.provision import provision
 
-    cfg = read_config(config)
+    cfg = with_trusted(read_config(config), trust_host_key)
     result = _run(lambda: provision(cfg), cfg, "provision")
     _print_records(result.records)
     typer.echo(f"ready: ssh {cfg.ssh.alias}  ({cfg.server.user}@{result.address})")
 
 
 @app.command("configure")
-def configure_cmd(config: ConfigOption) -> None:
+def configure_cmd(config: ConfigOption, trust_host_key: TrustOption = None) -> None:
     """Configure the VM over SSH: volume, /arc, CANFAR auth, Prefect server, operator keys."""
     from flows.configure import configure
 
-    cfg = read_config(config)
+    cfg = with_trusted(read_config(config), trust_host_key)
     result = _run(lambda: configure(cfg), cfg, "configure")
     _print_records(result.records)
     typer.echo(f"Prefect UI: {result.ui_url}")
@@ -427,11 +451,12 @@ def register_cmd(
 def up_cmd(
     config: ConfigOption,
     science_codebase: ScienceOption = None,
+    trust_host_key: TrustOption = None,
 ) -> None:
     """The whole bootstrap: provision, configure, register, CANFAR smoke test."""
     from flows.bootstrap import bootstrap
 
-    cfg = read_config(config)
+    cfg = with_trusted(read_config(config), trust_host_key)
     out = _run(lambda: bootstrap(cfg, science_codebase=science_codebase), cfg, "up")
     typer.echo(f"\n{cfg.environment} is up")
     typer.echo(f"  Prefect UI:  {out['ui_url']}")

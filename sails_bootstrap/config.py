@@ -217,6 +217,13 @@ class SSHSettings(_Model):
         default_factory=list,
         description="Extra public keys allowed to log in as the VM user (the team's keys).",
     )
+    trusted_host_keys: list[
+        Annotated[str, StringConstraints(pattern=r"^SHA256:[A-Za-z0-9+/]{43}$")]
+    ] = Field(
+        default_factory=list,
+        description="Host key fingerprints (SHA256:…) trusted beside the console's, for a VM "
+        "whose keys were regenerated on purpose (`--trust-host-key`).",
+    )
 
     @field_validator("operator_keys")
     @classmethod

@@ -521,7 +521,25 @@ def _server_record(server: Any, action: Action, reason: str, apply: bool = True)
         reason=reason,
         applied=apply,
         created=action == Action.CREATE,
+        launched_at=getattr(server, "launched_at", None),
     )
+
+
+def boot_time_left(server: ServerRecord, boot_timeout: float) -> float:
+    """How much of the boot bound a server launched at ``server.launched_at`` may still be
+    booting for: all of it when not known; none for a server up longer than that."""
+    import datetime as dt
+
+    if not server.launched_at:
+        return boot_timeout
+    try:
+        launched = dt.datetime.fromisoformat(server.launched_at)
+    except ValueError:
+        return boot_timeout
+    if launched.tzinfo is None:
+        launched = launched.replace(tzinfo=dt.UTC)
+    age = (dt.datetime.now(dt.UTC) - launched).total_seconds()
+    return max(0.0, boot_timeout - age)
 
 
 def _our_servers(conn: Connection, config: BootstrapConfig) -> list[Any]:

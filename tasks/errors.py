@@ -32,6 +32,10 @@ class RemoteCommandError(BootstrapError):
     """A command on the VM failed."""
 
 
+class HostKeyError(BootstrapError):
+    """The VM presented a host key that was not verified: nothing was sent to it."""
+
+
 class MissingToolError(BootstrapError):
     """The VM's image lacks a command this tool relies on."""
 
@@ -115,7 +119,9 @@ def is_transient(exc: BaseException) -> bool:
         import paramiko
 
         if isinstance(exc, (paramiko.ssh_exception.NoValidConnectionsError, paramiko.SSHException)):
-            return not isinstance(exc, paramiko.AuthenticationException)
+            return not isinstance(
+                exc, (paramiko.AuthenticationException, paramiko.BadHostKeyException)
+            )
     except ImportError:  # pragma: no cover
         pass
     return False

@@ -2,8 +2,8 @@
 
 The alias lives in its own file, included from ~/.ssh/config (the user's file gets one Include
 line, nothing else). known_hosts entries for the floating IP are replaced only by host keys
-that match the fingerprints the server printed on its console; where the console shows none,
-the fallback to accept-new is explicit and reported.
+that match the fingerprints the server printed on its console (or that the operator trusted
+with --trust-host-key); where neither vouches for a key, nothing is accepted.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.ssh import fingerprint, write_private
 from sails_bootstrap.config import BootstrapConfig
-from tasks.errors import BootstrapError, retry_transient
+from tasks.errors import BootstrapError, HostKeyError, retry_transient
 from tasks.log import Progress, logger
 from tasks.records import Action, LocalSSHRecord
 from tasks.vm import wait_for_port
@@ -186,26 +186,28 @@ def ensure_local_ssh(
         record.host_key_check = "known_hosts"
     elif callable(console_fingerprints):
         console_fingerprints = console_fingerprints()
+    trusted = [*console_fingerprints, *config.ssh.trusted_host_keys]
     if record.host_key_check == "known_hosts":
         verified = scanned
-    elif console_fingerprints:
-        verified = [k for k in scanned if fingerprint(k) in console_fingerprints]
-        if not verified:
-            raise BootstrapError(
-                f"none of the host keys {address} presents "
-                f"({', '.join(fingerprint(k) for k in scanned) or 'none'}) matches the "
-                f"fingerprints on the server's console ({', '.join(console_fingerprints)}): "
-                "possible man-in-the-middle or a reused address; check the console log"
-            )
-        record.host_key_check = "console"
     else:
-        log.warning(
-            "the console of %s shows no SSH host key fingerprints: accepting its current keys "
-            "without verification (accept-new)",
-            address,
-        )
-        verified = scanned
-        record.host_key_check = "accept-new"
+        # Fail closed: a key is verified by the console (or the operator's --trust-host-key),
+        # never taken on first sight.
+        verified = [k for k in scanned if fingerprint(k) in trusted]
+        if not verified:
+            presented = ", ".join(fingerprint(k) for k in scanned) or "none"
+            raise HostKeyError(
+                f"none of the host keys {address} presents ({presented}) is verified: "
+                + (
+                    f"the server's console shows {', '.join(console_fingerprints)}. Possible "
+                    "man-in-the-middle or a reused address; check the console log"
+                    if console_fingerprints
+                    else "the server's console shows no fingerprints (scrolled off, or the "
+                    "image prints none)"
+                )
+                + ". If the keys were regenerated on purpose, check the fingerprint on the VM "
+                "itself and run again with --trust-host-key SHA256:…; nothing was sent to it"
+            )
+        record.host_key_check = "console" if console_fingerprints else "trusted"
     wanted = [f"{address} {k}" for k in verified]
     kept: list[str] = []
     stale: list[str] = []

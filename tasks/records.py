@@ -62,6 +62,7 @@ class ServerRecord(Record):
     status: str | None = None
     fixed_ip: str | None = None
     created: bool = False
+    launched_at: str | None = None  # when the hypervisor started it (ISO 8601, UTC)
     host_key_fingerprints: list[str] = Field(default_factory=list)
 
 
@@ -89,7 +90,8 @@ class LocalSSHRecord(Record):
     kind: str = "local ssh"
     alias: str = ""
     key_file: str = ""
-    host_key_check: str = ""  # "console" (verified) or "accept-new" (no fingerprints shown)
+    # "console" (verified there), "known_hosts" (verified earlier) or "trusted" (--trust-host-key)
+    host_key_check: str = ""
 
 
 def by_id_path(volume_id: str) -> str:

@@ -23,6 +23,7 @@ from sails_bootstrap.config import BootstrapConfig
 from tasks.errors import (
     BOOTING_ERRNOS,
     BootstrapError,
+    HostKeyError,
     RemoteCommandError,
     missing_tool,
     missing_tool_error,
@@ -82,16 +83,31 @@ class Result:
         return self.code == 0
 
 
+def untrusted_host_key(host: str, presented: str, why: str) -> HostKeyError:
+    return HostKeyError(
+        f"{host} presented host key {presented}, which {why}; nothing was sent to it. If the "
+        "server was rebuilt or its keys regenerated on purpose, check that fingerprint on its "
+        "console (`openstack console log show`) and run `sails-bootstrap provision --config "
+        f"FILE --trust-host-key {presented}`; otherwise treat it as a man-in-the-middle"
+    )
+
+
 def _verify_policy(expected: list[str]) -> paramiko.MissingHostKeyPolicy:
     import paramiko
 
     class VerifyAgainstConsole(paramiko.MissingHostKeyPolicy):
-        """Accept the host key only if its fingerprint is one the console printed."""
+        """A key known_hosts does not list is accepted only if its fingerprint is one the
+        console printed (or the operator trusted): fail closed, also when there is none."""
 
         def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
             fp = fingerprint(f"{key.get_name()} {key.get_base64()}")
-            if expected and fp not in expected:
-                raise paramiko.BadHostKeyException(hostname, key, key)
+            if fp not in expected:
+                raise untrusted_host_key(
+                    hostname,
+                    fp,
+                    "is neither in the verified known_hosts nor among the console's "
+                    f"fingerprints ({', '.join(expected) or 'none shown'})",
+                )
 
     return VerifyAgainstConsole()
 
@@ -99,11 +115,19 @@ def _verify_policy(expected: list[str]) -> paramiko.MissingHostKeyPolicy:
 class VM:
     """A fabric connection to the VM with the host key checked against the console's."""
 
-    def __init__(self, host: str, key: SSHKeyPair, host_keys: list[str], port: int = 22):
+    def __init__(
+        self,
+        host: str,
+        key: SSHKeyPair,
+        host_keys: list[str],
+        port: int = 22,
+        known_hosts: str | os.PathLike[str] | None = None,
+    ):
         self.host = host
         self.port = port
         self.key = key
         self.host_keys = host_keys
+        self.known_hosts = known_hosts
         self._conn: fabric.Connection | None = None
         self._lock = threading.Lock()
 
@@ -117,14 +141,31 @@ class VM:
                 self._conn.close()
                 self._conn = None
             if self._conn is None:
+                import paramiko
+
                 conn = self.key.connect(
                     self.host,
                     port=self.port,
                     connect_timeout=15,
                     connect_kwargs={"banner_timeout": 30, "auth_timeout": 30},
                 )
+                if self.known_hosts and os.path.exists(self.known_hosts):
+                    # the keys verified at provisioning; a different key for this host is refused
+                    conn.client.get_host_keys().load(os.fspath(self.known_hosts))
                 conn.client.set_missing_host_key_policy(_verify_policy(self.host_keys))
-                conn.open()
+                try:
+                    conn.open()
+                except paramiko.BadHostKeyException as exc:
+
+                    def fp(key: Any) -> str:
+                        return fingerprint(f"{key.get_name()} {key.get_base64()}")
+
+                    raise untrusted_host_key(
+                        self.host,
+                        fp(exc.key),
+                        f"differs from the one verified in {self.known_hosts} "
+                        f"({fp(exc.expected_key)})",
+                    ) from None
                 self._conn = conn
             return self._conn
 

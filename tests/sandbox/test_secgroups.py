@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from sails_bootstrap.config import BootstrapConfig, dump_config, parse_config
-from tests.fixtures.bootstrap import ssh_alias, start_cli
+from tests.fixtures.bootstrap import deep_merge, ssh_alias, start_cli
 
 pytestmark = [pytest.mark.sandbox]
 
@@ -214,3 +214,70 @@ def test_dropped_ssh_connection_ends_the_command_in_flight(secured_vm: SecuredVM
     # The next connection works: only the sessions were dropped.
     again = _ssh(vm)
     assert again.returncode == 0, again.stderr
+
+
+def test_host_keys_fail_closed_and_known_hosts_outlive_the_console(secured_vm: SecuredVM) -> None:
+    """With the console's fingerprints scrolled away, commands still work against the known_hosts
+    verified at provisioning. Host keys regenerated behind our back: fabric and OpenSSH refuse
+    before sending anything, and provision names the key to check; trusting that fingerprint
+    explicitly (--trust-host-key) makes it verified again."""
+    from flows.configure import vm_for
+    from flows.provision import provision
+    from sails_bootstrap.cli import with_trusted
+    from tasks.cloud import console_fingerprints, locate_vm, open_connection
+    from tasks.errors import HostKeyError
+    from tasks.local_ssh import scan_host_keys
+
+    cfg, vm = secured_vm.config, secured_vm
+    conn = open_connection(cfg)
+    filler = _ssh(vm, "sudo sh -c 'yes console-filler | head -c 150000 > /dev/console'")
+    assert filler.returncode == 0, filler.stderr
+    deadline = time.monotonic() + 30
+    while console_fingerprints.fn(conn, vm.server_id, wait=0):
+        assert time.monotonic() < deadline, "the fingerprints did not scroll off the console"
+        time.sleep(0.5)
+    target = locate_vm.fn(conn, cfg)
+    assert target.host_keys == []
+    host = vm_for(cfg, target)
+    try:
+        assert host.run("echo verified").stdout == "verified\n"
+    finally:
+        host.close()
+
+    regen = _ssh(
+        vm,
+        "sudo sh -c 'rm -f /etc/ssh/ssh_host_*_key* && ssh-keygen -A >/dev/null && "
+        "(systemctl restart ssh || systemctl restart sshd)'",
+    )
+    assert regen.returncode == 0, regen.stderr
+    new = sorted(fp_of(k) for k in scan_host_keys(vm.address))
+    host = vm_for(cfg, target)
+    with pytest.raises(HostKeyError) as refused:
+        host.run("touch /tmp/should-not-exist")
+    host.close()
+    assert any(fp in str(refused.value) for fp in new), refused.value
+    assert "--trust-host-key" in str(refused.value)
+    alias = _ssh(vm, "touch /tmp/should-not-exist")
+    assert alias.returncode == 255 and "IDENTIFICATION HAS CHANGED" in alias.stderr, alias.stderr
+    # The server is past its boot: the console is read once, not waited on for the boot bound.
+    settled = parse_config(
+        deep_merge(cfg.model_dump(mode="json"), {"server": {"boot_timeout": 30}}), "settled"
+    )
+    with pytest.raises(HostKeyError, match="no fingerprints"):
+        provision(settled)
+
+    trusted = with_trusted(settled, new)
+    again = provision(trusted)
+    assert again.local_ssh and again.local_ssh.host_key_check == "trusted", again.local_ssh
+    assert _ssh(vm, "test ! -e /tmp/should-not-exist").returncode == 0  # nothing ran before
+    host = vm_for(trusted, locate_vm.fn(conn, trusted))
+    try:
+        assert host.run("echo verified").stdout == "verified\n"
+    finally:
+        host.close()
+
+
+def fp_of(key_line: str) -> str:
+    from blocks.ssh import fingerprint
+
+    return fingerprint(key_line)
