@@ -442,12 +442,68 @@ def wait_for_cloud_init(vm: VM, timeout: float) -> StepRecord:
 
 
 # -- persistent volume -------------------------------------------------------------------------
+#: The one command that may format the data volume, run as root on the VM: under a lock (two
+#: configures format at most once), and only a device that reads, where blkid finds nothing and
+#: reports no error (it exits 2 for "nothing found" and for "could not open" alike), where wipefs
+#: lists no signature, and whose first and last MiB are zeros. Prints one line: "formatted",
+#: "has ext4" (someone else formatted it meanwhile) or "refuse: WHY" (exit 3).
+FORMAT_GUARD = r"""
+dev="$1"; label="$2"; mib=1048576
+exec 9>/run/sails-format.lock
+flock -w 600 9 || { echo "refuse: another format of a volume is still running"; exit 3; }
+[ -b "$dev" ] || [ -f "$dev" ] || { echo "refuse: $dev is not a block device"; exit 3; }
+[ "$(dd if="$dev" bs=4096 count=1 2>/dev/null | wc -c)" -eq 4096 ] || {
+  echo "refuse: $dev cannot be read"; exit 3; }
+found=$(blkid -p -o export "$dev" 2>&1); rc=$?
+if [ $rc -eq 0 ]; then
+  kind=$(printf '%s\n' "$found" | sed -n 's/^\(TYPE\|PTTYPE\)=//p' | head -n 1)
+  [ "$kind" = ext4 ] && { echo "has ext4"; exit 0; }
+  echo "refuse: $dev holds ${kind:-a signature blkid names no type for}"; exit 3
+fi
+[ $rc -eq 2 ] && [ -z "$found" ] || { echo "refuse: blkid failed ($rc): $found"; exit 3; }
+sigs=$(wipefs --no-act --noheadings "$dev" 2>&1) || { echo "refuse: wipefs failed: $sigs"; exit 3; }
+[ -z "$sigs" ] || { echo "refuse: wipefs finds signatures: $sigs"; exit 3; }
+size=$(blockdev --getsize64 "$dev" 2>/dev/null || stat -c %s "$dev")
+[ "$size" -ge $((2 * mib)) ] || { echo "refuse: $dev is smaller than 2 MiB"; exit 3; }
+cmp -s -n $mib "$dev" /dev/zero || { echo "refuse: the first MiB of $dev is not empty"; exit 3; }
+cmp -s -n $mib -i $((size - mib)):0 "$dev" /dev/zero || {
+  echo "refuse: the last MiB of $dev is not empty"; exit 3; }
+mkfs.ext4 -q -F -L "$label" "$dev" || { echo "refuse: mkfs.ext4 failed"; exit 3; }
+echo formatted
+"""
+
+
+def format_guarded(vm: VM, device: str, label: str) -> str:
+    """Run FORMAT_GUARD on ``device``: "formatted" or "has ext4"; a refusal is a BootstrapError
+    naming why."""
+    r = vm.run(
+        f"sh -c {shlex.quote(FORMAT_GUARD)} sails-format {shlex.quote(device)} "
+        f"{shlex.quote(label)}",
+        sudo=True,
+        check=False,
+        timeout=900,
+    )
+    out = (r.stdout.strip().splitlines() or [""])[-1]
+    if r.code == 0 and out in ("formatted", "has ext4"):
+        return out
+    why = out.removeprefix("refuse: ") or (r.stderr.strip()[-300:] or f"exit {r.code}")
+    raise BootstrapError(
+        f"refusing to format {device}: {why}. A data volume is formatted only when it is empty "
+        "(no signature, zeros at both ends): look at it by hand (`sudo wipefs --no-act "
+        f"{device}`), or attach another volume"
+    )
+
+
 def _blkid(vm: VM, device: str) -> dict[str, str]:
-    r = vm.run(f"blkid -p -o export {shlex.quote(device)}", sudo=True, check=False)
-    if r.code == 2:  # nothing found: no filesystem, no partition table
+    q = shlex.quote(device)
+    read = vm.run(f"dd if={q} bs=4096 count=1 2>/dev/null | wc -c", sudo=True, check=False)
+    if read.stdout.strip() != "4096":
+        raise BootstrapError(f"{device} cannot be read; check the volume's attachment")
+    r = vm.run(f"blkid -p -o export {q}", sudo=True, check=False)
+    if r.code == 2 and not (r.stdout + r.stderr).strip():  # nothing found, nothing wrong
         return {}
     if not r.ok:
-        raise RemoteCommandError(f"blkid on {device} failed: {r.stderr.strip()}")
+        raise RemoteCommandError(f"blkid on {device} failed ({r.code}): {r.stderr.strip()}")
     return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
 
 
@@ -510,13 +566,15 @@ def ensure_volume_mounted(
             details={"device": device},
         )
     if not fstype:
-        vm.run(
-            f"mkfs.ext4 -q -L {shlex.quote(config.volume.label)} {shlex.quote(device)}",
-            sudo=True,
-            timeout=600,
-        )
-        changes.append(f"formatted {device} ext4 (it held no filesystem)")
+        if format_guarded(vm, device, config.volume.label) == "formatted":
+            changes.append(f"formatted {device} ext4 (it held no filesystem)")
         probe = _blkid(vm, device)
+        if probe.get("TYPE") != "ext4":
+            raise BootstrapError(
+                f"volume {volume_id} ({device}) was formatted meanwhile as "
+                f"{probe.get('TYPE') or probe.get('PTTYPE') or 'something unknown'}, not ext4; "
+                "refusing to use it"
+            )
     uuid = probe["UUID"]
     parent = mp.rsplit("/", 1)[0] or "/"
     line = (
