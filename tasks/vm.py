@@ -112,6 +112,10 @@ def _verify_policy(expected: list[str]) -> paramiko.MissingHostKeyPolicy:
     return VerifyAgainstConsole()
 
 
+#: Seconds an SFTP transfer may go without an answer from the VM.
+SFTP_TIMEOUT = 120
+
+
 class VM:
     """A fabric connection to the VM with the host key checked against the console's."""
 
@@ -166,6 +170,9 @@ class VM:
                         f"differs from the one verified in {self.known_hosts} "
                         f"({fp(exc.expected_key)})",
                     ) from None
+                transport = conn.client.get_transport()
+                if transport is not None:  # a dead peer is noticed between commands too
+                    transport.set_keepalive(15)
                 self._conn = conn
             return self._conn
 
@@ -212,7 +219,11 @@ class VM:
         SFTP, not standard input: fabric feeds stdin one byte at a time."""
         tmpdir = self.run("mktemp -d").stdout.strip()
         path = f"{tmpdir}/data"
-        self.conn.put(io.BytesIO(data), path)
+        sftp = self.conn.sftp()
+        # A bound on every wait of the transfer: a peer silent for this long fails it (and the
+        # step's retry opens a new connection) instead of hanging the run.
+        sftp.get_channel().settimeout(SFTP_TIMEOUT)
+        sftp.putfo(io.BytesIO(data), path)
         return path
 
     def write_file(
