@@ -39,6 +39,19 @@ def write_private(path: Path, data: str) -> Path:
     return path
 
 
+class PublicKey:
+    """The public half alone (what the cloud's keypair holds): enough to check that keypair,
+    never enough to log in. The VM's own deployments use this; the private key stays with the
+    operator."""
+
+    def __init__(self, public_key: str):
+        self.public_key = public_key
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.public_key)
+
+
 class SSHKeyPair(CredentialsBlock):
     """The key pair the VM is created with, and that the flows log in with.
 

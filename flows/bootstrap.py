@@ -56,7 +56,7 @@ def bootstrap(
 
 def converge_from_vm(config: BootstrapConfig) -> dict[str, Any]:
     """The `bootstrap` deployment: fix cloud drift and the VM's own state, from the VM."""
-    prov = provision.fn(config, plan=False, local_ssh=False)
+    prov = provision.fn(config, plan=False, local_ssh=False, on_vm=True)
     volume_id = prov.attachment.volume_id if prov.attachment else None
     conf = configure_host(LocalHost(), config, volume_id, prov.address or "127.0.0.1")
     return {"provision": prov.table(), "configure": [r.row() for r in conf.records]}

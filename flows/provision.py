@@ -26,7 +26,7 @@ from tasks.cloud import (
     open_connection,
     preflight,
 )
-from tasks.errors import PreflightError
+from tasks.errors import BootstrapError, PreflightError
 from tasks.local_ssh import ensure_local_ssh
 from tasks.log import logger
 from tasks.records import (
@@ -65,10 +65,22 @@ class ProvisionResult(BaseModel):
         return [r.row() for r in self.records]
 
 
-def load_key(config: BootstrapConfig, apply: bool) -> Any:
-    """The VM's SSHKeyPair block; created (ed25519) on the first run when it does not exist."""
-    from blocks.ssh import SSHKeyPair
+def load_key(config: BootstrapConfig, apply: bool, on_vm: bool = False) -> Any:
+    """The VM's SSHKeyPair block; created (ed25519) on the first run when it does not exist.
+    On the VM itself (``on_vm``), where the private key never goes, the public key the cloud's
+    keypair holds."""
+    from blocks.ssh import PublicKey, SSHKeyPair
 
+    if on_vm:
+        keypair = open_connection(config).compute.find_keypair(
+            config.keypair_name, ignore_missing=True
+        )
+        if keypair is None:
+            raise BootstrapError(
+                f"keypair {config.keypair_name!r} is missing in the cloud: run "
+                "`sails-bootstrap provision` from the operator's machine (it holds the key)"
+            )
+        return PublicKey(keypair.public_key)
     try:
         return SSHKeyPair.load(config.ssh.key_block)
     except ValueError:
@@ -122,12 +134,16 @@ def _publish(result: ProvisionResult, config: BootstrapConfig) -> None:
 
 @flow(name="provision", task_runner=ThreadPoolTaskRunner(max_workers=8))  # type: ignore[arg-type]
 def provision(
-    config: BootstrapConfig = BootstrapConfig(), plan: bool = False, local_ssh: bool = True
+    config: BootstrapConfig = BootstrapConfig(),
+    plan: bool = False,
+    local_ssh: bool = True,
+    on_vm: bool = False,
 ) -> ProvisionResult:
-    """Make the cloud hold exactly what ``config`` describes; ``plan=True`` only reports."""
+    """Make the cloud hold exactly what ``config`` describes; ``plan=True`` only reports.
+    ``on_vm``: run by the VM's own `bootstrap` deployment (no private key there)."""
     apply = not plan
     log = logger()
-    key = load_key(config, apply)
+    key = load_key(config, apply, on_vm)
     conn = open_connection(config)
     result = ProvisionResult(environment=config.environment, plan=plan)
     try:
@@ -187,8 +203,6 @@ def provision(
     blocked = [r for r in result.records if r.action == Action.BLOCKED]
     _publish(result, config)
     if blocked and apply:
-        from tasks.errors import BootstrapError
-
         raise BootstrapError("; ".join(f"{r.kind} {r.name}: {r.reason}" for r in blocked))
     log.info(
         "%s %s: %s",

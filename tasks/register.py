@@ -200,7 +200,7 @@ def copy_blocks(config: BootstrapConfig, url: str, auth_string: str | None) -> S
     """Save the blocks the deployments need on the VM's server (secrets carried, never shown)."""
     from prefect.blocks.system import Secret
 
-    from blocks import CanfarCredentials, OpenStackCredentials, SSHKeyPair
+    from blocks import CanfarCredentials, OpenStackCredentials
 
     remote = vm_config(config)
     if config.cloud.credentials_block:
@@ -209,7 +209,6 @@ def copy_blocks(config: BootstrapConfig, url: str, auth_string: str | None) -> S
         cloud = OpenStackCredentials.from_clouds_yaml(config.cloud.cloud)
     blocks: list[tuple[Any, str]] = [
         (cloud, str(remote.cloud.credentials_block)),
-        (SSHKeyPair.load(config.ssh.key_block), config.ssh.key_block),
         (Secret.load(config.prefect.auth_block), config.prefect.auth_block),
     ]
     try:
@@ -234,7 +233,26 @@ def copy_blocks(config: BootstrapConfig, url: str, auth_string: str | None) -> S
     blocks = [(for_vm(b), n) for b, n in blocks]
     save_remote(blocks, url, auth_string)
     names = ", ".join(name for _, name in blocks)
-    return StepRecord(name="blocks on the VM server", action=Action.CHANGE, reason=f"saved {names}")
+    reason = f"saved {names}"
+    if remove_private_keys(url, auth_string):
+        reason += "; removed the SSH private key an earlier version put there"
+    return StepRecord(name="blocks on the VM server", action=Action.CHANGE, reason=reason)
+
+
+def remove_private_keys(url: str, auth_string: str | None) -> list[str]:
+    """Delete every SSHKeyPair block on the VM's server: the key that opens the VM stays with
+    the operator (the VM's deployments act on the VM itself)."""
+    from prefect.exceptions import ObjectNotFound
+
+    with remote_client(url, auth_string) as client:
+        try:
+            found = client.read_block_documents_by_type("ssh-key-pair", include_secrets=False)
+        except ObjectNotFound:  # the type was never registered there
+            found = []
+        for document in found:
+            client.delete_block_document(document.id)
+            logger().info("removed SSHKeyPair block %s from the VM's server", document.name)
+    return sorted(str(d.name) for d in found)
 
 
 @task(name="ensure-work-pools", cache_policy=NO_CACHE)

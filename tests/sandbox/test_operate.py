@@ -355,6 +355,12 @@ def test_no_secret_outside_its_0600_home(
     assert run_on_server.fn(url, secret["auth_string"], "health-check/health-check")["state"] == (
         "Completed"
     )
+    # The VM converges itself without the key that opens it: that key never went there.
+    converged = run_on_server.fn(url, secret["auth_string"], "bootstrap/bootstrap", timeout=600)
+    assert converged["state"] == "Completed", converged
+    with remote_client(url, secret["auth_string"]) as client:
+        kinds = sorted({d.block_type.slug for d in client.read_block_documents() if d.block_type})
+    assert "ssh-key-pair" not in kinds, kinds
 
     key = cast(SSHKeyPair, SSHKeyPair.load(cfg.ssh.key_block)).private_key.get_secret_value()
     arc_key = cast(SSHKeyPair, SSHKeyPair.load(str(cfg.arc.key_block)))
