@@ -138,7 +138,7 @@ def configure_host(
             records.append(ensure_arc_mount(host, config, user, apply))
         venv = ensure_prefect_venv(host, config, apply=apply)
         records.append(venv)
-        secret = server_secrets(config, apply=apply)
+        secret = server_secrets(config, apply=apply, host=host)
         records.append(
             ensure_prefect_server(host, config, address, secret, apply, venv_changed=venv.changed)
         )

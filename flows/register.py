@@ -46,11 +46,15 @@ def register(
     """Make the VM's server ready for the pipeline: one command instead of `screen` sessions."""
     if target is None:
         target = locate_vm(open_connection(config), config)
-    secret = server_secrets(config)
+    vm = vm_for(config, target)
+    try:
+        secret = server_secrets(config, host=vm)  # recovered from the VM if the block is gone
+    except BaseException:
+        vm.close()
+        raise
     auth = secret["auth_string"] if config.prefect.api_auth else None
     url = f"http://{target.address}:{config.prefect.port}/api"
     result = RegisterResult(environment=config.environment, api_url=url)
-    vm = vm_for(config, target)
     try:
         records = result.records
         records.append(ensure_local_profile(config, url, auth))

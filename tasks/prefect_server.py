@@ -34,10 +34,17 @@ def local_prefect_version() -> str:
 
 
 def server_secrets(
-    config: BootstrapConfig, apply: bool = True, must_exist: bool = False
+    config: BootstrapConfig,
+    apply: bool = True,
+    must_exist: bool = False,
+    host: VM | None = None,
 ) -> dict[str, str]:
-    """The API auth string and encryption key, kept in a Prefect Secret block (made once;
-    with ``must_exist``, a missing block is an error instead)."""
+    """The API auth string and encryption key, kept in a Prefect Secret block; with
+    ``must_exist``, a missing block is an error.
+
+    Never rotated silently: with the block missing (another machine, a wiped Prefect home), the
+    values the VM's server runs with are read back from ``host``; new ones are made only for a
+    server that has none and no database they would fail to decrypt."""
     from prefect.blocks.system import Secret
 
     try:
@@ -52,17 +59,49 @@ def server_secrets(
             "the Prefect API in use: run `sails-bootstrap configure` (it makes one), or point "
             "at the API where it was saved"
         )
-    from cryptography.fernet import Fernet
+    recovered = recover_server_secrets(host, config) if host is not None else None
+    if recovered is not None:
+        value = recovered
+        made = "recovered from the VM's server"
+    else:
+        from cryptography.fernet import Fernet
 
-    value = {
-        "auth_string": f"admin:{secrets.token_urlsafe(24)}",
-        "encryption_key": Fernet.generate_key().decode(),
-    }
+        value = {
+            "auth_string": f"admin:{secrets.token_urlsafe(24)}",
+            "encryption_key": Fernet.generate_key().decode(),
+        }
+        made = "created"
     if apply:
-        block: Secret[Any] = Secret(value=value)  # type: ignore[arg-type]
+        block: Secret[Any] = Secret(value=value)
         block.save(config.prefect.auth_block, overwrite=True)
-        logger().info("created Secret block %r for the VM server's auth", config.prefect.auth_block)
+        logger().info(
+            "%s the VM server's auth and encryption key, kept as Secret block %r",
+            made,
+            config.prefect.auth_block,
+        )
     return value
+
+
+def recover_server_secrets(host: VM, config: BootstrapConfig) -> dict[str, str] | None:
+    """The auth string and encryption key in the VM server's environment file; None when the
+    server has never been set up. A database on the volume without its key is an error: a new
+    key would leave every block in it unreadable."""
+    env = host.run(f"cat {SERVER_ENV}", sudo=True, check=False)
+    values = dict(line.split("=", 1) for line in env.stdout.splitlines() if env.ok and "=" in line)
+    key = values.get("PREFECT_SERVER_ENCRYPTION_KEY")
+    if key:
+        auth = values.get("PREFECT_SERVER_API_AUTH_STRING") or f"admin:{secrets.token_urlsafe(24)}"
+        return {"auth_string": auth, "encryption_key": key}
+    database = f"{config.prefect.home}/prefect.db"
+    if host.run(f"test -s {shlex.quote(database)}", sudo=True, check=False).ok:
+        raise BootstrapError(
+            f"the VM's Prefect database {database} exists but neither Secret block "
+            f"{config.prefect.auth_block!r} nor the VM's {SERVER_ENV} holds the key that "
+            "encrypts its blocks; a new key would make them unreadable. Save the old values as "
+            f"that Secret block ({{'auth_string': …, 'encryption_key': …}}), or move the "
+            "database aside to start the server afresh"
+        )
+    return None
 
 
 def pip_index_args(config: BootstrapConfig) -> str:

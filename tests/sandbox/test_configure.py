@@ -110,6 +110,16 @@ def test_first_boot_configure_noop_drift_venv_repair_and_reboot(vm_config) -> No
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
     assert auth not in run(cfg, "cat /etc/sails-bootstrap/prefect-server.env 2>&1").stdout
 
+    # Never rotated silently: with the Secret block gone (another machine, a wiped Prefect
+    # home), configure reads the server's auth and key back from the VM, and changes nothing.
+    from prefect.blocks.system import Secret
+
+    before_secrets = server_secrets(cfg)
+    Secret.delete(cfg.prefect.auth_block)
+    assert [r.name for r in configure(cfg).records if r.changed] == []
+    assert server_secrets(cfg, must_exist=True) == before_secrets
+    assert api_check(url, auth) == 200
+
     # The volume is the one we asked for, the fstab entry is by UUID, the owner is ubuntu.
     out = run(
         cfg,
