@@ -17,6 +17,7 @@ from typing import Any, cast
 import pytest
 
 from blocks.canfar import CanfarCredentials
+from blocks.openstack import OpenStackCredentials
 from blocks.ssh import SSHKeyPair
 from flows.bootstrap import bootstrap
 from flows.configure import vm_for
@@ -375,6 +376,10 @@ def test_no_secret_outside_its_0600_home(
         "the server's encryption key": secret["encryption_key"],
         "the certificate's key": pem_needles(cert_pem.split("-----END CERTIFICATE-----")[1])[0],
     }
+    cloud = OpenStackCredentials.from_clouds_yaml(cfg.cloud.cloud)
+    cloud_secret = cloud.password or cloud.application_credential_secret
+    assert cloud_secret is not None
+    needles["the OpenStack secret"] = cloud_secret.get_secret_value()
 
     # Both Prefect servers: this machine's and the VM's.
     from prefect.client.orchestration import get_client
