@@ -246,9 +246,11 @@ def remove_private_keys(url: str, auth_string: str | None) -> list[str]:
 
     with remote_client(url, auth_string) as client:
         try:
-            found = client.read_block_documents_by_type("ssh-key-pair", include_secrets=False)
-        except ObjectNotFound:  # the type was never registered there
-            found = []
+            # The listing answers a bare 404 for an unknown type; the type read names it.
+            client.read_block_type_by_slug("ssh-key-pair")
+        except ObjectNotFound:  # the type was never registered there: no such block either
+            return []
+        found = client.read_block_documents_by_type("ssh-key-pair", include_secrets=False)
         for document in found:
             client.delete_block_document(document.id)
             logger().info("removed SSHKeyPair block %s from the VM's server", document.name)

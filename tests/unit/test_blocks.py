@@ -211,3 +211,21 @@ def test_application_credential_entry_and_unsupported_auth(
     with pytest.raises(CredentialsError, match="v3applicationcredential") as info:
         OpenStackCredentials.from_clouds_yaml("o")
     assert "v3oidcpassword" in str(info.value)
+
+
+def test_private_keys_are_removed_from_a_server_whether_or_not_it_knows_the_type(
+    tmp_path: Path,
+) -> None:
+    from tasks.register import remove_private_keys, save_remote
+    from tests.fixtures.prefect_server import start_prefect_server, stop_prefect_server
+
+    server = start_prefect_server(tmp_path / "vm-server")  # as on a new VM: no block types yet
+    try:
+        assert remove_private_keys(server.url, None) == []
+        save_remote([(SSHKeyPair.generate(), "old-vm-key")], server.url, None)
+        assert remove_private_keys(server.url, None) == ["old-vm-key"]
+        assert remove_private_keys(server.url, None) == []
+        kept = httpx.post(f"{server.url}/block_documents/filter", json={}).json()
+        assert "old-vm-key" not in {d["name"] for d in kept}
+    finally:
+        stop_prefect_server(server)
