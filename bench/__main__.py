@@ -86,11 +86,11 @@ def sequential_provision(cfg: Any) -> tuple[float, dict[str, float]]:
     with timer(steps, "keypair"):
         cloud.ensure_keypair.fn(conn, cfg, key)
     with timer(steps, "rules"):
-        cloud.ensure_rules.fn(conn, cfg, facts.security_group_id)
+        group = cloud.ensure_security_group.fn(conn, cfg, facts.project_id)
     with timer(steps, "volume"):
         vol = cloud.ensure_volume.fn(conn, cfg)
     with timer(steps, "server"):
-        srv = cloud.ensure_server.fn(conn, cfg, facts)
+        srv = cloud.ensure_server.fn(conn, cfg, facts, access=group)
     with timer(steps, "floating_ip"):
         fip = cloud.ensure_floating_ip.fn(conn, cfg, srv, facts)
     with timer(steps, "attach"):
@@ -104,8 +104,9 @@ def sequential_provision(cfg: Any) -> tuple[float, dict[str, float]]:
 def critical_path(s: dict[str, float]) -> float:
     """The longest chain of dependent steps in the flow's graph."""
     return s["preflight"] + max(
-        s["keypair"] + s["server"] + max(s["floating_ip"] + s["host_keys"], s["attach"]),
-        s["rules"],
+        max(s["keypair"], s["rules"])
+        + s["server"]
+        + max(s["floating_ip"] + s["host_keys"], s["attach"]),
         s["volume"] + s["attach"],
     )
 

@@ -209,5 +209,71 @@ class OpenStackCredentials(CredentialsBlock):
             kwargs["cacert"] = self.cacert
         return openstack.connect(**kwargs)
 
+    def delegated(
+        self, name: str, kept: OpenStackCredentials | None = None, environment: str | None = None
+    ) -> tuple[OpenStackCredentials, bool]:
+        """Credentials for another machine (the VM), never holding a password.
+
+        An application credential is handed on as it is. With a password, the user's Keystone
+        application credential ``name`` stands in: reused when ``kept`` (what an earlier call
+        returned) still names it, otherwise made anew (Keystone shows a secret only once, so one
+        whose secret is lost is replaced). Restricted: it cannot make further credentials.
+        Returns the credentials and whether Keystone was changed."""
+        if self.auth_type == "v3applicationcredential":
+            return self, False
+        conn = self.get_connection(environment)
+        identity: Any = conn.identity  # v3: the only identity API this block speaks
+        try:
+            user = str(conn.current_user_id)
+            existing = identity.find_application_credential(user, name)
+            if (
+                existing is not None
+                and kept is not None
+                and kept.auth_type == "v3applicationcredential"
+                and kept.application_credential_id == existing.id
+            ):
+                return kept, False
+            if existing is not None:
+                identity.delete_application_credential(user, existing)
+            made = identity.create_application_credential(
+                user,
+                name,
+                description="sails-bootstrap: the orchestration VM's own credential",
+                unrestricted=False,
+            )
+        finally:
+            conn.close()
+        return (
+            self.model_copy(
+                update={
+                    "auth_type": "v3applicationcredential",
+                    "username": None,
+                    "password": None,
+                    "project_name": None,
+                    "project_id": None,
+                    "application_credential_id": made.id,
+                    "application_credential_secret": SecretStr(str(made.secret)),
+                }
+            ),
+            True,
+        )
+
+    def revoke_delegated(self, name: str, environment: str | None = None) -> bool:
+        """Delete the application credential ``name`` that :meth:`delegated` made (password
+        credentials only; an application credential cannot see or manage others)."""
+        if self.auth_type == "v3applicationcredential":
+            return False
+        conn = self.get_connection(environment)
+        identity: Any = conn.identity  # v3: the only identity API this block speaks
+        try:
+            user = str(conn.current_user_id)
+            existing = identity.find_application_credential(user, name)
+            if existing is None:
+                return False
+            identity.delete_application_credential(user, existing)
+            return True
+        finally:
+            conn.close()
+
     def get_client(self, *args: Any, **kwargs: Any) -> Connection:
         return self.get_connection()

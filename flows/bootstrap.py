@@ -30,6 +30,7 @@ def bootstrap(
         volume_id=prov.attachment.volume_id,
         host_keys=prov.console_fingerprints,
         status=prov.server.status or "ACTIVE",
+        fs_uuid=prov.volume.fs_uuid if prov.volume else None,
     )
     conf = configure(config, target)
     reg = register(config, target, science_codebase)
@@ -58,5 +59,11 @@ def converge_from_vm(config: BootstrapConfig) -> dict[str, Any]:
     """The `bootstrap` deployment: fix cloud drift and the VM's own state, from the VM."""
     prov = provision.fn(config, plan=False, local_ssh=False, on_vm=True)
     volume_id = prov.attachment.volume_id if prov.attachment else None
-    conf = configure_host(LocalHost(), config, volume_id, prov.address or "127.0.0.1")
+    conf = configure_host(
+        LocalHost(),
+        config,
+        volume_id,
+        prov.address or "127.0.0.1",
+        fs_uuid=prov.volume.fs_uuid if prov.volume else None,
+    )
     return {"provision": prov.table(), "configure": [r.row() for r in conf.records]}

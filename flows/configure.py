@@ -13,7 +13,7 @@ from sails_bootstrap.config import BootstrapConfig
 from tasks.arc import arc_user, ensure_arc_mount, ensure_canfar_key
 from tasks.blocks import load_block
 from tasks.canfar import ensure_ca_bundle, ensure_canfar_auth
-from tasks.cloud import VMTarget, locate_vm, open_connection
+from tasks.cloud import VMTarget, locate_vm, open_connection, record_fs_uuid
 from tasks.errors import BootstrapError
 from tasks.local_ssh import known_hosts_file
 from tasks.log import logger
@@ -108,7 +108,12 @@ def _publish(result: ConfigureResult, config: BootstrapConfig) -> None:
 
 
 def configure_host(
-    host: VM, config: BootstrapConfig, volume_id: str | None, address: str, plan: bool = False
+    host: VM,
+    config: BootstrapConfig,
+    volume_id: str | None,
+    address: str,
+    plan: bool = False,
+    fs_uuid: str | None = None,
 ) -> ConfigureResult:
     """Every VM step, on ``host`` (SSH to the VM, or the VM itself). With ``plan``, every step
     reads the VM and says what it would change; nothing is written, installed or restarted."""
@@ -124,7 +129,17 @@ def configure_host(
         # every later step relies on, before any disk is touched.
         records.append(wait_for_cloud_init(host, config.server.boot_timeout))
         records.append(ensure_packages(host, config, apply))
-        records.append(ensure_volume_mounted(host, config, volume_id, apply))
+        mounted = ensure_volume_mounted(host, config, volume_id, apply, fs_uuid)
+        records.append(mounted)
+        if apply and mounted.id and mounted.id != fs_uuid:
+            if fs_uuid:  # formatted by hand since: the volume says what is there now
+                logger().warning(
+                    "volume %s holds filesystem %s, not %s as recorded",
+                    volume_id,
+                    mounted.id,
+                    fs_uuid,
+                )
+            record_fs_uuid(open_connection(config), volume_id, mounted.id)
         records.append(ensure_operator_keys(host, config, apply))
         records.append(ensure_ca_bundle(host, config, apply))
         if config.arc.enabled or config.canfar.smoke_test.enabled:
@@ -177,4 +192,4 @@ def configure(
     if target is None:
         target = locate_vm(open_connection(config), config)
     host = vm_for(config, target)
-    return configure_host(host, config, target.volume_id, target.address, plan)
+    return configure_host(host, config, target.volume_id, target.address, plan, target.fs_uuid)

@@ -15,7 +15,7 @@ from prefect.events import emit_event
 from pydantic import BaseModel
 
 from sails_bootstrap.config import BootstrapConfig
-from tasks.arc import UNIT, home, probe_arc, vm_path
+from tasks.arc import UNIT, ensure_arc_host_keys, home, probe_arc, vm_path
 from tasks.canfar import ensure_canfar_auth
 from tasks.cloud import locate_vm, open_connection
 from tasks.errors import BootstrapError
@@ -63,7 +63,8 @@ def probe_all(config: BootstrapConfig, on_vm: bool) -> list[ProbeResult]:
     conn = open_connection(config)
     if on_vm:
         return run_probes(
-            cloud_probes(conn, config) + host_probes(LocalHost(), config, "127.0.0.1", True)
+            cloud_probes(conn, config, on_vm=True)
+            + host_probes(LocalHost(), config, "127.0.0.1", True)
         )
     from flows.configure import vm_for
 
@@ -143,6 +144,8 @@ def remount_arc(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False
         host.run(f"systemctl stop {UNIT}", sudo=True, check=False, timeout=30)
         host.run(f"pkill -9 -u {user} -f 'sshfs.* {mp}$' || true", sudo=True, timeout=15)
         host.run(f"fusermount3 -u -z {mp} || umount -l {mp} || true", sudo=True, timeout=15)
+        if ensure_arc_host_keys(host, config, apply=True):  # a changed pin in the config
+            log.info("/arc: wrote the pinned host keys")
         host.run(f"systemctl reset-failed {UNIT}; systemctl start {UNIT}", sudo=True, timeout=30)
         for _ in range(30):
             state, detail = probe_arc(host, config)

@@ -20,7 +20,7 @@ from tasks.cloud import (
     ensure_attachment,
     ensure_floating_ip,
     ensure_keypair,
-    ensure_rules,
+    ensure_security_group,
     ensure_server,
     ensure_volume,
     open_connection,
@@ -165,9 +165,9 @@ def provision(
         return result
 
     keypair = ensure_keypair.submit(conn, config, key, apply)
-    rules = ensure_rules.submit(conn, config, facts.security_group_id, apply)
+    rules = ensure_security_group.submit(conn, config, facts.project_id, apply)
     volume = ensure_volume.submit(conn, config, apply)
-    server = ensure_server.submit(conn, config, facts, apply, wait_for=[keypair])  # type: ignore[call-overload]
+    server = ensure_server.submit(conn, config, facts, apply, rules, wait_for=[keypair])  # type: ignore[call-overload]
     fip = ensure_floating_ip.submit(conn, config, server, facts, apply)
     attachment = ensure_attachment.submit(conn, config, server, volume, apply)  # type: ignore[call-overload]
 

@@ -531,21 +531,63 @@ def down_cmd(
     config: ConfigOption,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     delete_volume: Annotated[
-        bool, typer.Option("--delete-volume", help="Also delete the volume and its data.")
+        bool,
+        typer.Option(
+            "--delete-volume", help="Also delete the volume and its data (its id must be typed)."
+        ),
     ] = False,
+    volume_id: Annotated[
+        str | None,
+        typer.Option(
+            "--volume-id", help="With --delete-volume --yes: the id of the volume to delete."
+        ),
+    ] = None,
 ) -> None:
     """Delete the server and release its floating IP (the volume is kept unless asked)."""
     from flows.teardown import teardown
 
     cfg = read_config(config)
-    what = f"server {cfg.server_name} and its floating IP"
+    what = f"server {cfg.server_name}, its security group and its floating IP"
     if delete_volume:
-        what += f", and volume {cfg.volume_name} WITH ITS DATA"
+        volume_id = _typed_volume_id(cfg, volume_id, yes)
+        what += f", and volume {volume_id} WITH ITS DATA"
     if not yes and not typer.confirm(f"Delete {what}?", default=False):
         raise fail("nothing deleted", code=1)
-    records = _run(lambda: teardown(cfg, delete_data_volume=delete_volume), cfg, "down")
+    records = _run(
+        lambda: teardown(cfg, delete_data_volume=delete_volume, volume_id=volume_id), cfg, "down"
+    )
     _print_records(records)
     typer.echo("nothing to remove" if not records else "removed")
+
+
+def _typed_volume_id(cfg: BootstrapConfig, given: str | None, yes: bool) -> str:
+    """The data volume is deleted only by its id, typed (or given with --volume-id): a slip of
+    the flag alone deletes nothing."""
+    from tasks.cloud import our_volume_ids
+
+    ensure_api()
+    try:
+        ids = our_volume_ids(cfg)
+    except Exception as exc:
+        raise fail(f"cannot list the volumes: {exc}") from None
+    if not ids:
+        raise fail(f"no volume {cfg.volume_name} of {cfg.environment}: nothing to delete", code=1)
+    listed = ", ".join(ids)
+    if given is None:
+        if yes:
+            raise fail(
+                f"--delete-volume with --yes needs --volume-id (the volume's id: {listed}); "
+                "nothing deleted"
+            )
+        given = typer.prompt(
+            f"Volume {cfg.volume_name} ({listed}) holds the Prefect database and everything on "
+            "/mnt/pspace. Type its id to delete it"
+        ).strip()
+    if given not in ids:
+        raise fail(
+            f"{given!r} is not the id of volume {cfg.volume_name} ({listed}); nothing deleted"
+        )
+    return given
 
 
 class _NoTracebackForNamedErrors(logging.Filter):

@@ -168,7 +168,9 @@ class ServerSettings(_Model):
         default=None, description="External network for the floating IP; empty when only one."
     )
     security_group: NonEmpty = Field(
-        default="default", description="Security group that receives the ingress rules."
+        default="default",
+        description="The project's security group the server also joins (left as it is); the "
+        "ingress rules go into the environment's own group, ENV-access.",
     )
     ingress: list[IngressRule] = Field(default_factory=_seed_rules)
     user: UserName = Field(default="ubuntu", description="Login user of the image.")
@@ -260,6 +262,18 @@ class ArcSettings(_Model):
         description="sshfs -o options.",
     )
     probe_timeout: float = Field(default=8, gt=0, le=60, description="Seconds before 'stale'.")
+    host_keys: list[
+        Annotated[
+            str,
+            StringConstraints(
+                pattern=r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,2}$"
+            ),
+        ]
+    ] = Field(
+        default_factory=list,
+        description="The /arc host's public keys ('ssh-ed25519 AAAA…'), pinned: sshfs accepts "
+        "only these. Empty: the first key seen is kept (accept-new).",
+    )
 
     @field_validator("remote_path")
     @classmethod
@@ -399,6 +413,11 @@ class BootstrapConfig(_Model):
     @property
     def volume_name(self) -> str:
         return f"{self.environment}-pspace"
+
+    @property
+    def security_group_name(self) -> str:
+        """The environment's own security group: exactly the ingress rules of the config."""
+        return f"{self.environment}-access"
 
     @property
     def tag(self) -> str:

@@ -22,6 +22,8 @@ UNIT = "sails-arc.service"
 #: The unit gives up after this many starts within this many seconds (until reset-failed).
 START_LIMIT_BURST = 5
 START_LIMIT_INTERVAL = 1800
+#: The pinned /arc host keys (config arc.host_keys): root's file, read by the unit's ssh.
+ARC_KNOWN_HOSTS = "/etc/sails-bootstrap/arc_known_hosts"
 
 
 def home(config: BootstrapConfig) -> str:
@@ -97,6 +99,36 @@ def ensure_canfar_key(vm: VM, config: BootstrapConfig, apply: bool = True) -> St
     )
 
 
+def last_lines(text: str, n: int) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def known_hosts_text(config: BootstrapConfig) -> str:
+    """known_hosts lines for the pinned /arc host keys (OpenSSH's [host]:port form)."""
+    arc = config.arc
+    name = arc.host if arc.port == 22 else f"[{arc.host}]:{arc.port}"
+    return f"{MANAGED}\n" + "".join(f"{name} {key}\n" for key in arc.host_keys)
+
+
+def host_key_options(config: BootstrapConfig) -> list[str]:
+    """Pinned keys: those alone, anything else refused. Otherwise the first key seen is kept
+    (in the user's known_hosts) and a changed one refused."""
+    if config.arc.host_keys:
+        return [
+            f"UserKnownHostsFile={ARC_KNOWN_HOSTS}",
+            "GlobalKnownHostsFile=/dev/null",
+            "StrictHostKeyChecking=yes",
+        ]
+    return ["StrictHostKeyChecking=accept-new"]
+
+
+def ensure_arc_host_keys(vm: VM, config: BootstrapConfig, apply: bool) -> bool:
+    """Write the pinned /arc host keys where they differ (a changed pin is repaired here)."""
+    if not config.arc.host_keys:
+        return False
+    return vm.write_file(ARC_KNOWN_HOSTS, known_hosts_text(config), apply=apply)
+
+
 def unit_text(config: BootstrapConfig, user: str) -> str:
     mp = vm_path(config, config.arc.mount_point)
     key = vm_path(config, config.arc.key_path)
@@ -104,7 +136,7 @@ def unit_text(config: BootstrapConfig, user: str) -> str:
         [
             f"IdentityFile={key}",
             *config.arc.options,
-            "StrictHostKeyChecking=accept-new",
+            *host_key_options(config),
             "BatchMode=yes",
         ]
     )
@@ -181,6 +213,10 @@ def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str, apply: bool = T
             f"{vm.host} has no sshfs: the packages step installs it (package 'sshfs'); "
             "see its row for why it did not"
         )
+    if ensure_arc_host_keys(vm, config, apply):
+        if apply:  # a running sshfs keeps its connection: the pin applies from the next start
+            vm.run(f"systemctl reset-failed {UNIT}; systemctl try-restart {UNIT}", sudo=True)
+        changes.append("pinned the /arc host keys")
     if vm.write_file(f"/etc/systemd/system/{UNIT}", unit_text(config, user), apply=apply):
         if apply:
             vm.run("systemctl daemon-reload", sudo=True)
@@ -206,8 +242,25 @@ def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str, apply: bool = T
         vm.run("sleep 1", check=False)
     if state != "live":
         journal = vm.run(
-            f"journalctl -u {UNIT} -n 5 --no-pager -o cat", sudo=True, check=False
+            f"journalctl -u {UNIT} -n 30 --no-pager -o cat", sudo=True, check=False
         ).stdout.strip()
+        if "Host key verification failed" in journal:
+            return StepRecord(
+                name="/arc mount",
+                action=Action.BLOCKED,
+                applied=apply,
+                reason=(
+                    f"{state}: the /arc host {config.arc.host} offered a key that is not "
+                    + (
+                        "one of arc.host_keys; check the host's keys with CANFAR and fix "
+                        "arc.host_keys"
+                        if config.arc.host_keys
+                        else f"the one first seen (in {home(config)}/.ssh/known_hosts); if "
+                        "CANFAR changed it, pin the new key in arc.host_keys"
+                    )
+                    + ", then run configure or remount again"
+                ),
+            )
         return StepRecord(
             name="/arc mount",
             action=Action.BLOCKED,
@@ -216,7 +269,7 @@ def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str, apply: bool = T
                 f"{state}: {detail}. Add the VM's CANFAR public key (artifact "
                 f"'canfar-key-{config.environment}') to ~/.ssh/authorized_keys on CANFAR, "
                 f"then run configure again (`sails-bootstrap remount` repairs a stale mount). "
-                f"Last log: {journal[-300:]}"
+                f"Last log: {last_lines(journal, 5)[-300:]}"
             ),
         )
     if changes:

@@ -36,9 +36,13 @@ from tasks.records import (
 if TYPE_CHECKING:
     from openstack.connection import Connection
 
+    from blocks.openstack import OpenStackCredentials
     from blocks.ssh import SSHKeyPair
 
 MARKER = "sails-bootstrap"  # metadata key on servers and volumes we create
+#: Volume metadata: the UUID of the filesystem configure made (or found) there. A volume with one
+#: is never formatted again, whatever the guest reads on it.
+FS_UUID_KEY = "sails-bootstrap-fs-uuid"
 
 # Side-effect steps never cache (a cached "create" would silently skip work); transient errors
 # retry with exponential backoff and jitter, permanent ones fail at once.
@@ -51,8 +55,8 @@ CLOUD_TASK: dict[str, Any] = {
 }
 
 
-def open_connection(config: BootstrapConfig) -> Connection:
-    """A connection through the named OpenStackCredentials block, or the clouds.yaml entry."""
+def cloud_credentials(config: BootstrapConfig) -> OpenStackCredentials:
+    """The named OpenStackCredentials block, or the clouds.yaml entry, as a block."""
     from blocks.openstack import CredentialsError, OpenStackCredentials
 
     if config.cloud.credentials_block:
@@ -74,6 +78,14 @@ def open_connection(config: BootstrapConfig) -> Connection:
                 "(or set OS_CLOUD)"
             ) from None
     creds.api_timeout = config.cloud.api_timeout
+    return creds
+
+
+def open_connection(config: BootstrapConfig) -> Connection:
+    """A connection through the named OpenStackCredentials block, or the clouds.yaml entry."""
+    from blocks.openstack import CredentialsError
+
+    creds = cloud_credentials(config)
     try:
         return creds.get_connection(config.environment)
     except CredentialsError as exc:
@@ -150,11 +162,12 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
         )
         return flavor, keypair, servers
 
-    def network() -> tuple[list[Any], list[Any]]:
+    def network() -> tuple[list[Any], list[Any], list[Any]]:
         groups = conn.network.security_groups(
             name=config.server.security_group, project_id=project_id
         )
-        return list(conn.network.networks()), list(groups)
+        ours = _our_groups(conn, config, project_id)
+        return list(conn.network.networks()), list(groups), ours
 
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="preflight") as pool:
         image_f = pool.submit(find_image, conn, config.server.image)
@@ -163,7 +176,7 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
         volumes_f = pool.submit(lambda: _find_ours(_named_volumes(conn, config), config))
         image, image_problem = image_f.result()
         flavor, existing_kp, servers = compute_f.result()
-        networks, groups = network_f.result()
+        networks, groups, access_groups = network_f.result()
         volumes = volumes_f.result()
 
     if image_problem:
@@ -195,6 +208,10 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
             "fix server.security_group"
         )
 
+    live = [v for v in volumes if v.status != "deleting"]
+    if len(live) > 1:
+        problems.append(duplicate_volumes_problem(live))
+
     if existing_kp is not None and not _same_key(existing_kp.public_key, key.public_key):
         from blocks.ssh import fingerprint
 
@@ -208,7 +225,7 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
     # Quota: only what this run would add counts, against what the project already uses
     # (a hand-made VM's address and volumes included).
     server = servers[0] if servers else None
-    adds = _would_add(config, server, groups[0] if groups else None)
+    adds = _would_add(config, server, access_groups[0] if access_groups else None)
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="preflight-quota") as pool:
         futures = []
         if flavor is not None and server is None:
@@ -299,21 +316,25 @@ def similar_image_names(wanted: str, images: list[Any], limit: int = 8) -> list[
 
 def _would_add(config: BootstrapConfig, server: Any | None, group: Any | None) -> dict[str, int]:
     """Neutron resources this run would create: a port with a new server, a floating IP when
-    the server has none, and the ingress rules the group lacks."""
+    the server has none, the environment's own group when missing (with Neutron's two default
+    egress rules) and the ingress rules it lacks."""
     has_fip = server is not None and any(
         a.get("OS-EXT-IPS:type") == "floating"
         for addrs in (server.addresses or {}).values()
         for a in addrs
     )
-    rules = 0
+    wanted = {r.key() for r in config.server.ingress}
     if group is not None:
         have = {
             _rule_key(r) for r in group.security_group_rules or [] if r["direction"] == "ingress"
         }
-        rules = len({r.key() for r in config.server.ingress} - have)
+        rules = len(wanted - have)
+    else:
+        rules = len(wanted) + 2
     return {
         "port": 0 if server is not None else 1,
         "floatingip": 0 if has_fip else 1,
+        "security_group": 0 if group is not None else 1,
         "security_group_rule": rules,
     }
 
@@ -371,12 +392,14 @@ def _network_quota(
         "list`; an unattached one can go with `openstack floating ip delete`) or ask for "
         "more quota",
         "port": "delete unused ports or ask for more quota",
-        "security_group_rule": f"remove unused rules (from {config.server.security_group!r} or "
-        "other groups) or ask for more quota",
+        "security_group": "delete an unused security group or ask for more quota",
+        "security_group_rule": "remove unused rules (`openstack security group rule list`) or "
+        "ask for more quota",
     }
     details = {
         "floatingip": quota.floating_ips,
         "port": quota.ports,
+        "security_group": quota.security_groups,
         "security_group_rule": quota.security_group_rules,
     }
     out = []
@@ -442,7 +465,7 @@ def ensure_keypair(
     return record
 
 
-# -- security group rules ----------------------------------------------------------------------
+# -- security group ----------------------------------------------------------------------------
 def _rule_key(rule: Any) -> tuple[str, str, int | None, int | None, str]:
     return (
         rule["ethertype"],
@@ -458,47 +481,89 @@ def _describe(key: tuple[str, str, int | None, int | None, str]) -> str:
     return f"{proto}{'/' + str(low) if low else ''} from {cidr}"
 
 
-@task(name="ensure-rules", **CLOUD_TASK)
-def ensure_rules(
-    conn: Connection, config: BootstrapConfig, group_id: str, apply: bool = True
+def _our_groups(conn: Connection, config: BootstrapConfig, project_id: str) -> list[Any]:
+    """The environment's own security groups (its name, our tag), oldest first."""
+    groups = conn.network.security_groups(name=config.security_group_name, project_id=project_id)
+    return sorted(
+        (g for g in groups if g.description == config.tag), key=lambda g: g.created_at or ""
+    )
+
+
+@task(name="ensure-security-group", **CLOUD_TASK)
+def ensure_security_group(
+    conn: Connection, config: BootstrapConfig, project_id: str, apply: bool = True
 ) -> RulesRecord:
-    """Add the missing ingress rules; never remove a rule."""
+    """The environment's own group holds exactly the configured ingress rules: missing ones are
+    added, ones the config no longer lists removed (narrowing a CIDR takes effect). The
+    project's shared group (server.security_group) is never touched."""
     from openstack import exceptions as os_exc
 
-    group = conn.network.get_security_group(group_id)
-    have = {_rule_key(r) for r in group.security_group_rules if r["direction"] == "ingress"}
+    log = logger()
+    name = config.security_group_name
+    groups = _our_groups(conn, config, project_id)
     wanted = {rule.key(): rule for rule in config.server.ingress}
+    if apply:
+        for extra in groups[1:]:  # a create retried after it had succeeded
+            try:
+                conn.network.delete_security_group(extra.id, ignore_missing=True)
+                log.warning("deleted duplicate security group %s (%s)", name, extra.id)
+            except os_exc.ConflictException:
+                log.warning("duplicate security group %s (%s) is in use; kept", name, extra.id)
+    created = False
+    if groups:
+        group = conn.network.get_security_group(groups[0].id)
+        rules = [r for r in group.security_group_rules or [] if r["direction"] == "ingress"]
+    elif not apply:
+        return RulesRecord(
+            name=name,
+            action=Action.CREATE,
+            added=[_describe(k) for k in wanted],
+            reason="missing: the group and " + ", ".join(_describe(k) for k in wanted),
+            applied=False,
+        )
+    else:
+        group = conn.network.create_security_group(
+            name=name,
+            description=config.tag,
+            project_id=project_id,
+        )
+        log.info("created security group %s (%s)", name, group.id)
+        created, rules = True, []
+    have = {_rule_key(r): r for r in rules}
     missing = [k for k in wanted if k not in have]
+    extra = [k for k in have if k not in wanted]
+    changes = [f"add {_describe(k)}" for k in missing] + [f"remove {_describe(k)}" for k in extra]
     record = RulesRecord(
-        name=group.name,
+        name=name,
         id=group.id,
         present=[_describe(k) for k in wanted if k in have],
         added=[_describe(k) for k in missing],
-        action=Action.CREATE if missing else Action.KEEP,
-        reason=(
-            f"missing: {', '.join(_describe(k) for k in missing)}"
-            if missing
-            else "all rules present"
-        ),
+        removed=[_describe(k) for k in extra],
+        action=Action.CREATE if created else (Action.CHANGE if changes else Action.KEEP),
+        reason=("created; " if created else "") + (", ".join(changes) or "all rules as configured"),
         applied=apply,
     )
-    if apply:
-        for k in missing:
-            rule = wanted[k]
-            try:
-                conn.network.create_security_group_rule(
-                    security_group_id=group.id,
-                    direction="ingress",
-                    ethertype=rule.ethertype,
-                    protocol=rule.protocol,
-                    port_range_min=rule.port,
-                    port_range_max=rule.port,
-                    remote_ip_prefix=rule.cidr,
-                    description=rule.description or MARKER,
-                )
-                logger().info("added rule %s to %s", _describe(k), group.name)
-            except os_exc.ConflictException:
-                logger().info("rule %s already present (409)", _describe(k))
+    if not apply:
+        return record
+    for k in missing:
+        rule = wanted[k]
+        try:
+            conn.network.create_security_group_rule(
+                security_group_id=group.id,
+                direction="ingress",
+                ethertype=rule.ethertype,
+                protocol=rule.protocol,
+                port_range_min=rule.port,
+                port_range_max=rule.port,
+                remote_ip_prefix=rule.cidr,
+                description=rule.description or MARKER,
+            )
+            log.info("added rule %s to %s", _describe(k), name)
+        except os_exc.ConflictException:
+            log.info("rule %s already present (409)", _describe(k))
+    for k in extra:
+        conn.network.delete_security_group_rule(have[k]["id"], ignore_missing=True)
+        log.info("removed rule %s from %s (no longer configured)", _describe(k), name)
     return record
 
 
@@ -572,9 +637,14 @@ def wait_for_server(conn: Connection, server: Any, timeout: float) -> Any:
 
 @task(name="ensure-server", **CLOUD_TASK)
 def ensure_server(
-    conn: Connection, config: BootstrapConfig, facts: CloudFacts | None, apply: bool = True
+    conn: Connection,
+    config: BootstrapConfig,
+    facts: CloudFacts | None,
+    apply: bool = True,
+    access: RulesRecord | None = None,
 ) -> ServerRecord:
-    """One server of ours, ACTIVE. Extra copies of ours are deleted; ERROR ones replaced."""
+    """One server of ours, ACTIVE, in the project's shared group and the environment's own
+    (``access``). Extra copies of ours are deleted; ERROR ones replaced."""
     log = logger()
     servers = _our_servers(conn, config)
     broken = [s for s in servers if s.status == "ERROR"]
@@ -598,6 +668,17 @@ def ensure_server(
         reason = "ACTIVE" if server.status == "ACTIVE" else f"{server.status}, not yet ACTIVE"
         if len(healthy) > 1:
             reason += f"; {len(healthy) - 1} duplicate(s) removed"
+        joined = {g.get("name") for g in server.security_groups or []}
+        if config.security_group_name not in joined:  # a server made before the group existed
+            if apply and access is not None and access.id:
+                conn.compute.add_security_group_to_server(server, access.id)
+                log.info("server %s joined security group %s", server.name, access.name)
+            return _server_record(
+                server,
+                Action.CHANGE,
+                f"{reason}; join security group {config.security_group_name}",
+                apply,
+            )
         return _server_record(server, Action.KEEP, reason, apply)
     reason = "replacing a server in ERROR" if broken else "missing"
     if not apply or facts is None:
@@ -610,7 +691,10 @@ def ensure_server(
         flavor_id=facts.flavor_id,
         networks=[{"uuid": facts.network_id}],
         key_name=config.keypair_name,
-        security_groups=[{"name": config.server.security_group}],
+        security_groups=[
+            {"name": facts.security_group_id},
+            *([{"name": access.id}] if access is not None and access.id else []),
+        ],
         metadata={MARKER: config.environment},
     )
     log.info("creating server %s (%s)", config.server_name, server.id)
@@ -723,6 +807,27 @@ def _our_volumes(conn: Connection, config: BootstrapConfig) -> list[Any]:
     return sorted(vols, key=lambda v: (not v.attachments, v.created_at or ""))
 
 
+def duplicate_volumes_problem(volumes: list[Any]) -> str:
+    """Two volumes of ours: one of them may hold the data, so neither is ever deleted for the
+    operator; the problem names both and the fix."""
+    listed = "; ".join(
+        f"{v.id} ({v.status}, {v.size} GB, created {v.created_at or '?'}"
+        + (
+            f", attached to {', '.join(a.get('server_id', '?') for a in v.attachments)}"
+            if v.attachments
+            else ""
+        )
+        + ")"
+        for v in volumes
+    )
+    return (
+        f"{len(volumes)} volumes of this environment are named {volumes[0].name!r}: {listed}. "
+        "Volumes are never deleted for you: look inside the one you do not expect (attach it, "
+        "`sudo blkid`, mount it read-only), then delete it (`openstack volume delete ID`) or "
+        "rename it, and run again"
+    )
+
+
 def wait_for_volume(conn: Connection, volume: Any, status: str, timeout: float) -> Any:
     progress = Progress(f"volume {volume.name} to be {status}")
     deadline = time.monotonic() + timeout
@@ -747,20 +852,27 @@ def wait_for_volume(conn: Connection, volume: Any, status: str, timeout: float) 
 
 @task(name="ensure-volume", **CLOUD_TASK)
 def ensure_volume(conn: Connection, config: BootstrapConfig, apply: bool = True) -> VolumeRecord:
-    """The persistent volume. Extra empty copies of ours (retried creates) are deleted."""
+    """The persistent volume. A second one of ours is never deleted: it may hold the data, so
+    the run cannot proceed until the operator has looked inside (preflight says so first)."""
     log = logger()
     # A volume being deleted is on its way out (an interrupted teardown): not ours to keep.
     vols = [v for v in _our_volumes(conn, config) if v.status != "deleting"]
+    if len(vols) > 1:
+        return VolumeRecord(
+            name=vols[0].name,
+            id=vols[0].id,
+            size_gb=vols[0].size,
+            status=vols[0].status,
+            action=Action.BLOCKED,
+            reason=duplicate_volumes_problem(vols),
+            applied=apply,
+        )
     if vols:
         volume = vols[0]
-        if apply:
-            for extra in vols[1:]:
-                if extra.status == "available" and not extra.attachments:
-                    log.warning("deleting duplicate unattached volume %s", extra.id)
-                    conn.block_storage.delete_volume(extra.id, ignore_missing=True)
-            if volume.status not in ("available", "in-use"):
-                volume = wait_for_volume(conn, volume, "available", config.volume.timeout)
+        if apply and volume.status not in ("available", "in-use"):
+            volume = wait_for_volume(conn, volume, "available", config.volume.timeout)
         reason = f"{volume.status}, {volume.size} GB"
+        fs_uuid = (volume.metadata or {}).get(FS_UUID_KEY)
         if volume.size < config.volume.size_gb:
             reason += f" (smaller than the {config.volume.size_gb} GB asked; not resized)"
         return VolumeRecord(
@@ -768,6 +880,7 @@ def ensure_volume(conn: Connection, config: BootstrapConfig, apply: bool = True)
             id=volume.id,
             size_gb=volume.size,
             status=volume.status,
+            fs_uuid=fs_uuid,
             reason=reason,
             applied=apply,
         )
@@ -812,6 +925,10 @@ def ensure_attachment(
         "device_hint": config.volume.device_hint,
         "device_path": by_id_path(volume.id) if volume.id else None,
     }
+    if volume.action == Action.BLOCKED:  # which volume is meant is the operator's call
+        return AttachmentRecord(
+            **base, action=Action.BLOCKED, reason="the volume cannot be chosen", applied=False
+        )
     if not (server.id and volume.id):
         return AttachmentRecord(
             **base, action=Action.CREATE, reason="after creation", applied=False
@@ -956,6 +1073,39 @@ def delete_server(
     return out
 
 
+@task(name="delete-security-group", **CLOUD_TASK)
+def delete_security_group(
+    conn: Connection, config: BootstrapConfig, apply: bool = True
+) -> list[RulesRecord]:
+    """The environment's own group, once no port uses it (Neutron frees a deleted server's
+    port a moment after the server is gone: a 409 meanwhile is waited out)."""
+    from openstack import exceptions as os_exc
+
+    out = []
+    for group in _our_groups(conn, config, str(conn.current_project_id)):
+        out.append(
+            RulesRecord(
+                name=group.name, id=group.id, action=Action.DELETE, reason="teardown", applied=apply
+            )
+        )
+        if not apply:
+            continue
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn.network.delete_security_group(group.id, ignore_missing=True)
+                logger().info("deleted security group %s", group.name)
+                break
+            except os_exc.ConflictException:
+                if time.monotonic() > deadline:
+                    raise BootstrapError(
+                        f"security group {group.name} ({group.id}) is still in use; delete the "
+                        "ports that use it, then run down again"
+                    ) from None
+                time.sleep(1)
+    return out
+
+
 @task(name="release-floating-ips", **CLOUD_TASK)
 def release_floating_ips(
     conn: Connection, config: BootstrapConfig, apply: bool = True
@@ -980,10 +1130,11 @@ def release_floating_ips(
 
 @task(name="delete-volume", **CLOUD_TASK)
 def delete_volume(
-    conn: Connection, config: BootstrapConfig, apply: bool = True
+    conn: Connection, config: BootstrapConfig, apply: bool = True, only: str | None = None
 ) -> list[VolumeRecord]:
+    """The environment's volume (``only``: just the one with that id)."""
     out = []
-    vols = _our_volumes(conn, config)
+    vols = [v for v in _our_volumes(conn, config) if only is None or v.id == only]
     for vol in vols:
         deleting = vol.status == "deleting"
         out.append(
@@ -1010,6 +1161,15 @@ def delete_volume(
     return out
 
 
+def our_volume_ids(config: BootstrapConfig) -> list[str]:
+    """The ids of the environment's volumes, for an operator to confirm one by typing it."""
+    conn = open_connection(config)
+    try:
+        return [v.id for v in _our_volumes(conn, config) if v.status != "deleting"]
+    finally:
+        conn.close()
+
+
 # -- locating the VM (read-only) ---------------------------------------------------------------
 @dataclass
 class VMTarget:
@@ -1020,6 +1180,7 @@ class VMTarget:
     volume_id: str | None
     host_keys: list[str]
     status: str
+    fs_uuid: str | None = None  # recorded on the volume (FS_UUID_KEY)
 
 
 @task(name="locate-vm", **CLOUD_TASK)
@@ -1049,4 +1210,12 @@ def locate_vm(conn: Connection, config: BootstrapConfig) -> VMTarget:
         volume_id=volumes[0].id if volumes else None,
         host_keys=console_fingerprints.fn(conn, server.id, wait=0),
         status=server.status,
+        fs_uuid=(volumes[0].metadata or {}).get(FS_UUID_KEY) if volumes else None,
     )
+
+
+@task(name="record-filesystem", **CLOUD_TASK)
+def record_fs_uuid(conn: Connection, volume_id: str, uuid: str) -> None:
+    """Write the data filesystem's UUID on the volume (one metadata key, nothing else touched)."""
+    conn.block_storage.set_volume_metadata(volume_id, **{FS_UUID_KEY: uuid})
+    logger().info("recorded filesystem %s on volume %s", uuid, volume_id)

@@ -94,23 +94,35 @@ def describe_rule(rule: IngressRule) -> str:
 
 
 def ingress_probe(conn: Connection, config: BootstrapConfig) -> tuple[str, str]:
-    """Every configured ingress rule is in the security group (the cloud enforces the group: a
-    missing port-22 rule locks the operator out), each missing one named."""
-    from tasks.cloud import _rule_key
+    """The environment's own security group holds exactly the configured ingress rules (the
+    cloud enforces it: a missing port-22 rule locks the operator out, an extra one opens more
+    than the config says), each difference named."""
+    from tasks.cloud import _describe, _our_groups, _rule_key
 
-    name = config.server.security_group
-    groups = list(conn.network.security_groups(name=name, project_id=str(conn.current_project_id)))
+    name = config.security_group_name
+    groups = _our_groups(conn, config, str(conn.current_project_id))
     if not groups:
         return FAIL, f"security group {name} not found in the project"
     group = conn.network.get_security_group(groups[0].id)
     have = {_rule_key(r) for r in group.security_group_rules if r["direction"] == "ingress"}
+    wanted = {r.key() for r in config.server.ingress}
     missing = [describe_rule(r) for r in config.server.ingress if r.key() not in have]
+    extra = [f"ingress {_describe(k)}" for k in have - wanted]
+    problems = []
     if missing:
-        return FAIL, f"security group {name} lacks " + "; ".join(missing)
-    return OK, f"security group {name} has all {len(config.server.ingress)} ingress rules"
+        problems.append(f"security group {name} lacks " + "; ".join(missing))
+    if extra:
+        problems.append(
+            f"security group {name} has rules the config does not list: " + "; ".join(extra)
+        )
+    if problems:
+        return FAIL, " and ".join(problems)
+    return OK, f"security group {name} has exactly the {len(wanted)} configured ingress rules"
 
 
-def cloud_probes(conn: Connection, config: BootstrapConfig) -> list[Probe]:
+def cloud_probes(conn: Connection, config: BootstrapConfig, on_vm: bool = False) -> list[Probe]:
+    """The cloud's side of the VM. ``on_vm``: run by the VM's own health check, where the
+    keypair is compared with the cloud's public key (the private key is not there)."""
     from tasks.cloud import _our_servers, _our_volumes, _server_port
 
     state: dict[str, Any] = {}
@@ -154,19 +166,20 @@ def cloud_probes(conn: Connection, config: BootstrapConfig) -> list[Probe]:
             ensure_attachment,
             ensure_floating_ip,
             ensure_keypair,
-            ensure_rules,
+            ensure_security_group,
             ensure_server,
             ensure_volume,
             preflight,
         )
 
-        key = load_key(config, apply=False)
+        key = load_key(config, apply=False, on_vm=on_vm)
         facts = preflight.fn(conn, config, key)
-        srv = ensure_server.fn(conn, config, facts, apply=False)
+        rules = ensure_security_group.fn(conn, config, facts.project_id, apply=False)
+        srv = ensure_server.fn(conn, config, facts, apply=False, access=rules)
         vol = ensure_volume.fn(conn, config, apply=False)
         records = [
             ensure_keypair.fn(conn, config, key, apply=False),
-            ensure_rules.fn(conn, config, facts.security_group_id, apply=False),
+            rules,
             srv,
             ensure_floating_ip.fn(conn, config, srv, facts, apply=False),
             vol,

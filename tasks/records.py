@@ -52,8 +52,9 @@ class KeypairRecord(Record):
 
 
 class RulesRecord(Record):
-    kind: str = "security group rules"
+    kind: str = "security group"
     added: list[str] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)
     present: list[str] = Field(default_factory=list)
 
 
@@ -75,6 +76,7 @@ class VolumeRecord(Record):
     kind: str = "volume"
     size_gb: int = 0
     status: str | None = None
+    fs_uuid: str | None = None  # the filesystem UUID recorded on the volume when formatted
 
 
 class AttachmentRecord(Record):

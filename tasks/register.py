@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from sails_bootstrap.config import BootstrapConfig, dump_config
 from tasks.canfar import VM_CA_BUNDLE, vm_env_path
+from tasks.cloud import cloud_credentials
 from tasks.errors import BootstrapError
 from tasks.log import logger
 from tasks.records import Action
@@ -203,10 +204,7 @@ def copy_blocks(config: BootstrapConfig, url: str, auth_string: str | None) -> S
     from blocks import CanfarCredentials, OpenStackCredentials
 
     remote = vm_config(config)
-    if config.cloud.credentials_block:
-        cloud = OpenStackCredentials.load(config.cloud.credentials_block)
-    else:
-        cloud = OpenStackCredentials.from_clouds_yaml(config.cloud.cloud)
+    cloud, made = vm_cloud_credentials(config, cloud_credentials(config))
     blocks: list[tuple[Any, str]] = [
         (cloud, str(remote.cloud.credentials_block)),
         (Secret.load(config.prefect.auth_block), config.prefect.auth_block),
@@ -234,9 +232,38 @@ def copy_blocks(config: BootstrapConfig, url: str, auth_string: str | None) -> S
     save_remote(blocks, url, auth_string)
     names = ", ".join(name for _, name in blocks)
     reason = f"saved {names}"
+    if made:
+        reason += f"; made the application credential {vm_credential_name(config)} for the VM"
     if remove_private_keys(url, auth_string):
         reason += "; removed the SSH private key an earlier version put there"
     return StepRecord(name="blocks on the VM server", action=Action.CHANGE, reason=reason)
+
+
+def vm_credential_name(config: BootstrapConfig) -> str:
+    """The Keystone application credential the VM uses when the operator's are a password."""
+    return f"sails-{config.environment}-vm"
+
+
+def vm_cloud_credentials(config: BootstrapConfig, cloud: Any) -> tuple[Any, bool]:
+    """What the VM gets to reach the cloud: never a password. An application credential is
+    copied; for a password, the VM's own application credential, kept here as the block
+    ``ENV-vm-cloud`` so that later runs reuse it instead of making another."""
+    from blocks import OpenStackCredentials
+
+    local = f"{config.environment}-vm-cloud"
+    try:
+        kept = OpenStackCredentials.load(local)
+    except ValueError:
+        kept = None
+    creds, made = cloud.delegated(vm_credential_name(config), kept, config.environment)
+    if made:
+        creds.save(local, overwrite=True)
+        logger().info(
+            "made the application credential %s for the VM (kept as block %s)",
+            vm_credential_name(config),
+            local,
+        )
+    return creds, made
 
 
 def remove_private_keys(url: str, auth_string: str | None) -> list[str]:

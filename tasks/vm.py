@@ -546,14 +546,27 @@ def resolve_device(vm: VM, volume_id: str, timeout: float = 60) -> str:
 
 @task(name="ensure-volume-mounted", **VM_TASK)
 def ensure_volume_mounted(
-    vm: VM, config: BootstrapConfig, volume_id: str, apply: bool = True
+    vm: VM,
+    config: BootstrapConfig,
+    volume_id: str,
+    apply: bool = True,
+    recorded_uuid: str | None = None,
 ) -> StepRecord:
-    """Format only an empty volume, mount it by UUID from fstab, hand it to the owner."""
+    """Format only an empty volume that was never formatted before (``recorded_uuid``: what the
+    volume's metadata says was made there), mount it by UUID from fstab, hand it to the owner."""
     log = logger()
     mp, owner = config.volume.mount_point, config.volume.owner
     device = resolve_device(vm, volume_id)
     changes: list[str] = []
     probe = _blkid(vm, device)
+    if recorded_uuid and not probe:
+        raise BootstrapError(
+            f"volume {volume_id} ({device}) was formatted before (filesystem {recorded_uuid}, "
+            "recorded on the volume) but now reads as empty; refusing to format it again. Check "
+            "that the right volume is attached and look at it by hand (`sudo wipefs --no-act "
+            f"{device}`, `sudo file -s {device}`); if its data is truly gone, remove the "
+            "volume's 'sails-bootstrap-fs-uuid' metadata key and run again"
+        )
     if probe.get("PTTYPE"):
         raise BootstrapError(
             f"volume {volume_id} ({device}) holds a {probe['PTTYPE']} partition table; refusing "

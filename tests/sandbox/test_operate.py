@@ -25,7 +25,7 @@ from flows.operate import health_check, reauth_canfar, remount_arc
 from flows.register import register, smoke_test, ui_check
 from tasks.arc import probe_arc
 from tasks.canfar import read_vm_expiry, vm_cert_path
-from tasks.cloud import locate_vm, open_connection
+from tasks.cloud import cloud_credentials, locate_vm, open_connection
 from tasks.errors import BootstrapError
 from tasks.prefect_server import server_secrets
 from tasks.records import Action
@@ -110,10 +110,13 @@ def operated(tmp_path_factory, prefect_server, sandbox_cloud, canfar_sandbox) ->
     from sandbox import manager
 
     manager.up()  # every part running, in case an earlier test took the sandbox down
+    # The operator signs in with a password: the VM must get an application credential instead.
+    OpenStackCredentials.from_clouds_yaml("sandbox-password").save("t-ops-cloud", overwrite=True)
     cfg = operator_config(
         canfar_sandbox,
         "t-ops",
         tmp_path_factory.mktemp("t-ops") / "ssh",
+        cloud={"credentials_block": "t-ops-cloud"},
         canfar={"smoke_test": {"enabled": True, "timeout": 120}},
         prefect={"health_cron": "0 3 * * *"},
     )
@@ -362,6 +365,13 @@ def test_no_secret_outside_its_0600_home(
     with remote_client(url, secret["auth_string"]) as client:
         kinds = sorted({d.block_type.slug for d in client.read_block_documents() if d.block_type})
     assert "ssh-key-pair" not in kinds, kinds
+    # ... nor the operator's OpenStack password: the VM's own application credential, which
+    # the bootstrap run above used to reach the cloud.
+    with remote_client(url, secret["auth_string"]) as client:
+        vm_cloud = client.read_block_document_by_name(
+            str(cfg.cloud.credentials_block), "openstack-credentials", include_secrets=True
+        ).data
+    assert vm_cloud["auth_type"] == "v3applicationcredential" and not vm_cloud.get("password")
 
     key = cast(SSHKeyPair, SSHKeyPair.load(cfg.ssh.key_block)).private_key.get_secret_value()
     arc_key = cast(SSHKeyPair, SSHKeyPair.load(str(cfg.arc.key_block)))
@@ -376,10 +386,10 @@ def test_no_secret_outside_its_0600_home(
         "the server's encryption key": secret["encryption_key"],
         "the certificate's key": pem_needles(cert_pem.split("-----END CERTIFICATE-----")[1])[0],
     }
-    cloud = OpenStackCredentials.from_clouds_yaml(cfg.cloud.cloud)
-    cloud_secret = cloud.password or cloud.application_credential_secret
-    assert cloud_secret is not None
-    needles["the OpenStack secret"] = cloud_secret.get_secret_value()
+    cloud = cloud_credentials(cfg)
+    assert cloud.password is not None
+    needles["the OpenStack password"] = cloud.password.get_secret_value()
+    needles["the VM's application credential"] = str(vm_cloud["application_credential_secret"])
 
     # Both Prefect servers: this machine's and the VM's.
     from prefect.client.orchestration import get_client

@@ -13,6 +13,7 @@ import pytest
 from blocks.ssh import SSHKeyPair, fingerprint
 from flows.provision import provision
 from flows.teardown import teardown
+from sails_bootstrap.config import dump_config
 from tasks.errors import PreflightError
 from tasks.local_ssh import MANAGED_FILE, host_matches, key_file
 from tasks.records import Action
@@ -134,7 +135,9 @@ def test_wrong_credentials_and_mismatched_key(
     assert resource_writes(fault_control) == []
 
 
-def test_teardown_then_reprovision_keeps_the_volume(env_config, admin_conn) -> None:  # type: ignore[no-untyped-def]
+def test_teardown_then_reprovision_keeps_the_volume(
+    env_config, admin_conn, prefect_server, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     cfg = env_config("t-recreate")
     first = provision(cfg)
     assert first.attachment and first.address
@@ -143,7 +146,7 @@ def test_teardown_then_reprovision_keeps_the_volume(env_config, admin_conn) -> N
 
     removed = teardown(cfg)
     kinds = sorted(r.kind for r in removed)
-    assert kinds == ["floating ip", "server"]
+    assert kinds == ["floating ip", "security group", "server"]
     world = ours(admin_conn, cfg)
     assert world["servers"] == [] and world["fips"] == []
     assert [v.id for v in world["volumes"]] == [first.attachment.volume_id]
@@ -157,6 +160,22 @@ def test_teardown_then_reprovision_keeps_the_volume(env_config, admin_conn) -> N
     entries = [line.split() for line in kh.read_text().splitlines() if line.strip()]
     for_address = [e for e in entries if host_matches(e[0], second.address or "")]
     assert for_address and {fingerprint(f"{e[1]} {e[2]}") for e in for_address} <= new_keys
+
+    # `down --delete-volume` deletes the data only by the volume's id: not the flag alone, not
+    # a mistyped id.
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(dump_config(cfg))
+    down = ["down", "--config", str(cfg_file), "--yes", "--delete-volume"]
+    volume_id = first.attachment.volume_id
+    for extra, said in (([], "needs --volume-id"), (["--volume-id", "0000"], "is not the id")):
+        proc = start_cli(*down, *extra, env=prefect_server.env(), logs=True)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode != 0 and said in err.decode(), err.decode()
+        assert [v.id for v in ours(admin_conn, cfg)["volumes"]] == [volume_id]
+    assert ours(admin_conn, cfg)["servers"]  # refused before anything was deleted
+    proc = start_cli(*down, "--volume-id", volume_id, env=prefect_server.env())
+    assert proc.wait(timeout=600) == 0
+    assert ours(admin_conn, cfg) == {"servers": [], "fips": [], "volumes": []}
 
 
 def test_teardown_returns_when_the_volume_is_gone(env_config, admin_conn, user_conn) -> None:  # type: ignore[no-untyped-def]
@@ -190,6 +209,40 @@ def test_teardown_returns_when_the_volume_is_gone(env_config, admin_conn, user_c
         assert ours(admin_conn, cfg)["volumes"] == []
     finally:
         latency.set_latency()
+
+
+def test_a_second_volume_of_ours_is_never_deleted(
+    env_config, admin_conn, user_conn, fault_control
+) -> None:  # type: ignore[no-untyped-def]
+    """Two volumes of one environment (a run from another machine, a hand-made copy): either
+    may hold the data. The plan names both as cannot-proceed, a run refuses before any write,
+    and both are still there."""
+    from tasks.cloud import MARKER
+
+    cfg = env_config("t-twovols")
+    made = [
+        user_conn.block_storage.create_volume(
+            name=cfg.volume_name, size=1, metadata={MARKER: cfg.environment}
+        )
+        for _ in range(2)
+    ]
+    try:
+        for vol in made:
+            user_conn.block_storage.wait_for_status(vol, "available", interval=1, wait=60)
+        SSHKeyPair.generate().save(cfg.ssh.key_block, overwrite=True)
+        fault_control.reset()
+        plan = provision(cfg, plan=True)
+        rows = [r for r in plan.records if r.action == Action.BLOCKED]
+        assert rows and all(v.id in rows[0].reason for v in made), plan.records
+        with pytest.raises(PreflightError) as info:
+            provision(cfg)
+        assert "never deleted for you" in str(info.value)
+        assert all(v.id in str(info.value) for v in made)
+        assert resource_writes(fault_control) == []
+        assert sorted(v.id for v in ours(admin_conn, cfg)["volumes"]) == sorted(v.id for v in made)
+    finally:
+        for vol in made:
+            user_conn.block_storage.delete_volume(vol.id, ignore_missing=True)
 
 
 def _paths(fault_control: Any) -> list[str]:
@@ -405,7 +458,7 @@ def test_preflight_sees_the_projects_quota_and_scopes_by_id(
     joined = "\n".join(problems)
     assert "Neutron quota 'floatingip'" in joined and "uses 1 of 1" in joined, problems
     assert "openstack floating ip delete" in joined
-    assert "would add 3 security_group_rule" in joined and "'security_group_rule'" in joined
+    assert "would add 5 security_group_rule" in joined and "'security_group_rule'" in joined
     assert "Cinder quota 'volumes'" in joined and "0 of 0 volumes" in joined
     assert len(problems) == 3, problems
 
@@ -481,3 +534,31 @@ def test_provision_waits_out_a_late_sshd(env_config) -> None:  # type: ignore[no
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split()[0] == "1"  # the late sshd was in force on this guest
     assert "done" in r.stdout
+
+
+def test_the_vm_gets_an_application_credential_never_a_password(
+    prefect_server, sandbox_env, user_conn
+) -> None:  # type: ignore[no-untyped-def]
+    """Password credentials hand the VM an application credential of their own user: made once,
+    reused while it exists, replaced when its secret is lost, revoked with the VM."""
+    from blocks.openstack import OpenStackCredentials
+
+    password = OpenStackCredentials.from_clouds_yaml("sandbox-password")
+    name = "sails-t-appcred-vm"
+    try:
+        first, made = password.delegated(name, None, "t-appcred")
+        assert made and first.auth_type == "v3applicationcredential" and first.password is None
+        assert first.username is None and first.application_credential_secret is not None
+        conn = first.get_connection("t-appcred")
+        assert conn.current_project_id == user_conn.current_project_id  # it opens the project
+        conn.close()
+        again, made = password.delegated(name, first, "t-appcred")
+        assert not made and again.application_credential_id == first.application_credential_id
+        lost, made = password.delegated(name, None, "t-appcred")  # its secret is gone here
+        assert made and lost.application_credential_id != first.application_credential_id
+        # An application credential is handed on as it is (it cannot make others).
+        assert lost.delegated(name, None, "t-appcred") == (lost, False)
+        assert password.revoke_delegated(name, "t-appcred")
+        assert not password.revoke_delegated(name, "t-appcred")
+    finally:
+        password.revoke_delegated(name, "t-appcred")

@@ -1,8 +1,8 @@
 """Security groups as the sandbox cloud enforces them, and what the product makes of a missing rule.
 
-One provisioned VM serves every test here. It sits in a security group of its own (made by the
-test, filled by the product's ingress rules), so that removing its port-22 rule locks no other
-test's VM out.
+One provisioned VM serves every test here. It sits, as every environment's server does, in the
+project's shared group and in a group of its own that the product keeps equal to the config's
+ingress rules, so removing its port-22 rule locks no other test's VM out.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ def secured_vm(
 
     manager.up()
     env = f"t-sg-{uuid.uuid4().hex[:4]}"
-    group = user_conn.network.create_security_group(name=env, description="test_secgroups")
     home = tmp_path_factory.mktemp("secgroups")
     cfg = parse_config(
         {
@@ -65,7 +64,7 @@ def secured_vm(
             },
             "arc": {"enabled": False},
             "canfar": {"smoke_test": {"enabled": False}},
-            "server": {"build_timeout": 180, "security_group": env, "flavor": "p1-1.5gb"},
+            "server": {"build_timeout": 180, "flavor": "p1-1.5gb"},
             "volume": {"size_gb": 1, "timeout": 120},
             "prefect": {"auth_block": f"{env}-prefect-auth"},
         },
@@ -76,12 +75,15 @@ def secured_vm(
     try:
         result = provision(cfg)
         assert result.server and result.server.id and result.address
+        group = next(r for r in result.records if r.kind == "security group")
+        assert group.name == f"{env}-access" and group.id and group.action == "create"
         yield SecuredVM(cfg, cfg_file, group.id, result.server.id, result.address)
     finally:
         with contextlib.suppress(Exception):
             teardown(cfg, delete_data_volume=True)
         user_conn.compute.delete_keypair(cfg.keypair_name, ignore_missing=True)
-        user_conn.network.delete_security_group(group.id, ignore_missing=True)
+        # teardown took the environment's group with it
+        assert list(user_conn.network.security_groups(name=f"{env}-access")) == []
 
 
 def _rules(conn: Any, vm: SecuredVM, **match: Any) -> list[Any]:
@@ -145,7 +147,7 @@ def test_removed_port22_rule_cuts_ssh_health_names_it_provision_restores(
     state = health_check(vm.config, return_state=True)
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
-    assert f"security-group: security group {vm.config.server.security_group} lacks " in message
+    assert f"security-group: security group {vm.config.security_group_name} lacks " in message
     assert "ingress tcp 22 from 0.0.0.0/0" in message, message
     assert "ingress tcp 4200" not in message and "ingress icmp" not in message, message
 
@@ -182,6 +184,52 @@ def test_guest_ruleset_follows_the_icmp_rule(secured_vm: SecuredVM, user_conn: A
             remote_ip_prefix="0.0.0.0/0",
         )
     assert "icmp accept" in firewall.ruleset(vm.guest)
+    assert _ping(vm.address)
+
+
+def test_a_narrowed_rule_replaces_the_wide_one(
+    secured_vm: SecuredVM, user_conn: Any, prefect_server: Any, tmp_path: Path
+) -> None:
+    """Rules are reconciled both ways: narrowing a CIDR in the config removes the wide rule
+    (so the narrowing takes effect), the project's shared group is left as it was, and
+    widening it again restores the rule."""
+    vm = secured_vm
+    shared = next(iter(user_conn.network.security_groups(name="default")))
+    shared_rules = sorted(r["id"] for r in shared.security_group_rules)
+    narrowed_rules = [
+        {**r.model_dump(mode="json"), "cidr": "192.0.2.0/24"}
+        if r.protocol == "icmp"
+        else r.model_dump(mode="json")
+        for r in vm.config.server.ingress
+    ]
+    narrowed = parse_config(
+        deep_merge(vm.config.model_dump(mode="json"), {"server": {"ingress": narrowed_rules}}),
+        "narrowed",
+    )
+    narrowed_file = tmp_path / "narrowed.yaml"
+    narrowed_file.write_text(dump_config(narrowed))
+    assert _ping(vm.address)
+
+    from flows.provision import provision
+
+    planned = provision(narrowed, plan=True)
+    (group,) = [r for r in planned.records if r.kind == "security group"]
+    assert group.action == "change" and not group.applied, group
+    assert group.removed == ["icmp from 0.0.0.0/0"] and group.added == ["icmp from 192.0.2.0/24"]
+    assert len(_rules(user_conn, vm, protocol="icmp")) == 1  # a plan changes nothing
+
+    proc = start_cli("provision", "--config", str(narrowed_file), env=prefect_server.env())
+    assert proc.wait(timeout=600) == 0
+    (icmp,) = _rules(user_conn, vm, protocol="icmp")
+    assert icmp.remote_ip_prefix == "192.0.2.0/24"
+    assert not _ping(vm.address)  # the host is not in 192.0.2.0/24
+    again = next(iter(user_conn.network.security_groups(name="default")))
+    assert sorted(r["id"] for r in again.security_group_rules) == shared_rules
+
+    proc = start_cli("provision", "--config", str(vm.config_file), env=prefect_server.env())
+    assert proc.wait(timeout=600) == 0
+    (icmp,) = _rules(user_conn, vm, protocol="icmp")
+    assert icmp.remote_ip_prefix == "0.0.0.0/0"
     assert _ping(vm.address)
 
 

@@ -116,6 +116,8 @@ def test_bad_input_names_field_and_fix(data: dict, field: str, fix: str) -> None
             {"ssh": {"operator_keys": ["ssh-ed25519 AAAA comment\nssh-rsa BBBB"]}},
             "ssh.operator_keys",
         ),
+        ({"arc": {"host_keys": ["ssh-ed25519 AAAA\n[evil]:22 ssh-rsa BBBB"]}}, "arc.host_keys"),
+        ({"arc": {"host_keys": ["ssh-ed25519 AAAA comment"]}}, "arc.host_keys"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -197,3 +199,16 @@ def test_config_is_a_flow_parameter_schema() -> None:
     schema = parameter_schema(f).model_dump()
     assert "BootstrapConfig" in str(schema["properties"]["config"])
     assert "ServerSettings" in schema["definitions"]
+
+
+def test_pinned_arc_host_keys_are_the_only_ones_sshfs_accepts() -> None:
+    from tasks.arc import ARC_KNOWN_HOSTS, known_hosts_text, unit_text
+
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMq6Q0mJq9aM1Yb3cVOYw5s0Qq1m2rQJYl3JlF3V1Kxz"
+    pinned = parse_config({"arc": {"host_keys": [key], "port": 64022}}, "test.yaml")
+    unit = unit_text(pinned, "sailsuser")
+    assert f"UserKnownHostsFile={ARC_KNOWN_HOSTS}" in unit
+    assert "StrictHostKeyChecking=yes" in unit and "accept-new" not in unit
+    assert known_hosts_text(pinned).splitlines()[1:] == [f"[ws-uv.canfar.net]:64022 {key}"]
+    unpinned = unit_text(parse_config({}, "test.yaml"), "sailsuser")
+    assert "StrictHostKeyChecking=accept-new" in unpinned and "UserKnownHostsFile" not in unpinned
