@@ -3,6 +3,7 @@ Prefect server, operator keys."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prefect import flow
@@ -30,6 +31,7 @@ from tasks.vm import (
     StepRecord,
     ensure_operator_keys,
     ensure_volume_mounted,
+    vm_exclusive,
     wait_for_cloud_init,
     wait_for_ssh,
 )
@@ -122,12 +124,15 @@ def configure_host(
     apply = not plan
     result = ConfigureResult(environment=config.environment, address=address, plan=plan)
     records = result.records
+    held = contextlib.ExitStack()
     try:
         if not isinstance(host, LocalHost):
             records.append(wait_for_ssh(host, config.ssh.connect_timeout))
         # cloud-init first (it makes the user, mounts /mnt, may run apt), then the packages
         # every later step relies on, before any disk is touched.
         records.append(wait_for_cloud_init(host, config.server.boot_timeout))
+        if apply:  # one changing run on the VM at a time (a plan only reads)
+            held.enter_context(vm_exclusive(host, config, "configure"))
         records.append(ensure_packages(host, config, apply))
         mounted = ensure_volume_mounted(host, config, volume_id, apply, fs_uuid)
         records.append(mounted)
@@ -166,6 +171,7 @@ def configure_host(
             StepRecord(name="next step", action=Action.BLOCKED, applied=False, reason=str(exc))
         )
     finally:
+        held.close()
         host.close()
         if records:
             _publish(result, config)

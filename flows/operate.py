@@ -6,6 +6,7 @@ control machine over SSH.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, cast
 
 from prefect import flow, task
@@ -22,7 +23,7 @@ from tasks.errors import BootstrapError
 from tasks.health import FAIL, OK, ProbeResult, cloud_probes, host_probes, run_probes
 from tasks.log import logger
 from tasks.records import Action
-from tasks.vm import VM, LocalHost, StepRecord
+from tasks.vm import VM, LocalHost, StepRecord, vm_exclusive
 
 STALE_EVENT = "sails.arc.stale"
 EXPIRING_EVENT = "sails.canfar.certificate-expiring"
@@ -133,10 +134,12 @@ def remount_arc(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False
     """Kill a stale sshfs, lazy-unmount, mount again and verify; nothing when it is live."""
     log = logger()
     host, _, _ = _host(config, on_vm)
+    held = contextlib.ExitStack()
     try:
         state, detail = probe_arc(host, config)
         if state == "live":
             return StepRecord(name="/arc mount", reason="live: nothing to do")
+        held.enter_context(vm_exclusive(host, config, "remount"))
         log.warning("/arc is %s (%s): remounting", state, detail)
         was = f"{state}: {detail}"
         mp = vm_path(config, config.arc.mount_point)
@@ -160,6 +163,7 @@ def remount_arc(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False
         )
         return StepRecord(name="/arc mount", action=Action.CHANGE, reason="remounted")
     finally:
+        held.close()
         host.close()
 
 
@@ -171,7 +175,8 @@ def reauth_canfar(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = Fal
     host, _, _ = _host(config, on_vm)
     try:
         creds = load_canfar(config)
-        record = cast(StepRecord, ensure_canfar_auth(host, config, creds, force=True))
+        with vm_exclusive(host, config, "reauth"):
+            record = cast(StepRecord, ensure_canfar_auth(host, config, creds, force=True))
         create_markdown_artifact(
             key=f"reauth-{config.environment}",
             markdown=f"CANFAR certificate renewed on `{home(config)}`: {record.reason}",

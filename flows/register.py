@@ -27,7 +27,7 @@ from tasks.register import (
 )
 from tasks.smoke import canfar_smoke_test
 from tasks.ui import UIRecord, capture_ui
-from tasks.vm import StepRecord
+from tasks.vm import StepRecord, vm_exclusive
 
 
 class RegisterResult(BaseModel):
@@ -58,13 +58,14 @@ def register(
     try:
         records = result.records
         records.append(ensure_local_profile(config, url, auth))
-        records.append(install_code(vm, config))
-        records.append(copy_blocks(config, url, auth))
-        records.append(ensure_work_pools(config, url, auth))
-        records.append(ensure_workers(vm, config, auth))
-        records.append(deploy(config, url, auth))
-        if science_codebase:
-            records.append(deploy_science(vm, config, science_codebase))
+        with vm_exclusive(vm, config, "register"):
+            records.append(install_code(vm, config))
+            records.append(copy_blocks(config, url, auth))
+            records.append(ensure_work_pools(config, url, auth))
+            records.append(ensure_workers(vm, config, auth))
+            records.append(deploy(config, url, auth))
+            if science_codebase:
+                records.append(deploy_science(vm, config, science_codebase))
     finally:
         vm.close()
     create_table_artifact(

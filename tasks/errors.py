@@ -17,6 +17,10 @@ class BootstrapError(RuntimeError):
     """A failure whose message says what to fix. Never retried."""
 
 
+class LockHeldOnVM(BootstrapError):
+    """Another run held the VM's own lock past the wait."""
+
+
 class PreflightError(BootstrapError):
     """Something is wrong before any change was made; nothing was written."""
 

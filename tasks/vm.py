@@ -6,12 +6,14 @@ standard input, never on a command line, and are never echoed back.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shlex
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ from tasks.errors import (
     BOOTING_ERRNOS,
     BootstrapError,
     HostKeyError,
+    LockHeldOnVM,
     RemoteCommandError,
     missing_tool,
     missing_tool_error,
@@ -115,6 +118,53 @@ def _verify_policy(expected: list[str]) -> paramiko.MissingHostKeyPolicy:
 #: Seconds an SFTP transfer may go without an answer from the VM.
 SFTP_TIMEOUT = 120
 
+#: The VM's own lock: every run that changes the VM holds it, from the operator's machine (over
+#: SSH) or on the VM (its deployments). A flock held by a process that lives as long as the
+#: holder's channel: a closed channel, a dropped connection or a killed run frees it.
+VM_LOCK = r"""
+d="$HOME/.local/state/sails-bootstrap"; mkdir -p "$d" || exit 4
+exec 9>>"$d/vm.lock"
+i=0
+while ! flock -n 9; do
+  if [ "$i" -ge {wait} ]; then echo "held $(cat "$d/vm.holder" 2>/dev/null)"; exit 3; fi
+  echo "waiting $(cat "$d/vm.holder" 2>/dev/null)"
+  sleep 1; i=$((i + 1))
+done
+printf '%s\n' {holder} > "$d/vm.holder"
+echo locked
+cat >/dev/null
+"""
+
+
+def vm_exclusive(host: VM, config: BootstrapConfig, command: str) -> Any:
+    """The VM's lock for a run of ``command`` (the same bound as the local lock's)."""
+    wait = float(os.environ.get("SAILS_BOOTSTRAP_LOCK_WAIT", 3600))
+    holder = f"`{command}` from {socket.gethostname()}, pid {os.getpid()}, since {time.ctime()}"
+    return host.exclusive(config.environment, holder, wait)
+
+
+def lock_script(holder: str, wait: float) -> str:
+    return VM_LOCK.format(wait=max(0, round(wait)), holder=shlex.quote(holder))
+
+
+def hold_vm_lock(lines: Any, environment: str, wait: float) -> None:
+    """Read the lock script's lines until it holds the lock; waiting is said every 30 s, a
+    holder past ``wait`` is a LockHeldOnVM naming it."""
+    progress = Progress(f"another run on the VM of {environment!r} to end", every=30)
+    for raw in lines:
+        line = raw.strip()
+        if line == "locked":
+            return
+        if line.startswith("waiting"):
+            progress.tick(line.removeprefix("waiting").strip() or "a run that wrote nothing yet")
+        elif line.startswith("held"):
+            raise LockHeldOnVM(
+                f"the VM of {environment!r} is in use by another run "
+                f"({line.removeprefix('held').strip() or 'unknown'}); wait for it to end or stop "
+                f"it ({wait:.0f} s of waiting were spent; SAILS_BOOTSTRAP_LOCK_WAIT sets the bound)"
+            )
+    raise BootstrapError("the VM's lock could not be taken (the lock command ended); try again")
+
 
 class VM:
     """A fabric connection to the VM with the host key checked against the console's."""
@@ -180,6 +230,19 @@ class VM:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    @contextlib.contextmanager
+    def exclusive(self, environment: str, holder: str, wait: float) -> Iterator[None]:
+        """Hold the VM's lock for the body (on a channel of its own: closing it releases)."""
+        transport = self.conn.client.get_transport()
+        assert transport is not None
+        channel = transport.open_session()
+        try:
+            channel.exec_command(f"sh -c {shlex.quote(lock_script(holder, wait))}")
+            hold_vm_lock(channel.makefile("r"), environment, wait)
+            yield
+        finally:
+            channel.close()
 
     def run(
         self,
@@ -277,6 +340,29 @@ class LocalHost(VM):
 
     def close(self) -> None:
         return None
+
+    @contextlib.contextmanager
+    def exclusive(self, environment: str, holder: str, wait: float) -> Iterator[None]:
+        import subprocess
+
+        proc = subprocess.Popen(
+            ["sh", "-c", lock_script(holder, wait)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert proc.stdout is not None
+            hold_vm_lock(proc.stdout, environment, wait)
+            yield
+        finally:
+            if proc.stdin:
+                proc.stdin.close()  # the lock's `cat` ends: released
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
     def upload(self, data: bytes) -> str:
         import tempfile

@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import shlex
 import stat
 import time
 from collections.abc import Iterator
@@ -434,3 +435,41 @@ def test_no_secret_outside_its_0600_home(
     assert journal == "0"
     assert found, "the secrets' own homes were not found: the scan is blind"
     assert [line for line in found if not line.startswith(("600 ", "400 "))] == []
+
+
+def test_one_changing_run_on_the_vm_at_a_time(
+    operated: Operated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VM's own lock spans machines: a run holding it from another machine (here an SSH
+    session, as the product holds it) makes reauth wait and then refuse naming the holder,
+    with nothing changed; once that session is gone, reauth runs."""
+    import subprocess
+
+    from tasks.errors import LockHeldOnVM
+    from tasks.vm import lock_script
+
+    cfg = operated.cfg
+    target = locate_vm.fn(open_connection(cfg), cfg)
+    vm = vm_for(cfg, target)
+    before = read_vm_expiry(vm, cfg)
+    other = subprocess.Popen(
+        [
+            "ssh", "-F", str(Path(cfg.ssh.config_dir) / "config"), cfg.ssh.alias,
+            f"sh -c {shlex.quote(lock_script('`up` from another laptop', 0))}",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "locked"
+        monkeypatch.setenv("SAILS_BOOTSTRAP_LOCK_WAIT", "3")
+        with pytest.raises(LockHeldOnVM, match="`up` from another laptop"):
+            reauth_canfar(cfg)
+        assert read_vm_expiry(vm, cfg) == before  # refused before it changed anything
+    finally:
+        other.kill()  # the other machine's connection drops: its lock goes with it
+        other.wait()
+    assert reauth_canfar(cfg).action == Action.CHANGE
+    vm.close()

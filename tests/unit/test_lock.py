@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 HOLD = """
 import sys, time
 from sails_bootstrap.lock import environment_lock
@@ -70,3 +72,40 @@ def test_a_killed_run_frees_the_environment(tmp_path: Path) -> None:
     out = python(TAKE, "0", env=env).communicate(timeout=60)[0]
     assert out.startswith("got it after"), out
     assert time.monotonic() - began < 30
+
+
+def test_the_vm_lock_spans_holders_and_a_dead_one_frees_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VM's own lock (what an SSH session from the operator's machine and the VM's own
+    deployments both hold): a second holder waits, then refuses naming the first; a holder
+    whose process dies frees it at once."""
+    from tasks.errors import LockHeldOnVM
+    from tasks.vm import LocalHost, lock_script
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    vm = LocalHost()
+    with vm.exclusive("alma", "`configure` from laptop", wait=5):
+        began = time.monotonic()
+        with pytest.raises(LockHeldOnVM) as info, vm.exclusive("alma", "`remount`", wait=1):
+            pass
+        assert 1 <= time.monotonic() - began < 5
+        assert "`configure` from laptop" in str(info.value)
+    with vm.exclusive("alma", "`remount`", wait=0):  # released at the end of the block
+        pass
+
+    # A holder killed outright (its SSH connection gone, its run killed): free again.
+    holder = subprocess.Popen(
+        ["sh", "-c", lock_script("`up` killed later", 0)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with pytest.raises(LockHeldOnVM, match="killed later"), vm.exclusive("alma", "x", wait=0):
+        pass
+    os.killpg(holder.pid, signal.SIGKILL)
+    holder.wait()
+    with vm.exclusive("alma", "`remount`", wait=2):
+        pass
