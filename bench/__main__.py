@@ -86,7 +86,9 @@ def sequential_provision(cfg: Any) -> tuple[float, dict[str, float]]:
     with timer(steps, "keypair"):
         cloud.ensure_keypair.fn(conn, cfg, key)
     with timer(steps, "rules"):
-        group = cloud.ensure_security_group.fn(conn, cfg, facts.project_id)
+        group = cloud.ensure_security_group.fn(
+            conn, cfg, facts.project_id, shared_group_id=facts.security_group_id
+        )
     with timer(steps, "volume"):
         vol = cloud.ensure_volume.fn(conn, cfg)
     with timer(steps, "server"):

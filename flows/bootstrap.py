@@ -8,7 +8,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.configure import configure, configure_host
-from flows.provision import provision
+from flows.provision import load_key, provision
 from flows.register import register, smoke_test
 from sails_bootstrap.config import BootstrapConfig
 from tasks.cloud import VMTarget
@@ -60,7 +60,7 @@ def converge_from_vm(config: BootstrapConfig) -> dict[str, Any]:
     prov = provision.fn(config, plan=False, local_ssh=False, on_vm=True)
     volume_id = prov.attachment.volume_id if prov.attachment else None
     conf = configure_host(
-        LocalHost(),
+        LocalHost(login_key=load_key(config, apply=False, on_vm=True).public_key),
         config,
         volume_id,
         prov.address or "127.0.0.1",

@@ -165,7 +165,9 @@ def provision(
         return result
 
     keypair = ensure_keypair.submit(conn, config, key, apply)
-    rules = ensure_security_group.submit(conn, config, facts.project_id, apply)
+    rules = ensure_security_group.submit(
+        conn, config, facts.project_id, apply, facts.security_group_id
+    )
     volume = ensure_volume.submit(conn, config, apply)
     server = ensure_server.submit(conn, config, facts, apply, rules, wait_for=[keypair])  # type: ignore[call-overload]
     fip = ensure_floating_ip.submit(conn, config, server, facts, apply)

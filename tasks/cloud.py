@@ -489,9 +489,27 @@ def _our_groups(conn: Connection, config: BootstrapConfig, project_id: str) -> l
     )
 
 
+def _shared_group_extras(conn: Connection, config: BootstrapConfig, group_id: str) -> list[str]:
+    """Ingress rules of the project's shared group that admit more than the config lists (any
+    source address, not only the group's own members): the config cannot narrow those."""
+    group = conn.network.get_security_group(group_id)
+    wanted = {rule.key() for rule in config.server.ingress}
+    return sorted(
+        _describe(_rule_key(r))
+        for r in group.security_group_rules or []
+        if r["direction"] == "ingress"
+        and not r.get("remote_group_id")
+        and _rule_key(r) not in wanted
+    )
+
+
 @task(name="ensure-security-group", **CLOUD_TASK)
 def ensure_security_group(
-    conn: Connection, config: BootstrapConfig, project_id: str, apply: bool = True
+    conn: Connection,
+    config: BootstrapConfig,
+    project_id: str,
+    apply: bool = True,
+    shared_group_id: str | None = None,
 ) -> RulesRecord:
     """The environment's own group holds exactly the configured ingress rules: missing ones are
     added, ones the config no longer lists removed (narrowing a CIDR takes effect). The
@@ -533,6 +551,15 @@ def ensure_security_group(
     missing = [k for k in wanted if k not in have]
     extra = [k for k in have if k not in wanted]
     changes = [f"add {_describe(k)}" for k in missing] + [f"remove {_describe(k)}" for k in extra]
+    wider = _shared_group_extras(conn, config, shared_group_id) if shared_group_id else []
+    note = ""
+    if wider:
+        note = (
+            f"; note: the project's group {config.server.security_group!r} also admits "
+            f"{', '.join(wider)} (left as it is: remove those there for the config's rules to be "
+            "the whole story)"
+        )
+        log.warning("security group %s%s", config.server.security_group, note)
     record = RulesRecord(
         name=name,
         id=group.id,
@@ -540,7 +567,9 @@ def ensure_security_group(
         added=[_describe(k) for k in missing],
         removed=[_describe(k) for k in extra],
         action=Action.CREATE if created else (Action.CHANGE if changes else Action.KEEP),
-        reason=("created; " if created else "") + (", ".join(changes) or "all rules as configured"),
+        reason=("created; " if created else "")
+        + (", ".join(changes) or "all rules as configured")
+        + note,
         applied=apply,
     )
     if not apply:

@@ -174,7 +174,9 @@ def cloud_probes(conn: Connection, config: BootstrapConfig, on_vm: bool = False)
 
         key = load_key(config, apply=False, on_vm=on_vm)
         facts = preflight.fn(conn, config, key)
-        rules = ensure_security_group.fn(conn, config, facts.project_id, apply=False)
+        rules = ensure_security_group.fn(
+            conn, config, facts.project_id, apply=False, shared_group_id=facts.security_group_id
+        )
         srv = ensure_server.fn(conn, config, facts, apply=False, access=rules)
         vol = ensure_volume.fn(conn, config, apply=False)
         records = [

@@ -231,6 +231,11 @@ class VM:
             self._conn.close()
             self._conn = None
 
+    @property
+    def login_key(self) -> str | None:
+        """The public key that opens the VM (never removed from authorized_keys)."""
+        return self.key.public_key
+
     @contextlib.contextmanager
     def exclusive(self, environment: str, holder: str, wait: float) -> Iterator[None]:
         """Hold the VM's lock for the body (on a channel of its own: closing it releases)."""
@@ -332,11 +337,16 @@ class LocalHost(VM):
     Same interface as ``VM``; commands run here with ``sudo -n`` where root is needed.
     """
 
-    def __init__(self, host: str = "localhost"):
+    def __init__(self, host: str = "localhost", login_key: str | None = None):
         self.host = host
         self.port = 0
         self.host_keys = []
         self._conn = None
+        self._login_key = login_key
+
+    @property
+    def login_key(self) -> str | None:
+        return self._login_key
 
     def close(self) -> None:
         return None
@@ -741,7 +751,7 @@ def ensure_operator_keys(vm: VM, config: BootstrapConfig, apply: bool = True) ->
     def ident(line: str) -> tuple[str, ...]:
         return tuple(line.split()[:2])
 
-    protected = {ident(vm.key.public_key)}
+    protected = {ident(vm.login_key)} if vm.login_key else set()
     wanted_ids = {ident(k) for k in wanted}
     removable = {ident(k) for k in added_before} - wanted_ids - protected
     kept = [line for line in current if ident(line) not in removable]

@@ -1,7 +1,8 @@
 """Security groups as the sandbox cloud enforces them, and what the product makes of a missing rule.
 
-One provisioned VM serves every test here. It sits, as every environment's server does, in the
-project's shared group and in a group of its own that the product keeps equal to the config's
+One provisioned VM serves every test here. It sits, as every environment's server does, in a
+shared group (here one made by the test, empty, so that whatever rules the project's `default`
+holds admit nothing) and in a group of its own that the product keeps equal to the config's
 ingress rules, so removing its port-22 rule locks no other test's VM out.
 """
 
@@ -35,6 +36,7 @@ class SecuredVM:
     group_id: str
     server_id: str
     address: str
+    shared_id: str  # the shared group the server also joins
 
     @property
     def guest(self) -> str:
@@ -53,6 +55,7 @@ def secured_vm(
 
     manager.up()
     env = f"t-sg-{uuid.uuid4().hex[:4]}"
+    shared = user_conn.network.create_security_group(name=f"{env}-shared", description="test")
     home = tmp_path_factory.mktemp("secgroups")
     cfg = parse_config(
         {
@@ -64,7 +67,11 @@ def secured_vm(
             },
             "arc": {"enabled": False},
             "canfar": {"smoke_test": {"enabled": False}},
-            "server": {"build_timeout": 180, "flavor": "p1-1.5gb"},
+            "server": {
+                "build_timeout": 180,
+                "flavor": "p1-1.5gb",
+                "security_group": f"{env}-shared",
+            },
             "volume": {"size_gb": 1, "timeout": 120},
             "prefect": {"auth_block": f"{env}-prefect-auth"},
         },
@@ -77,11 +84,12 @@ def secured_vm(
         assert result.server and result.server.id and result.address
         group = next(r for r in result.records if r.kind == "security group")
         assert group.name == f"{env}-access" and group.id and group.action == "create"
-        yield SecuredVM(cfg, cfg_file, group.id, result.server.id, result.address)
+        yield SecuredVM(cfg, cfg_file, group.id, result.server.id, result.address, shared.id)
     finally:
         with contextlib.suppress(Exception):
             teardown(cfg, delete_data_volume=True)
         user_conn.compute.delete_keypair(cfg.keypair_name, ignore_missing=True)
+        user_conn.network.delete_security_group(shared.id, ignore_missing=True)
         # teardown took the environment's group with it
         assert list(user_conn.network.security_groups(name=f"{env}-access")) == []
 
@@ -194,8 +202,9 @@ def test_a_narrowed_rule_replaces_the_wide_one(
     (so the narrowing takes effect), the project's shared group is left as it was, and
     widening it again restores the rule."""
     vm = secured_vm
-    shared = next(iter(user_conn.network.security_groups(name="default")))
-    shared_rules = sorted(r["id"] for r in shared.security_group_rules)
+    shared_rules = sorted(
+        r["id"] for r in user_conn.network.get_security_group(vm.shared_id).security_group_rules
+    )
     narrowed_rules = [
         {**r.model_dump(mode="json"), "cidr": "192.0.2.0/24"}
         if r.protocol == "icmp"
@@ -223,8 +232,23 @@ def test_a_narrowed_rule_replaces_the_wide_one(
     (icmp,) = _rules(user_conn, vm, protocol="icmp")
     assert icmp.remote_ip_prefix == "192.0.2.0/24"
     assert not _ping(vm.address)  # the host is not in 192.0.2.0/24
-    again = next(iter(user_conn.network.security_groups(name="default")))
+    again = user_conn.network.get_security_group(vm.shared_id)
     assert sorted(r["id"] for r in again.security_group_rules) == shared_rules
+
+    # A wide rule in the shared group is not ours to remove, but it is named: the config's
+    # narrowing cannot take effect while it is there.
+    wide = user_conn.network.create_security_group_rule(
+        security_group_id=vm.shared_id,
+        direction="ingress",
+        ethertype="IPv4",
+        protocol="icmp",
+        remote_ip_prefix="0.0.0.0/0",
+    )
+    try:
+        (group,) = [r for r in provision(narrowed, plan=True).records if r.kind == "security group"]
+        assert "also admits icmp from 0.0.0.0/0" in group.reason, group.reason
+    finally:
+        user_conn.network.delete_security_group_rule(wide.id)
 
     proc = start_cli("provision", "--config", str(vm.config_file), env=prefect_server.env())
     assert proc.wait(timeout=600) == 0
