@@ -20,7 +20,7 @@ from sails_bootstrap.config import BootstrapConfig
 from tasks.errors import BootstrapError
 from tasks.log import Progress, logger
 from tasks.records import Action
-from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
+from tasks.vm import MANAGED, VM, VM_TASK, LocalHost, StepRecord, planned
 
 SERVER_UNIT = "prefect-server.service"
 VM_PACKAGES = ("canfar==1.5.2", "openstacksdk==4.22.0", "fabric==3.2.3")
@@ -319,7 +319,10 @@ def ensure_prefect_server(
         changes.append(
             ("restarted for the new venv" if venv_changed else "restarted") if active else "started"
         )
-    url = f"http://{address}:{config.prefect.port}/api"
+    # On the VM itself, its own server answers on loopback (a VM may not reach its own
+    # floating IP: many clouds do not hairpin); from elsewhere, where operators reach it.
+    where = "127.0.0.1" if isinstance(vm, LocalHost) else address
+    url = f"http://{where}:{config.prefect.port}/api"
     if apply:
         wait_for_health(url, timeout=300)
     return StepRecord(
