@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sandbox import latency, layout, locks, mirror, net
-from sandbox.guests import firewall, rootfs
+from sandbox.guests import cgroups, firewall, rootfs
 
 GUESTS_DIR = layout.STATE_DIR / "guests"
 #: Where cloud-init's ConfigDrive datasource reads a config drive's tree without a device.
@@ -511,6 +511,18 @@ def _wait_pid1(name: str, deadline: float, previous_pid1: int | None = None) -> 
         time.sleep(0.05)
 
 
+def _failed_units(pid1: int) -> str:
+    """The guest's failed units, for an error message ('' when none or unreadable)."""
+    with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+        out = _run(
+            "nsenter", "-t", str(pid1), "-m", "-u", "-i", "-n", "-p",
+            "systemctl", "--failed", "--no-legend", "--plain",
+            check=False, timeout=10,
+        ).stdout  # fmt: skip
+        return ", ".join(line.split()[0] for line in out.splitlines() if line.strip())
+    return ""
+
+
 def _wait_ready(spec: GuestSpec, timeout: float, previous_pid1: int | None = None) -> None:
     """Until sshd answers on ip:22 and ``systemctl is-system-running --wait`` has settled
     (cloud-init's stages included)."""
@@ -530,8 +542,8 @@ def _wait_ready(spec: GuestSpec, timeout: float, previous_pid1: int | None = Non
             raise GuestError(f"guest {name} stopped while booting: {_tail(name)}")
         if time.monotonic() > deadline:
             raise GuestError(
-                f"guest {name} did not answer SSH on {spec.ip}:22 within {timeout:.0f} s: "
-                f"{_tail(name)}"
+                f"guest {name} did not answer SSH on {spec.ip}:22 within {timeout:.0f} s "
+                f"(failed units: {_failed_units(pid1) or 'none'}): {_tail(name)}"
             )
         time.sleep(0.1)
     left = max(5.0, deadline - time.monotonic())
@@ -681,6 +693,7 @@ def _release(name: str) -> None:
         _run("ip", "netns", "del", names["netns"], check=False)
     _run("ip", "link", "del", names["veth"], check=False)
     shutil.rmtree(f"/run/systemd/nspawn/propagate/{names['machine']}", ignore_errors=True)
+    cgroups.remove(_tag(), name)
 
 
 def _detach_loops(path: str) -> None:
@@ -754,6 +767,7 @@ def cleanup_all() -> None:
         ns = line.split()[0] if line.split() else ""
         if ns.startswith(_netns_prefix()):
             _run("ip", "netns", "del", ns, check=False)
+    cgroups.remove_all(_tag())
 
 
 # -- volumes -----------------------------------------------------------------------------------

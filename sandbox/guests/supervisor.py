@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from sandbox import guests
+from sandbox.guests import cgroups
 
 #: More reboots than this within REBOOT_WINDOW seconds: the guest is failing, leave it off.
 MAX_QUICK_REBOOTS = 5
@@ -72,6 +73,9 @@ def main(guest_dir: str) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # its own cgroups, which nspawn (and the guest's systemd below it) inherits
+    for problem in cgroups.enter(guests._tag(), name):
+        _log(f"no cgroup of its own: {problem}")
     reboots: list[float] = []
     code = 0
     while not stopping and guests._power_request(name) != "off":

@@ -325,6 +325,24 @@ def test_three_guests_at_once(guest_factory) -> None:
 
     assert a.check(f"ping -c1 -W2 {layout.TENANT_GATEWAY} >/dev/null && echo ok").strip() == "ok"
     assert _sh("sysctl", "-n", "net.ipv4.ip_forward").strip() == "0"
+    # each guest's systemd has a cgroup tree of its own (one shared tree let a guest's systemd
+    # remove or fill the cgroups of another's units mid-boot)
+    trees = set()
+    for g in made:
+        pid1 = guests._container_pid1(g.name)
+        assert pid1
+        lines = Path(f"/proc/{pid1}/cgroup").read_text().splitlines()
+        tree = [ln for ln in lines if ln.split(":")[1] in ("name=systemd", "")]
+        assert tree and all(g.name in ln for ln in tree), tree
+        trees.add(tuple(tree))
+    assert len(trees) == 3
+    # and a unit stopped in one guest leaves the same unit of the others running
+    for g in made:
+        g.check("sudo systemd-run --unit=sails-probe sleep 600")
+    a.check("sudo systemctl stop sails-probe.service")
+    for g in made[1:]:
+        assert g.check("systemctl is-active sails-probe.service || true").strip() == "active"
+    assert a.check("systemctl is-active sails-probe.service || true").strip() == "inactive"
 
 
 def test_guest_outlives_its_caller(guest_factory) -> None:
