@@ -192,7 +192,9 @@ def test_teardown_returns_when_the_volume_is_gone(env_config, admin_conn, user_c
         )
         return user_conn.block_storage.wait_for_status(vol, "available", interval=1, wait=60)
 
-    latency.set_latency(volume_delete=15)
+    # Long enough that the volume is still `deleting` after the plan below and the teardown's
+    # server, address and group steps (about 20 s on a busy 2-core machine).
+    latency.set_latency(volume_delete=45)
     try:
         vol = our_volume()
         removed = teardown(cfg, delete_data_volume=True)
