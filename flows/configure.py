@@ -93,7 +93,8 @@ def _publish(result: ConfigureResult, config: BootstrapConfig) -> None:
         key=f"vm-{config.environment}",
         markdown=(
             f"# `{config.environment}` configured\n\n"
-            f"- Prefect UI: [{result.ui_url}]({result.ui_url})\n"
+            f"- Prefect UI: [{result.ui_url}]({result.ui_url}) while `ssh -N "
+            f"{config.ssh.alias}` runs (the server listens on the VM's loopback only)\n"
             f"- ssh: `ssh {config.ssh.alias}`\n"
             f"- changed: {', '.join(r.name for r in result.records if r.changed) or 'nothing'}\n"
         ),
@@ -160,9 +161,9 @@ def configure_host(
         records.append(venv)
         secret = server_secrets(config, apply=apply, host=host)
         records.append(
-            ensure_prefect_server(host, config, address, secret, apply, venv_changed=venv.changed)
+            ensure_prefect_server(host, config, secret, apply, venv_changed=venv.changed)
         )
-        result.ui_url = f"http://{address}:{config.prefect.port}"
+        result.ui_url = config.ui_url
     except BootstrapError as exc:
         if apply:
             raise

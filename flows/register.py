@@ -53,12 +53,13 @@ def register(
         vm.close()
         raise
     auth = secret["auth_string"] if config.prefect.api_auth else None
-    url = f"http://{target.address}:{config.prefect.port}/api"
-    result = RegisterResult(environment=config.environment, api_url=url)
+    # operators reach the API through the ssh alias's forward; this run through its own
+    result = RegisterResult(environment=config.environment, api_url=f"{config.ui_url}/api")
     try:
         records = result.records
-        records.append(ensure_local_profile(config, url, auth))
-        with vm_exclusive(vm, config, "register"):
+        records.append(ensure_local_profile(config, result.api_url, auth))
+        with vm_exclusive(vm, config, "register"), vm.api(config.prefect.port) as base:
+            url = f"{base}/api"
             records.append(install_code(vm, config))
             records.append(copy_blocks(config, url, auth))
             records.append(ensure_work_pools(config, url, auth))
@@ -116,26 +117,38 @@ def ui_check(
     auth = (
         server_secrets(config, must_exist=True)["auth_string"] if config.prefect.api_auth else None
     )
-    ui_url = f"http://{target.address}:{config.prefect.port}"
-    api_url = f"{ui_url}/api"
-    health = run_on_server(api_url, auth, "health-check/health-check") if run_health else None
-    key = f"health-{config.environment}"
-    artifact = latest_artifact_id(api_url, auth, key)
-    if artifact is None:
-        raise BootstrapError(
-            f"the VM's server has no {key!r} artifact yet: run the health-check deployment "
-            "there first (or leave out --no-run-health)"
-        )
-    record = capture_ui(
-        ui_url,
-        auth,
-        {
-            "deployments": ("/deployments", "health-check"),
-            "health-artifact": (f"/artifacts/artifact/{artifact}", "prefect-server"),
-        },
-        Path(out_dir),
-    )
-    lines = [f"# UI of `{config.environment}`", "", f"UI: {ui_url}", ""]
+    vm = vm_for(config, target)
+    try:
+        # as an operator's browser does: through an SSH forward (the server is on loopback)
+        with vm.api(config.prefect.port) as ui_url:
+            api_url = f"{ui_url}/api"
+            health = (
+                run_on_server(api_url, auth, "health-check/health-check") if run_health else None
+            )
+            key = f"health-{config.environment}"
+            artifact = latest_artifact_id(api_url, auth, key)
+            if artifact is None:
+                raise BootstrapError(
+                    f"the VM's server has no {key!r} artifact yet: run the health-check "
+                    "deployment there first (or leave out --no-run-health)"
+                )
+            record = capture_ui(
+                ui_url,
+                auth,
+                {
+                    "deployments": ("/deployments", "health-check"),
+                    "health-artifact": (f"/artifacts/artifact/{artifact}", "prefect-server"),
+                },
+                Path(out_dir),
+            )
+    finally:
+        vm.close()
+    lines = [
+        f"# UI of `{config.environment}`",
+        "",
+        f"UI: {config.ui_url} while `ssh -N {config.ssh.alias}` runs",
+        "",
+    ]
     if health:
         lines.append(f"- health-check run on the VM: {health['state']} {health['message']}")
     lines += [f"- {p.name}: `{p.screenshot}` ({p.url})" for p in record.pages]

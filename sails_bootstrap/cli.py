@@ -430,7 +430,7 @@ def configure_cmd(config: ConfigOption, trust_host_key: TrustOption = None) -> N
     cfg = with_trusted(read_config(config), trust_host_key)
     result = _run(lambda: configure(cfg), cfg, "configure")
     _print_records(result.records)
-    typer.echo(f"Prefect UI: {result.ui_url}")
+    typer.echo(f"Prefect UI: {result.ui_url} (run `ssh -N {cfg.ssh.alias}` to reach it)")
 
 
 @app.command("register")
@@ -444,7 +444,9 @@ def register_cmd(
     cfg = read_config(config)
     result = _run(lambda: register(cfg, science_codebase=science_codebase), cfg, "register")
     _print_records(result.records)
-    typer.echo(f"profile {cfg.environment} -> {result.api_url}")
+    typer.echo(
+        f"profile {cfg.environment} -> {result.api_url} (run `ssh -N {cfg.ssh.alias}` to reach it)"
+    )
 
 
 @app.command("up")
@@ -459,7 +461,7 @@ def up_cmd(
     cfg = with_trusted(read_config(config), trust_host_key)
     out = _run(lambda: bootstrap(cfg, science_codebase=science_codebase), cfg, "up")
     typer.echo(f"\n{cfg.environment} is up")
-    typer.echo(f"  Prefect UI:  {out['ui_url']}")
+    typer.echo(f"  Prefect UI:  {out['ui_url']} while `ssh -N {cfg.ssh.alias}` runs")
     typer.echo(f"  ssh:         ssh {cfg.ssh.alias}")
     typer.echo(f"  profile:     prefect profile use {cfg.environment}")
     typer.echo(f"  smoke test:  {out['smoke']}")

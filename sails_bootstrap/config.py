@@ -140,7 +140,8 @@ def _seed_rules() -> list[IngressRule]:
     return [
         IngressRule(protocol="icmp", description="ping"),
         IngressRule(protocol="tcp", port=22, description="ssh"),
-        IngressRule(protocol="tcp", port=4200, description="Prefect API and UI"),
+        # The seed's README also opens TCP 4200; the server listens on the VM's loopback only
+        # and is reached through SSH (the API carries secrets, and Prefect speaks no TLS).
     ]
 
 
@@ -342,7 +343,14 @@ def _seed_pools() -> list[WorkPool]:
 class PrefectSettings(_Model):
     """The Prefect server run on the VM."""
 
-    port: Port = 4200
+    port: Port = Field(
+        default=4200, description="Port of the server on the VM's loopback (never opened)."
+    )
+    local_port: Port = Field(
+        default=4200,
+        description="Port on the operator's machine the ssh alias forwards to the server "
+        "(`ssh -N ALIAS`, then the UI at http://127.0.0.1:PORT).",
+    )
     home: str = "/mnt/pspace/prefect-data"
     venv: str = "/mnt/pspace/prefect-env"
     version: Annotated[str, StringConstraints(pattern=r"^[0-9][0-9A-Za-z.+!-]{0,40}$")] | None = (
@@ -394,6 +402,20 @@ class BootstrapConfig(_Model):
     )
 
     @model_validator(mode="after")
+    def _api_port_closed(self) -> BootstrapConfig:
+        for rule in self.server.ingress:
+            if rule.protocol == "tcp" and rule.port == self.prefect.port:
+                raise ValueError(
+                    f"server.ingress: tcp {rule.port} from {rule.cidr} opens the Prefect API "
+                    "port; the API carries the auth string and every block's secrets in "
+                    "cleartext (Prefect speaks no TLS), so the server listens on the VM's "
+                    "loopback only and is reached through SSH (`ssh -N "
+                    f"{self.ssh.alias}` forwards 127.0.0.1:{self.prefect.local_port}): "
+                    "remove the rule"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _pools_unique(self) -> BootstrapConfig:
         names = [p.name for p in self.prefect.work_pools]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -420,6 +442,12 @@ class BootstrapConfig(_Model):
         return f"{self.environment}-access"
 
     @property
+    def ui_url(self) -> str:
+        """Where an operator's browser and CLI reach the VM's UI and API: the ssh alias's
+        forward (``ssh -N ALIAS`` running) on this machine's loopback."""
+        return f"http://127.0.0.1:{self.prefect.local_port}"
+
+    @property
     def tag(self) -> str:
         """Marks (server metadata, volume metadata, floating IP description) what we created."""
         return f"sails-bootstrap:{self.environment}"
@@ -427,13 +455,11 @@ class BootstrapConfig(_Model):
     def warnings(self) -> list[str]:
         """Things that are allowed but probably not meant."""
         out = []
-        for rule in self.server.ingress:
-            if rule.port == self.prefect.port and rule.world_open and not self.prefect.api_auth:
-                out.append(
-                    f"port {rule.port} is open to {rule.cidr} and prefect.api_auth is off: "
-                    "anyone can read block secrets through the API. Turn api_auth on or "
-                    "narrow the rule's cidr."
-                )
+        if not self.prefect.api_auth:
+            out.append(
+                "prefect.api_auth is off: anyone with a shell on the VM (and any flow run "
+                "there) can read every block's secrets through the API without a password"
+            )
         return out
 
 

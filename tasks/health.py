@@ -236,10 +236,13 @@ def host_probes(host: VM, config: BootstrapConfig, address: str, local: bool) ->
     def prefect() -> tuple[str, str]:
         import httpx
 
-        base = "127.0.0.1" if local else address
-        url = f"http://{base}:{config.prefect.port}/api/health"
-        r = httpx.get(url, timeout=10)
-        return (OK if r.status_code == 200 else FAIL), f"{url} -> {r.status_code}"
+        shown = f"127.0.0.1:{config.prefect.port}/api/health on the VM"
+        with host.api(config.prefect.port) as base:  # loopback only: through SSH
+            try:
+                r = httpx.get(f"{base}/api/health", timeout=10)
+            except httpx.HTTPError as exc:
+                return FAIL, f"{shown}: {type(exc).__name__} (is prefect-server.service running?)"
+        return (OK if r.status_code == 200 else FAIL), f"{shown} -> {r.status_code}"
 
     def certificate() -> tuple[str, str]:
         expiry = read_vm_expiry(host, config)

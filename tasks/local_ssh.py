@@ -56,6 +56,10 @@ def _alias_block(config: BootstrapConfig, address: str) -> str:
         f"    IdentityFile {key_file(config)}\n"
         f"    IdentitiesOnly yes\n"
         f"    UserKnownHostsFile {known_hosts_file(config)}\n"
+        # the Prefect API and UI listen on the VM's loopback only: `ssh -N ALIAS` brings them
+        # here (a second session with the port taken warns and runs on)
+        f"    LocalForward 127.0.0.1:{config.prefect.local_port} "
+        f"127.0.0.1:{config.prefect.port}\n"
         f"# END {config.environment}\n"
     )
 

@@ -20,7 +20,7 @@ from sails_bootstrap.config import BootstrapConfig
 from tasks.errors import BootstrapError
 from tasks.log import Progress, logger
 from tasks.records import Action
-from tasks.vm import MANAGED, VM, VM_TASK, LocalHost, StepRecord, planned
+from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 
 SERVER_UNIT = "prefect-server.service"
 VM_PACKAGES = ("canfar==1.5.2", "openstacksdk==4.22.0", "fabric==3.2.3")
@@ -213,13 +213,15 @@ def ensure_prefect_venv(
     )
 
 
-def server_env(config: BootstrapConfig, address: str, secret: dict[str, str]) -> str:
+def server_env(config: BootstrapConfig, secret: dict[str, str]) -> str:
     p = config.prefect
     lines = [
         f"PREFECT_HOME={p.home}",
-        "PREFECT_SERVER_API_HOST=0.0.0.0",
+        # loopback only: operators and this package come through SSH (`ssh -N ALIAS`)
+        "PREFECT_SERVER_API_HOST=127.0.0.1",
         f"PREFECT_SERVER_API_PORT={p.port}",
-        f"PREFECT_UI_API_URL=http://{address}:{p.port}/api",
+        # relative: the UI calls the API wherever the browser reached it (any forwarded port)
+        "PREFECT_UI_API_URL=/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED=false",
         "DO_NOT_TRACK=1",
         "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED=events,flow_runs",
@@ -253,12 +255,13 @@ def server_unit(config: BootstrapConfig) -> str:
     )
 
 
-def wait_for_health(url: str, timeout: float) -> None:
+def wait_for_health(url: str, timeout: float, shown: str | None = None) -> None:
     """Until the server's /health answers 200; a refused connection and any other answer alike
-    are waited out only within ``timeout``."""
+    are waited out only within ``timeout``. ``shown``: how to name the server (``url`` may be
+    a forwarded port of this machine)."""
     import httpx
 
-    progress = Progress(f"Prefect server at {url}")
+    progress = Progress(f"Prefect server at {shown or url}")
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -270,8 +273,9 @@ def wait_for_health(url: str, timeout: float) -> None:
             last = f"{type(exc).__name__}: {exc}"
         if time.monotonic() > deadline:
             raise BootstrapError(
-                f"the Prefect server at {url} did not become healthy within {timeout:.0f} s "
-                f"(last answer: {last}); see `journalctl -u {SERVER_UNIT}` on the VM"
+                f"the Prefect server at {shown or url} did not become healthy within "
+                f"{timeout:.0f} s (last answer: {last}); "
+                f"see `journalctl -u {SERVER_UNIT}` on the VM"
             )
         progress.tick(last.split(":")[0])
         time.sleep(1)
@@ -281,7 +285,6 @@ def wait_for_health(url: str, timeout: float) -> None:
 def ensure_prefect_server(
     vm: VM,
     config: BootstrapConfig,
-    address: str,
     secret: dict[str, str],
     apply: bool = True,
     venv_changed: bool = False,
@@ -297,7 +300,7 @@ def ensure_prefect_server(
             sudo=True,
         )
     env_changed = vm.write_file(
-        SERVER_ENV, server_env(config, address, secret), mode="0600", owner="root", apply=apply
+        SERVER_ENV, server_env(config, secret), mode="0600", owner="root", apply=apply
     )
     unit_changed = vm.write_file(
         f"/etc/systemd/system/{SERVER_UNIT}", server_unit(config), apply=apply
@@ -319,12 +322,12 @@ def ensure_prefect_server(
         changes.append(
             ("restarted for the new venv" if venv_changed else "restarted") if active else "started"
         )
-    # On the VM itself, its own server answers on loopback (a VM may not reach its own
-    # floating IP: many clouds do not hairpin); from elsewhere, where operators reach it.
-    where = "127.0.0.1" if isinstance(vm, LocalHost) else address
-    url = f"http://{where}:{config.prefect.port}/api"
+    # The server listens on the VM's loopback: reached through the SSH connection (on the VM
+    # itself, directly).
+    url = f"http://127.0.0.1:{config.prefect.port}/api on the VM"
     if apply:
-        wait_for_health(url, timeout=300)
+        with vm.api(config.prefect.port) as base:
+            wait_for_health(f"{base}/api", timeout=300, shown=url)
     return StepRecord(
         name="prefect server",
         action=Action.CHANGE if changes else Action.KEEP,

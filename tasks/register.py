@@ -126,7 +126,8 @@ def ensure_local_profile(config: BootstrapConfig, url: str, auth_string: str | N
     return StepRecord(
         name=f"profile {config.environment}",
         action=Action.KEEP if same else (Action.CHANGE if existing else Action.CREATE),
-        reason=f"`prefect profile use {config.environment}` talks to {url}",
+        reason=f"`prefect profile use {config.environment}` talks to {url} "
+        f"(while `ssh -N {config.ssh.alias}` forwards it)",
     )
 
 

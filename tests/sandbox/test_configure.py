@@ -20,7 +20,7 @@ from tasks.arc import UNIT
 from tasks.errors import BootstrapError
 from tasks.prefect_server import api_check, server_secrets
 from tasks.records import Action
-from tests.fixtures.bootstrap import ssh_alias
+from tests.fixtures.bootstrap import operator_tunnel, ssh_alias
 
 pytestmark = [pytest.mark.sandbox]
 
@@ -103,12 +103,21 @@ def test_first_boot_configure_noop_drift_venv_repair_and_reboot(vm_config) -> No
     assert [r.name for r in configure(cfg).records if r.changed] == ["CA bundle"]
     assert run(cfg, f"sudo tail -n 1 {bundle}").stdout != "drift\n"
 
-    # The server answers authenticated calls only (its auth string lives in a Secret block).
-    url = f"http://{first.address}:{cfg.prefect.port}/api"
+    # The server listens on the VM's loopback only: a plain-HTTP request to the floating IP's
+    # port gets no answer, and operators reach it through the alias's SSH forward.
+    port = cfg.prefect.port
+    listening = run(cfg, f"ss -Htln 'sport = :{port}'").stdout.split()
+    assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening, listening
+    assert f"*:{port}" not in listening and f"[::]:{port}" not in listening, listening
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://{first.address}:{port}/api/health", timeout=5)
+    # Through the forward it answers authenticated calls only (its auth string lives in a
+    # Secret block).
     auth = server_secrets(cfg)["auth_string"]
-    assert api_check(url, None) == 401
-    assert api_check(url, auth) == 200
-    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    with operator_tunnel(cfg) as url:
+        assert api_check(url, None) == 401
+        assert api_check(url, auth) == 200
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
     assert auth not in run(cfg, "cat /etc/sails-bootstrap/prefect-server.env 2>&1").stdout
 
     # Never rotated silently: with the Secret block gone (another machine, a wiped Prefect
@@ -119,7 +128,8 @@ def test_first_boot_configure_noop_drift_venv_repair_and_reboot(vm_config) -> No
     Secret.delete(cfg.prefect.auth_block)
     assert [r.name for r in configure(cfg).records if r.changed] == []
     assert server_secrets(cfg, must_exist=True) == before_secrets
-    assert api_check(url, auth) == 200
+    with operator_tunnel(cfg) as url:
+        assert api_check(url, auth) == 200
 
     # The volume is the one we asked for, the fstab entry is by UUID, the owner is ubuntu.
     out = run(
@@ -180,13 +190,14 @@ def test_first_boot_configure_noop_drift_venv_repair_and_reboot(vm_config) -> No
         time.sleep(1)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ALMA-SAILS" in r.stdout
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        time.sleep(1)
-    assert api_check(url, auth) == 200
+    with operator_tunnel(cfg) as url:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            time.sleep(1)
+        assert api_check(url, auth) == 200
 
 
 def test_data_survives_teardown_and_reprovision(vm_config) -> None:  # type: ignore[no-untyped-def]

@@ -31,7 +31,7 @@ from tasks.errors import BootstrapError
 from tasks.prefect_server import server_secrets
 from tasks.records import Action
 from tasks.register import remote_api, remote_client, run_on_server
-from tests.fixtures.bootstrap import operator_config, remove_environment
+from tests.fixtures.bootstrap import operator_config, operator_tunnel, remove_environment
 
 pytestmark = [pytest.mark.sandbox]
 
@@ -127,13 +127,21 @@ def operated(tmp_path_factory, prefect_server, sandbox_cloud, canfar_sandbox) ->
         remove_environment(cfg)
 
 
+@pytest.fixture
+def tunnel() -> Iterator[contextlib.ExitStack]:
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
 def test_bootstrap_register_and_self_repair(
-    operated: Operated, canfar_sandbox, tmp_path: Path
+    operated: Operated, canfar_sandbox, tmp_path: Path, tunnel: contextlib.ExitStack
 ) -> None:  # type: ignore[no-untyped-def]
     cfg, out = operated.cfg, operated.out
     assert out["smoke"] and out["smoke"].startswith("Succeeded")
     target = locate_vm.fn(open_connection(cfg), cfg)
-    url = f"http://{target.address}:{cfg.prefect.port}/api"
+    # the VM's API as an operator reaches it: through the ssh alias's forward
+    url = tunnel.enter_context(operator_tunnel(cfg))
+    assert url == f"http://127.0.0.1:{cfg.prefect.local_port}/api"
     auth = server_secrets(cfg)["auth_string"]
 
     from prefect.client.schemas.filters import DeploymentFilter
@@ -328,7 +336,7 @@ def leaks(texts: dict[str, str], needles: dict[str, str]) -> list[str]:
 
 
 def test_no_secret_outside_its_0600_home(
-    operated: Operated, canfar_sandbox: Any, prefect_server: Any
+    operated: Operated, canfar_sandbox: Any, prefect_server: Any, tunnel: contextlib.ExitStack
 ) -> None:
     """Secrets scan: after the whole bootstrap, the registered server's own repairs, the UI and
     the smoke tests above, and a health check, a remount and a reauth from this machine, no
@@ -356,7 +364,7 @@ def test_no_secret_outside_its_0600_home(
     assert reauth_canfar(cfg).action == Action.CHANGE
     assert health_check(cfg).healthy
     secret = server_secrets(cfg)
-    url = f"http://{target.address}:{cfg.prefect.port}/api"
+    url = tunnel.enter_context(operator_tunnel(cfg))
     assert run_on_server.fn(url, secret["auth_string"], "health-check/health-check")["state"] == (
         "Completed"
     )

@@ -22,8 +22,7 @@ def test_defaults_reproduce_the_seed() -> None:
     assert [(r.protocol, r.port, r.cidr) for r in c.server.ingress] == [
         ("icmp", None, "0.0.0.0/0"),
         ("tcp", 22, "0.0.0.0/0"),
-        ("tcp", 4200, "0.0.0.0/0"),
-    ]
+    ]  # the seed's TCP 4200 stays closed: the API is reached through SSH
     assert all(r.ethertype == "IPv4" for r in c.server.ingress)
     assert (c.volume.size_gb, c.volume.mount_point, c.volume.owner) == (50, "/mnt/pspace", "ubuntu")
     assert c.volume.device_hint == "/dev/vdc"
@@ -153,18 +152,29 @@ def test_ordinary_values_still_validate() -> None:
     assert cfg.arc.options[-1] == "allow_other"
 
 
-def test_world_open_prefect_port_without_auth_warns() -> None:
-    assert BootstrapConfig().warnings() == []
-    c = parse_config({"prefect": {"api_auth": False}})
-    (warning,) = c.warnings()
-    assert "4200" in warning and "api_auth" in warning
-    narrow = parse_config(
-        {
-            "prefect": {"api_auth": False},
-            "server": {"ingress": [{"protocol": "tcp", "port": 4200, "cidr": "198.51.100.0/24"}]},
-        }
+def test_an_open_api_port_is_refused_naming_the_ssh_forward() -> None:
+    for cidr in ("0.0.0.0/0", "198.51.100.0/24"):
+        with pytest.raises(ConfigError) as err:
+            parse_config({"server": {"ingress": [{"protocol": "tcp", "port": 4200, "cidr": cidr}]}})
+        message = str(err.value)
+        assert "server.ingress" in message and "cleartext" in message, message
+        assert "ssh -N prefect-vm" in message and "remove the rule" in message, message
+    # another API port: that one is refused, 4200 is then an ordinary port
+    moved = {"prefect": {"port": 4300}, "server": {"ingress": [{"protocol": "tcp", "port": 4300}]}}
+    with pytest.raises(ConfigError, match="tcp 4300"):
+        parse_config(moved)
+    assert (
+        parse_config(
+            {"server": {"ingress": [{"protocol": "tcp", "port": 4200}]}, "prefect": {"port": 4300}}
+        ).prefect.port
+        == 4300
     )
-    assert narrow.warnings() == []
+
+
+def test_api_auth_off_warns() -> None:
+    assert BootstrapConfig().warnings() == []
+    (warning,) = parse_config({"prefect": {"api_auth": False}}).warnings()
+    assert "api_auth" in warning and "secrets" in warning
 
 
 def test_ipv6_rule_gets_ipv6_ethertype() -> None:
