@@ -13,7 +13,7 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -178,7 +178,9 @@ class LoopbackForward:
     closes that one connection, as OpenSSH does.
     """
 
-    def __init__(self, transport: paramiko.Transport, remote_port: int):
+    def __init__(self, transport: Callable[[], paramiko.Transport], remote_port: int):
+        #: the SSH transport to open each connection's channel on, asked for per connection:
+        #: after a dropped SSH session the VM's connection is opened again, and so is the API
         self.transport = transport
         self.remote_port = remote_port
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -207,14 +209,12 @@ class LoopbackForward:
     def _pipe(self, client: socket.socket, origin: tuple[str, int]) -> None:
         import selectors
 
-        import paramiko
-
         try:
-            channel = self.transport.open_channel(
+            channel = self.transport().open_channel(
                 "direct-tcpip", ("127.0.0.1", self.remote_port), origin, timeout=15
             )
-        except (paramiko.SSHException, OSError, EOFError):
-            client.close()  # the VM refused (nothing listens yet): this connection only
+        except Exception:  # refused (nothing listens yet), the VM unreachable, ...
+            client.close()  # ... end this connection only; the caller sees it closed
             return
         with selectors.DefaultSelector() as sel, channel, client:
             sel.register(client, selectors.EVENT_READ, channel)
@@ -309,9 +309,14 @@ class VM:
     def api(self, port: int) -> Iterator[str]:
         """The base URL (``http://127.0.0.1:N``) of the VM's loopback ``port`` for the body:
         forwarded over this verified SSH connection, never over the network in the clear."""
-        transport = self.conn.client.get_transport()
-        if transport is None:
-            raise BootstrapError(f"no SSH connection to {self.host} for the API forward")
+
+        def transport() -> paramiko.Transport:
+            found = self.conn.client.get_transport()  # opened again after a drop
+            if found is None:
+                raise BootstrapError(f"no SSH connection to {self.host} for the API forward")
+            return found
+
+        transport()  # fails here, not on the first request, when the VM cannot be reached
         forward = LoopbackForward(transport, port)
         try:
             yield forward.url
