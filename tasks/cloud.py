@@ -732,6 +732,20 @@ def ensure_server(
     except BootstrapError:
         conn.compute.delete_server(server.id, ignore_missing=True)
         raise
+    # A run killed while its create was in flight: the cloud may list that server only after
+    # this run looked. Keep the oldest, as the next run would, so nothing is left twice.
+    ours = [s for s in _our_servers(conn, config) if s.status != "ERROR"]
+    if ours and ours[0].id != server.id:
+        log.warning(
+            "server %s appeared while %s was built (an interrupted run's create): keeping it, "
+            "deleting %s",
+            ours[0].id,
+            server.id,
+            server.id,
+        )
+        conn.compute.delete_server(server.id, ignore_missing=True)
+        server = wait_for_server(conn, ours[0], config.server.build_timeout)
+        return _server_record(server, Action.KEEP, "ACTIVE; a duplicate made meanwhile removed")
     return _server_record(server, Action.CREATE, reason)
 
 
