@@ -675,16 +675,7 @@ def ensure_server(
     """One server of ours, ACTIVE, in the project's shared group and the environment's own
     (``access``). Extra copies of ours are deleted; ERROR ones replaced."""
     log = logger()
-    servers = _our_servers(conn, config)
-    broken = [s for s in servers if s.status == "ERROR"]
-    healthy = [s for s in servers if s.status != "ERROR"]
-    if apply:
-        for s in broken:
-            log.warning("deleting server %s in ERROR: %s", s.id, (s.fault or {}).get("message"))
-            conn.compute.delete_server(s.id, ignore_missing=True)
-        for s in healthy[1:]:  # a retried create that had succeeded: keep the oldest
-            log.warning("deleting duplicate server %s of %s", s.id, s.name)
-            conn.compute.delete_server(s.id, ignore_missing=True)
+    broken, healthy = _sorted_servers(conn, config, apply)
     if healthy:
         server = healthy[0]
         if server.status == "SHUTOFF":
@@ -734,19 +725,31 @@ def ensure_server(
         raise
     # A run killed while its create was in flight: the cloud may list that server only after
     # this run looked. Keep the oldest, as the next run would, so nothing is left twice.
-    ours = [s for s in _our_servers(conn, config) if s.status != "ERROR"]
+    _, ours = _sorted_servers(conn, config, apply)
     if ours and ours[0].id != server.id:
-        log.warning(
-            "server %s appeared while %s was built (an interrupted run's create): keeping it, "
-            "deleting %s",
-            ours[0].id,
-            server.id,
-            server.id,
-        )
-        conn.compute.delete_server(server.id, ignore_missing=True)
         server = wait_for_server(conn, ours[0], config.server.build_timeout)
         return _server_record(server, Action.KEEP, "ACTIVE; a duplicate made meanwhile removed")
     return _server_record(server, Action.CREATE, reason)
+
+
+def _sorted_servers(
+    conn: Connection, config: BootstrapConfig, apply: bool
+) -> tuple[list[Any], list[Any]]:
+    """Our servers as (in ERROR, the others oldest first). Applying, every one in ERROR and
+    every copy but the oldest is deleted (a retried create that had succeeded, or the create
+    of an interrupted run that the cloud listed late): the oldest is the one kept."""
+    log = logger()
+    servers = _our_servers(conn, config)
+    broken = [s for s in servers if s.status == "ERROR"]
+    healthy = [s for s in servers if s.status != "ERROR"]
+    if apply:
+        for s in broken:
+            log.warning("deleting server %s in ERROR: %s", s.id, (s.fault or {}).get("message"))
+            conn.compute.delete_server(s.id, ignore_missing=True)
+        for s in healthy[1:]:
+            log.warning("deleting duplicate server %s of %s", s.id, s.name)
+            conn.compute.delete_server(s.id, ignore_missing=True)
+    return broken, healthy
 
 
 # -- floating IP -------------------------------------------------------------------------------
