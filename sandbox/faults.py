@@ -31,6 +31,7 @@ import contextlib
 import json
 import random
 import re
+import ssl
 import time
 import urllib.request
 from collections import defaultdict
@@ -104,9 +105,17 @@ async def _read_body(
 
 
 class FaultProxy:
-    def __init__(self, upstreams: dict[str, tuple[int, int]], hosts: list[str] | None = None):
+    def __init__(
+        self,
+        upstreams: dict[str, tuple[int, int]],
+        hosts: list[str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ):
         self.upstreams = upstreams  # service -> (listen port, upstream port)
         self.hosts = hosts or ["127.0.0.1"]
+        #: The public endpoints speak TLS when given a context (the upstreams stay plain HTTP on
+        #: loopback, as behind a real cloud's TLS-terminating load balancer).
+        self.tls = tls
         self.host = self.hosts[0]  # the control API listens here only
         self.rules: dict[str, dict[str, Any]] = {}
         self.seed = 0
@@ -243,7 +252,14 @@ class FaultProxy:
             return "502 Bad Gateway", [("Content-Type", "application/json")], body
         try:
             lines = [f"{method} {target} HTTP/1.1"]
-            lines += [f"{k}: {v}" for k, v in headers if k.lower() not in HOP_BY_HOP]
+            lines += [
+                f"{k}: {v}"
+                for k, v in headers
+                if k.lower() not in HOP_BY_HOP and not k.lower().startswith("x-forwarded-")
+            ]
+            # The services build the links they return from this (oslo_middleware's
+            # http_proxy_to_wsgi), so their version documents name https URLs.
+            lines += [f"X-Forwarded-Proto: {'https' if self.tls else 'http'}"]
             lines += [f"Content-Length: {len(body)}"] if body or method in WRITE_METHODS else []
             lines += ["Connection: close", "", ""]
             up_writer.write("\r\n".join(lines).encode("latin-1") + body)
@@ -348,6 +364,7 @@ class FaultProxy:
                         listen,
                         reuse_address=True,
                         limit=1 << 20,
+                        ssl=self.tls,
                     )
                 )
         servers.append(
@@ -362,9 +379,13 @@ def server_argv(
     upstreams: dict[str, tuple[int, int]],
     ctl_port: int,
     hosts: tuple[str, ...] = ("127.0.0.1",),
+    tls: tuple[str, str] | None = None,
 ) -> list[str]:
-    """Command line that runs the proxy with ``python`` (which must be able to import sandbox)."""
+    """Command line that runs the proxy with ``python`` (which must be able to import sandbox);
+    ``tls`` is (certificate file, key file) for the public listeners."""
     argv = [python, "-m", "sandbox.faults", "--ctl-port", str(ctl_port)]
+    if tls:
+        argv += ["--tls-cert", tls[0], "--tls-key", tls[1]]
     for host in hosts:
         argv += ["--host", host]
     for service, (listen, upstream) in upstreams.items():
@@ -377,13 +398,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ctl-port", type=int, required=True)
     parser.add_argument("--route", action="append", default=[], help="service=listen:upstream")
     parser.add_argument("--host", action="append", default=[], help="address to listen on")
+    parser.add_argument("--tls-cert", help="PEM certificate of the public listeners")
+    parser.add_argument("--tls-key", help="PEM key of the public listeners")
     args = parser.parse_args(argv)
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
     upstreams = {}
     for route in args.route:
         service, _, ports = route.partition("=")
         listen, _, upstream = ports.partition(":")
         upstreams[service] = (int(listen), int(upstream))
-    asyncio.run(FaultProxy(upstreams, args.host or None).serve(args.ctl_port))
+    asyncio.run(FaultProxy(upstreams, args.host or None, tls).serve(args.ctl_port))
 
 
 class FaultControl:

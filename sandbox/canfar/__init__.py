@@ -32,8 +32,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from sandbox import layout, net, pkgindex
-from sandbox.canfar import arc, ca, services
+from sandbox import ca, layout, net, pkgindex
+from sandbox.canfar import arc, services
 
 USER = "sailsuser"
 PROJECT = arc.PROJECT

@@ -64,8 +64,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from cryptography import x509
 
-from sandbox import layout
-from sandbox.canfar import ca
+from sandbox import ca, layout
 
 DATA = layout.STATE_DIR / "canfar"
 SETTINGS = DATA / "settings.json"

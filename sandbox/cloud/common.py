@@ -26,8 +26,9 @@ MYSQL_SOCK = STATE / "run" / "mysql.sock"
 RABBIT_DIR = STATE / "rabbitmq"
 
 HOST = layout.API_HOST
-#: Where clients reach the public endpoints (the fault proxy): the tenant gateway, so that the
-#: guests reach the cloud's API as a VM on Arbutus does; the proxy also answers on loopback.
+#: Where clients reach the public endpoints (the fault proxy, over TLS): the tenant gateway, so
+#: that the guests reach the cloud's API as a VM on Arbutus does; the proxy also answers on
+#: loopback.
 PUBLIC_HOST = layout.SERVICES_IP
 MYSQL_PORT = 13306
 RABBIT_PORT = 5672
@@ -68,8 +69,10 @@ def db_url(name: str) -> str:
 
 
 def public_url(service_type: str) -> str:
+    """HTTPS, as every public endpoint of a real cloud: the fault proxy terminates TLS with a
+    certificate of the sandbox CA (clouds.yaml names it as ``cacert``)."""
     _, port, path = ENDPOINTS[service_type]
-    return f"http://{PUBLIC_HOST}:{port}{path}"
+    return f"https://{PUBLIC_HOST}:{port}{path}"
 
 
 def internal_url(service_type: str) -> str:

@@ -234,7 +234,9 @@ def write_all() -> None:
     for service, (fname, build) in FILES.items():
         d = c.ETC / service
         d.mkdir(parents=True, exist_ok=True)
-        (d / fname).write_text(render(build()))
+        # Behind the TLS proxy: each API builds its links from X-Forwarded-Proto (https).
+        sections = {**build(), "oslo_middleware": {"enable_proxy_headers_parsing": True}}
+        (d / fname).write_text(render(sections))
         for paste in PASTE.get(service, []):
             shutil.copyfile(c.VENV / "etc" / service / paste, d / paste)
         (c.DATA / service / "locks").mkdir(parents=True, exist_ok=True)

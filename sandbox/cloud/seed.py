@@ -36,8 +36,11 @@ SECRETS_FILE = c.STATE / "seed-secrets.json"
 
 
 def admin_connection(interface: str = "internal") -> Connection:
+    from sandbox import ca
+
     return openstack.connect(
         auth_url=c.INTERNAL_AUTH_URL if interface == "internal" else c.AUTH_URL,
+        cacert=str(ca.ca_cert_path()),
         username=c.ADMIN_USER,
         password=c.ADMIN_PASSWORD,
         project_name="admin",
@@ -72,8 +75,8 @@ def register_services() -> None:
     existing = {(s.type): s for s in ident.services()}
     endpoints = list(ident.endpoints())
     for stype, (name, _port, _path) in c.ENDPOINTS.items():
-        if stype == "identity":
-            continue
+        # identity's own service and endpoints come from keystone-manage bootstrap; they are
+        # reconciled here too, so a sandbox made before the endpoints spoke TLS follows.
         service = existing.get(stype) or ident.create_service(name=name, type=stype)
         for interface, url in (
             ("public", c.public_url(stype)),
@@ -283,7 +286,14 @@ def _host(cidr: str, n: int) -> str:
 
 
 def write_clouds_yaml(app_id: str, app_secret: str) -> None:
-    common = {"region_name": c.REGION, "interface": "public", "identity_api_version": 3}
+    from sandbox import ca
+
+    common = {
+        "region_name": c.REGION,
+        "interface": "public",
+        "identity_api_version": 3,
+        "cacert": str(ca.ca_cert_path()),
+    }
     clouds = {
         layout.CLOUD_NAME: {
             "auth_type": "v3applicationcredential",

@@ -362,8 +362,9 @@ def start_process(name: str) -> None:
 
 
 def start_faults() -> None:
-    from sandbox import faults
+    from sandbox import ca, faults
 
+    cert, key = ca.server_certificate(c.PUBLIC_HOST, c.HOST)
     upstreams = {
         stype: (port, c.backend_port(stype))
         for stype, (_, port, _) in c.ENDPOINTS.items()
@@ -372,7 +373,11 @@ def start_faults() -> None:
     procs.start(
         FAULTS,
         faults.server_argv(
-            str(c.VENV_BIN / "python"), upstreams, c.FAULTS_CTL_PORT, (c.HOST, c.PUBLIC_HOST)
+            str(c.VENV_BIN / "python"),
+            upstreams,
+            c.FAULTS_CTL_PORT,
+            (c.HOST, c.PUBLIC_HOST),
+            tls=(str(cert), str(key)),
         ),
     )
 

@@ -95,13 +95,47 @@ def test_clouds_yaml_entries(sandbox_cloud, user_conn, admin_conn):
     assert admin_conn.identity.get_project(project).name == "alma-sails"
     # the catalog a client sees points at the fault proxy, on the tenant gateway (where the
     # guests reach it too)
-    assert user_conn.compute.get_endpoint().startswith("http://10.211.0.1:8774")
+    assert user_conn.compute.get_endpoint().startswith("https://10.211.0.1:8774")
+    catalog = user_conn.session.auth.get_access(user_conn.session).service_catalog.catalog
+    public = [e["url"] for s in catalog for e in s["endpoints"] if e["interface"] == "public"]
+    assert public and all(u.startswith("https://10.211.0.1:") for u in public), public
     limits = user_conn.get_compute_limits()
     assert (limits.max_total_instances, limits.max_total_cores) == (4, 4)
     assert limits.max_total_ram_size == 16384
     flavor = user_conn.get_flavor(FLAVOR)
     assert (flavor.vcpus, flavor.ram, flavor.disk, flavor.ephemeral) == (1, 7680, 20, 36)
     assert user_conn.get_image(IMAGE) is not None
+
+
+def test_public_endpoints_speak_tls_only(sandbox_cloud):
+    """As on a real cloud: the public endpoints answer HTTPS with a certificate that verifies
+    against the CA clouds.yaml names, a client without that CA refuses them, and a plain-HTTP
+    request gets no HTTP answer."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    import yaml
+
+    from sandbox.cloud import common
+
+    with open(sandbox_cloud["OS_CLIENT_CONFIG_FILE"]) as fh:
+        entry = yaml.safe_load(fh)["clouds"]["sandbox"]
+    trusting = ssl.create_default_context(cafile=entry["cacert"])
+    with urllib.request.urlopen(common.AUTH_URL, timeout=10, context=trusting) as resp:
+        links = resp.read().decode()
+    assert resp.status == 200 and common.AUTH_URL in links  # its links name https too
+    system_only = ssl.create_default_context(cafile="/etc/ssl/certs/ca-certificates.crt")
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        urllib.request.urlopen(common.AUTH_URL, timeout=10, context=system_only)
+    with socket.create_connection((common.PUBLIC_HOST, 5000), timeout=10) as sock:
+        sock.sendall(b"GET /v3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(10)
+        try:
+            answer = sock.recv(4096)
+        except (ConnectionResetError, TimeoutError):
+            answer = b""
+    assert not answer.startswith(b"HTTP/"), answer
 
 
 def test_server_life_cycle(user_conn):

@@ -4,6 +4,7 @@ delays apply where asked, runs repeat with a seed, and the counters see every re
 
 from __future__ import annotations
 
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -113,13 +114,15 @@ def test_delays_per_method_and_path(fault_control):
 
 
 def _pattern(n: int = 20) -> list[int]:
+    from sandbox import ca
     from sandbox.cloud import common
 
+    tls = ssl.create_default_context(cafile=str(ca.ca_cert_path()))
     codes = []
     for _ in range(n):
         try:
             req = urllib.request.Request(common.AUTH_URL, headers={"User-Agent": AGENT})
-            with urllib.request.urlopen(req, timeout=5) as resp:
+            with urllib.request.urlopen(req, timeout=5, context=tls) as resp:
                 codes.append(resp.status)
         except urllib.error.HTTPError as err:
             codes.append(err.code)

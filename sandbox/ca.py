@@ -1,5 +1,6 @@
-"""The sandbox CA: it signs the stand-in services' TLS certificates and the users' proxy
-certificates, as CADC's CA signs both on the real platform."""
+"""The sandbox CA: it signs the TLS certificates of the sandbox's public endpoints (the cloud's
+APIs and the CANFAR stand-ins) and the users' proxy certificates, as public CAs and CADC's CA do
+on the real platform."""
 
 from __future__ import annotations
 
@@ -105,9 +106,10 @@ def _ca() -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     return cert, key
 
 
-def server_certificate(ip: str) -> tuple[Path, Path]:
-    """A TLS server certificate for ``ip`` (IP SAN), made once."""
-    cert_path, key_path = CA_DIR / f"server-{ip}.pem", CA_DIR / f"server-{ip}.key"
+def server_certificate(ip: str, *more: str) -> tuple[Path, Path]:
+    """A TLS server certificate for ``ip`` and ``more`` addresses (IP SANs), made once."""
+    stem = "+".join((ip, *more))
+    cert_path, key_path = CA_DIR / f"server-{stem}.pem", CA_DIR / f"server-{stem}.key"
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
     ca_cert, ca_key = _ca()
@@ -122,7 +124,10 @@ def server_certificate(ip: str) -> tuple[Path, Path]:
         .not_valid_before(now - dt.timedelta(days=1))
         .not_valid_after(now + dt.timedelta(days=825))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(a)) for a in (ip, *more)]
+            ),
+            critical=False,
         )
         .add_extension(
             x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
