@@ -30,6 +30,7 @@ from tasks.vm import (
     LocalHost,
     StepRecord,
     ensure_operator_keys,
+    ensure_sshd_keepalive,
     ensure_volume_mounted,
     vm_exclusive,
     wait_for_cloud_init,
@@ -147,6 +148,7 @@ def configure_host(
                 )
             record_fs_uuid(open_connection(config), volume_id, mounted.id)
         records.append(ensure_operator_keys(host, config, apply))
+        records.append(ensure_sshd_keepalive(host, apply))
         records.append(ensure_ca_bundle(host, config, apply))
         if config.arc.enabled or config.canfar.smoke_test.enabled:
             creds = load_canfar(config)

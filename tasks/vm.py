@@ -881,3 +881,32 @@ def ensure_operator_keys(vm: VM, config: BootstrapConfig, apply: bool = True) ->
             else f"{len(wanted)} team key(s) present"
         ),
     )
+
+
+# -- sshd keepalive ------------------------------------------------------------------------------
+#: Where the VM's sshd takes our settings from (Ubuntu's sshd_config includes the folder first).
+SSHD_DROP_IN = "/etc/ssh/sshd_config.d/60-sails-bootstrap.conf"
+#: A session whose client went silent (a laptop closed, a network gone) ends within 15 s x 4: the
+#: VM's lock, held by an SSH session of the run that holds it, does not outlive its run.
+SSHD_KEEPALIVE = "ClientAliveInterval 15\nClientAliveCountMax 4\n"
+
+
+@task(name="ensure-sshd-keepalive", **VM_TASK)
+def ensure_sshd_keepalive(vm: VM, apply: bool = True) -> StepRecord:
+    """sshd ends sessions whose client stopped answering; the file is checked with ``sshd -t``
+    before sshd reloads it (a bad file is removed again, so the next restart still lets us in)."""
+    changed = vm.write_file(SSHD_DROP_IN, SSHD_KEEPALIVE, mode="0644", apply=apply)
+    if changed and apply:
+        check = vm.run("sshd -t", sudo=True, check=False)
+        if not check.ok:
+            vm.run(f"rm -f {SSHD_DROP_IN}", sudo=True)
+            raise BootstrapError(f"sshd refused {SSHD_DROP_IN}: {check.stderr.strip()}")
+        vm.run("systemctl try-reload-or-restart ssh.service", sudo=True)
+    return StepRecord(
+        name="sshd keepalive",
+        action=Action.CHANGE if changed else Action.KEEP,
+        applied=apply,
+        reason=planned([f"wrote {SSHD_DROP_IN}, reloaded sshd"], apply)
+        if changed
+        else "silent sessions end in 60 s",
+    )
