@@ -60,10 +60,10 @@ def register(
         records.append(ensure_local_profile(config, result.api_url, auth))
         with vm_exclusive(vm, config, "register"), vm.api(config.prefect.port) as base:
             url = f"{base}/api"
-            records.append(install_code(vm, config))
+            records.append(install_code(vm, config, url, auth))
             records.append(copy_blocks(config, url, auth))
             records.append(ensure_work_pools(config, url, auth))
-            records.append(ensure_workers(vm, config, auth))
+            records.append(ensure_workers(vm, config, url, auth))
             records.append(deploy(config, url, auth))
             if science_codebase:
                 records.append(deploy_science(vm, config, science_codebase))

@@ -367,6 +367,13 @@ class PrefectSettings(_Model):
         default="sails-prefect-auth", description="Secret block holding the API auth string."
     )
     work_pools: list[WorkPool] = Field(default_factory=_seed_pools)
+    drain_timeout: float = Field(
+        default=1800,
+        ge=0,
+        description="Seconds a restart of the server or of a worker waits for the flow runs in "
+        "flight (their pools paused meanwhile); past it the restart goes ahead and names the "
+        "runs it interrupted.",
+    )
     health_cron: Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z*/,?#@ -]{1,100}$")] = Field(
         default="*/15 * * * *", description="Health check schedule."
     )

@@ -8,6 +8,7 @@ secrets are protected at rest and in transit to callers without the auth string.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shlex
 import time
@@ -17,6 +18,7 @@ from typing import Any
 from prefect import task
 
 from sails_bootstrap.config import BootstrapConfig
+from tasks.drain import drained
 from tasks.errors import BootstrapError
 from tasks.log import Progress, logger
 from tasks.records import Action
@@ -316,9 +318,8 @@ def ensure_prefect_server(
             vm.run(f"systemctl enable {SERVER_UNIT}", sudo=True)
         changes.append("enabled")
     active = vm.run(f"systemctl is-active --quiet {SERVER_UNIT}", check=False).ok
-    if not active or env_changed or unit_changed or venv_changed:
-        if apply:
-            vm.run(f"systemctl restart {SERVER_UNIT}", sudo=True)
+    restart = not active or env_changed or unit_changed or venv_changed
+    if restart:
         changes.append(
             ("restarted for the new venv" if venv_changed else "restarted") if active else "started"
         )
@@ -326,7 +327,21 @@ def ensure_prefect_server(
     # itself, directly).
     url = f"http://127.0.0.1:{config.prefect.port}/api on the VM"
     if apply:
-        with vm.api(config.prefect.port) as base:
+        from tasks.register import remote_client
+
+        with contextlib.ExitStack() as stack:
+            base = stack.enter_context(vm.api(config.prefect.port))
+            if restart and active:  # the runs in flight end first; the pools wait meanwhile
+                auth = secret["auth_string"] if config.prefect.api_auth else None
+                client = stack.enter_context(remote_client(f"{base}/api", auth))
+                pools = [p.name for p in config.prefect.work_pools]
+                drain = stack.enter_context(
+                    drained(client, pools, config.prefect.drain_timeout, "the Prefect server")
+                )
+                if drain.note():
+                    changes.append(drain.note())
+            if restart:
+                vm.run(f"systemctl restart {SERVER_UNIT}", sudo=True)
             wait_for_health(f"{base}/api", timeout=300, shown=url)
     return StepRecord(
         name="prefect server",

@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from sails_bootstrap.config import BootstrapConfig, dump_config
 from tasks.canfar import VM_CA_BUNDLE, vm_env_path
 from tasks.cloud import cloud_credentials
+from tasks.drain import drained
 from tasks.errors import BootstrapError
 from tasks.log import logger
 from tasks.records import Action
@@ -158,8 +159,10 @@ def _tarball() -> bytes:
 
 
 @task(name="install-code-on-vm", **VM_TASK)
-def install_code(vm: VM, config: BootstrapConfig) -> StepRecord:
-    """Copy this package to the VM's volume, put it on the venv's path, write its config."""
+def install_code(vm: VM, config: BootstrapConfig, url: str, auth_string: str | None) -> StepRecord:
+    """Copy this package to the VM's volume, put it on the venv's path, write its config. The
+    workers run from that directory: they restart in the new one once their runs in flight
+    ended (``prefect.drain_timeout``)."""
     data = _tarball()
     digest = _digest()
     target = code_dir(config)
@@ -167,19 +170,29 @@ def install_code(vm: VM, config: BootstrapConfig) -> StepRecord:
     user = config.server.user
     current = vm.run(f"cat {q}/.version 2>/dev/null || true").stdout.strip()
     changed = current != digest
+    drain_note = ""
     if changed:
         archive = shlex.quote(vm.upload(data))
         vm.run(
             f"rm -rf {q}.new && mkdir -p {q}.new && tar -xzf {archive} -C {q}.new"
-            f" && echo {digest} > {q}.new/.version && rm -rf {q}.old"
-            f" && (test ! -d {q} || mv {q} {q}.old) && mv {q}.new {q} && rm -rf {q}.old"
-            f" && chown -R {user}:{user} {q}"
-            # workers run from the code directory: start them again in the new one
-            f" && (systemctl try-restart 'prefect-worker@*' || true)"
+            f" && echo {digest} > {q}.new/.version"
             f'; rc=$?; rm -rf "$(dirname {archive})"; exit $rc',
             sudo=True,
             timeout=120,
         )
+        pools = [p.name for p in config.prefect.work_pools if p.workers > 0]
+        with (
+            remote_client(url, auth_string) as client,
+            drained(client, pools, config.prefect.drain_timeout, "the workers") as drain,
+        ):
+            vm.run(
+                f"rm -rf {q}.old && (test ! -d {q} || mv {q} {q}.old) && mv {q}.new {q}"
+                f" && rm -rf {q}.old && chown -R {user}:{user} {q}"
+                " && (systemctl try-restart 'prefect-worker@*' || true)",
+                sudo=True,
+                timeout=120,
+            )
+        drain_note = drain.note()
     site = vm.run(
         f"{config.prefect.venv}/bin/python -c "
         "'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])'"
@@ -193,7 +206,9 @@ def install_code(vm: VM, config: BootstrapConfig) -> StepRecord:
     return StepRecord(
         name="code on the VM",
         action=Action.CHANGE if (changed or pth or cfg) else Action.KEEP,
-        reason=f"{target} at {digest}" + (" (updated)" if changed else ""),
+        reason=f"{target} at {digest}"
+        + (" (updated)" if changed else "")
+        + (f"; {drain_note}" if drain_note else ""),
     )
 
 
@@ -345,7 +360,9 @@ def worker_unit(config: BootstrapConfig) -> str:
 
 
 @task(name="ensure-workers", **VM_TASK)
-def ensure_workers(vm: VM, config: BootstrapConfig, auth_string: str | None) -> StepRecord:
+def ensure_workers(
+    vm: VM, config: BootstrapConfig, url: str, auth_string: str | None
+) -> StepRecord:
     """One systemd worker per pool (per configured count), replacing the `screen` sessions."""
     p = config.prefect
     env = [
@@ -368,6 +385,7 @@ def ensure_workers(vm: VM, config: BootstrapConfig, auth_string: str | None) -> 
     if unit_changed:
         vm.run("systemctl daemon-reload", sudo=True)
         changes.append("worker unit")
+    restart: list[str] = []
     for pool in p.work_pools:
         if pool.workers < 1:
             continue
@@ -375,10 +393,21 @@ def ensure_workers(vm: VM, config: BootstrapConfig, auth_string: str | None) -> 
         if not vm.run(f"systemctl is-enabled --quiet {unit}", check=False).ok:
             vm.run(f"systemctl enable {unit}", sudo=True)
             changes.append(f"enabled {pool.name}")
-        active = vm.run(f"systemctl is-active --quiet {unit}", check=False).ok
-        if not active or env_changed or unit_changed:
+        if not vm.run(f"systemctl is-active --quiet {unit}", check=False).ok:
             vm.run(f"systemctl restart {unit}", sudo=True)
-            changes.append(f"{'restarted' if active else 'started'} {pool.name}")
+            changes.append(f"started {pool.name}")
+        elif env_changed or unit_changed:
+            restart.append(pool.name)
+    if restart:  # a worker's restart ends the runs it started: they end first
+        with (
+            remote_client(url, auth_string) as client,
+            drained(client, restart, p.drain_timeout, "the workers") as drain,
+        ):
+            units = " ".join(f"prefect-worker@{name}.service" for name in restart)
+            vm.run(f"systemctl restart {units}", sudo=True)
+        changes += [f"restarted {name}" for name in restart]
+        if drain.note():
+            changes.append(drain.note())
     return StepRecord(
         name="workers",
         action=Action.CHANGE if changes else Action.KEEP,
