@@ -25,8 +25,9 @@ PINNED = [
     "uwsgi==2.0.31",
     "pymysql==1.2.4",
 ]
-#: chromium is for the UI check (`sails-bootstrap ui`, the demo's last step and its test).
-APT_PACKAGES = ["mariadb-server", "rabbitmq-server", "nftables", "conntrack", "chromium"]
+#: chromium is for the UI check (`sails-bootstrap ui`, the demo's last step and its test);
+#: tcpdump for the tests that capture the sandbox's networks.
+APT_PACKAGES = ["mariadb-server", "rabbitmq-server", "nftables", "conntrack", "chromium", "tcpdump"]
 #: A program each Debian package brings.
 APT_PROBES = {
     "mariadb-server": "/usr/sbin/mariadbd",
@@ -34,6 +35,7 @@ APT_PROBES = {
     "nftables": "/usr/sbin/nft",
     "conntrack": "/usr/sbin/conntrack",
     "chromium": "/usr/bin/chromium",
+    "tcpdump": "/usr/bin/tcpdump",
 }
 STAMP = c.VENV / ".sails-stamp"
 PTH_NAME = "sails_sandbox_repo.pth"

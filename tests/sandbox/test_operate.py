@@ -10,6 +10,8 @@ import os
 import shlex
 import stat
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from flows.bootstrap import bootstrap
 from flows.configure import vm_for
 from flows.operate import health_check, reauth_canfar, remount_arc
 from flows.register import register, smoke_test, ui_check
+from sandbox import layout
 from tasks.arc import probe_arc
 from tasks.canfar import read_vm_expiry, vm_cert_path
 from tasks.cloud import cloud_credentials, locate_vm, open_connection
@@ -32,18 +35,26 @@ from tasks.prefect_server import server_secrets
 from tasks.records import Action
 from tasks.register import remote_api, remote_client, run_on_server
 from tests.fixtures.bootstrap import operator_config, operator_tunnel, remove_environment
+from tests.fixtures.capture import Capture, capturing, encodings
 
 pytestmark = [pytest.mark.sandbox]
 
+SERVICES_IP, MIRROR_PORT, INDEX_PORT = layout.SERVICES_IP, layout.MIRROR_PORT, layout.INDEX_PORT
+
 
 SCIENCE_FLOW = """\
+import time
+
 from prefect import flow
 
 
 @flow(name="science-hello")
-def hello(who: str = "ALMA-SAILS") -> str:
+def hello(who: str = "ALMA-SAILS", seconds: float = 0) -> str:
+    time.sleep(seconds)
     return f"hello {who}"
 """
+#: Where the operators keep their codebase on /arc (below the /arc user's home).
+FLOWS_DIR = "projects/ALMA-SAILS/alma-sails-codebase/flows"
 
 SCIENCE_YAML = """\
 name: science-stand-in
@@ -104,6 +115,8 @@ class Operated:
 
     cfg: Any
     out: dict[str, Any]
+    #: Every packet on the sandbox's networks from before `up` until the secrets scan.
+    capture: Capture
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +135,17 @@ def operated(tmp_path_factory, prefect_server, sandbox_cloud, canfar_sandbox) ->
         prefect={"health_cron": "0 3 * * *"},
     )
     try:
-        yield Operated(cfg, bootstrap(cfg))
+        with capturing(tmp_path_factory.mktemp("t-ops-capture")) as capture:
+            yield Operated(cfg, bootstrap(cfg), capture)
     finally:
         remove_environment(cfg)
+
+
+def science_codebase(cfg: Any, canfar_sandbox: Any) -> str:
+    """The science stand-in's flows on /arc, as the operators keep them; its path on the VM."""
+    canfar_sandbox.arc_write(f"{FLOWS_DIR}/hello.py", SCIENCE_FLOW)
+    canfar_sandbox.arc_write(f"{FLOWS_DIR}/prefect.yaml", SCIENCE_YAML.format(user=cfg.server.user))
+    return f"~/canfar_arc/{FLOWS_DIR}"
 
 
 @pytest.fixture
@@ -226,10 +247,7 @@ def test_bootstrap_register_and_self_repair(
 
     # The science codebase, kept on /arc as the operators keep it: `register` deploys its own
     # prefect.yaml, and the VM's workers run it from there.
-    flows_dir = "projects/ALMA-SAILS/alma-sails-codebase/flows"
-    canfar_sandbox.arc_write(f"{flows_dir}/hello.py", SCIENCE_FLOW)
-    canfar_sandbox.arc_write(f"{flows_dir}/prefect.yaml", SCIENCE_YAML.format(user=user))
-    science = register(cfg, science_codebase=f"~/canfar_arc/{flows_dir}")
+    science = register(cfg, science_codebase=science_codebase(cfg, canfar_sandbox))
     assert [r.action for r in science.records if r.name == "science deployments"] == ["change"]
     for name in ("hello-vm", "hello-headless"):
         run = run_on_server.fn(url, auth, f"science-hello/{name}", timeout=180)
@@ -444,6 +462,69 @@ def test_no_secret_outside_its_0600_home(
     assert found, "the secrets' own homes were not found: the scan is blind"
     assert [line for line in found if not line.startswith(("600 ", "400 "))] == []
 
+    # The sandbox's networks, captured since before `up`: the bootstrap, the UI check, the
+    # health check, remount and reauth above, the VM's own deployments. Two markers sent in
+    # cleartext on purpose (one from the VM over the tenant network, one from here, each
+    # longer than a TCP segment) show that the capture would see a secret sent the same way.
+    markers = {"marker from the VM": "vm" + os.urandom(1500).hex()}
+    markers["marker from here"] = "here" + os.urandom(1500).hex()
+    probe = vm_for(cfg, target)
+    try:
+        probe.run(
+            f"exec 3<>/dev/tcp/{SERVICES_IP}/{MIRROR_PORT}; printf 'GET /%s HTTP/1.0\\r\\n\\r\\n'"
+            f" {markers['marker from the VM']} >&3; cat <&3 >/dev/null",
+            timeout=30,
+        )
+    finally:
+        probe.close()
+    with contextlib.suppress(urllib.error.HTTPError):
+        urllib.request.urlopen(
+            f"http://{SERVICES_IP}:{INDEX_PORT}/{markers['marker from here']}", timeout=10
+        )
+    operated.capture.stop()
+    assert operated.capture.dropped and not any(operated.capture.dropped.values())
+    wire = {what: encodings(n) for what, n in needles.items()}
+    auth_user, auth_password = secret["auth_string"].split(":", 1)
+    wire["the API auth string"] = encodings(auth_password, auth_user)
+    wire["the CANFAR password"] = encodings(canfar.password.get_secret_value(), canfar.username)
+    seen = operated.capture.find({**wire, **{w: [m] for w, m in markers.items()}})
+    for what in markers:
+        assert any(f.startswith(f"{what} in ") for f in seen), (what, seen)
+    assert [w for w in seen if not w.startswith("marker")] == []
+    # ... and the cloud was reached, over TLS, both from here and from the VM (its own
+    # bootstrap run above used its application credential): every stream to Keystone is TLS
+    # records (22 handshake, 23 data, 21 alert), new ones open with a handshake.
+    keystone = [
+        (src, data[:2])
+        for (src, _, dst, dport), data in operated.capture.streams().items()
+        if (dst, dport) == (SERVICES_IP, 5000)
+    ]
+    assert keystone and all(head in (b"\x16\x03", b"\x17\x03", b"\x15\x03") for _, head in keystone)
+    from_vm = {head for src, head in keystone if src != SERVICES_IP}
+    from_here = {head for src, head in keystone if src == SERVICES_IP}
+    assert b"\x16\x03" in from_vm and b"\x16\x03" in from_here, keystone[:5]
+
+
+def lock_from_elsewhere(cfg: Any, holder: str) -> Any:
+    """The VM's lock held by an SSH session of another machine's run (as the product holds it),
+    through the managed alias; returns once the lock is held."""
+    import subprocess
+
+    from tasks.vm import lock_script
+
+    other = subprocess.Popen(
+        [
+            "ssh", "-F", str(Path(cfg.ssh.config_dir) / "config"), cfg.ssh.alias,
+            f"sh -c {shlex.quote(lock_script(holder, 0))}",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    assert other.stdout is not None and other.stdout.readline().strip() == "locked"
+    return other
+
 
 def test_one_changing_run_on_the_vm_at_a_time(
     operated: Operated, monkeypatch: pytest.MonkeyPatch
@@ -451,27 +532,14 @@ def test_one_changing_run_on_the_vm_at_a_time(
     """The VM's own lock spans machines: a run holding it from another machine (here an SSH
     session, as the product holds it) makes reauth wait and then refuse naming the holder,
     with nothing changed; once that session is gone, reauth runs."""
-    import subprocess
-
     from tasks.errors import LockHeldOnVM
-    from tasks.vm import lock_script
 
     cfg = operated.cfg
     target = locate_vm.fn(open_connection(cfg), cfg)
     vm = vm_for(cfg, target)
     before = read_vm_expiry(vm, cfg)
-    other = subprocess.Popen(
-        [
-            "ssh", "-F", str(Path(cfg.ssh.config_dir) / "config"), cfg.ssh.alias,
-            f"sh -c {shlex.quote(lock_script('`up` from another laptop', 0))}",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    other = lock_from_elsewhere(cfg, "`up` from another laptop")
     try:
-        assert other.stdout is not None and other.stdout.readline().strip() == "locked"
         monkeypatch.setenv("SAILS_BOOTSTRAP_LOCK_WAIT", "3")
         with pytest.raises(LockHeldOnVM, match="`up` from another laptop"):
             reauth_canfar(cfg)
@@ -481,3 +549,133 @@ def test_one_changing_run_on_the_vm_at_a_time(
         other.wait()
     assert reauth_canfar(cfg).action == Action.CHANGE
     vm.close()
+
+
+def test_a_silent_session_frees_the_vm_lock(
+    operated: Operated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose machine goes silent (a laptop lid closed, a network gone; no FIN, no RST)
+    holds the VM's lock only until the VM's sshd gives up on it (configure's keepalive: a few
+    minutes), not for TCP's two hours."""
+    import subprocess
+
+    cfg = operated.cfg
+    other = lock_from_elsewhere(cfg, "`up` from a laptop that went to sleep")
+    sockets = subprocess.run(
+        ["ss", "-tnpH", "state", "established"], capture_output=True, text=True, check=True
+    ).stdout
+    (port,) = {
+        line.split()[2].rsplit(":", 1)[1]
+        for line in sockets.splitlines()
+        if f"pid={other.pid}," in line
+    }
+    table = "sails-test-silence"
+    nft = [
+        f"add table inet {table}",
+        f"add chain inet {table} out {{ type filter hook output priority 0; }}",
+        f"add chain inet {table} in {{ type filter hook input priority 0; }}",
+        f"add rule inet {table} out tcp sport {port} drop",
+        f"add rule inet {table} in tcp dport {port} drop",
+    ]
+    subprocess.run(["nft", "-f", "-"], input="\n".join(nft), text=True, check=True)
+    try:
+        monkeypatch.setenv("SAILS_BOOTSTRAP_LOCK_WAIT", "300")
+        start = time.monotonic()
+        assert reauth_canfar(cfg).action == Action.CHANGE
+        waited = time.monotonic() - start
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=False)
+        other.kill()
+        other.wait()
+    # it did wait for the silent holder, and not for TCP's hours (150 s measured on the guests)
+    assert 30 < waited < 300, waited
+
+
+def test_restarts_wait_for_the_runs_in_flight(
+    operated: Operated, canfar_sandbox: Any, tunnel: contextlib.ExitStack
+) -> None:
+    """Repairs that restart a worker (register, after the worker's environment drifted) or the
+    server (configure, after the server's environment drifted) pause the pools and wait for
+    the science run in flight, which completes; the pools run again afterwards. Past
+    prefect.drain_timeout the restart goes ahead and names the run it interrupts."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelled
+
+    from flows.configure import configure
+    from tasks.prefect_server import SERVER_ENV
+    from tasks.register import WORKER_ENV
+
+    cfg = operated.cfg
+    codebase = science_codebase(cfg, canfar_sandbox)
+    register(cfg, science_codebase=codebase)
+    url = tunnel.enter_context(operator_tunnel(cfg))
+    auth = server_secrets(cfg)["auth_string"]
+    vm = vm_for(cfg, locate_vm.fn(open_connection(cfg), cfg))
+
+    def start(seconds: float) -> Any:
+        with remote_api(url, auth):
+            run = run_deployment(
+                "science-hello/hello-vm",
+                parameters={"seconds": seconds},
+                timeout=0,
+                as_subflow=False,
+            )
+        with remote_client(url, auth) as client:
+            deadline = time.monotonic() + 120
+            while (state := client.read_flow_run(run.id).state) and state.type != StateType.RUNNING:
+                assert time.monotonic() < deadline, state
+                time.sleep(1)
+        return run
+
+    def final(run: Any, timeout: float = 180) -> Any:
+        with remote_client(url, auth) as client:
+            deadline = time.monotonic() + timeout
+            while not (state := client.read_flow_run(run.id).state).is_final():
+                assert time.monotonic() < deadline, state
+                time.sleep(2)
+            paused = [p.name for p in client.read_work_pools() if p.is_paused]
+        return state, paused
+
+    def drift(path: str) -> None:
+        vm.run(f"echo '# edited by hand' >> {path}", sudo=True)
+
+    try:
+        # a worker restart
+        run = start(60)
+        drift(WORKER_ENV)
+        workers = next(
+            r for r in register(cfg, science_codebase=codebase).records if r.name == "workers"
+        )
+        assert "restarted vm-runs" in workers.reason, workers.reason
+        assert f"run(s) in flight ({run.name})" in workers.reason, workers.reason
+        state, paused = final(run)
+        assert state.type == StateType.COMPLETED, state
+        assert paused == []
+
+        # a server restart
+        run = start(60)
+        drift(SERVER_ENV)
+        server = next(r for r in configure(cfg).records if r.name == "prefect server")
+        assert "restarted" in server.reason and run.name in server.reason, server.reason
+        state, paused = final(run)
+        assert state.type == StateType.COMPLETED, state
+        assert paused == []
+
+        # the time box
+        run = start(600)
+        drift(WORKER_ENV)
+        boxed = cfg.model_copy(
+            update={"prefect": cfg.prefect.model_copy(update={"drain_timeout": 5})}
+        )
+        workers = next(
+            r for r in register(boxed, science_codebase=codebase).records if r.name == "workers"
+        )
+        assert "interrupted 1 run(s) still in flight after" in workers.reason, workers.reason
+        assert run.name in workers.reason
+    finally:
+        with remote_client(url, auth) as client:  # nothing left running for later tests
+            for leftover in client.read_flow_runs():
+                if leftover.state and leftover.state.type == StateType.RUNNING:
+                    client.set_flow_run_state(leftover.id, Cancelled(), force=True)
+        vm.close()
