@@ -886,8 +886,9 @@ def ensure_operator_keys(vm: VM, config: BootstrapConfig, apply: bool = True) ->
 # -- sshd keepalive ------------------------------------------------------------------------------
 #: Where the VM's sshd takes our settings from (Ubuntu's sshd_config includes the folder first).
 SSHD_DROP_IN = "/etc/ssh/sshd_config.d/60-sails-bootstrap.conf"
-#: A session whose client went silent (a laptop closed, a network gone) ends within 15 s x 4: the
-#: VM's lock, held by an SSH session of the run that holds it, does not outlive its run.
+#: A session whose client went silent (a laptop closed, a network gone) ends after 15 s x 4
+#: unanswered keepalives (150 s measured on the sandbox's guests, not TCP's two hours): the VM's
+#: lock, held by an SSH session of the run that holds it, does not outlive its run.
 SSHD_KEEPALIVE = "ClientAliveInterval 15\nClientAliveCountMax 4\n"
 
 
@@ -908,5 +909,5 @@ def ensure_sshd_keepalive(vm: VM, apply: bool = True) -> StepRecord:
         applied=apply,
         reason=planned([f"wrote {SSHD_DROP_IN}, reloaded sshd"], apply)
         if changed
-        else "silent sessions end in 60 s",
+        else "silent sessions end after 4 unanswered keepalives",
     )
