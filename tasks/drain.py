@@ -30,38 +30,83 @@ class Drain:
     waited_for: list[str] = field(default_factory=list)
     waited: float = 0.0
     interrupted: list[str] = field(default_factory=list)
+    #: runs the server counts in flight whose process is not on the VM: not waited for
+    gone: list[str] = field(default_factory=list)
     error: str | None = None
 
     def note(self) -> str:
         """A clause for a step's reason; empty when there was nothing to wait for."""
         if self.error:
             return f"runs in flight not checked ({self.error})"
+        parts = []
         if self.interrupted:
-            return (
+            parts.append(
                 f"interrupted {len(self.interrupted)} run(s) still in flight after "
                 f"{self.waited:.0f} s: {', '.join(self.interrupted)}"
             )
-        if self.waited_for:
-            return (
+        elif self.waited_for:
+            parts.append(
                 f"waited {self.waited:.0f} s for {len(self.waited_for)} run(s) in flight "
                 f"({', '.join(self.waited_for)})"
             )
-        return ""
+        if self.gone:
+            parts.append(
+                f"{len(self.gone)} run(s) the server counts in flight have no process on the "
+                f"VM (set them Crashed in the UI): {', '.join(self.gone)}"
+            )
+        return "; ".join(parts)
 
 
-def _own_runs(client: Any) -> set[UUID]:
-    """This flow run and the runs above it: a drain inside the VM's own `bootstrap` run must not
-    wait for itself."""
+def _own_runs() -> set[UUID]:
+    """This flow run and the runs above it, read from the API this run reports to: a drain
+    inside the VM's own `bootstrap` run must not wait for itself. (From the operator's machine
+    these are runs of the local server, which the VM's server does not hold.)"""
+    from prefect.client.orchestration import get_client
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
     own: set[UUID] = set()
-    run = ctx.flow_run if ctx else None
-    while run is not None and run.id not in own:
-        own.add(run.id)
-        parent = run.parent_task_run_id
-        run = client.read_flow_run(client.read_task_run(parent).flow_run_id) if parent else None
+    run: Any = ctx.flow_run if ctx else None
+    try:
+        with get_client(sync_client=True) as client:
+            while run is not None and run.id not in own:
+                own.add(run.id)
+                parent = run.parent_task_run_id
+                above = client.read_task_run(parent).flow_run_id if parent else None
+                run = client.read_flow_run(above) if above else None
+    except Exception as exc:  # the ancestors are a refinement: the run itself is known
+        logger().debug("parents of this run not read: %s", exc)
     return own
+
+
+#: Flow-run ids of the processes running on the VM (the process worker gives each flow-run
+#: process its id in the environment).
+LIVE_RUNS = (
+    "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'"
+    " | sed -n 's/^PREFECT__FLOW_RUN_ID=//p' | sort -u"
+)
+#: A pending run whose process has not appeared after this long is not coming.
+PENDING_GRACE = 120.0
+
+
+def _alive(runs: list[Any], host: Any) -> tuple[list[Any], list[Any]]:
+    """(runs with a process on the VM or about to get one, runs left behind by a reboot or a
+    killed worker: in flight for the server, gone from the VM)."""
+    import datetime as dt
+
+    if host is None or not runs:
+        return runs, []
+    live = set(host.run(LIVE_RUNS, sudo=True, check=False).stdout.split())
+    now = dt.datetime.now(dt.UTC)
+    alive: list[Any] = []
+    gone: list[Any] = []
+    for run in runs:
+        since = run.state.timestamp if run.state else None
+        starting = run.state_type.value == "PENDING" and (
+            since is None or (now - since).total_seconds() < PENDING_GRACE
+        )
+        (alive if str(run.id) in live or starting else gone).append(run)
+    return alive, gone
 
 
 def _in_flight(client: Any, pools: list[str], own: set[UUID]) -> list[Any]:
@@ -88,18 +133,22 @@ def _in_flight(client: Any, pools: list[str], own: set[UUID]) -> list[Any]:
 
 
 @contextmanager
-def drained(client: Any, pools: list[str], timeout: float, what: str) -> Iterator[Drain]:
+def drained(
+    client: Any, pools: list[str], timeout: float, what: str, host: Any = None
+) -> Iterator[Drain]:
     """Pause ``pools`` (those not paused already), wait for their runs in flight up to
     ``timeout`` seconds, yield for the restart of ``what``, resume the pools paused here (also
-    when the restart fails). An API that does not answer has nothing to drain: the restart
-    goes ahead and the record says the runs were not checked."""
+    when the restart fails). With ``host`` (the VM), a run the server thinks in flight but
+    whose process is gone from the VM (a reboot, a killed worker) is named, not waited for. An
+    API that does not answer has nothing to drain: the restart goes ahead and the record says
+    the runs were not checked."""
     from prefect.client.schemas.actions import WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
 
     drain = Drain()
     log = logger()
     try:
-        own = _own_runs(client)
+        own = _own_runs()
         present = []
         for name in pools:
             try:
@@ -113,7 +162,13 @@ def drained(client: Any, pools: list[str], timeout: float, what: str) -> Iterato
         pools = present
         start = time.monotonic()
         progress = Progress(f"runs in flight before {what} restarts", every=30)
-        while pools and (runs := _in_flight(client, pools, own)):
+        while pools:
+            runs, gone = _alive(_in_flight(client, pools, own), host)
+            # (a run that ended between the two reads is not left behind)
+            gone = [r for r in gone if not client.read_flow_run(r.id).state.is_final()]
+            drain.gone = sorted({*drain.gone, *(r.name for r in gone)})
+            if not runs:
+                break
             drain.waited_for = sorted({*drain.waited_for, *(r.name for r in runs)})
             drain.waited = time.monotonic() - start
             if drain.waited >= timeout:

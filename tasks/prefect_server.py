@@ -336,7 +336,7 @@ def ensure_prefect_server(
                 client = stack.enter_context(remote_client(f"{base}/api", auth))
                 pools = [p.name for p in config.prefect.work_pools]
                 drain = stack.enter_context(
-                    drained(client, pools, config.prefect.drain_timeout, "the Prefect server")
+                    drained(client, pools, config.prefect.drain_timeout, "the Prefect server", vm)
                 )
                 if drain.note():
                     changes.append(drain.note())

@@ -183,7 +183,7 @@ def install_code(vm: VM, config: BootstrapConfig, url: str, auth_string: str | N
         pools = [p.name for p in config.prefect.work_pools if p.workers > 0]
         with (
             remote_client(url, auth_string) as client,
-            drained(client, pools, config.prefect.drain_timeout, "the workers") as drain,
+            drained(client, pools, config.prefect.drain_timeout, "the workers", vm) as drain,
         ):
             vm.run(
                 f"rm -rf {q}.old && (test ! -d {q} || mv {q} {q}.old) && mv {q}.new {q}"
@@ -401,7 +401,7 @@ def ensure_workers(
     if restart:  # a worker's restart ends the runs it started: they end first
         with (
             remote_client(url, auth_string) as client,
-            drained(client, restart, p.drain_timeout, "the workers") as drain,
+            drained(client, restart, p.drain_timeout, "the workers", vm) as drain,
         ):
             units = " ".join(f"prefect-worker@{name}.service" for name in restart)
             vm.run(f"systemctl restart {units}", sudo=True)

@@ -4,6 +4,8 @@ for. (The sandbox's operate test drains real workers on a real VM.)"""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 import uuid
@@ -16,6 +18,7 @@ from prefect.states import Completed, Running
 
 from tasks import drain as drain_module
 from tasks.drain import drained
+from tasks.vm import LocalHost
 
 
 @pytest.fixture
@@ -90,3 +93,64 @@ def test_an_api_that_does_not_answer_is_reported_not_waited_for() -> None:
     ):
         pass
     assert drain.error and drain.note().startswith("runs in flight not checked")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reads the environment of every process, as root")
+def test_a_run_whose_process_is_gone_is_named_not_waited_for(
+    client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server counts a run in flight until someone says otherwise; after a reboot or a
+    killed worker its process is gone for good. The drain waits while the run's process lives
+    on the host (the process worker gives it its id in the environment), then names it."""
+    monkeypatch.setattr(drain_module, "POLL", 0.2)
+    pool = new_pool(client)
+    run = run_in_pool(client, pool)
+    process = subprocess.Popen(
+        ["sleep", "2"], env={**os.environ, "PREFECT__FLOW_RUN_ID": str(run.id)}
+    )
+    start = time.monotonic()
+    with drained(client, [pool], 60, "the workers", LocalHost()) as drain:
+        waited = time.monotonic() - start
+    process.wait()
+    assert 1.5 < waited < 15, waited  # while its process lived, not up to the bound
+    assert drain.waited_for == [run.name] and drain.gone == [run.name]
+    assert "have no process on the VM" in drain.note() and run.name in drain.note()
+
+
+def test_a_drain_inside_a_subflow_on_another_server_still_waits(
+    client: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the operator's machine the drain runs inside `up`'s register subflow, whose runs
+    are on the local server, while it reads the VM's server: its own runs are looked up where
+    they are, and the drain still waits for the VM's run in flight."""
+    from prefect import flow
+
+    from tests.fixtures.prefect_server import start_prefect_server, stop_prefect_server
+
+    monkeypatch.setattr(drain_module, "POLL", 0.2)
+    vm_server = start_prefect_server(tmp_path / "vm-server")
+    try:
+        with SyncPrefectClient(vm_server.url) as vm_client:
+            pool = new_pool(vm_client)
+            run = run_in_pool(vm_client, pool)
+
+            @flow(name="register-stand-in")
+            def child() -> Any:
+                ends = threading.Timer(
+                    1.0, lambda: vm_client.set_flow_run_state(run.id, Completed())
+                )
+                ends.start()
+                with drained(vm_client, [pool], 60, "the workers") as drain:
+                    pass
+                ends.join()
+                return drain
+
+            @flow(name="up-stand-in")
+            def parent() -> Any:
+                return child()
+
+            drain = parent()
+    finally:
+        stop_prefect_server(vm_server)
+    assert drain.error is None, drain.error
+    assert drain.waited_for == [run.name]
