@@ -77,15 +77,25 @@ def capture_ui(
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 900})
             page.set_default_timeout(ms)
-            page.goto(f"{ui_url}/dashboard", wait_until="networkidle")
-            if "/login" in page.url:
+
+            def log_in_if_asked(url: str) -> None:
+                # The UI checks the stored auth string on every load and, when that check's
+                # API call fails (a busy server), forgets it and shows the login page again:
+                # log in again, as a person would.
+                if "/login" not in page.url:
+                    return
                 if not auth_string:
                     raise BootstrapError(f"{ui_url} asks for a login but no auth string is set")
                 field = page.locator("input").first
                 field.fill(auth_string)
                 field.press("Enter")
-                page.wait_for_url(lambda url: "/login" not in url, timeout=ms)
+                page.wait_for_url(lambda u: "/login" not in u, timeout=ms)
                 log.info("logged in to %s", ui_url)
+                if page.url.split("?")[0] != url:
+                    page.goto(url, wait_until="networkidle")
+
+            page.goto(f"{ui_url}/dashboard", wait_until="networkidle")
+            log_in_if_asked(f"{ui_url}/dashboard")
             for name, (path, expect) in pages.items():
                 url = f"{ui_url}{path}"
                 # A page whose API calls failed (a busy server) stays empty until reloaded, as a
@@ -93,6 +103,7 @@ def capture_ui(
                 for attempt in range(1, ATTEMPTS + 1):
                     page.goto(url, wait_until="networkidle")
                     try:
+                        log_in_if_asked(url)
                         page.get_by_text(expect).first.wait_for(timeout=ms)
                         break
                     except PlaywrightError as exc:
