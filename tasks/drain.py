@@ -12,10 +12,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from tasks.log import Progress, logger
+
+if TYPE_CHECKING:
+    from tasks.vm import VM
 
 #: How often the runs in flight are read again while waiting.
 POLL = 5.0
@@ -89,10 +92,12 @@ LIVE_RUNS = (
 PENDING_GRACE = 120.0
 
 
-def _alive(runs: list[Any], host: Any) -> tuple[list[Any], list[Any]]:
+def _alive(runs: list[Any], host: VM | None) -> tuple[list[Any], list[Any]]:
     """(runs with a process on the VM or about to get one, runs left behind by a reboot or a
     killed worker: in flight for the server, gone from the VM)."""
     import datetime as dt
+
+    from prefect.client.schemas.objects import StateType
 
     if host is None or not runs:
         return runs, []
@@ -102,7 +107,7 @@ def _alive(runs: list[Any], host: Any) -> tuple[list[Any], list[Any]]:
     gone: list[Any] = []
     for run in runs:
         since = run.state.timestamp if run.state else None
-        starting = run.state_type.value == "PENDING" and (
+        starting = run.state_type == StateType.PENDING and (
             since is None or (now - since).total_seconds() < PENDING_GRACE
         )
         (alive if str(run.id) in live or starting else gone).append(run)
@@ -134,7 +139,7 @@ def _in_flight(client: Any, pools: list[str], own: set[UUID]) -> list[Any]:
 
 @contextmanager
 def drained(
-    client: Any, pools: list[str], timeout: float, what: str, host: Any = None
+    client: Any, pools: list[str], timeout: float, what: str, host: VM | None = None
 ) -> Iterator[Drain]:
     """Pause ``pools`` (those not paused already), wait for their runs in flight up to
     ``timeout`` seconds, yield for the restart of ``what``, resume the pools paused here (also
