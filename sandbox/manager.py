@@ -81,7 +81,7 @@ def cloud_running() -> bool:
     if not layout.clouds_yaml().exists() or not net.network_present():
         return False
     try:
-        return services.http_answers(common.ENDPOINTS["identity"][1], "/v3")
+        return services.http_answers(common.ENDPOINTS["identity"][1], "/v3", tls=True)
     except OSError:
         return False
 

@@ -136,6 +136,11 @@ def test_public_endpoints_speak_tls_only(sandbox_cloud):
         except (ConnectionResetError, TimeoutError):
             answer = b""
     assert not answer.startswith(b"HTTP/"), answer
+    # and the sandbox's own liveness check speaks HTTPS too: a running cloud is not started
+    # and seeded again by every test's `manager.up()`
+    from sandbox import manager
+
+    assert manager.cloud_running()
 
 
 def test_server_life_cycle(user_conn):
