@@ -181,9 +181,9 @@ def sandbox_blocks(config: ConfigOption) -> None:
     CanfarCredentials block and, if the config names one, the /arc key CANFAR trusts."""
     from typing import cast
 
+    cfg = read_config(config)
     from blocks import SSHKeyPair
 
-    cfg = read_config(config)
     _sandbox_manager()  # says what is needed when not root
     ensure_api()
     canfar = importlib.import_module("sandbox.canfar")
@@ -401,9 +401,9 @@ def _print_records(records: list[Any]) -> None:
 @app.command("plan")
 def plan_cmd(config: ConfigOption) -> None:
     """Say what `up` would change in the cloud and on the VM, changing nothing."""
+    cfg = read_config(config)
     from flows.plan import plan
 
-    cfg = read_config(config)
     result = _run(lambda: plan(cfg))
     typer.echo(f"plan for {cfg.environment}:")
     _print_records([*result.cloud, *result.vm])
@@ -414,9 +414,9 @@ def plan_cmd(config: ConfigOption) -> None:
 @app.command("provision")
 def provision_cmd(config: ConfigOption, trust_host_key: TrustOption = None) -> None:
     """Create or fix the keypair, rules, server, floating IP, volume and the local ssh alias."""
+    cfg = with_trusted(read_config(config), trust_host_key)
     from flows.provision import provision
 
-    cfg = with_trusted(read_config(config), trust_host_key)
     result = _run(lambda: provision(cfg), cfg, "provision")
     _print_records(result.records)
     typer.echo(f"ready: ssh {cfg.ssh.alias}  ({cfg.server.user}@{result.address})")
@@ -425,9 +425,9 @@ def provision_cmd(config: ConfigOption, trust_host_key: TrustOption = None) -> N
 @app.command("configure")
 def configure_cmd(config: ConfigOption, trust_host_key: TrustOption = None) -> None:
     """Configure the VM over SSH: volume, /arc, CANFAR auth, Prefect server, operator keys."""
+    cfg = with_trusted(read_config(config), trust_host_key)
     from flows.configure import configure
 
-    cfg = with_trusted(read_config(config), trust_host_key)
     result = _run(lambda: configure(cfg), cfg, "configure")
     _print_records(result.records)
     typer.echo(f"Prefect UI: {result.ui_url} (run `ssh -N {cfg.ssh.alias}` to reach it)")
@@ -439,9 +439,9 @@ def register_cmd(
     science_codebase: ScienceOption = None,
 ) -> None:
     """Register the VM's server: profile, blocks, work pools, workers, deployments."""
+    cfg = read_config(config)
     from flows.register import register
 
-    cfg = read_config(config)
     result = _run(lambda: register(cfg, science_codebase=science_codebase), cfg, "register")
     _print_records(result.records)
     typer.echo(
@@ -456,9 +456,9 @@ def up_cmd(
     trust_host_key: TrustOption = None,
 ) -> None:
     """The whole bootstrap: provision, configure, register, CANFAR smoke test."""
+    cfg = with_trusted(read_config(config), trust_host_key)
     from flows.bootstrap import bootstrap
 
-    cfg = with_trusted(read_config(config), trust_host_key)
     out = _run(lambda: bootstrap(cfg, science_codebase=science_codebase), cfg, "up")
     typer.echo(f"\n{cfg.environment} is up")
     typer.echo(f"  Prefect UI:  {out['ui_url']} while `ssh -N {cfg.ssh.alias}` runs")
@@ -471,10 +471,10 @@ def up_cmd(
 @app.command("health")
 def health_cmd(config: ConfigOption) -> None:
     """Run every health probe now (from this machine) and print the table."""
-    from flows.operate import health_check
-
     cfg = read_config(config)
     from prefect.states import State
+
+    from flows.operate import health_check
 
     state = _run(lambda: health_check(cfg, return_state=True))
     report = state.result(raise_on_failure=False) if isinstance(state, State) else state
@@ -488,9 +488,9 @@ def health_cmd(config: ConfigOption) -> None:
 @app.command("remount")
 def remount_cmd(config: ConfigOption) -> None:
     """Remount /arc on the VM if it is stale or dead (no-op when live)."""
+    cfg = read_config(config)
     from flows.operate import remount_arc
 
-    cfg = read_config(config)
     record = _run(lambda: remount_arc(cfg), cfg, "remount")
     typer.echo(f"/arc: {record.reason}")
 
@@ -498,9 +498,9 @@ def remount_cmd(config: ConfigOption) -> None:
 @app.command("reauth")
 def reauth_cmd(config: ConfigOption) -> None:
     """Renew the CANFAR certificate on the VM from the CanfarCredentials block."""
+    cfg = read_config(config)
     from flows.operate import reauth_canfar
 
-    cfg = read_config(config)
     record = _run(lambda: reauth_canfar(cfg), cfg, "reauth")
     typer.echo(f"CANFAR: {record.reason}")
 
@@ -520,9 +520,9 @@ def ui_cmd(
     ] = True,
 ) -> None:
     """Open the VM server's UI in headless Chromium, log in, and save screenshots."""
+    cfg = read_config(config)
     from flows.register import ui_check
 
-    cfg = read_config(config)
     record = _run(lambda: ui_check(cfg, str(out), run_health))
     for page in record.pages:
         typer.echo(f"  {page.name:<16} {page.screenshot}  ({page.url})")
@@ -546,9 +546,9 @@ def down_cmd(
     ] = None,
 ) -> None:
     """Delete the server and release its floating IP (the volume is kept unless asked)."""
+    cfg = read_config(config)
     from flows.teardown import teardown
 
-    cfg = read_config(config)
     what = f"server {cfg.server_name}, its security group and its floating IP"
     if delete_volume:
         volume_id = _typed_volume_id(cfg, volume_id, yes)
