@@ -225,7 +225,7 @@ class OpenStackCredentials(CredentialsBlock):
         identity: Any = conn.identity  # v3: the only identity API this block speaks
         try:
             user = str(conn.current_user_id)
-            existing = identity.find_application_credential(user, name)
+            existing = _find_credential(identity, user, name)
             if (
                 existing is not None
                 and kept is not None
@@ -267,7 +267,7 @@ class OpenStackCredentials(CredentialsBlock):
         identity: Any = conn.identity  # v3: the only identity API this block speaks
         try:
             user = str(conn.current_user_id)
-            existing = identity.find_application_credential(user, name)
+            existing = _find_credential(identity, user, name)
             if existing is None:
                 return False
             identity.delete_application_credential(user, existing)
@@ -277,3 +277,14 @@ class OpenStackCredentials(CredentialsBlock):
 
     def get_client(self, *args: Any, **kwargs: Any) -> Connection:
         return self.get_connection()
+
+
+def _find_credential(identity: Any, user: str, name: str) -> Any | None:
+    """The user's application credential called ``name``, or None (``find_*`` with
+    ``ignore_missing=True``, its default, is deprecated in openstacksdk)."""
+    from openstack import exceptions as os_exc
+
+    try:
+        return identity.find_application_credential(user, name, ignore_missing=False)
+    except os_exc.NotFoundException:
+        return None

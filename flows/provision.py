@@ -23,6 +23,7 @@ from tasks.cloud import (
     ensure_security_group,
     ensure_server,
     ensure_volume,
+    find_or_none,
     open_connection,
     preflight,
 )
@@ -72,9 +73,7 @@ def load_key(config: BootstrapConfig, apply: bool, on_vm: bool = False) -> Any:
     from blocks.ssh import PublicKey, SSHKeyPair
 
     if on_vm:
-        keypair = open_connection(config).compute.find_keypair(
-            config.keypair_name, ignore_missing=True
-        )
+        keypair = find_or_none(open_connection(config).compute.find_keypair, config.keypair_name)
         if keypair is None:
             raise BootstrapError(
                 f"keypair {config.keypair_name!r} is missing in the cloud: run "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,17 @@ def cloud_credentials(config: BootstrapConfig) -> OpenStackCredentials:
             ) from None
     creds.api_timeout = config.cloud.api_timeout
     return creds
+
+
+def find_or_none(find: Callable[..., Any], name_or_id: str) -> Any | None:
+    """``find(name_or_id)`` (an openstacksdk ``find_*`` proxy method), or None when nothing has
+    that name or id. (``ignore_missing=True`` on ``find_*`` is deprecated in openstacksdk.)"""
+    from openstack import exceptions as os_exc
+
+    try:
+        return find(name_or_id, ignore_missing=False)
+    except os_exc.NotFoundException:
+        return None
 
 
 def open_connection(config: BootstrapConfig) -> Connection:
@@ -155,8 +167,8 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
     problems: list[str] = []
 
     def compute() -> tuple[Any, Any, list[Any]]:
-        flavor = conn.compute.find_flavor(config.server.flavor, ignore_missing=True)
-        keypair = conn.compute.find_keypair(config.keypair_name, ignore_missing=True)
+        flavor = find_or_none(conn.compute.find_flavor, config.server.flavor)
+        keypair = find_or_none(conn.compute.find_keypair, config.keypair_name)
         servers = _find_ours(
             conn.compute.servers(name=f"^{re.escape(config.server_name)}$"), config
         )
@@ -258,7 +270,7 @@ def find_image(conn: Connection, wanted: str) -> tuple[Any | None, str | None]:
     from openstack import exceptions as os_exc
 
     try:
-        image = conn.image.find_image(wanted, ignore_missing=True)
+        image = find_or_none(conn.image.find_image, wanted)
     except os_exc.DuplicateResource:
         same = sorted(conn.image.images(name=wanted), key=lambda i: i.created_at or "")
         listed = "; ".join(
@@ -440,7 +452,7 @@ def ensure_keypair(
     from openstack import exceptions as os_exc
 
     name = config.keypair_name
-    existing = conn.compute.find_keypair(name, ignore_missing=True)
+    existing = find_or_none(conn.compute.find_keypair, name)
     if existing is not None:
         if not _same_key(existing.public_key, key.public_key):
             raise BootstrapError(
@@ -992,7 +1004,7 @@ def ensure_attachment(
         wait_for_volume(conn, current, "in-use", config.volume.timeout)
         return AttachmentRecord(**base, id=pending.id, reason="attached (an earlier request)")
     others = [a.get("server_id") for a in current.attachments or []]
-    live_others = [s for s in others if conn.compute.find_server(s, ignore_missing=True)]
+    live_others = [s for s in others if find_or_none(conn.compute.find_server, s)]
     if live_others:
         return AttachmentRecord(
             **base,
