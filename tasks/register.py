@@ -52,6 +52,10 @@ def prefect_yaml() -> Path:
     )
 
 
+#: The path file earlier versions put into the VM's venv (removed by ``install_code``).
+OLD_PTH = "sails-bootstrap.pth"
+
+
 def code_dir(config: BootstrapConfig) -> str:
     return f"{config.volume.mount_point}/sails-bootstrap"
 
@@ -160,7 +164,7 @@ def _tarball() -> bytes:
 
 @task(name="install-code-on-vm", **VM_TASK)
 def install_code(vm: VM, config: BootstrapConfig, url: str, auth_string: str | None) -> StepRecord:
-    """Copy this package to the VM's volume, put it on the venv's path, write its config. The
+    """Copy this package to the VM's volume (never onto the venv's path), write its config. The
     workers run from that directory: they restart in the new one once their runs in flight
     ended (``prefect.drain_timeout``)."""
     data = _tarball()
@@ -193,13 +197,16 @@ def install_code(vm: VM, config: BootstrapConfig, url: str, auth_string: str | N
                 timeout=120,
             )
         drain_note = drain.note()
+    # Nothing of this package goes on the venv's path: the science pipeline's runs share the
+    # venv, and its codebase has top-level packages of the same names (``flows``). Our own
+    # deployments import it from their working directory (the pull step sets the code
+    # directory, and Prefect puts it on the run's path, as for any project). Earlier versions
+    # wrote a .pth file into the venv: it goes.
     site = vm.run(
         f"{config.prefect.venv}/bin/python -c "
         "'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])'"
     ).stdout.strip()
-    pth = vm.write_file(
-        f"{site}/sails-bootstrap.pth", target + "\n", owner=f"{user}:{user}", sudo=False
-    )
+    pth = bool(vm.run(f"rm -fv {shlex.quote(site + '/' + OLD_PTH)}").stdout.strip())
     cfg = vm.write_file(
         f"{target}/config.yaml", dump_config(vm_config(config)), owner=f"{user}:{user}", sudo=False
     )
@@ -208,6 +215,7 @@ def install_code(vm: VM, config: BootstrapConfig, url: str, auth_string: str | N
         action=Action.CHANGE if (changed or pth or cfg) else Action.KEEP,
         reason=f"{target} at {digest}"
         + (" (updated)" if changed else "")
+        + (f"; {OLD_PTH} removed from the venv" if pth else "")
         + (f"; {drain_note}" if drain_note else ""),
     )
 

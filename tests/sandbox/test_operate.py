@@ -189,7 +189,21 @@ def test_bootstrap_register_and_self_repair(
     ]
     assert pools["vm-runs"] == 2 and pools["headless-runs"] == 12, (pools, out.get("register"))
 
-    register(cfg)  # again: one copy of everything, the schedule kept
+    # Nothing of this package is on the venv the science runs share (its codebase has a
+    # top-level `flows` package of its own): an earlier version's .pth file is removed by the
+    # next register, and our deployments import their code from their working directory (the
+    # health-check runs below prove they still do).
+    vm = vm_for(cfg, target)
+    venv_python = f"cd / && {cfg.prefect.venv}/bin/python -c"
+    site = vm.run(f"{venv_python} 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])'")
+    vm.write_file(f"{site.stdout.strip()}/sails-bootstrap.pth", "/mnt/pspace/sails-bootstrap\n")
+    register(cfg)  # again: one copy of everything, the schedule kept, the .pth gone
+    found = vm.run(
+        f"{venv_python} 'import importlib.util as u; "
+        'print([n for n in ("flows", "tasks", "blocks", "deployments", '
+        '"sails_bootstrap") if u.find_spec(n)])\''
+    )
+    assert found.stdout.strip() == "[]", found.stdout
     again, automations_again, (health_again, _) = inventory()
     assert again == names and automations_again == automations
     assert [s.schedule.cron for s in health_again.schedules] == ["0 3 * * *"]
@@ -199,7 +213,6 @@ def test_bootstrap_register_and_self_repair(
     # runs remount-arc, which leaves a live mount once the host is back.
     from prefect.deployments import run_deployment
 
-    vm = vm_for(cfg, target)
     canfar_sandbox.arc_freeze()
     try:
         with remote_api(url, auth):
