@@ -1016,22 +1016,54 @@ def ensure_attachment(
         return AttachmentRecord(**base, action=Action.CREATE, reason="not attached", applied=False)
     if current.status != "available":
         current = wait_for_volume(conn, current, "available", config.volume.timeout)
+    att_id = _attach(conn, config, str(server.id), str(server.name), current)
+    wait_for_volume(conn, current, "in-use", config.volume.timeout)
+    return AttachmentRecord(**base, id=att_id, action=Action.CREATE, reason="attached now")
+
+
+def _attach(
+    conn: Connection, config: BootstrapConfig, server_id: str, server_name: str, volume: Any
+) -> str:
+    """Ask Nova to attach; the attachment's id. Where another request (a killed run's) got
+    there between our read and ours, that one is taken: Nova lists it from its request on,
+    and Cinder may hold its reservation a moment before Nova shows it (or after Nova gave it
+    up): the volume is let settle, then looked at again, and attached if it is free."""
     from openstack import exceptions as os_exc
 
-    try:
-        att = conn.compute.create_volume_attachment(
-            server.id, volume=volume.id, device=config.volume.device_hint
-        )
-    except os_exc.BadRequestException:
-        # Between our read and this request another one (a killed run's) got there first.
-        att = _nova_attachment(conn, server.id, volume.id)
-        if att is None:
-            raise
-        logger().info("volume %s: an earlier attach request is completing", volume.name)
-    else:
-        logger().info("attaching volume %s to %s", volume.name, server.name)
-    wait_for_volume(conn, current, "in-use", config.volume.timeout)
-    return AttachmentRecord(**base, id=att.id, action=Action.CREATE, reason="attached now")
+    for attempt in (1, 2):
+        try:
+            att = conn.compute.create_volume_attachment(
+                server_id, volume=volume.id, device=config.volume.device_hint
+            )
+        except os_exc.BadRequestException:
+            earlier = _nova_attachment(conn, server_id, volume.id)
+            if earlier is None:
+                settled = _settled_volume(conn, volume, config.volume.timeout)
+                earlier = _nova_attachment(conn, server_id, volume.id)
+                mine = [a for a in settled.attachments or [] if a.get("server_id") == server_id]
+                if earlier is None and mine:
+                    return str(mine[0].get("attachment_id"))
+                if earlier is None:
+                    if settled.status == "available" and attempt == 1:
+                        continue  # the other request gave up: ours again
+                    raise
+            logger().info("volume %s: an earlier attach request is completing", volume.name)
+            return str(earlier.id)
+        logger().info("attaching volume %s to %s", volume.name, server_name)
+        return str(att.id)
+    raise AssertionError("unreachable")
+
+
+def _settled_volume(conn: Connection, volume: Any, timeout: float) -> Any:
+    """The volume once it is no longer reserved or attaching (another request's doing)."""
+    progress = Progress(f"volume {volume.name} to settle")
+    deadline = time.monotonic() + timeout
+    while True:
+        volume = conn.block_storage.get_volume(volume.id)
+        if volume.status not in ("reserved", "attaching") or time.monotonic() > deadline:
+            return volume
+        progress.tick(volume.status)
+        time.sleep(1)
 
 
 def _nova_attachment(conn: Connection, server_id: str, volume_id: str) -> Any | None:

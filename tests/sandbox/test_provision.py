@@ -426,6 +426,7 @@ def openstack_connect(entry: dict[str, Any], password: str) -> Any:
         auth={**entry["auth"], "password": password},
         region_name=entry.get("region_name"),
         interface=entry.get("interface", "public"),
+        cacert=entry.get("cacert"),  # the sandbox CA: its endpoints speak HTTPS only
         load_yaml_config=False,
         load_envvars=False,
     )
