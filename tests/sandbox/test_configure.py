@@ -289,8 +289,16 @@ def test_generated_arc_key_is_published_until_trusted(vm_config, canfar_sandbox)
         return cfg.model_copy(update={"arc": cfg.arc.model_copy(update={"host_keys": keys})})
 
     wrong = " ".join(SSHKeyPair.generate().public_key.split()[:2])
-    with pytest.raises(BootstrapError, match=r"not one of arc\.host_keys"):
-        configure(pinned([wrong]))
+    try:
+        with pytest.raises(BootstrapError, match=r"not one of arc\.host_keys"):
+            configure(pinned([wrong]))
+    except pytest.fail.Exception:  # keep what the guest saw: the cause is in its journal
+        seen = run(
+            cfg,
+            f"sudo journalctl -u {UNIT} --no-pager -o short-precise -n 80; "
+            "grep sshfs /proc/mounts; pgrep -a sshfs; sudo cat /etc/sails-bootstrap/*known*",
+        )
+        pytest.fail(f"a wrong pinned /arc host key was not refused; on the VM:\n{seen.stdout}")
     mounted = "mountpoint -q ~/canfar_arc && timeout 10 ls ~/canfar_arc >/dev/null && echo yes"
     assert run(cfg, mounted).stdout.strip() != "yes"
     result = configure(pinned(canfar_sandbox.info()["arc_host_keys"]))
