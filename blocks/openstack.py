@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from prefect.blocks.abstract import CredentialsBlock
@@ -225,7 +226,7 @@ class OpenStackCredentials(CredentialsBlock):
         identity: Any = conn.identity  # v3: the only identity API this block speaks
         try:
             user = str(conn.current_user_id)
-            existing = _find_credential(identity, user, name)
+            existing = find_or_none(identity.find_application_credential, user, name)
             if (
                 existing is not None
                 and kept is not None
@@ -267,7 +268,7 @@ class OpenStackCredentials(CredentialsBlock):
         identity: Any = conn.identity  # v3: the only identity API this block speaks
         try:
             user = str(conn.current_user_id)
-            existing = _find_credential(identity, user, name)
+            existing = find_or_none(identity.find_application_credential, user, name)
             if existing is None:
                 return False
             identity.delete_application_credential(user, existing)
@@ -279,12 +280,12 @@ class OpenStackCredentials(CredentialsBlock):
         return self.get_connection()
 
 
-def _find_credential(identity: Any, user: str, name: str) -> Any | None:
-    """The user's application credential called ``name``, or None (``find_*`` with
-    ``ignore_missing=True``, its default, is deprecated in openstacksdk)."""
+def find_or_none(find: Callable[..., Any], *args: Any) -> Any | None:
+    """``find(*args)`` (an openstacksdk ``find_*`` proxy method), or None when nothing has that
+    name or id. (``ignore_missing=True``, the ``find_*`` default, is deprecated in openstacksdk.)"""
     from openstack import exceptions as os_exc
 
     try:
-        return identity.find_application_credential(user, name, ignore_missing=False)
+        return find(*args, ignore_missing=False)
     except os_exc.NotFoundException:
         return None

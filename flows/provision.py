@@ -23,7 +23,6 @@ from tasks.cloud import (
     ensure_security_group,
     ensure_server,
     ensure_volume,
-    find_or_none,
     open_connection,
     preflight,
 )
@@ -70,6 +69,7 @@ def load_key(config: BootstrapConfig, apply: bool, on_vm: bool = False) -> Any:
     """The VM's SSHKeyPair block; created (ed25519) on the first run when it does not exist.
     On the VM itself (``on_vm``), where the private key never goes, the public key the cloud's
     keypair holds."""
+    from blocks.openstack import find_or_none
     from blocks.ssh import PublicKey, SSHKeyPair
 
     if on_vm:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from blocks.openstack import find_or_none
 from sails_bootstrap.config import BootstrapConfig
 from tasks.blocks import load_block
 from tasks.errors import BootstrapError, PreflightError, retry_transient
@@ -80,17 +80,6 @@ def cloud_credentials(config: BootstrapConfig) -> OpenStackCredentials:
             ) from None
     creds.api_timeout = config.cloud.api_timeout
     return creds
-
-
-def find_or_none(find: Callable[..., Any], name_or_id: str) -> Any | None:
-    """``find(name_or_id)`` (an openstacksdk ``find_*`` proxy method), or None when nothing has
-    that name or id. (``ignore_missing=True`` on ``find_*`` is deprecated in openstacksdk.)"""
-    from openstack import exceptions as os_exc
-
-    try:
-        return find(name_or_id, ignore_missing=False)
-    except os_exc.NotFoundException:
-        return None
 
 
 def open_connection(config: BootstrapConfig) -> Connection:
