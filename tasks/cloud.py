@@ -875,12 +875,16 @@ def duplicate_volumes_problem(volumes: list[Any]) -> str:
     )
 
 
-def wait_for_volume(conn: Connection, volume: Any, status: str, timeout: float) -> Any:
-    progress = Progress(f"volume {volume.name} to be {status}")
+def wait_for_volume(
+    conn: Connection, volume: Any, status: str | tuple[str, ...], timeout: float
+) -> Any:
+    """The volume once its status is ``status`` (or one of them)."""
+    wanted = (status,) if isinstance(status, str) else status
+    progress = Progress(f"volume {volume.name} to be {' or '.join(wanted)}")
     deadline = time.monotonic() + timeout
     while True:
         volume = conn.block_storage.get_volume(volume.id)
-        if volume.status == status:
+        if volume.status in wanted:
             return volume
         if volume.status in ("error", "error_attaching", "error_detaching"):
             raise BootstrapError(
@@ -1015,44 +1019,31 @@ def _attach(
 ) -> str:
     """Ask Nova to attach; the attachment's id. Where another request (a killed run's) got
     there between our read and ours, that one is taken: Nova lists it from its request on,
-    and Cinder may hold its reservation a moment before Nova shows it (or after Nova gave it
-    up): the volume is let settle, then looked at again, and attached if it is free."""
+    but Cinder may hold the volume reserved a moment before Nova shows the request, or after
+    Nova gave it up. So the volume is let settle, and then either Nova lists the other
+    request, or the volume is free and ours is made again."""
     from openstack import exceptions as os_exc
 
-    for attempt in (1, 2):
-        try:
-            att = conn.compute.create_volume_attachment(
-                server_id, volume=volume.id, device=config.volume.device_hint
-            )
-        except os_exc.BadRequestException:
-            earlier = _nova_attachment(conn, server_id, volume.id)
-            if earlier is None:
-                settled = _settled_volume(conn, volume, config.volume.timeout)
-                earlier = _nova_attachment(conn, server_id, volume.id)
-                mine = [a for a in settled.attachments or [] if a.get("server_id") == server_id]
-                if earlier is None and mine:
-                    return str(mine[0].get("attachment_id"))
-                if earlier is None:
-                    if settled.status == "available" and attempt == 1:
-                        continue  # the other request gave up: ours again
-                    raise
-            logger().info("volume %s: an earlier attach request is completing", volume.name)
-            return str(earlier.id)
+    def request() -> str:
+        att = conn.compute.create_volume_attachment(
+            server_id, volume=volume.id, device=config.volume.device_hint
+        )
         logger().info("attaching volume %s to %s", volume.name, server_name)
         return str(att.id)
-    raise AssertionError("unreachable")
 
-
-def _settled_volume(conn: Connection, volume: Any, timeout: float) -> Any:
-    """The volume once it is no longer reserved or attaching (another request's doing)."""
-    progress = Progress(f"volume {volume.name} to settle")
-    deadline = time.monotonic() + timeout
-    while True:
-        volume = conn.block_storage.get_volume(volume.id)
-        if volume.status not in ("reserved", "attaching") or time.monotonic() > deadline:
-            return volume
-        progress.tick(volume.status)
-        time.sleep(1)
+    try:
+        return request()
+    except os_exc.BadRequestException:
+        earlier = _nova_attachment(conn, server_id, volume.id)
+        if earlier is None:
+            settled = wait_for_volume(conn, volume, ("available", "in-use"), config.volume.timeout)
+            earlier = _nova_attachment(conn, server_id, volume.id)
+            if earlier is None and settled.status == "available":
+                return request()  # the other request gave up
+            if earlier is None:
+                raise
+        logger().info("volume %s: an earlier attach request is completing", volume.name)
+        return str(earlier.id)
 
 
 def _nova_attachment(conn: Connection, server_id: str, volume_id: str) -> Any | None:
