@@ -202,11 +202,11 @@ def install_code(vm: VM, config: BootstrapConfig, url: str, auth_string: str | N
     # deployments import it from their working directory (the pull step sets the code
     # directory, and Prefect puts it on the run's path, as for any project). Earlier versions
     # wrote a .pth file into the venv: it goes.
-    site = vm.run(
-        f"{config.prefect.venv}/bin/python -c "
-        "'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])'"
-    ).stdout.strip()
-    pth = bool(vm.run(f"rm -fv {shlex.quote(site + '/' + OLD_PTH)}").stdout.strip())
+    site = (
+        f"site=$({shlex.quote(config.prefect.venv)}/bin/python -c "
+        "'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')"
+    )
+    pth = bool(vm.run(f'{site} && rm -fv "$site/{OLD_PTH}"').stdout.strip())
     cfg = vm.write_file(
         f"{target}/config.yaml", dump_config(vm_config(config)), owner=f"{user}:{user}", sudo=False
     )

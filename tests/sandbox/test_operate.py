@@ -33,7 +33,7 @@ from tasks.cloud import cloud_credentials, locate_vm, open_connection
 from tasks.errors import BootstrapError
 from tasks.prefect_server import server_secrets
 from tasks.records import Action
-from tasks.register import remote_api, remote_client, run_on_server
+from tasks.register import OLD_PTH, remote_api, remote_client, run_on_server
 from tests.fixtures.bootstrap import operator_config, operator_tunnel, remove_environment
 from tests.fixtures.capture import Capture, capturing, encodings
 
@@ -196,7 +196,7 @@ def test_bootstrap_register_and_self_repair(
     vm = vm_for(cfg, target)
     venv_python = f"cd / && {cfg.prefect.venv}/bin/python -c"
     site = vm.run(f"{venv_python} 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])'")
-    vm.write_file(f"{site.stdout.strip()}/sails-bootstrap.pth", "/mnt/pspace/sails-bootstrap\n")
+    vm.write_file(f"{site.stdout.strip()}/{OLD_PTH}", "/mnt/pspace/sails-bootstrap\n")
     register(cfg)  # again: one copy of everything, the schedule kept, the .pth gone
     found = vm.run(
         f"{venv_python} 'import importlib.util as u; "
