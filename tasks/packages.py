@@ -7,6 +7,11 @@ answer 5xx for a while. So: ``dpkg-query`` first (installed: nothing to do, a se
 nothing); the lists refreshed when missing, stale, or when apt cannot find a package; the dpkg
 lock waited for with a bound (apt's own ``DPkg::Lock::Timeout``); transient failures retried
 with backoff; anything else is an error with apt's own words.
+
+apt writes to a file on the VM, not to the SSH channel: a dropped connection would otherwise kill
+apt and the dpkg under it with SIGPIPE mid-unpack. An install that was cut off all the same (a
+killed process, a reboot) is repaired as an operator would: ``dpkg --configure -a``, then
+``apt-get -f install`` for what it unpacked without its dependencies.
 """
 
 from __future__ import annotations
@@ -75,11 +80,13 @@ class AptOutcome(StrEnum):
     TRANSIENT = "transient"  # the mirror or the network failed this time
     STALE_LISTS = "stale-lists"  # the lists do not know the package or name a removed file
     INTERRUPTED = "interrupted"  # an earlier dpkg run was cut off: dpkg --configure -a
+    BROKEN = "broken"  # unpacked packages miss dependencies: apt-get -f install
     FAILED = "failed"
 
 
 _MARKERS: list[tuple[AptOutcome, tuple[str, ...]]] = [
     (AptOutcome.INTERRUPTED, ("dpkg was interrupted",)),
+    (AptOutcome.BROKEN, ("--fix-broken install", "apt-get -f install")),
     (
         AptOutcome.LOCKED,
         (
@@ -88,6 +95,7 @@ _MARKERS: list[tuple[AptOutcome, tuple[str, ...]]] = [
             "unable to lock the administration directory",
             "unable to lock directory",
             "is another process using it",
+            "was locked by another process",  # dpkg's own
         ),
     ),
     (
@@ -171,10 +179,20 @@ def _tail(r: Result, n: int = 600) -> str:
     return " | ".join(lines)[-n:]
 
 
+def off_the_channel(command: str) -> str:
+    """``command`` with its output to a file on the VM, printed once it has ended: a dropped SSH
+    connection leaves it running (it never writes to the closed channel, so no SIGPIPE), and the
+    next run finds it holding the dpkg lock, or done."""
+    return (
+        "log=$(mktemp) || exit 1; "
+        f'( {command} ) </dev/null >"$log" 2>&1; rc=$?; cat "$log"; rm -f "$log"; exit $rc'
+    )
+
+
 def _apt(vm: VM, args: str, deadline: float, what: str) -> Result:
     """One apt-get command, retried while the lock is held or the mirror fails, until
-    ``deadline`` (monotonic). Returns the last result (OK or STALE_LISTS / INTERRUPTED for the
-    caller to handle); anything else past the bound is an error."""
+    ``deadline`` (monotonic). Returns the last result (OK, or STALE_LISTS / INTERRUPTED / BROKEN
+    for the caller to handle); anything else past the bound is an error."""
     log = logger()
     progress = Progress(what)
     transient = 0
@@ -190,13 +208,18 @@ def _apt(vm: VM, args: str, deadline: float, what: str) -> Result:
         # apt waits for the lock itself; in slices, so the run log shows the wait going on.
         lock_wait = max(1, min(LOCK_SLICE, int(left)))
         r = vm.run(
-            f"{APT} -o DPkg::Lock::Timeout={lock_wait} {args}",
+            off_the_channel(f"{APT} -o DPkg::Lock::Timeout={lock_wait} {args}"),
             sudo=True,
             timeout=left + 120,
             check=False,
         )
         outcome = classify_apt(r.code, r.stdout + r.stderr)
-        if outcome in (AptOutcome.OK, AptOutcome.STALE_LISTS, AptOutcome.INTERRUPTED):
+        if outcome in (
+            AptOutcome.OK,
+            AptOutcome.STALE_LISTS,
+            AptOutcome.INTERRUPTED,
+            AptOutcome.BROKEN,
+        ):
             return r
         if outcome == AptOutcome.LOCKED:
             progress.tick("the dpkg lock is held by another process (unattended-upgrades?)")
@@ -222,6 +245,46 @@ def _apt(vm: VM, args: str, deadline: float, what: str) -> Result:
         )
 
 
+def _repair(vm: VM, deadline: float, outcome: AptOutcome) -> None:
+    """Finish an install that was cut off, as an operator would: ``dpkg --configure -a``
+    configures what was unpacked (it may leave packages whose dependencies were not unpacked yet,
+    and say so), then ``apt-get -f install`` fetches and installs those dependencies."""
+    log = logger()
+    progress = Progress("repairing an interrupted install")
+    if outcome == AptOutcome.INTERRUPTED:
+        log.warning("an earlier apt or dpkg run on %s was cut off: dpkg --configure -a", vm.host)
+        while True:  # dpkg has no lock timeout of its own: wait as apt does
+            left = deadline - time.monotonic()
+            r = vm.run(
+                off_the_channel(
+                    "DEBIAN_FRONTEND=noninteractive dpkg --force-confdef --force-confold "
+                    "--configure -a"
+                ),
+                sudo=True,
+                timeout=max(left, 1) + 120,
+                check=False,
+            )
+            locked = classify_apt(r.code, r.stdout + r.stderr) == AptOutcome.LOCKED
+            if not locked or left <= 0:
+                break
+            progress.tick("the dpkg lock is held by another process")
+            time.sleep(2.0)
+        if r.code != 0:
+            log.warning(
+                "dpkg --configure -a on %s left packages unconfigured (%s): apt-get -f install",
+                vm.host,
+                _tail(r, 300),
+            )
+    else:
+        log.warning("packages on %s miss dependencies: apt-get -f install", vm.host)
+    fix = _apt(vm, "-f install", deadline, "repairing an interrupted install")
+    if classify_apt(fix.code, fix.stdout + fix.stderr) != AptOutcome.OK:
+        raise BootstrapError(
+            f"apt on {vm.host} could not repair an interrupted install (`sudo dpkg --configure "
+            f"-a` then `sudo apt-get -f install` there show why): {_tail(fix)}"
+        )
+
+
 @task(name="ensure-packages", **VM_TASK)
 def ensure_packages(vm: VM, config: BootstrapConfig, apply: bool = True) -> PackagesRecord:
     """Install what the configuration needs and the image lacks; keep what is there."""
@@ -242,7 +305,7 @@ def ensure_packages(vm: VM, config: BootstrapConfig, apply: bool = True) -> Pack
     start = time.monotonic()
     deadline = start + config.server.apt_timeout
     install = "install --no-install-recommends " + " ".join(shlex.quote(m) for m in missing)
-    refreshed = configured = False
+    refreshed = repaired = False
     if stale:
         log.info("refreshing the package lists on %s (apt-get update)", vm.host)
         update = _apt(vm, "update", deadline, "refreshing the package lists")
@@ -260,10 +323,9 @@ def ensure_packages(vm: VM, config: BootstrapConfig, apply: bool = True) -> Pack
             update = _apt(vm, "update", deadline, "refreshing the package lists")
             refreshed = True
             continue
-        if outcome == AptOutcome.INTERRUPTED and not configured:
-            log.warning("an earlier dpkg run was interrupted: dpkg --configure -a")
-            vm.run("DEBIAN_FRONTEND=noninteractive dpkg --configure -a", sudo=True, timeout=900)
-            configured = True
+        if outcome in (AptOutcome.INTERRUPTED, AptOutcome.BROKEN) and not repaired:
+            _repair(vm, deadline, outcome)
+            repaired = True
             continue
         hint = (
             "; the image's apt sources may not carry it (check /etc/apt/sources.list.d/)"

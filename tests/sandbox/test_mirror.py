@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -236,3 +237,50 @@ def test_dpkg_lock_held_at_first_boot(
     assert shown.strip() == "ConditionResult=no"
     r = g.ssh(f"{APT} install -y --reinstall {PROBE}", timeout=120)
     assert r.returncode == 0, _out(r)
+
+
+def test_an_install_cut_off_mid_unpack_is_repaired(
+    mirror: ModuleType,
+    guest_factory: Callable[..., GuestHandle],
+    guest_key: tuple[str, Path],
+) -> None:
+    """An apt run killed while dpkg unpacks (a dropped connection, a reboot) leaves packages
+    unpacked without their dependencies and dpkg's journal behind; apt then refuses every install.
+    The packages step repairs it as an operator would and installs what it needs."""
+    import subprocess
+
+    from blocks.ssh import SSHKeyPair, fingerprint
+    from sails_bootstrap.config import BootstrapConfig
+    from tasks.packages import ensure_packages, needed_packages
+    from tasks.vm import VM
+
+    g = guest_factory()
+    assert g.ssh(f"{APT_WAIT} update", timeout=120).returncode == 0
+    wanted = needed_packages(BootstrapConfig())
+    # dpkg killed once its journal holds a change: mid-unpack, as in a run cut off
+    apt = APT_WAIT.removeprefix("sudo ")
+    cut = (
+        f"({apt} install -y --no-install-recommends {' '.join(wanted)} >/tmp/apt.log 2>&1 &); "
+        "until ls /var/lib/dpkg/updates | grep -q '^[0-9]'; do sleep 0.01; done; "
+        "pkill -KILL -x dpkg; pkill -KILL -x apt-get; sleep 1; ls /var/lib/dpkg/updates"
+    )
+    left = g.check(f"sudo timeout 240 sh -c {shlex.quote(cut)}", timeout=300)
+    assert left.split(), "dpkg's journal was empty after the kill"
+    r = g.ssh(f"{APT_WAIT} install -y {PROBE}", timeout=120)
+    assert r.returncode != 0 and "dpkg was interrupted" in _out(r), _out(r)
+
+    scan = subprocess.run(
+        ["ssh-keyscan", "-T", "5", "-t", "ed25519", g.ip], capture_output=True, text=True
+    ).stdout.split()
+    key = SSHKeyPair(private_key=guest_key[1].read_text(), public_key=guest_key[0])
+    vm = VM(g.ip, key, host_keys=[fingerprint(f"{scan[1]} {scan[2]}")])
+    try:
+        record = ensure_packages.fn(vm, BootstrapConfig())
+    finally:
+        vm.close()
+    assert record.missing and record.reason.startswith("installed"), record
+    assert g.check("sudo dpkg --audit").strip() == ""  # nothing half-installed is left
+    assert g.ssh("sudo apt-get check").returncode == 0
+    status = g.check(f"dpkg-query -W -f '${{db:Status-Abbrev}}\\n' {' '.join(wanted)}")
+    assert status.split() == ["ii"] * len(wanted), status
+    assert g.check("python3 -c 'import ensurepip' && command -v sshfs").strip().endswith("sshfs")

@@ -22,6 +22,7 @@ from tasks.packages import (
     lists_stale,
     missing_packages,
     needed_packages,
+    off_the_channel,
     parse_dpkg_status,
 )
 from tasks.prefect_server import venv_probe
@@ -185,6 +186,29 @@ def test_the_last_block_counts(tmp_path: Path) -> None:
             "correct the problem.",
             AptOutcome.INTERRUPTED,
         ),
+        (
+            100,
+            "You might want to run 'apt --fix-broken install' to correct these.\n"
+            "The following packages have unmet dependencies:\n"
+            " libpython3.11-stdlib : Depends: libpython3.11-minimal (= 3.11.2-6+deb12u9) but "
+            "3.11.2-6+deb12u8 is installed\n"
+            "E: Unmet dependencies. Try 'apt --fix-broken install' with no packages (or "
+            "specify a solution).",
+            AptOutcome.BROKEN,
+        ),
+        (
+            2,
+            "dpkg: error: dpkg frontend lock was locked by another process with pid 4242\n"
+            "Note: removing the lock file is always wrong, and can end up damaging the locked "
+            "area\nand the entire system. See <https://wiki.debian.org/Teams/Dpkg/FAQ#db-lock>.",
+            AptOutcome.LOCKED,
+        ),
+        (
+            100,
+            "The following packages have unmet dependencies:\n sshfs : Depends: fuse3 but it "
+            "is not installable\nE: Unable to correct problems, you have held broken packages.",
+            AptOutcome.FAILED,
+        ),
         (100, "E: Sub-process /usr/bin/dpkg returned an error code (1)", AptOutcome.FAILED),
         (124, "", AptOutcome.TRANSIENT),
     ],
@@ -252,6 +276,28 @@ def test_a_missing_command_names_the_image_requirement(tmp_path: Path) -> None:
         host.run(f"{tmp_path}/venv/bin/python -V")
     assert not isinstance(info.value, MissingToolError)
     assert host.run(f"{tmp_path}/venv/bin/python -V", check=False).code == 127
+
+
+def test_apt_off_the_channel_outlives_its_reader(tmp_path: Path) -> None:
+    """What a dropped SSH session does to a command: its output pipe closes. Written to the
+    channel, the next write kills it (SIGPIPE, as apt and dpkg mid-unpack); written to a file
+    it runs to its end. Its output and exit code still come back when the reader stays."""
+    command = "sleep 1; echo unpacking; echo unpacked >> {marker}; exit 3"
+
+    def cut_off(cmd: str) -> None:
+        p = subprocess.Popen(["sh", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout is not None and p.stderr is not None
+        p.stdout.close()  # the channel is gone
+        p.stderr.close()
+        p.wait(timeout=30)
+
+    plain, detached = tmp_path / "plain", tmp_path / "detached"
+    cut_off(command.format(marker=plain))
+    cut_off(off_the_channel(command.format(marker=detached)))
+    assert not plain.exists()  # killed by its first write
+    assert detached.read_text() == "unpacked\n"
+    r = LocalHost().run(off_the_channel("echo out; echo err >&2; exit 3"), check=False)
+    assert (r.code, r.stdout) == (3, "out\nerr\n")
 
 
 def test_venv_probe_tells_missing_broken_and_working(tmp_path: Path) -> None:
