@@ -351,7 +351,15 @@ class VM:
             kwargs["in_stream"] = io.StringIO(stdin)
         else:
             kwargs["in_stream"] = False
-        r = self.conn.run(full, **kwargs)
+        conn = self.conn
+        r = conn.run(full, **kwargs)
+        if r.exited == -1 and not conn.is_connected:
+            # No exit status: the connection ended under the command (which may still be
+            # running on the VM). Its outcome is unknown, not a failure: transient.
+            raise ConnectionResetError(
+                f"the SSH connection to {self.host} ended before "
+                f"`{command.splitlines()[0][:80]}` reported its exit status"
+            )
         return self._checked(command, Result(r.stdout, r.stderr, r.exited), check)
 
     def _checked(self, command: str, result: Result, check: bool) -> Result:
@@ -380,6 +388,12 @@ class VM:
         sftp.get_channel().settimeout(SFTP_TIMEOUT)
         sftp.putfo(io.BytesIO(data), path)
         return path
+
+    def download(self, remote: str, local: str | os.PathLike[str]) -> None:
+        """Copy the VM's file ``remote`` to ``local`` over SFTP (bounded like ``upload``)."""
+        sftp = self.conn.sftp()
+        sftp.get_channel().settimeout(SFTP_TIMEOUT)
+        sftp.get(remote, os.fspath(local))
 
     def write_file(
         self,
@@ -474,6 +488,11 @@ class LocalHost(VM):
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         return path
+
+    def download(self, remote: str, local: str | os.PathLike[str]) -> None:
+        import shutil
+
+        shutil.copyfile(remote, local)
 
     def run(
         self,
