@@ -15,9 +15,11 @@ from typing import Any
 
 from prefect import flow
 
+from flows import backup as backup_flows
 from flows import bootstrap as bootstrap_flows
 from flows import operate
 from sails_bootstrap.config import load_config
+from tasks.log import logger
 
 CONFIG_FILE = "config.yaml"
 
@@ -38,6 +40,19 @@ def remount_arc(config_path: str = CONFIG_FILE, reason: str = "on demand") -> An
 def reauth_canfar(config_path: str = CONFIG_FILE, reason: str = "on demand") -> Any:
     """On demand, or when the CANFAR certificate is expiring or expired."""
     return operate.reauth_canfar.fn(load_config(config_path), on_vm=True)
+
+
+@flow(name="backup")
+def backup(config_path: str = CONFIG_FILE) -> Any:
+    """Scheduled: the Prefect database copied to CANFAR /arc (backup.destination: arc)."""
+    config = load_config(config_path)
+    if config.backup_destination == "local":
+        logger().info(
+            "backup.destination is local: copies are made from the operator's machine "
+            "(`sails-bootstrap backup`), not here"
+        )
+        return None
+    return backup_flows.backup.fn(config, on_vm=True)
 
 
 @flow(name="bootstrap")

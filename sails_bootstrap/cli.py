@@ -505,6 +505,62 @@ def reauth_cmd(config: ConfigOption) -> None:
     typer.echo(f"CANFAR: {record.reason}")
 
 
+NO_DATABASE = "the VM has no Prefect database yet: nothing to copy"
+
+
+@app.command("backup")
+def backup_cmd(config: ConfigOption) -> None:
+    """Copy the VM's Prefect database to this machine (backup.dir); the server keeps running."""
+    cfg = read_config(config)
+    from flows.backup import backup
+
+    record = _run(lambda: backup(cfg), cfg, "backup")
+    if record is None:
+        typer.echo(f"backup: {NO_DATABASE}")
+        return
+    typer.echo(f"backup: {record.summary()}")
+    if record.pruned:
+        typer.echo(f"  removed older copies: {', '.join(record.pruned)}")
+
+
+@app.command("restore")
+def restore_cmd(
+    config: ConfigOption,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="A backup: a .db.gz file on this machine, a backup's name, or 'latest' "
+            "(the default) in backup.destination.",
+        ),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Put a backup in place of the VM's Prefect database (the one it replaces is kept)."""
+    cfg = read_config(config)
+    from tasks.backup import read_backup
+    from tasks.errors import BootstrapError
+
+    what = f"backup {source or 'latest'} in {cfg.backup_destination}"
+    if source and Path(source).expanduser().is_file():
+        try:
+            what = read_backup(Path(source).expanduser(), cfg).summary()
+        except BootstrapError as exc:
+            raise fail(f"error: {exc}", code=1) from None
+    question = (
+        f"Replace the Prefect database of {cfg.environment} with {what}? Runs recorded since "
+        "that copy leave the server's view (the database it replaces is kept on the VM)"
+    )
+    if not yes and not typer.confirm(question, default=False):
+        raise fail("nothing restored", code=1)
+    from flows.backup import restore
+
+    done = _run(lambda: restore(cfg, source=source), cfg, "restore")
+    typer.echo(f"restored from {done.file}; the database before is kept on the VM at {done.kept}")
+    if done.drain:
+        typer.echo(f"  runs in flight: {done.drain}")
+
+
 @app.command("ui")
 def ui_cmd(
     config: ConfigOption,
@@ -544,6 +600,14 @@ def down_cmd(
             "--volume-id", help="With --delete-volume --yes: the id of the volume to delete."
         ),
     ] = None,
+    backup_first: Annotated[
+        bool,
+        typer.Option(
+            "--backup/--no-backup",
+            help="With --delete-volume: copy the Prefect database to backup.dir first "
+            "(a failed copy deletes nothing).",
+        ),
+    ] = True,
 ) -> None:
     """Delete the server and release its floating IP (the volume is kept unless asked)."""
     cfg = read_config(config)
@@ -555,6 +619,19 @@ def down_cmd(
         what += f", and volume {volume_id} WITH ITS DATA"
     if not yes and not typer.confirm(f"Delete {what}?", default=False):
         raise fail("nothing deleted", code=1)
+    if delete_volume and backup_first:
+        from flows.backup import backup
+
+        try:
+            record = _run(lambda: backup(cfg), cfg, "backup")
+        except typer.Exit:
+            raise fail(
+                "the Prefect database could not be copied off the VM (above), so nothing was "
+                "deleted; fix that and run again, or pass --no-backup to delete the volume "
+                "without a copy",
+                code=1,
+            ) from None
+        typer.echo(f"backup: {record.summary() if record else NO_DATABASE}")
     records = _run(
         lambda: teardown(cfg, delete_data_volume=delete_volume, volume_id=volume_id), cfg, "down"
     )

@@ -391,6 +391,48 @@ class PrefectSettings(_Model):
         return value
 
 
+class BackupSettings(_Model):
+    """Copies of the VM's Prefect database, kept off the cloud."""
+
+    destination: Literal["arc", "local"] | None = Field(
+        default=None,
+        description="Where copies go: 'arc' (CANFAR storage, which outlives the cloud project; "
+        "the VM writes them, also on schedule) or 'local' (this machine, on demand). Empty: "
+        "arc when arc.enabled.",
+    )
+    arc_dir: str = Field(
+        default="projects/ALMA-SAILS/backups/sails-bootstrap",
+        description="Folder below the /arc mount point for the copies (the mount shows /arc's "
+        "root: home/USER or projects/PROJECT, where the /arc user may write).",
+    )
+    local_dir: NonEmpty = Field(
+        default="~/.local/share/sails-bootstrap/backups",
+        description="Folder on this machine for the copies (made 0700; each copy 0600).",
+    )
+    keep: int = Field(
+        default=14, ge=1, le=1000, description="Copies kept per environment; older ones go."
+    )
+    cron: Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z*/,?#@ -]{1,100}$")] = Field(
+        default="30 2 * * *", description="Schedule of the VM's backup deployment (UTC)."
+    )
+    max_age_hours: float = Field(
+        default=48,
+        gt=0,
+        description="The health check fails when the newest copy is older (twice the schedule).",
+    )
+
+    @field_validator("arc_dir")
+    @classmethod
+    def _below_arc(cls, value: str) -> str:
+        if value.startswith(("/", "~")):
+            raise ValueError(f"{value!r} must be relative: a folder below arc.mount_point")
+        checked_vm_path("/" + value)
+        return value.strip("/")
+
+    def local_folder(self, environment: str) -> Path:
+        return Path(self.local_dir).expanduser() / environment
+
+
 class BootstrapConfig(_Model):
     """Desired state of one orchestration VM environment."""
 
@@ -404,6 +446,7 @@ class BootstrapConfig(_Model):
     arc: ArcSettings = ArcSettings()
     canfar: CanfarSettings = CanfarSettings()
     prefect: PrefectSettings = PrefectSettings()
+    backup: BackupSettings = BackupSettings()
     ca_bundle: str | None = Field(
         default=None, description="Extra CA certificates (PEM file) for private endpoints."
     )
@@ -421,6 +464,21 @@ class BootstrapConfig(_Model):
                     "remove the rule"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _backup_to_arc_needs_arc(self) -> BootstrapConfig:
+        if self.backup.destination == "arc" and not self.arc.enabled:
+            raise ValueError(
+                "backup.destination is arc but arc.enabled is false: enable /arc, or set "
+                "backup.destination: local"
+            )
+        return self
+
+    @property
+    def backup_destination(self) -> Literal["arc", "local"]:
+        if self.backup.destination is not None:
+            return self.backup.destination
+        return "arc" if self.arc.enabled else "local"
 
     @model_validator(mode="after")
     def _pools_unique(self) -> BootstrapConfig:

@@ -437,6 +437,7 @@ def deploy(config: BootstrapConfig, url: str, auth_string: str | None) -> StepRe
         "SAILS_CODE_DIR": code_dir(config),
         "SAILS_POOL": bootstrap_pool(config),
         "SAILS_HEALTH_CRON": config.prefect.health_cron,
+        "SAILS_BACKUP_CRON": config.backup.cron,
         "PREFECT_CLI_PROMPT": "false",
     }
     if auth_string:

@@ -177,7 +177,7 @@ def test_bootstrap_register_and_self_repair(
         return names, sorted(a.name for a in automations), (health, pools)
 
     names, automations, (health, pools) = inventory()
-    assert names == ["bootstrap", "health-check", "reauth-canfar", "remount-arc"]
+    assert names == ["backup", "bootstrap", "health-check", "reauth-canfar", "remount-arc"]
     assert len(automations) == 2
     assert [s.schedule.cron for s in health.schedules] == ["0 3 * * *"]
     assert health.pull_steps == [
@@ -691,4 +691,115 @@ def test_restarts_wait_for_the_runs_in_flight(
             for leftover in client.read_flow_runs():
                 if leftover.state and leftover.state.type == StateType.RUNNING:
                     client.set_flow_run_state(leftover.id, Cancelled(), force=True)
+        vm.close()
+
+
+def test_backup_off_the_cloud_and_restore(
+    operated: Operated,
+    prefect_server: Any,
+    canfar_sandbox: Any,
+    tmp_path: Path,
+    tunnel: contextlib.ExitStack,
+) -> None:
+    """The VM's scheduled backup deployment and `sails-bootstrap backup` put copies of the
+    Prefect database on CANFAR /arc (the stand-in's storage, off the VM) while the server runs;
+    the health check reports their age; `restore` puts the newest back: what was written since
+    is gone, what the copy held is there, the database it replaced is kept on the VM, the server
+    is healthy. With backup.destination local the copy comes to this machine (0600), old ones
+    go past backup.keep, and a truncated copy is refused before anything is touched."""
+    import subprocess
+    import sys
+
+    from prefect.client.schemas.actions import VariableCreate, VariableUpdate
+
+    from sails_bootstrap.config import dump_config
+    from sandbox.canfar import arc as arc_store
+    from tasks.backup import arc_copies, arc_folder
+
+    cfg = operated.cfg
+    url = tunnel.enter_context(operator_tunnel(cfg))
+    auth = server_secrets(cfg)["auth_string"]
+
+    def cli(config: Any, *args: str, ok: bool = True) -> str:
+        cfg_file = tmp_path / f"{config.backup_destination}.yaml"
+        cfg_file.write_text(dump_config(config))
+        proc = subprocess.run(
+            [sys.executable, "-m", "sails_bootstrap.cli", *args, "--config", str(cfg_file)],
+            env={**os.environ, **prefect_server.env()},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    def marker(value: str | None = None, after: bool = False) -> str | None:
+        with remote_client(url, auth) as client:
+            if after:
+                client.create_variable(VariableCreate(name="sails-after", value="after"))
+            if value is not None:
+                if client.read_variable_by_name("sails-marker") is None:
+                    client.create_variable(VariableCreate(name="sails-marker", value=value))
+                else:
+                    client.update_variable(VariableUpdate(name="sails-marker", value=value))
+            found = client.read_variable_by_name("sails-marker")
+            assert (client.read_variable_by_name("sails-after") is not None) == after
+            return found.value if found else None
+
+    reauth_canfar(cfg)  # an earlier test may leave a short-lived certificate behind
+    vm = vm_for(cfg, locate_vm.fn(open_connection(cfg), cfg))
+    try:
+        marker("in the copy")
+        before = arc_copies(vm, cfg)  # /arc outlives environments: copies of an earlier one
+        # on the VM's schedule (run now): its worker writes the copy to /arc
+        assert run_on_server.fn(url, auth, "backup/backup", timeout=300)["state"] == "Completed"
+        assert len(arc_copies(vm, cfg)) == len(before) + 1
+        out = cli(cfg, "backup")  # from this machine, to the same place
+        (newest,) = [line for line in out.splitlines() if line.startswith("backup: ")]
+        names = arc_copies(vm, cfg)
+        assert len(names) == len(before) + 2 and names[-1] in newest, (names, out)
+        # in CANFAR's storage itself, beside its record
+        relative = arc_folder(cfg).split("/canfar_arc/", 1)[1]
+        stored = arc_store.ROOT / relative
+        assert sorted(p.name for p in stored.iterdir()) == sorted(
+            [*names, *(n.removesuffix(".db.gz") + ".json" for n in names)]
+        )
+        rows = {row["probe"]: row for row in health_check(cfg).results}
+        assert rows["backup"]["status"] == "ok", rows["backup"]
+        assert f"({len(names)} kept)" in rows["backup"]["detail"], rows["backup"]
+
+        marker("after the copy", after=True)  # written after the copy: the restore undoes it
+        out = cli(cfg, "restore", "--yes")
+        assert f"restored from {arc_folder(cfg)}/{names[-1]}" in out, out
+        kept = out.split("kept on the VM at ")[1].split()[0]
+        assert marker() == "in the copy"
+        assert vm.run(f"test -s {shlex.quote(kept)}/prefect.db", sudo=True, check=False).ok
+        assert health_check(cfg).healthy
+
+        # to this machine instead
+        here = tmp_path / "backups"
+        local = cfg.model_copy(
+            update={
+                "backup": cfg.backup.model_copy(
+                    update={"destination": "local", "local_dir": str(here), "keep": 1}
+                )
+            }
+        )
+        cli(local, "backup")
+        assert "removed older copies" in cli(local, "backup")
+        (copy,) = here.glob(f"{cfg.environment}/*.db.gz")
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+        assert stat.S_IMODE(copy.parent.stat().st_mode) == 0o700
+        truncated = copy.with_name(f"{cfg.environment}-20260101T000000Z.db.gz")
+        truncated.write_bytes(copy.read_bytes()[:500])
+        record = copy.with_name(copy.name.removesuffix(".db.gz") + ".json")
+        truncated.with_name(truncated.name.removesuffix(".db.gz") + ".json").write_text(
+            record.read_text()
+        )
+        marker("after the local copy")
+        out = cli(local, "restore", "--from", str(truncated), "--yes", ok=False)
+        assert "cannot be unpacked" in out and marker() == "after the local copy", out
+        out = cli(local, "restore", "--from", str(copy), "--yes")
+        assert marker() == "in the copy", out
+    finally:
         vm.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 from blocks.ssh import SSHKeyPair, fingerprint
 from flows.provision import provision
 from flows.teardown import teardown
+from sails_bootstrap.cli import NO_DATABASE
 from sails_bootstrap.config import dump_config
 from tasks.errors import PreflightError
 from tasks.local_ssh import MANAGED_FILE, host_matches, key_file
@@ -173,8 +176,16 @@ def test_teardown_then_reprovision_keeps_the_volume(
         assert proc.returncode != 0 and said in err.decode(), err.decode()
         assert [v.id for v in ours(admin_conn, cfg)["volumes"]] == [volume_id]
     assert ours(admin_conn, cfg)["servers"]  # refused before anything was deleted
-    proc = start_cli(*down, "--volume-id", volume_id, env=prefect_server.env())
-    assert proc.wait(timeout=600) == 0
+    # the database is copied off first; this VM was never configured: nothing to copy
+    proc = subprocess.run(
+        [sys.executable, "-m", "sails_bootstrap.cli", *down, "--volume-id", volume_id],
+        env={**os.environ, **prefect_server.env()},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"backup: {NO_DATABASE}" in proc.stdout, proc.stdout
     assert ours(admin_conn, cfg) == {"servers": [], "fips": [], "volumes": []}
 
 

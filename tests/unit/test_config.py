@@ -78,6 +78,13 @@ def test_names_derive_from_the_environment() -> None:
         ({"server": {"flavour": "x"}}, "server.flavour", "unknown key"),
         ({"ssh": {"operator_keys": ["not a key"]}}, "ssh.operator_keys", "public key"),
         ({"prefect": {"work_pools": [{"name": "a"}, {"name": "a"}]}}, "work_pools", "twice"),
+        (
+            {"arc": {"enabled": False}, "backup": {"destination": "arc"}},
+            "backup.destination",
+            "backup.destination: local",
+        ),
+        ({"backup": {"arc_dir": "/backups"}}, "backup.arc_dir", "below arc.mount_point"),
+        ({"backup": {"keep": 0}}, "backup.keep", "greater than or equal to 1"),
     ],
 )
 def test_bad_input_names_field_and_fix(data: dict, field: str, fix: str) -> None:
@@ -111,6 +118,9 @@ def test_bad_input_names_field_and_fix(data: dict, field: str, fix: str) -> None
             "prefect.package_index",
         ),
         ({"prefect": {"health_cron": "* * * * *\nx"}}, "prefect.health_cron"),
+        ({"backup": {"cron": "30 2 * * *\nx"}}, "backup.cron"),
+        ({"backup": {"arc_dir": "backups/../../.ssh"}}, "backup.arc_dir"),
+        ({"backup": {"arc_dir": "backups/$(reboot)"}}, "backup.arc_dir"),
         (
             {"ssh": {"operator_keys": ["ssh-ed25519 AAAA comment\nssh-rsa BBBB"]}},
             "ssh.operator_keys",

@@ -1,0 +1,140 @@
+"""The orchestration history off the cloud and back: ``backup`` copies the VM's Prefect
+database to /arc or to this machine (also on the VM's schedule), ``restore`` puts a copy back
+(tasks/backup.py says how)."""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.configure import vm_for
+from sails_bootstrap.config import BootstrapConfig
+from tasks.backup import (
+    BackupRecord,
+    RestoreRecord,
+    backup_database,
+    find_backup,
+    key_id,
+    stamp,
+    start_on_copy,
+    swap_database,
+    unpack_on_vm,
+)
+from tasks.cloud import locate_vm, open_connection
+from tasks.drain import drained
+from tasks.errors import BootstrapError
+from tasks.log import logger
+from tasks.prefect_server import SERVER_UNIT, server_secrets
+from tasks.register import remote_client
+from tasks.vm import VM, VM_TASK, LocalHost, vm_exclusive
+
+
+def _vm(config: BootstrapConfig, on_vm: bool) -> VM:
+    if on_vm:
+        return LocalHost()
+    return vm_for(config, locate_vm.fn(open_connection(config), config))
+
+
+@task(name="copy-database", **VM_TASK)
+def copy_database(config: BootstrapConfig, on_vm: bool) -> BackupRecord | None:
+    local = config.backup_destination == "local"
+    if on_vm and local:
+        raise BootstrapError(
+            "backup.destination is local (the operator's machine): the VM cannot put a copy "
+            "there; run `sails-bootstrap backup` from that machine, or set "
+            "backup.destination: arc"
+        )
+    vm = _vm(config, on_vm)
+    try:
+        return backup_database(vm, config, local=local)
+    finally:
+        vm.close()
+
+
+@flow(name="backup")
+def backup(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False) -> BackupRecord | None:
+    """Copy the VM's Prefect database (every flow run, deployment, pool and block) off the
+    cloud; the server keeps running. None: the VM has no database yet."""
+    record = copy_database(config, on_vm)
+    if record is None:
+        return None
+    where = "on the VM" if config.backup_destination == "arc" else "on the machine that ran it"
+    create_markdown_artifact(
+        key=f"backup-{config.environment}",
+        markdown=(
+            f"# Backup of {config.environment}\n\n"
+            f"- file ({where}): `{record.file}`\n"
+            f"- made: {record.created}, {record.bytes / 1e6:.1f} MB uncompressed, "
+            f"sha256 {record.sha256[:16]}…\n"
+            + "".join(f"- {t.replace('_', ' ')}s: {n}\n" for t, n in record.counts.items())
+            + f"- older copies removed: {', '.join(record.pruned) or 'none'}\n\n"
+            "Put it back with `sails-bootstrap restore --config FILE --from "
+            f"{record.file.rsplit('/', 1)[-1].removesuffix('.db.gz')}`.\n"
+        ),
+    )
+    return record
+
+
+@flow(name="restore")
+def restore(
+    config: BootstrapConfig = BootstrapConfig(), source: str | None = None
+) -> RestoreRecord:
+    """Put a backup (``source``: a file here, a name, or the newest when empty) in place of the
+    VM's Prefect database. The runs in flight end first; the database it replaces is kept on
+    the VM; a server that does not start on the copy gets its own database back."""
+    log = logger()
+    vm = _vm(config, on_vm=False)
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(vm_exclusive(vm, config, "restore"))
+            record, here = find_backup(vm, config, source)
+            log.info("restoring %s from %s", config.environment, record.summary())
+            if key_id(vm) != record.key_id:
+                raise BootstrapError(
+                    f"the VM's server runs with another encryption key than the one that "
+                    f"encrypted the blocks in {record.file}; restored, they could not be read. "
+                    "Restore a backup made since the server's key last changed (nothing was "
+                    "changed)"
+                )
+            packed = vm.upload(Path(record.file).read_bytes()) if here else record.file
+            if here:
+                stack.callback(vm.run, f'rm -rf "$(dirname {shlex.quote(packed)})"', check=False)
+            unpacked, work = unpack_on_vm(vm, config, packed, record.sha256)
+            stack.callback(vm.run, f"rm -rf {shlex.quote(work)}", sudo=True, check=False)
+            secret = server_secrets(config, host=vm)
+            base = stack.enter_context(vm.api(config.prefect.port))
+            auth = secret["auth_string"] if config.prefect.api_auth else None
+            client = stack.enter_context(remote_client(f"{base}/api", auth))
+            pools = [p.name for p in config.prefect.work_pools]
+            drain = stack.enter_context(
+                drained(client, pools, config.prefect.drain_timeout, "the Prefect server", vm)
+            )
+            vm.run(f"systemctl stop {SERVER_UNIT}", sudo=True, timeout=120)
+            kept = swap_database(vm, config, unpacked, stamp())
+            start_on_copy(vm, config, base, kept)
+        done = RestoreRecord(
+            environment=config.environment,
+            file=record.file,
+            created=record.created,
+            kept=kept,
+            counts=record.counts,
+            drain=drain.note(),
+        )
+    finally:
+        vm.close()
+    create_markdown_artifact(
+        key=f"restore-{config.environment}",
+        markdown=(
+            f"# Restore of {config.environment}\n\n"
+            f"- from: `{done.file}` (made {done.created})\n"
+            + "".join(f"- {t.replace('_', ' ')}s: {n}\n" for t, n in done.counts.items())
+            + f"- the database it replaced: `{done.kept}` on the VM\n"
+            + (f"- runs in flight: {done.drain}\n" if done.drain else "")
+        ),
+    )
+    log.info("restored %s; the database before is kept at %s", config.environment, kept)
+    return done

@@ -1,0 +1,508 @@
+"""The VM's Prefect database, copied off the cloud and put back.
+
+A copy is made on the VM by SQLite's online backup (Python's ``sqlite3`` backup API, run as the
+server's user): consistent while the server keeps writing, and the server is not stopped. It is
+checked there (``PRAGMA integrity_check``), compressed, and described by a JSON record (rows per
+table, the schema's Alembic revision, its digest, and a digest of the encryption key its blocks
+need, never the key). Then it leaves the cloud: to CANFAR's /arc (``backup.destination: arc``,
+the default with /arc on; CANFAR storage outlives the loss of the cloud project), where the VM
+writes it and reads it back to check it landed whole; or to this machine (``local``) over the
+verified SSH connection. The oldest copies beyond ``backup.keep`` go.
+
+A restore checks the copy before it touches the server: its environment, the server's key (a
+copy whose blocks need another key would leave them unreadable), its digest and SQLite's
+integrity check on the VM. Then the pools are drained, the server stopped, its database moved
+aside (kept, never deleted), the copy put in its place and the server started; Prefect migrates
+an older schema on start. A server that does not become healthy on the copy gets its own
+database back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import gzip
+import hashlib
+import json
+import shlex
+import shutil
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from sails_bootstrap.config import BootstrapConfig
+from tasks.arc import vm_path
+from tasks.errors import BootstrapError
+from tasks.log import logger
+from tasks.prefect_server import SERVER_ENV, SERVER_UNIT, wait_for_health
+from tasks.vm import VM
+
+#: Tables counted into a copy's record (what an operator looks for in it).
+COUNTED = ("flow_run", "deployment", "work_pool", "block_document")
+
+#: Run on the VM as the server's user: ``python3 SCRIPT DATABASE NAME DEST KEEP RECORD`` (DEST
+#: empty: the copy stays in a private folder for this machine to fetch; RECORD: the record's
+#: fields known beforehand, as JSON). Prints the whole record (``{"missing": …}``: no database).
+SNAPSHOT = r"""
+import glob, gzip, hashlib, json, os, shutil, sqlite3, sys, tempfile, time
+database, name, dest, keep = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+record = json.loads(sys.argv[5])
+if not os.path.isfile(database):
+    print(json.dumps({"missing": database}))
+    sys.exit(0)
+# what a run killed mid-way left (a day old: not a run going on now)
+for left in glob.glob(os.path.join(os.path.dirname(database), ".sails-*-*")):
+    if os.path.getmtime(left) < time.time() - 86400:
+        shutil.rmtree(left, ignore_errors=True)
+work = tempfile.mkdtemp(prefix=".sails-backup-", dir=os.path.dirname(database))
+copy = os.path.join(work, "prefect.db")
+source = sqlite3.connect(database, timeout=60)
+target = sqlite3.connect(copy)
+source.backup(target)
+source.close()
+check = target.execute("PRAGMA integrity_check").fetchone()[0]
+if check != "ok":
+    shutil.rmtree(work)
+    print(json.dumps({"integrity": check}))
+    sys.exit(0)
+tables = {r[0] for r in target.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+record["counts"] = {t: target.execute("SELECT count(*) FROM " + t).fetchone()[0]
+                    for t in COUNTED if t in tables}
+if "alembic_version" in tables:
+    row = target.execute("SELECT version_num FROM alembic_version").fetchone()
+    record["revision"] = row[0] if row else None
+target.close()
+record["bytes"] = os.path.getsize(copy)
+
+def digest(path, packed):
+    h = hashlib.sha256()
+    with (gzip.open if packed else open)(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+record["sha256"] = digest(copy, False)
+packed = os.path.join(work, name + ".db.gz")
+with open(copy, "rb") as raw, gzip.open(packed, "wb", 6) as out:
+    shutil.copyfileobj(raw, out, 1 << 20)
+os.remove(copy)
+record["file"] = packed
+if dest:
+    os.makedirs(dest, mode=0o700, exist_ok=True)
+    final = os.path.join(dest, name + ".db.gz")
+    shutil.copyfile(packed, final + ".partial")
+    if digest(final + ".partial", True) != record["sha256"]:
+        os.remove(final + ".partial")
+        shutil.rmtree(work)
+        print(json.dumps({"landed": "the copy read back from " + dest + " differs"}))
+        sys.exit(0)
+    os.chmod(final + ".partial", 0o600)
+    os.replace(final + ".partial", final)
+    record["file"] = final
+    meta = os.path.join(dest, name + ".json")
+    with open(meta + ".partial", "w") as f:
+        json.dump(record, f, indent=2)
+    os.chmod(meta + ".partial", 0o600)
+    os.replace(meta + ".partial", meta)
+    shutil.rmtree(work)
+    copies = sorted(glob.glob(os.path.join(dest, record["environment"] + "-*.db.gz")))
+    record["pruned"] = []
+    for old in copies[: max(0, len(copies) - keep)]:
+        os.remove(old)
+        stem = old[: -len(".db.gz")]
+        if os.path.exists(stem + ".json"):
+            os.remove(stem + ".json")
+        record["pruned"].append(os.path.basename(old))
+else:
+    record["work"] = work
+print(json.dumps(record))
+"""
+
+#: Run on the VM as the server's user: ``python3 SCRIPT PACKED SHA256 HOME``. Unpacks a copy into a
+#: private folder of the Prefect home and checks it; prints where it is, or what is wrong.
+UNPACK = r"""
+import gzip, hashlib, json, os, shutil, sqlite3, sys, tempfile
+packed, sha256, home = sys.argv[1], sys.argv[2], sys.argv[3]
+if not os.path.isfile(packed):
+    print(json.dumps({"error": "no backup at " + packed}))
+    sys.exit(0)
+work = tempfile.mkdtemp(prefix=".sails-restore-", dir=home)
+plain = os.path.join(work, "prefect.db")
+h = hashlib.sha256()
+try:
+    with gzip.open(packed, "rb") as f, open(plain, "wb") as out:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            out.write(block)
+except (OSError, EOFError) as exc:
+    shutil.rmtree(work)
+    print(json.dumps({"error": packed + " cannot be unpacked (" + str(exc) + "): damaged"}))
+    sys.exit(0)
+if h.hexdigest() != sha256:
+    shutil.rmtree(work)
+    print(json.dumps({"error": packed + " does not match the digest in its record: damaged"}))
+    sys.exit(0)
+with sqlite3.connect(plain) as db:
+    check = db.execute("PRAGMA integrity_check").fetchone()[0]
+if check != "ok":
+    shutil.rmtree(work)
+    print(json.dumps({"error": packed + ": SQLite's integrity check failed: " + check}))
+    sys.exit(0)
+os.chmod(plain, 0o600)
+print(json.dumps({"path": plain, "work": work}))
+"""
+
+#: Run on the VM as root: the id (a digest) of the key the server's blocks are encrypted with.
+KEY_ID = (
+    f"sed -n 's/^PREFECT_SERVER_ENCRYPTION_KEY=//p' {SERVER_ENV} | tr -d '\\n' | sha256sum "
+    "| cut -c1-16"
+)
+
+
+class BackupRecord(BaseModel):
+    """One copy of the database: where it is and what it holds."""
+
+    environment: str
+    #: on /arc: the path on the VM; local: the path on this machine
+    file: str = ""
+    created: str
+    bytes: int = 0
+    sha256: str = ""
+    revision: str | None = None
+    #: rows per table (flow runs, deployments, work pools, blocks)
+    counts: dict[str, int] = Field(default_factory=dict)
+    #: which encryption key the copy's blocks need (a digest of it, not the key)
+    key_id: str = ""
+    #: copies removed for backup.keep
+    pruned: list[str] = Field(default_factory=list)
+
+    def summary(self) -> str:
+        held = ", ".join(f"{n} {t.replace('_', ' ')}s" for t, n in self.counts.items())
+        return f"{self.file} ({self.bytes / 1e6:.1f} MB; {held})"
+
+
+class RestoreRecord(BaseModel):
+    environment: str
+    file: str
+    created: str
+    #: where the database the server ran with before was moved to, on the VM
+    kept: str
+    counts: dict[str, int] = Field(default_factory=dict)
+    drain: str = ""
+
+
+def database_path(config: BootstrapConfig) -> str:
+    return f"{config.prefect.home}/prefect.db"
+
+
+def arc_folder(config: BootstrapConfig) -> str:
+    """Where the copies of this environment go on the VM's /arc mount."""
+    mount = vm_path(config, config.arc.mount_point)
+    return f"{mount}/{config.backup.arc_dir}/{config.environment}"
+
+
+def as_server_user(config: BootstrapConfig, command: str) -> str:
+    """``command`` as the server's user (who alone can open its /arc mount and database)."""
+    user = shlex.quote(config.server.user)
+    return f'if [ "$(id -un)" = {user} ]; then {command}; else sudo -n -u {user} {command}; fi'
+
+
+def _python(vm: VM, config: BootstrapConfig, script: str, args: list[str], what: str) -> Any:
+    """Run ``script`` with the VM's python3 as the server's user; its last line of output, as
+    JSON. (The script goes over SFTP: fabric feeds standard input a byte at a time.)"""
+    path = vm.upload(script.encode())
+    try:
+        quoted = " ".join(shlex.quote(a) for a in [path, *args])
+        r = vm.run(
+            f'chmod 0755 "$(dirname {shlex.quote(path)})" && chmod 0644 {shlex.quote(path)} && '
+            + as_server_user(config, f"python3 {quoted}"),
+            timeout=1800,
+            check=False,
+        )
+    finally:
+        vm.run(f'rm -rf "$(dirname {shlex.quote(path)})"', check=False)
+    return _last_json(r.stdout or r.stderr, what, vm.host)
+
+
+def key_id(vm: VM) -> str:
+    out = vm.run(KEY_ID, sudo=True).stdout.strip()
+    if not out or out == hashlib.sha256(b"").hexdigest()[:16]:
+        raise BootstrapError(
+            f"the VM's server has no encryption key in {SERVER_ENV}: run `sails-bootstrap "
+            "configure` first"
+        )
+    return out
+
+
+def stamp() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def _last_json(out: str, what: str, host: str) -> dict[str, Any]:
+    try:
+        value = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise BootstrapError(f"{what} on {host} failed: {out.strip()[-400:]}") from None
+    if not isinstance(value, dict):
+        raise BootstrapError(f"{what} on {host} failed: {out.strip()[-400:]}")
+    return value
+
+
+def sha256_of(path: Path, packed: bool = False) -> str:
+    """The digest of a file's bytes (``packed``: of what it holds uncompressed)."""
+    digest = hashlib.sha256()
+    opener = gzip.open if packed else open
+    with opener(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def backup_database(vm: VM, config: BootstrapConfig, local: bool) -> BackupRecord | None:
+    """Copy the VM's database off the cloud: to /arc, or (``local``) to this machine. None
+    when the VM has no database yet (never configured): nothing to copy."""
+    log = logger()
+    made = stamp()
+    name = f"{config.environment}-{made}"
+    dest = "" if local else arc_folder(config)
+    static = {"environment": config.environment, "created": made, "key_id": key_id(vm)}
+    args = [database_path(config), name, dest, str(config.backup.keep), json.dumps(static)]
+    script = SNAPSHOT.replace("COUNTED", repr(COUNTED))
+    out = _python(vm, config, script, args, "the copy of the Prefect database")
+    if "missing" in out:
+        log.info("no Prefect database at %s on %s yet: nothing to copy", out["missing"], vm.host)
+        return None
+    if "integrity" in out:
+        raise BootstrapError(
+            f"SQLite's integrity check of the copy made on {vm.host} failed: {out['integrity']};"
+            " the database itself may be damaged (nothing was kept)"
+        )
+    if "landed" in out:
+        raise BootstrapError(f"{out['landed']}: /arc may be stale (`sails-bootstrap remount`)")
+    work = out.pop("work", None)
+    record = BackupRecord.model_validate(out)
+    if local:
+        try:
+            record = _fetch(vm, config, record, name)
+        finally:
+            vm.run(f"rm -rf {shlex.quote(work)}", check=False)
+    log.info("backup of %s: %s", config.environment, record.summary())
+    return record
+
+
+def _fetch(vm: VM, config: BootstrapConfig, record: BackupRecord, name: str) -> BackupRecord:
+    """The copy made on the VM, brought to ``backup.local_dir`` and checked here."""
+    folder = _private_dir(config.backup.local_folder(config.environment))
+    target = folder / f"{name}.db.gz"
+    partial = target.with_suffix(".partial")
+    logger().info("fetching the copy (%.1f MB uncompressed) from %s", record.bytes / 1e6, vm.host)
+    vm.download(record.file, partial)
+    partial.chmod(0o600)
+    if sha256_of(partial, packed=True) != record.sha256:
+        partial.unlink()
+        raise BootstrapError(
+            f"the copy fetched from {vm.host} differs from the one made there; run it again"
+        )
+    partial.rename(target)
+    record = record.model_copy(update={"file": str(target)})
+    meta = folder / f"{name}.json"
+    meta.write_text(record.model_dump_json(indent=2) + "\n")
+    meta.chmod(0o600)
+    return record.model_copy(
+        update={"pruned": prune(folder, config.environment, config.backup.keep)}
+    )
+
+
+def prune(folder: Path, environment: str, keep: int) -> list[str]:
+    """Remove the oldest copies of ``environment`` beyond ``keep`` (with their records)."""
+    copies = sorted(folder.glob(f"{environment}-*.db.gz"))  # the UTC stamp sorts by age
+    gone = []
+    for old in copies[: max(0, len(copies) - keep)]:
+        old.unlink()
+        old.with_name(old.name.removesuffix(".db.gz") + ".json").unlink(missing_ok=True)
+        gone.append(old.name)
+    return gone
+
+
+def _record_beside(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".db.gz") + ".json")
+
+
+def _check_environment(record: BackupRecord, config: BootstrapConfig, where: str) -> None:
+    if record.environment != config.environment:
+        raise BootstrapError(
+            f"{where} is a backup of environment {record.environment!r}, not "
+            f"{config.environment!r}: its blocks are encrypted with another server's key"
+        )
+
+
+def read_backup(path: Path, config: BootstrapConfig) -> BackupRecord:
+    """A copy on this machine: its record, after checking the file against it and SQLite's
+    integrity check."""
+    meta = _record_beside(path)
+    if not path.is_file() or not meta.is_file():
+        raise BootstrapError(
+            f"{path}: a backup is a .db.gz file with its .json record beside it (see "
+            f"`ls {config.backup.local_folder(config.environment)}`)"
+        )
+    record = BackupRecord.model_validate_json(meta.read_text())
+    _check_environment(record, config, str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "prefect.db"
+        try:
+            with gzip.open(path, "rb") as packed, plain.open("wb") as out:
+                shutil.copyfileobj(packed, out)
+        except (OSError, EOFError) as exc:
+            raise BootstrapError(f"{path} cannot be unpacked ({exc}): damaged") from None
+        if sha256_of(plain) != record.sha256:
+            raise BootstrapError(f"{path} does not match the digest in its record: damaged")
+        with contextlib.closing(sqlite3.connect(plain)) as db:
+            check = db.execute("PRAGMA integrity_check").fetchone()[0]
+        if check != "ok":
+            raise BootstrapError(f"{path}: SQLite's integrity check failed: {check}")
+    return record.model_copy(update={"file": str(path)})
+
+
+def local_copies(config: BootstrapConfig) -> list[Path]:
+    return sorted(
+        config.backup.local_folder(config.environment).glob(f"{config.environment}-*.db.gz")
+    )
+
+
+def arc_copies(vm: VM, config: BootstrapConfig, deadline: float = 60) -> list[str]:
+    """The copies of this environment on /arc, oldest first (their names sort by age). A
+    stale /arc that does not answer within ``deadline`` seconds is an error."""
+    folder = shlex.quote(arc_folder(config))
+    pattern = shlex.quote(f"{config.environment}-*.db.gz")
+    find = f"find {folder} -maxdepth 1 -name {pattern} -printf '%f\\n'"
+    r = vm.run(
+        as_server_user(config, f"timeout -s KILL {max(1, round(deadline))} {find}"),
+        check=False,
+        timeout=deadline + 20,
+    )
+    if r.code in (124, 137):
+        raise BootstrapError(
+            f"/arc on {vm.host} did not answer within {deadline:.0f} s (stale? "
+            "`sails-bootstrap remount`)"
+        )
+    return sorted(line for line in r.stdout.split() if line.endswith(".db.gz"))
+
+
+def age_hours(names: list[str], environment: str, now: dt.datetime) -> float | None:
+    """Hours since the newest of the copies ``names`` was made (None: there is none)."""
+    stamps = []
+    for name in names:
+        made = name.removeprefix(f"{environment}-").removesuffix(".db.gz")
+        with contextlib.suppress(ValueError):
+            stamps.append(dt.datetime.strptime(made, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC))
+    if not stamps:
+        return None
+    return (now - max(stamps)).total_seconds() / 3600
+
+
+def find_backup(
+    vm: VM | None, config: BootstrapConfig, source: str | None
+) -> tuple[BackupRecord, bool]:
+    """The copy ``source`` names (a file on this machine, a name or ``latest``) and whether it
+    is on this machine; read and checked as far as can be without the server."""
+    if source and source != "latest" and Path(source).expanduser().is_file():
+        return read_backup(Path(source).expanduser(), config), True
+    on_arc = config.backup_destination == "arc"
+    where = arc_folder(config) if on_arc else str(config.backup.local_folder(config.environment))
+    if on_arc and vm is not None:
+        names = arc_copies(vm, config)
+    else:
+        names = [p.name for p in local_copies(config)]
+    if source in (None, "latest"):
+        if not names:
+            raise BootstrapError(
+                f"no backup of {config.environment} in {where}: run `sails-bootstrap backup "
+                "--config FILE`, or name a file with --from"
+            )
+        name = names[-1]
+    else:
+        name = source if source.endswith(".db.gz") else f"{source}.db.gz"
+        if name not in names:
+            raise BootstrapError(
+                f"no backup {source!r} in {where}; there: {', '.join(names[-5:]) or 'none'}"
+            )
+    if not on_arc:
+        return read_backup(config.backup.local_folder(config.environment) / name, config), True
+    assert vm is not None
+    meta = f"{arc_folder(config)}/{name.removesuffix('.db.gz')}.json"
+    r = vm.run(as_server_user(config, f"cat {shlex.quote(meta)}"), check=False, timeout=60)
+    if not r.ok:
+        raise BootstrapError(f"{name} on /arc has no readable record ({meta}): {r.stderr[-200:]}")
+    record = BackupRecord.model_validate_json(r.stdout)
+    _check_environment(record, config, f"{arc_folder(config)}/{name}")
+    return record.model_copy(update={"file": f"{arc_folder(config)}/{name}"}), False
+
+
+def unpack_on_vm(vm: VM, config: BootstrapConfig, packed: str, sha256: str) -> tuple[str, str]:
+    """The copy at ``packed`` on the VM, unpacked into the Prefect home and checked; returns
+    (the unpacked file, its private folder)."""
+    args = [packed, sha256, config.prefect.home]
+    out = _python(vm, config, UNPACK, args, "unpacking the backup")
+    if "error" in out:
+        raise BootstrapError(f"{out['error']} (nothing was changed)")
+    return str(out["path"]), str(out["work"])
+
+
+def swap_database(vm: VM, config: BootstrapConfig, unpacked: str, when: str) -> str:
+    """With the server stopped: the current database (and its WAL) moved into a folder of its
+    own beside it, the unpacked copy moved in its place. Returns that folder."""
+    db = shlex.quote(database_path(config))
+    kept = f"{config.prefect.home}/before-restore-{when}"
+    q = shlex.quote(kept)
+    user = shlex.quote(config.server.user)
+    vm.run(
+        f"set -e; mkdir -m 0700 {q}; chown {user}:{user} {q}; "
+        f'for f in {db} {db}-wal {db}-shm; do [ ! -e "$f" ] || mv "$f" {q}/; done; '
+        f"chown {user}:{user} {shlex.quote(unpacked)}; mv {shlex.quote(unpacked)} {db}",
+        sudo=True,
+        timeout=300,
+    )
+    return kept
+
+
+def put_back(vm: VM, config: BootstrapConfig, kept: str) -> str:
+    """The database the server ran with before, back in its place; the copy moved aside into
+    a failed-restore folder, whose path is returned."""
+    db = shlex.quote(database_path(config))
+    home = shlex.quote(config.prefect.home)
+    q = shlex.quote(kept)
+    r = vm.run(
+        f"set -e; systemctl stop {SERVER_UNIT}; failed={home}/failed-restore-$(date +%s); "
+        f'mkdir -m 0700 "$failed"; for f in {db} {db}-wal {db}-shm; do '
+        f'[ ! -e "$f" ] || mv "$f" "$failed"/; done; '
+        f'for f in {q}/prefect.db*; do [ ! -e "$f" ] || mv "$f" {home}/; done; '
+        f'rmdir {q}; systemctl start {SERVER_UNIT}; echo "$failed"',
+        sudo=True,
+        timeout=120,
+    )
+    return r.stdout.strip()
+
+
+def start_on_copy(vm: VM, config: BootstrapConfig, base: str, kept: str) -> None:
+    """Start the server on the restored copy; if it does not become healthy, its own database
+    goes back and the error says so."""
+    vm.run(f"systemctl start {SERVER_UNIT}", sudo=True, timeout=120)
+    url = f"http://127.0.0.1:{config.prefect.port}/api on the VM"
+    try:
+        wait_for_health(f"{base}/api", timeout=300, shown=url)
+    except BootstrapError as exc:
+        failed = put_back(vm, config, kept)
+        wait_for_health(f"{base}/api", timeout=300, shown=url)
+        raise BootstrapError(
+            f"the server did not start on the restored copy ({exc}); it runs on its own "
+            f"database again, and the copy is kept at {failed} on the VM"
+        ) from None

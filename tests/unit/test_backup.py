@@ -1,0 +1,174 @@
+"""Backups of the Prefect database: the scripts the VM runs (the copy of a live WAL database,
+where it lands, the unpacking of a copy to restore), the checks a copy on this machine passes
+before it is restored, the pruning of old copies and the age the health check reports."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sails_bootstrap.config import BootstrapConfig
+from tasks.backup import (
+    COUNTED,
+    SNAPSHOT,
+    UNPACK,
+    BackupRecord,
+    age_hours,
+    prune,
+    read_backup,
+    sha256_of,
+)
+from tasks.errors import BootstrapError
+
+
+def live_database(path: Path, runs: int) -> sqlite3.Connection:
+    """A database as the server keeps it: WAL, the last commits not yet checkpointed, and the
+    server's connection still open."""
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("CREATE TABLE alembic_version (version_num TEXT)")
+    db.execute("INSERT INTO alembic_version VALUES ('3c841a1800a1')")
+    db.execute("CREATE TABLE flow_run (id INTEGER PRIMARY KEY, name TEXT)")
+    db.execute("CREATE TABLE work_pool (id INTEGER PRIMARY KEY)")
+    db.executemany("INSERT INTO flow_run (name) VALUES (?)", [(f"run-{i}",) for i in range(runs)])
+    db.commit()
+    return db
+
+
+def run_script(script: str, *args: str) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-", *args], input=script, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    value: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
+    return value
+
+
+def snapshot(database: Path, name: str, dest: str = "", keep: int = 14) -> dict[str, Any]:
+    static = {"environment": name.rsplit("-", 1)[0], "created": name[-16:], "key_id": "k" * 16}
+    script = SNAPSHOT.replace("COUNTED", repr(COUNTED))
+    return run_script(script, str(database), name, dest, str(keep), json.dumps(static))
+
+
+def test_the_copy_holds_what_the_live_server_committed(tmp_path: Path) -> None:
+    server = live_database(tmp_path / "prefect.db", runs=5)
+    stale, fresh = tmp_path / ".sails-backup-killed", tmp_path / ".sails-restore-running"
+    for folder in (stale, fresh):
+        folder.mkdir()
+    os.utime(stale, (0, 0))  # left by a run killed long ago
+    assert (tmp_path / "prefect.db-wal").stat().st_size > 0  # the rows are in the WAL only
+    made = snapshot(tmp_path / "prefect.db", "alma-20261204T070000Z")
+    server.close()
+    assert made["counts"] == {"flow_run": 5, "work_pool": 0}
+    assert made["revision"] == "3c841a1800a1"
+    copy = Path(made["file"])
+    assert copy.name == "alma-20261204T070000Z.db.gz"
+    assert copy.parent == Path(made["work"]) and copy.parent.parent == tmp_path
+    assert stat.S_IMODE(copy.parent.stat().st_mode) == 0o700
+    assert sha256_of(copy, packed=True) == made["sha256"]
+    assert not stale.exists() and fresh.exists()
+    assert snapshot(tmp_path / "none.db", "alma-20261204T070000Z") == {
+        "missing": str(tmp_path / "none.db")
+    }
+
+
+def test_copies_land_whole_with_their_record_and_old_ones_go(tmp_path: Path) -> None:
+    """As on /arc: the VM writes the copy and its record, reads the copy back, keeps `keep`."""
+    live_database(tmp_path / "prefect.db", runs=2).close()
+    dest = tmp_path / "arc" / "backups" / "alma"
+    stamps = [f"2026120{d}T023000Z" for d in range(1, 5)]
+    for s in stamps:
+        made = snapshot(tmp_path / "prefect.db", f"alma-{s}", str(dest), keep=2)
+    assert made["pruned"] == ["alma-20261202T023000Z.db.gz"]  # the first went on the third
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        f"alma-{s}{ext}" for s in stamps[2:] for ext in (".db.gz", ".json")
+    )
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in dest.iterdir()} == {0o600}
+    record = BackupRecord.model_validate_json((dest / f"alma-{stamps[-1]}.json").read_text())
+    assert record.file == str(dest / f"alma-{stamps[-1]}.db.gz")
+    assert record.counts == {"flow_run": 2, "work_pool": 0} and record.key_id == "k" * 16
+    assert not list(tmp_path.glob(".sails-backup-*"))  # the VM's work folders are gone
+
+
+def test_a_copy_is_unpacked_on_the_vm_only_when_it_checks_out(tmp_path: Path) -> None:
+    live_database(tmp_path / "prefect.db", runs=3).close()
+    made = snapshot(tmp_path / "prefect.db", "alma-20261204T070000Z")
+    home = tmp_path / "home"
+    home.mkdir()
+    out = run_script(UNPACK, made["file"], made["sha256"], str(home))
+    with sqlite3.connect(out["path"]) as db:
+        assert db.execute("SELECT count(*) FROM flow_run").fetchone()[0] == 3
+    assert stat.S_IMODE(Path(out["path"]).stat().st_mode) == 0o600
+    wrong = run_script(UNPACK, made["file"], "0" * 64, str(home))
+    assert "does not match the digest" in wrong["error"]
+    truncated = tmp_path / "truncated.db.gz"
+    truncated.write_bytes(Path(made["file"]).read_bytes()[:200])
+    assert "cannot be unpacked" in run_script(UNPACK, str(truncated), "0", str(home))["error"]
+    assert "no backup at" in run_script(UNPACK, str(tmp_path / "x"), "0", str(home))["error"]
+    assert len(list(home.iterdir())) == 1  # only the good one's folder is left
+
+
+def keep_here(tmp_path: Path, environment: str, runs: int, when: str) -> Path:
+    """A copy and its record in the local backup folder, as `backup` leaves them there."""
+    source = tmp_path / f"{environment}-{when}.db"
+    live_database(source, runs).close()
+    folder = tmp_path / "backups" / environment
+    made = snapshot(source, f"{environment}-{when}", str(folder))
+    return Path(made["file"])
+
+
+def test_a_copy_here_is_checked_before_it_is_restored(tmp_path: Path) -> None:
+    cfg = BootstrapConfig.model_validate(
+        {"environment": "alma", "backup": {"local_dir": str(tmp_path / "backups")}}
+    )
+    good = keep_here(tmp_path, "alma", 3, "20261204T070000Z")
+    assert read_backup(good, cfg).counts["flow_run"] == 3
+
+    other = keep_here(tmp_path, "other", 1, "20261204T070000Z")
+    with pytest.raises(BootstrapError, match="backup of environment 'other', not 'alma'"):
+        read_backup(other, cfg)
+
+    damaged = keep_here(tmp_path, "alma", 3, "20261204T080000Z")
+    with gzip.open(damaged, "wb") as f:
+        f.write(b"SQLite format 3\0" + b"\0" * 4096)
+    with pytest.raises(BootstrapError, match="does not match the digest in its record"):
+        read_backup(damaged, cfg)
+    damaged.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(BootstrapError, match="cannot be unpacked"):
+        read_backup(damaged, cfg)
+
+    damaged.with_name("alma-20261204T080000Z.json").unlink()
+    with pytest.raises(BootstrapError, match=r"with its \.json record beside it"):
+        read_backup(damaged, cfg)
+
+
+def test_old_copies_here_are_pruned_per_environment(tmp_path: Path) -> None:
+    stamps = [f"2026120{d}T000000Z" for d in range(1, 6)]
+    for s in stamps:
+        keep_here(tmp_path, "alma", 1, s)
+    keep_here(tmp_path, "alma-test", 1, stamps[0])
+    folder = tmp_path / "backups" / "alma"
+    assert prune(folder, "alma", keep=2) == [f"alma-{s}.db.gz" for s in stamps[:3]]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"alma-{s}{ext}" for s in stamps[3:] for ext in (".db.gz", ".json")
+    )
+    assert prune(folder, "alma", keep=2) == []
+    assert len(list((tmp_path / "backups" / "alma-test").iterdir())) == 2
+
+
+def test_the_age_of_the_newest_copy() -> None:
+    now = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.UTC)
+    names = ["alma-20261203T023000Z.db.gz", "alma-20261204T023000Z.db.gz", "alma-x.db.gz"]
+    assert age_hours(names, "alma", now) == pytest.approx(9.5)
+    assert age_hours([], "alma", now) is None
+    assert age_hours(["alma-latest.db.gz"], "alma", now) is None
