@@ -227,9 +227,13 @@ def _python(vm: VM, config: BootstrapConfig, script: str, args: list[str], what:
     return _last_json(r.stdout or r.stderr, what, vm.host)
 
 
-def key_id(vm: VM) -> str:
+def key_id(vm: VM, required: bool = True) -> str:
+    """The id of the key the VM's server encrypts blocks with ("" when it has none and that is
+    not ``required``: a copy is still worth making)."""
     out = vm.run(KEY_ID, sudo=True).stdout.strip()
     if not out or out == hashlib.sha256(b"").hexdigest()[:16]:
+        if not required:
+            return ""
         raise BootstrapError(
             f"the VM's server has no encryption key in {SERVER_ENV}: run `sails-bootstrap "
             "configure` first"
@@ -274,7 +278,11 @@ def backup_database(vm: VM, config: BootstrapConfig, local: bool) -> BackupRecor
     made = stamp()
     name = f"{config.environment}-{made}"
     dest = "" if local else arc_folder(config)
-    static = {"environment": config.environment, "created": made, "key_id": key_id(vm)}
+    static = {
+        "environment": config.environment,
+        "created": made,
+        "key_id": key_id(vm, required=False),
+    }
     args = [database_path(config), name, dest, str(config.backup.keep), json.dumps(static)]
     script = SNAPSHOT.replace("COUNTED", repr(COUNTED))
     out = _python(vm, config, script, args, "the copy of the Prefect database")
