@@ -803,3 +803,47 @@ def test_backup_off_the_cloud_and_restore(
         assert marker() == "in the copy", out
     finally:
         vm.close()
+
+
+def test_a_lost_volume_is_rebuilt_and_its_history_restored_from_arc(
+    operated: Operated, tmp_path: Path
+) -> None:
+    """The disaster the copies are for: the data volume is gone (deleted with the server, no
+    copy made then). `up` builds the VM again on a new, empty volume; `restore` brings the
+    history back from /arc: every flow run and deployment of the copy, the health check green."""
+    from prefect.client.schemas.objects import StateType
+
+    from flows.backup import backup, restore
+    from flows.teardown import teardown
+
+    cfg = operated.cfg
+    reauth_canfar(cfg)
+    auth = server_secrets(cfg)["auth_string"]
+
+    def history() -> tuple[set[str], list[str]]:
+        with operator_tunnel(cfg) as url, remote_client(url, auth) as client:
+            runs = {
+                str(r.id)
+                for r in client.read_flow_runs()
+                if r.state is not None and r.state.type == StateType.COMPLETED
+            }
+            return runs, sorted(d.name for d in client.read_deployments())
+
+    runs, deployments = history()
+    assert runs and "backup" in deployments
+    copy = backup(cfg)
+    assert copy is not None and copy.counts["flow_run"] >= len(runs)
+    lost = locate_vm.fn(open_connection(cfg), cfg).volume_id
+    teardown(cfg, delete_data_volume=True, volume_id=lost)
+
+    bootstrap(cfg)  # a new VM on a new, empty volume
+    rebuilt = locate_vm.fn(open_connection(cfg), cfg)
+    assert rebuilt.volume_id and rebuilt.volume_id != lost
+    fresh, _ = history()
+    assert not runs & fresh  # none of the old history is there yet
+
+    done = restore(cfg)
+    assert done.file.endswith(copy.file.rsplit("/", 1)[-1]), done
+    back, deployments_back = history()
+    assert runs <= back and deployments_back == deployments
+    assert health_check(cfg).healthy
