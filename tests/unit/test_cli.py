@@ -30,6 +30,8 @@ COMMANDS = [
     *[[c] for c in ("plan", "provision", "configure", "register", "up", "down", "health")],
     ["remount"],
     ["reauth"],
+    ["backup"],
+    ["restore"],
     ["ui"],
 ]
 
@@ -47,9 +49,19 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
 def test_every_command_has_help(command: list[str]) -> None:
-    result = run(*command, "--help")
+    from typer.testing import CliRunner
+
+    from sails_bootstrap.cli import app
+
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_the_console_script_is_installed() -> None:
+    result = run("--help")
     assert result.returncode == 0, result.stderr
-    assert "Usage" in result.stdout
+    assert all(c[0] in result.stdout for c in COMMANDS if c), result.stdout
 
 
 def test_validate_example_and_malformed(tmp_path: Path) -> None:
