@@ -30,6 +30,7 @@ demo: system
 	eval "$$($(RUN) sails-bootstrap sandbox env)" && \
 	  $(RUN) sails-bootstrap sandbox blocks --config examples/sandbox.yaml && \
 	  $(RUN) sails-bootstrap up --config examples/sandbox.yaml && \
+	  $(RUN) sails-bootstrap backup --config examples/sandbox.yaml && \
 	  $(RUN) sails-bootstrap ui --config examples/sandbox.yaml --out ui-screenshots
 
 bench: system
