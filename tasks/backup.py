@@ -386,18 +386,35 @@ def local_copies(config: BootstrapConfig) -> list[Path]:
     )
 
 
+#: Lists a folder on /arc without ever waiting on a stale mount: the listing runs detached and
+#: is read only if it ends within the deadline (a stat on a frozen sshfs can hang past SIGKILL).
+LIST_ARC = r"""
+out=$(mktemp) || exit 1
+list="find {folder} -maxdepth 1 -name {pattern} -printf '%f\\n'"
+setsid sh -c "$list > $out 2>/dev/null; touch $out.done" </dev/null >/dev/null 2>&1 &
+i=0
+while [ $i -lt $(({deadline} * 10)) ]; do
+  if [ -e "$out.done" ]; then cat "$out"; rm -f "$out" "$out.done"; exit 0; fi
+  sleep 0.1; i=$((i + 1))
+done
+exit 124
+"""
+
+
 def arc_copies(vm: VM, config: BootstrapConfig, deadline: float = 60) -> list[str]:
     """The copies of this environment on /arc, oldest first (their names sort by age). A
     stale /arc that does not answer within ``deadline`` seconds is an error."""
-    folder = shlex.quote(arc_folder(config))
-    pattern = shlex.quote(f"{config.environment}-*.db.gz")
-    find = f"find {folder} -maxdepth 1 -name {pattern} -printf '%f\\n'"
+    script = LIST_ARC.format(
+        folder=shlex.quote(arc_folder(config)),
+        pattern=shlex.quote(f"{config.environment}-*.db.gz"),
+        deadline=max(1, round(deadline)),
+    )
     r = vm.run(
-        as_server_user(config, f"timeout -s KILL {max(1, round(deadline))} {find}"),
+        as_server_user(config, f"sh -c {shlex.quote(script)}"),
         check=False,
         timeout=deadline + 20,
     )
-    if r.code in (124, 137):
+    if r.code == 124:
         raise BootstrapError(
             f"/arc on {vm.host} did not answer within {deadline:.0f} s (stale? "
             "`sails-bootstrap remount`)"

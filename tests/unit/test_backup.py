@@ -172,3 +172,30 @@ def test_the_age_of_the_newest_copy() -> None:
     assert age_hours(names, "alma", now) == pytest.approx(9.5)
     assert age_hours([], "alma", now) is None
     assert age_hours(["alma-latest.db.gz"], "alma", now) is None
+
+
+def test_the_copies_on_arc_are_listed_by_name(tmp_path: Path) -> None:
+    import getpass
+
+    from tasks.backup import arc_copies, arc_folder
+    from tasks.vm import LocalHost
+
+    cfg = BootstrapConfig.model_validate(
+        {
+            "environment": "alma",
+            "server": {"user": getpass.getuser()},
+            "arc": {"mount_point": str(tmp_path / "arc")},
+        }
+    )
+    folder = Path(arc_folder(cfg))
+    assert folder == tmp_path / "arc/projects/ALMA-SAILS/backups/sails-bootstrap/alma"
+    assert arc_copies(LocalHost(), cfg) == []  # no folder yet: no copies
+    folder.mkdir(parents=True)
+    for name in ("alma-20261204T023000Z", "alma-20261203T023000Z", "alma-test-20261204T0"):
+        (folder / f"{name}.db.gz").touch()
+        (folder / f"{name}.json").touch()
+    assert arc_copies(LocalHost(), cfg, deadline=5) == [
+        "alma-20261203T023000Z.db.gz",
+        "alma-20261204T023000Z.db.gz",
+        "alma-test-20261204T0.db.gz",  # the health check's age skips a name without a stamp
+    ]
