@@ -707,6 +707,7 @@ def test_backup_off_the_cloud_and_restore(
     is gone, what the copy held is there, the database it replaced is kept on the VM, the server
     is healthy. With backup.destination local the copy comes to this machine (0600), old ones
     go past backup.keep, and a truncated copy is refused before anything is touched."""
+    import shutil
     import subprocess
     import sys
 
@@ -750,7 +751,12 @@ def test_backup_off_the_cloud_and_restore(
     vm = vm_for(cfg, locate_vm.fn(open_connection(cfg), cfg))
     try:
         marker("in the copy")
-        before = arc_copies(vm, cfg)  # /arc outlives environments: copies of an earlier one
+        # /arc outlives environments: copies an earlier run of this test left go first
+        relative = arc_folder(cfg).split("/canfar_arc/", 1)[1]
+        stored = arc_store.ROOT / relative
+        shutil.rmtree(stored, ignore_errors=True)
+        before = arc_copies(vm, cfg)
+        assert before == []
         # on the VM's schedule (run now): its worker writes the copy to /arc
         assert run_on_server.fn(url, auth, "backup/backup", timeout=300)["state"] == "Completed"
         assert len(arc_copies(vm, cfg)) == len(before) + 1
@@ -759,8 +765,6 @@ def test_backup_off_the_cloud_and_restore(
         names = arc_copies(vm, cfg)
         assert len(names) == len(before) + 2 and names[-1] in newest, (names, out)
         # in CANFAR's storage itself, beside its record
-        relative = arc_folder(cfg).split("/canfar_arc/", 1)[1]
-        stored = arc_store.ROOT / relative
         assert sorted(p.name for p in stored.iterdir()) == sorted(
             [*names, *(n.removesuffix(".db.gz") + ".json" for n in names)]
         )
