@@ -70,7 +70,7 @@ def backup(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False) -> 
             f"- file ({where}): `{record.file}`\n"
             f"- made: {record.created}, {record.bytes / 1e6:.1f} MB uncompressed, "
             f"sha256 {record.sha256[:16]}…\n"
-            + "".join(f"- {t.replace('_', ' ')}s: {n}\n" for t, n in record.counts.items())
+            + "".join(f"- {line}\n" for line in record.held())
             + f"- older copies removed: {', '.join(record.pruned) or 'none'}\n\n"
             "Put it back with `sails-bootstrap restore --config FILE --from "
             f"{record.file.rsplit('/', 1)[-1].removesuffix('.db.gz')}`.\n"
@@ -131,7 +131,7 @@ def restore(
         markdown=(
             f"# Restore of {config.environment}\n\n"
             f"- from: `{done.file}` (made {done.created})\n"
-            + "".join(f"- {t.replace('_', ' ')}s: {n}\n" for t, n in done.counts.items())
+            + "".join(f"- {line}\n" for line in record.held())
             + f"- the database it replaced: `{done.kept}` on the VM\n"
             + (f"- runs in flight: {done.drain}\n" if done.drain else "")
         ),

@@ -179,9 +179,12 @@ class BackupRecord(BaseModel):
     #: copies removed for backup.keep
     pruned: list[str] = Field(default_factory=list)
 
+    def held(self) -> list[str]:
+        """What the copy holds, one phrase a table ("19 flow runs")."""
+        return [f"{n} {t.replace('_', ' ')}s" for t, n in self.counts.items()]
+
     def summary(self) -> str:
-        held = ", ".join(f"{n} {t.replace('_', ' ')}s" for t, n in self.counts.items())
-        return f"{self.file} ({self.bytes / 1e6:.1f} MB; {held})"
+        return f"{self.file} ({self.bytes / 1e6:.1f} MB; {', '.join(self.held())})"
 
 
 class RestoreRecord(BaseModel):
