@@ -118,11 +118,21 @@ def _verify_policy(expected: list[str]) -> paramiko.MissingHostKeyPolicy:
 #: Seconds an SFTP transfer may go without an answer from the VM.
 SFTP_TIMEOUT = 120
 
+#: Where the VM's lock lives: one file for the login user (the operator's runs) and the
+#: service user (the VM's deployments) alike; made by root, writable by both.
+VM_LOCK_DIR = "/var/lib/sails-bootstrap"
+
 #: The VM's own lock: every run that changes the VM holds it, from the operator's machine (over
 #: SSH) or on the VM (its deployments). A flock held by a process that lives as long as the
 #: holder's channel: a closed channel, a dropped connection or a killed run frees it.
 VM_LOCK = r"""
-d="$HOME/.local/state/sails-bootstrap"; mkdir -p "$d" || exit 4
+d={dir}
+if ! { [ -w "$d/vm.lock" ] && [ -w "$d/vm.holder" ]; }; then
+  { [ -w "$d" ] && touch "$d/vm.lock" "$d/vm.holder" && chmod 0666 "$d/vm.lock" "$d/vm.holder"; } \
+    2>/dev/null || sudo -n sh -c "install -d -m 0755 $d && touch $d/vm.lock $d/vm.holder \
+    && chmod 0666 $d/vm.lock $d/vm.holder" 2>/dev/null \
+    || { echo "error: no $d/vm.lock to lock the VM with (configure makes it)"; exit 4; }
+fi
 exec 9>>"$d/vm.lock"
 i=0
 while ! flock -n 9; do
@@ -143,8 +153,10 @@ def vm_exclusive(host: VM, config: BootstrapConfig, command: str) -> Any:
     return host.exclusive(config.environment, holder, wait)
 
 
-def lock_script(holder: str, wait: float) -> str:
-    return VM_LOCK.format(wait=max(0, round(wait)), holder=shlex.quote(holder))
+def lock_script(holder: str, wait: float, directory: str = VM_LOCK_DIR) -> str:
+    script = VM_LOCK.replace("{wait}", str(max(0, round(wait))))
+    script = script.replace("{dir}", shlex.quote(directory))
+    return script.replace("{holder}", shlex.quote(holder))
 
 
 def hold_vm_lock(lines: Any, environment: str, wait: float) -> None:
@@ -157,6 +169,9 @@ def hold_vm_lock(lines: Any, environment: str, wait: float) -> None:
             return
         if line.startswith("waiting"):
             progress.tick(line.removeprefix("waiting").strip() or "a run that wrote nothing yet")
+        elif line.startswith("error:"):
+            why = line.removeprefix("error:").strip()
+            raise BootstrapError(f"the VM of {environment!r}: {why}")
         elif line.startswith("held"):
             raise LockHeldOnVM(
                 f"the VM of {environment!r} is in use by another run "
@@ -237,6 +252,12 @@ class LoopbackForward:
 
 class VM:
     """A fabric connection to the VM with the host key checked against the console's."""
+
+    @property
+    def privileged(self) -> bool:
+        """The login user, whose sudo is root: the service user's files are read and written
+        through it (``sudo=host.privileged``)."""
+        return True
 
     def __init__(
         self,
@@ -435,8 +456,17 @@ class VM:
 class LocalHost(VM):
     """The VM itself, for flows that run on it (health check, remount, reauth via deployments).
 
-    Same interface as ``VM``; commands run here with ``sudo -n`` where root is needed.
+    Same interface as ``VM``; it runs as the service user (``prefect.user``), whose only
+    root is the units helper (tasks/service_user.py): ``privileged`` is false, and a command
+    run with ``sudo`` needs that rule.
     """
+
+    #: The VM's lock directory (another one for tests of the lock itself).
+    lock_dir = VM_LOCK_DIR
+
+    @property
+    def privileged(self) -> bool:
+        return os.geteuid() == 0
 
     def __init__(self, host: str = "localhost", login_key: str | None = None):
         self.host = host
@@ -462,7 +492,7 @@ class LocalHost(VM):
         import subprocess
 
         proc = subprocess.Popen(
-            ["sh", "-c", lock_script(holder, wait)],
+            ["sh", "-c", lock_script(holder, wait, self.lock_dir)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

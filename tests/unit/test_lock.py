@@ -83,8 +83,8 @@ def test_the_vm_lock_spans_holders_and_a_dead_one_frees_it(
     from tasks.errors import LockHeldOnVM
     from tasks.vm import LocalHost, lock_script
 
-    monkeypatch.setenv("HOME", str(tmp_path))
     vm = LocalHost()
+    vm.lock_dir = str(tmp_path)
     with vm.exclusive("alma", "`configure` from laptop", wait=5):
         began = time.monotonic()
         with pytest.raises(LockHeldOnVM) as info, vm.exclusive("alma", "`remount`", wait=1):
@@ -96,7 +96,7 @@ def test_the_vm_lock_spans_holders_and_a_dead_one_frees_it(
 
     # A holder killed outright (its SSH connection gone, its run killed): free again.
     holder = subprocess.Popen(
-        ["sh", "-c", lock_script("`up` killed later", 0)],
+        ["sh", "-c", lock_script("`up` killed later", 0, str(tmp_path))],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
