@@ -25,6 +25,7 @@ from tasks.prefect_server import (
     server_secrets,
 )
 from tasks.records import Action
+from tasks.service_user import ensure_service_user
 from tasks.vm import (
     VM,
     LocalHost,
@@ -149,6 +150,7 @@ def configure_host(
             record_fs_uuid(open_connection(config), volume_id, mounted.id)
         records.append(ensure_operator_keys(host, config, apply))
         records.append(ensure_sshd_keepalive(host, apply))
+        records.append(ensure_service_user(host, config, apply))
         records.append(ensure_ca_bundle(host, config, apply))
         if config.arc.enabled or config.canfar.smoke_test.enabled:
             creds = load_canfar(config)

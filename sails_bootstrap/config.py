@@ -251,8 +251,12 @@ class ArcSettings(_Model):
         default=None, description="CANFAR user name on the /arc host (default: the CANFAR block's)."
     )
     remote_path: str = "/"
-    mount_point: str = Field(default="~/canfar_arc", description="Mount point on the VM.")
-    key_path: str = Field(default="~/.ssh/canfar_key", description="Key on the VM for /arc.")
+    mount_point: str = Field(
+        default="~/canfar_arc", description="Mount point on the VM (~: prefect.user's home)."
+    )
+    key_path: str = Field(
+        default="~/.ssh/canfar_key", description="Key on the VM for /arc (prefect.user's)."
+    )
     key_block: Name | None = Field(
         default=None,
         description="SSHKeyPair block whose key CANFAR already trusts, installed on the VM when "
@@ -353,6 +357,19 @@ class PrefectSettings(_Model):
     )
     home: str = "/mnt/pspace/prefect-data"
     venv: str = "/mnt/pspace/prefect-env"
+    user: UserName = Field(
+        default="sails",
+        description="System user the server, the workers (so every flow run), the /arc mount "
+        "and the CANFAR certificate belong to. It has no sudo beyond starting, stopping and "
+        "reading the journal of the environment's own units; `~` in arc paths is its home.",
+    )
+    uid: int = Field(
+        default=2200,
+        ge=1000,
+        le=59999,
+        description="uid and gid of prefect.user, fixed so a re-created VM finds the volume's "
+        "files owned by the same user.",
+    )
     version: Annotated[str, StringConstraints(pattern=r"^[0-9][0-9A-Za-z.+!-]{0,40}$")] | None = (
         Field(default=None, description="Prefect version for the VM; empty: the local one.")
     )
@@ -463,6 +480,17 @@ class BootstrapConfig(_Model):
                     f"{self.ssh.alias}` forwards 127.0.0.1:{self.prefect.local_port}): "
                     "remove the rule"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _service_user_unprivileged(self) -> BootstrapConfig:
+        if self.prefect.user in ("root", self.server.user):
+            raise ValueError(
+                f"prefect.user: {self.prefect.user!r} is "
+                + ("root" if self.prefect.user == "root" else "the login user (server.user)")
+                + ", who has sudo; every flow run runs as prefect.user, so pick a user of its "
+                "own (default 'sails')"
+            )
         return self
 
     @model_validator(mode="after")

@@ -85,6 +85,14 @@ def test_names_derive_from_the_environment() -> None:
         ),
         ({"backup": {"arc_dir": "/backups"}}, "backup.arc_dir", "below arc.mount_point"),
         ({"backup": {"keep": 0}}, "backup.keep", "greater than or equal to 1"),
+        ({"prefect": {"user": "ubuntu"}}, "prefect.user", "the login user (server.user)"),
+        ({"prefect": {"user": "root"}}, "prefect.user", "a user of its own"),
+        (
+            {"server": {"user": "debian"}, "prefect": {"user": "debian"}},
+            "prefect.user",
+            "who has sudo",
+        ),
+        ({"prefect": {"uid": 0}}, "prefect.uid", "greater than or equal to 1000"),
     ],
 )
 def test_bad_input_names_field_and_fix(data: dict, field: str, fix: str) -> None:
@@ -100,6 +108,7 @@ def test_bad_input_names_field_and_fix(data: dict, field: str, fix: str) -> None
     [
         ({"volume": {"owner": "ubuntu\nExecStartPre=/bin/sh"}}, "volume.owner"),
         ({"server": {"user": "ubuntu; rm -rf /"}}, "server.user"),
+        ({"prefect": {"user": "sails\nExecStartPre=/bin/sh"}}, "prefect.user"),
         ({"prefect": {"venv": "/mnt/pspace/$(reboot)"}}, "prefect.venv"),
         ({"prefect": {"home": "/mnt/pspace/../../etc"}}, "prefect.home"),
         ({"volume": {"mount_point": "/mnt/p space"}}, "volume.mount_point"),
