@@ -7,13 +7,13 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.configure import configure, configure_host
-from flows.provision import load_key, provision
+from flows.configure import configure
+from flows.provision import provision
 from flows.register import register, smoke_test
 from sails_bootstrap.config import BootstrapConfig
 from tasks.cloud import VMTarget
 from tasks.log import logger
-from tasks.vm import LocalHost
+from tasks.vm import LocalHost, vm_exclusive
 
 
 @flow(name="bootstrap")
@@ -56,14 +56,29 @@ def bootstrap(
 
 
 def converge_from_vm(config: BootstrapConfig) -> dict[str, Any]:
-    """The `bootstrap` deployment: fix cloud drift and the VM's own state, from the VM."""
+    """The `bootstrap` deployment: fix cloud drift, then the repairs the VM makes itself.
+
+    It runs as the service user, who has no root beyond its own units: the root-owned part of
+    configure (packages, the volume, units, sshd, sudoers) is converged from an operator's
+    machine (`sails-bootstrap configure`; `plan` names what differs)."""
+    from flows.operate import remount_arc
+    from tasks.arc import probe_arc
+
     prov = provision.fn(config, plan=False, local_ssh=False, on_vm=True)
-    volume_id = prov.attachment.volume_id if prov.attachment else None
-    conf = configure_host(
-        LocalHost(login_key=load_key(config, apply=False, on_vm=True).public_key),
-        config,
-        volume_id,
-        prov.address or "127.0.0.1",
-        fs_uuid=prov.volume.fs_uuid if prov.volume else None,
+    repairs: list[dict[str, Any]] = []
+    if config.arc.enabled and probe_arc(LocalHost(), config)[0] != "live":
+        repairs.append(remount_arc.fn(config, on_vm=True).row())
+    if config.arc.enabled or config.canfar.smoke_test.enabled:
+        from flows.configure import load_canfar
+        from tasks.canfar import ensure_canfar_auth
+
+        host = LocalHost()
+        with vm_exclusive(host, config, "bootstrap"):
+            record = ensure_canfar_auth.fn(host, config, load_canfar(config))
+        repairs.append(record.row())
+    logger().info(
+        "converged %s from the VM: %s",
+        config.environment,
+        ", ".join(f"{r['name']}={r['action']}" for r in repairs) or "cloud only",
     )
-    return {"provision": prov.table(), "configure": [r.row() for r in conf.records]}
+    return {"provision": prov.table(), "repairs": repairs}

@@ -23,6 +23,7 @@ from tasks.errors import BootstrapError
 from tasks.health import FAIL, OK, ProbeResult, cloud_probes, host_probes, run_probes
 from tasks.log import logger
 from tasks.records import Action
+from tasks.service_user import as_service_user, systemctl
 from tasks.vm import VM, LocalHost, StepRecord, vm_exclusive
 
 STALE_EVENT = "sails.arc.stale"
@@ -143,13 +144,20 @@ def remount_arc(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False
         log.warning("/arc is %s (%s): remounting", state, detail)
         was = f"{state}: {detail}"
         mp = vm_path(config, config.arc.mount_point)
-        user = config.server.user
-        host.run(f"systemctl stop {UNIT}", sudo=True, check=False, timeout=30)
-        host.run(f"pkill -9 -u {user} -f 'sshfs.* {mp}$' || true", sudo=True, timeout=15)
-        host.run(f"fusermount3 -u -z {mp} || umount -l {mp} || true", sudo=True, timeout=15)
+        # The unit, through the login user's sudo or the service user's helper; the sshfs
+        # process and its mount are the service user's own to kill and unmount.
+        systemctl(host, "stop", UNIT, check=False, timeout=30)
+        host.run(
+            as_service_user(
+                config, f"pkill -9 -u \"$(id -u)\" -f '[s]shfs.* {mp}$'; fusermount3 -u -z {mp}"
+            )
+            + " || true",
+            timeout=15,
+        )
         if ensure_arc_host_keys(host, config, apply=True):  # a changed pin in the config
             log.info("/arc: wrote the pinned host keys")
-        host.run(f"systemctl reset-failed {UNIT}; systemctl start {UNIT}", sudo=True, timeout=30)
+        systemctl(host, "reset-failed", UNIT, check=False, timeout=30)
+        systemctl(host, "start", UNIT, timeout=30)
         for _ in range(30):
             state, detail = probe_arc(host, config)
             if state == "live":

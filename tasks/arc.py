@@ -16,6 +16,7 @@ from tasks.blocks import load_block
 from tasks.errors import BootstrapError
 from tasks.log import logger
 from tasks.records import Action
+from tasks.service_user import as_service_user, service_dirs, service_home, systemctl
 from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 
 UNIT = "sails-arc.service"
@@ -27,7 +28,8 @@ ARC_KNOWN_HOSTS = "/etc/sails-bootstrap/arc_known_hosts"
 
 
 def home(config: BootstrapConfig) -> str:
-    return f"/home/{config.server.user}"
+    """The service user's home (``~`` in the arc paths): the mount and key are that user's."""
+    return service_home(config)
 
 
 def vm_path(config: BootstrapConfig, path: str) -> str:
@@ -47,8 +49,8 @@ def ensure_canfar_key(vm: VM, config: BootstrapConfig, apply: bool = True) -> St
     as CANFAR documents). An existing key is never replaced."""
     key = vm_path(config, config.arc.key_path)
     q = shlex.quote(key)
-    user = config.server.user
-    exists = vm.run(f"test -f {q} && test -f {q}.pub", check=False).ok
+    user = config.prefect.user
+    exists = vm.run(as_service_user(config, f"test -f {q} && test -f {q}.pub"), check=False).ok
     reason = "present (kept)"
     if not exists and not apply:
         source = (
@@ -73,24 +75,32 @@ def ensure_canfar_key(vm: VM, config: BootstrapConfig, apply: bool = True) -> St
             "line is in ~/.ssh/authorized_keys of your CANFAR home), or remove arc.key_block to "
             "have a key generated on the VM",
         )
+        service_dirs(vm, config, key)
         vm.write_file(
             key,
             block.private_key.get_secret_value(),
             mode="0600",
             owner=f"{user}:{user}",
-            sudo=False,
+            sudo=vm.privileged,
         )
         vm.write_file(
-            f"{key}.pub", block.public_key + "\n", mode="0644", owner=f"{user}:{user}", sudo=False
+            f"{key}.pub",
+            block.public_key + "\n",
+            mode="0644",
+            owner=f"{user}:{user}",
+            sudo=vm.privileged,
         )
         reason = f"installed from block {config.arc.key_block!r} ({block.fingerprint})"
     elif not exists:
         vm.run(
-            f"mkdir -p -m 700 $(dirname {q}) && ssh-keygen -q -t rsa -b 4096 -N '' "
-            f"-C {shlex.quote(config.environment + '-arc')} -f {q}"
+            as_service_user(
+                config,
+                f"mkdir -p -m 700 $(dirname {q}) && ssh-keygen -q -t rsa -b 4096 -N '' "
+                f"-C {shlex.quote(config.environment + '-arc')} -f {q}",
+            )
         )
         reason = f"generated {key}"
-    public = vm.run(f"cat {q}.pub").stdout.strip()
+    public = vm.run(as_service_user(config, f"cat {q}.pub")).stdout.strip()
     return StepRecord(
         name="canfar key",
         action=Action.KEEP if exists else Action.CREATE,
@@ -126,6 +136,14 @@ def ensure_arc_host_keys(vm: VM, config: BootstrapConfig, apply: bool) -> bool:
     """Write the pinned /arc host keys where they differ (a changed pin is repaired here)."""
     if not config.arc.host_keys:
         return False
+    if not vm.privileged:  # the service user: root's file, read only
+        current = vm.run(f"cat {ARC_KNOWN_HOSTS} 2>/dev/null || true", check=False).stdout
+        if current == known_hosts_text(config):
+            return False
+        raise BootstrapError(
+            f"the /arc host keys pinned in {ARC_KNOWN_HOSTS} are not arc.host_keys; that file "
+            "is root's: run `sails-bootstrap remount` (or configure) from an operator's machine"
+        )
     return vm.write_file(ARC_KNOWN_HOSTS, known_hosts_text(config), apply=apply)
 
 
@@ -152,7 +170,7 @@ def unit_text(config: BootstrapConfig, user: str) -> str:
         f"StartLimitIntervalSec={START_LIMIT_INTERVAL}\n"
         f"StartLimitBurst={START_LIMIT_BURST}\n"
         "[Service]\n"
-        f"User={config.server.user}\n"
+        f"User={config.prefect.user}\n"
         "Type=simple\n"
         f"ExecStartPre=-/bin/fusermount3 -u -z {mp}\n"
         f"ExecStartPre=/bin/mkdir -p {mp}\n"
@@ -196,9 +214,10 @@ def probe_arc(vm: VM, config: BootstrapConfig) -> tuple[str, str]:
     script = PROBE.format(
         mp=shlex.quote(vm_path(config, config.arc.mount_point)),
         deadline=max(1, round(config.arc.probe_timeout)),
-        user=config.server.user,
+        user=config.prefect.user,
     )
-    r = vm.run(script, timeout=config.arc.probe_timeout + 20, check=False)
+    # as the service user: only the user who mounted a FUSE file system may enter it
+    r = vm.run(as_service_user(config, script), timeout=config.arc.probe_timeout + 20, check=False)
     state, _, detail = r.stdout.strip().partition(" ")
     return (state or "dead"), (detail or r.stderr.strip())
 
@@ -215,7 +234,8 @@ def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str, apply: bool = T
         )
     if ensure_arc_host_keys(vm, config, apply):
         if apply:  # a running sshfs keeps its connection: the pin applies from the next start
-            vm.run(f"systemctl reset-failed {UNIT}; systemctl try-restart {UNIT}", sudo=True)
+            systemctl(vm, "reset-failed", UNIT, check=False)
+            systemctl(vm, "try-restart", UNIT)
         changes.append("pinned the /arc host keys")
     if vm.write_file(f"/etc/systemd/system/{UNIT}", unit_text(config, user), apply=apply):
         if apply:
@@ -228,7 +248,8 @@ def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str, apply: bool = T
         changes.append("enabled the unit")
     if not vm.run(f"systemctl is-active --quiet {UNIT}", check=False).ok:
         if apply:  # after a give-up (start limit hit) too: reset it, then start again
-            vm.run(f"systemctl reset-failed {UNIT}; systemctl restart {UNIT}", sudo=True)
+            systemctl(vm, "reset-failed", UNIT, check=False)
+            systemctl(vm, "restart", UNIT)
         changes.append("started the unit")
     if changes and not apply:  # nothing was started: there is no mount to verify yet
         return StepRecord(
@@ -241,9 +262,7 @@ def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str, apply: bool = T
             break
         vm.run("sleep 1", check=False)
     if state != "live":
-        journal = vm.run(
-            f"journalctl -u {UNIT} -n 30 --no-pager -o cat", sudo=True, check=False
-        ).stdout.strip()
+        journal = systemctl(vm, "journal", UNIT, check=False).stdout.strip()
         if "Host key verification failed" in journal:
             return StepRecord(
                 name="/arc mount",

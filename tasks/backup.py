@@ -37,7 +37,8 @@ from sails_bootstrap.config import BootstrapConfig
 from tasks.arc import vm_path
 from tasks.errors import BootstrapError
 from tasks.log import logger
-from tasks.prefect_server import SERVER_ENV, SERVER_UNIT, wait_for_health
+from tasks.prefect_server import SERVER_ENV, SERVER_KEY_ID, SERVER_UNIT, wait_for_health
+from tasks.service_user import as_service_user
 from tasks.vm import VM
 
 #: Tables counted into a copy's record (what an operator looks for in it).
@@ -207,12 +208,6 @@ def arc_folder(config: BootstrapConfig) -> str:
     return f"{mount}/{config.backup.arc_dir}/{config.environment}"
 
 
-def as_server_user(config: BootstrapConfig, command: str) -> str:
-    """``command`` as the server's user (who alone can open its /arc mount and database)."""
-    user = shlex.quote(config.server.user)
-    return f'if [ "$(id -un)" = {user} ]; then {command}; else sudo -n -u {user} {command}; fi'
-
-
 def _python(vm: VM, config: BootstrapConfig, script: str, args: list[str], what: str) -> Any:
     """Run ``script`` with the VM's python3 as the server's user; its last line of output, as
     JSON. (The script goes over SFTP: fabric feeds standard input a byte at a time.)"""
@@ -221,7 +216,7 @@ def _python(vm: VM, config: BootstrapConfig, script: str, args: list[str], what:
         quoted = " ".join(shlex.quote(a) for a in [path, *args])
         r = vm.run(
             f'chmod 0755 "$(dirname {shlex.quote(path)})" && chmod 0644 {shlex.quote(path)} && '
-            + as_server_user(config, f"python3 {quoted}"),
+            + as_service_user(config, f"python3 {quoted}"),
             timeout=1800,
             check=False,
         )
@@ -233,7 +228,9 @@ def _python(vm: VM, config: BootstrapConfig, script: str, args: list[str], what:
 def key_id(vm: VM, required: bool = True) -> str:
     """The id of the key the VM's server encrypts blocks with ("" when it has none and that is
     not ``required``: a copy is still worth making)."""
-    out = vm.run(KEY_ID, sudo=True).stdout.strip()
+    out = vm.run(f"cat {SERVER_KEY_ID} 2>/dev/null || true").stdout.strip()
+    if not out and vm.privileged:  # a server configured before the key id was written
+        out = vm.run(KEY_ID, sudo=True).stdout.strip()
     if not out or out == hashlib.sha256(b"").hexdigest()[:16]:
         if not required:
             return ""
@@ -413,7 +410,7 @@ def arc_copies(vm: VM, config: BootstrapConfig, deadline: float = 60) -> list[st
         deadline=max(1, round(deadline)),
     )
     r = vm.run(
-        as_server_user(config, f"sh -c {shlex.quote(script)}"),
+        as_service_user(config, script),
         check=False,
         timeout=deadline + 20,
     )
@@ -467,7 +464,7 @@ def find_backup(
         return read_backup(config.backup.local_folder(config.environment) / name, config), True
     assert vm is not None
     meta = f"{arc_folder(config)}/{name.removesuffix('.db.gz')}.json"
-    r = vm.run(as_server_user(config, f"cat {shlex.quote(meta)}"), check=False, timeout=60)
+    r = vm.run(as_service_user(config, f"cat {shlex.quote(meta)}"), check=False, timeout=60)
     if not r.ok:
         raise BootstrapError(f"{name} on /arc has no readable record ({meta}): {r.stderr[-200:]}")
     record = BackupRecord.model_validate_json(r.stdout)
@@ -491,7 +488,7 @@ def swap_database(vm: VM, config: BootstrapConfig, unpacked: str, when: str) -> 
     db = shlex.quote(database_path(config))
     kept = f"{config.prefect.home}/before-restore-{when}"
     q = shlex.quote(kept)
-    user = shlex.quote(config.server.user)
+    user = shlex.quote(config.prefect.user)
     vm.run(
         f"set -e; mkdir -m 0700 {q}; chown {user}:{user} {q}; "
         f'for f in {db} {db}-wal {db}-shm; do [ ! -e "$f" ] || mv "$f" {q}/; done; '

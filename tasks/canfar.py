@@ -20,6 +20,7 @@ from tasks.arc import home
 from tasks.errors import BootstrapError
 from tasks.log import logger
 from tasks.records import Action
+from tasks.service_user import service_dirs
 from tasks.vm import VM, VM_TASK, StepRecord, planned
 
 if TYPE_CHECKING:
@@ -119,7 +120,11 @@ def vm_env_path(config: BootstrapConfig) -> str:
 
 def read_vm_expiry(vm: VM, config: BootstrapConfig) -> dt.datetime | None:
     """The expiry of the certificate on the VM (read with openssl: the key never leaves it)."""
-    r = vm.run(f"openssl x509 -noout -enddate -in {shlex.quote(vm_cert_path(config))}", check=False)
+    r = vm.run(
+        f"openssl x509 -noout -enddate -in {shlex.quote(vm_cert_path(config))}",
+        sudo=vm.privileged,  # the service user's file
+        check=False,
+    )
     if not r.ok or "notAfter=" not in r.stdout:
         return None
     text = r.stdout.strip().split("=", 1)[1]
@@ -177,12 +182,13 @@ def ensure_canfar_auth(
                 f"the certificate obtained for {creds.username!r} expired on {new_expiry:%Y-%m-%d}"
                 "; give the block a password or a current certificate"
             )
+        service_dirs(vm, config, vm_cert_path(config), vm_env_path(config))
         vm.write_file(
             vm_cert_path(config),
             pem,
             mode="0600",
-            owner=f"{config.server.user}:{config.server.user}",
-            sudo=False,
+            owner=f"{config.prefect.user}:{config.prefect.user}",
+            sudo=vm.privileged,
         )
         action = Action.CREATE if expiry is None else Action.CHANGE
         log.info("installed a CANFAR proxy certificate valid until %s", new_expiry.isoformat())
@@ -192,12 +198,14 @@ def ensure_canfar_auth(
         lines.append(f"CANFAR_TOKEN={creds.token.get_secret_value()}")
     else:
         lines.append(f"CANFAR_CERTIFICATE={vm_cert_path(config)}")
+    if apply and not renew:
+        service_dirs(vm, config, vm_env_path(config))
     env_changed = vm.write_file(
         vm_env_path(config),
         "\n".join(lines) + "\n",
         mode="0600",
-        owner=f"{config.server.user}:{config.server.user}",
-        sudo=False,
+        owner=f"{config.prefect.user}:{config.prefect.user}",
+        sudo=vm.privileged,
         apply=apply,
     )
     if env_changed and action == Action.KEEP:

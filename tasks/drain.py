@@ -101,7 +101,7 @@ def _alive(runs: list[Any], host: VM | None) -> tuple[list[Any], list[Any]]:
 
     if host is None or not runs:
         return runs, []
-    live = set(host.run(LIVE_RUNS, sudo=True, check=False).stdout.split())
+    live = set(host.run(LIVE_RUNS, sudo=host.privileged, check=False).stdout.split())
     now = dt.datetime.now(dt.UTC)
     alive: list[Any] = []
     gone: list[Any] = []

@@ -9,6 +9,7 @@ secrets are protected at rest and in transit to callers without the auth string.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import secrets
 import shlex
 import time
@@ -27,6 +28,13 @@ from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 SERVER_UNIT = "prefect-server.service"
 VM_PACKAGES = ("canfar==1.5.2", "openstacksdk==4.22.0", "fabric==3.2.3")
 SERVER_ENV = "/etc/sails-bootstrap/prefect-server.env"
+#: The digest of the server's encryption key (not the key): what the service user may know of
+#: it, to name the key a backup's blocks need.
+SERVER_KEY_ID = "/etc/sails-bootstrap/prefect-server.key-id"
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def local_prefect_version() -> str:
@@ -88,14 +96,14 @@ def recover_server_secrets(host: VM, config: BootstrapConfig) -> dict[str, str] 
     """The auth string and encryption key in the VM server's environment file; None when the
     server has never been set up. A database on the volume without its key is an error: a new
     key would leave every block in it unreadable."""
-    env = host.run(f"cat {SERVER_ENV}", sudo=True, check=False)
+    env = host.run(f"cat {SERVER_ENV}", sudo=host.privileged, check=False)
     values = dict(line.split("=", 1) for line in env.stdout.splitlines() if env.ok and "=" in line)
     key = values.get("PREFECT_SERVER_ENCRYPTION_KEY")
     if key:
         auth = values.get("PREFECT_SERVER_API_AUTH_STRING") or f"admin:{secrets.token_urlsafe(24)}"
         return {"auth_string": auth, "encryption_key": key}
     database = f"{config.prefect.home}/prefect.db"
-    if host.run(f"test -s {shlex.quote(database)}", sudo=True, check=False).ok:
+    if host.run(f"test -s {shlex.quote(database)}", sudo=host.privileged, check=False).ok:
         raise BootstrapError(
             f"the VM's Prefect database {database} exists but neither Secret block "
             f"{config.prefect.auth_block!r} nor the VM's {SERVER_ENV} holds the key that "
@@ -224,6 +232,9 @@ def server_env(config: BootstrapConfig, secret: dict[str, str]) -> str:
         f"PREFECT_SERVER_API_PORT={p.port}",
         # relative: the UI calls the API wherever the browser reached it (any forwarded port)
         "PREFECT_UI_API_URL=/api",
+        # the UI's files, rewritten at start: in the server's own home (the venv is the login
+        # user's, read-only to the server)
+        f"PREFECT_UI_STATIC_DIRECTORY={p.home}/ui-build",
         "PREFECT_SERVER_ANALYTICS_ENABLED=false",
         "DO_NOT_TRACK=1",
         "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED=events,flow_runs",
@@ -244,7 +255,7 @@ def server_unit(config: BootstrapConfig) -> str:
         "Wants=network-online.target\n"
         f"RequiresMountsFor={p.home} {p.venv}\n"
         "[Service]\n"
-        f"User={config.server.user}\n"
+        f"User={config.prefect.user}\n"
         f"EnvironmentFile={SERVER_ENV}\n"
         f"ExecStartPre=/bin/mkdir -p {p.home}\n"
         f"ExecStart={p.venv}/bin/prefect server start\n"
@@ -294,16 +305,25 @@ def ensure_prefect_server(
     """The server's environment file and unit, enabled and running; restarted when either or
     its venv (``venv_changed``: rebuilt or upgraded under the running process) changed."""
     changes: list[str] = []
-    user = config.server.user
-    if apply:
-        vm.run(
-            f"mkdir -p {shlex.quote(config.prefect.home)} && "
-            f"chown {user}:{user} {shlex.quote(config.prefect.home)}",
-            sudo=True,
-        )
+    user = config.prefect.user
+    home = shlex.quote(config.prefect.home)
+    # PREFECT_HOME (the database, with every block) is the service user's alone; one made by
+    # an earlier version for the login user is handed over whole.
+    owner = vm.run(f"stat -c '%U %a' {home} 2>/dev/null || echo missing", check=False)
+    if owner.stdout.strip() != f"{user} 700":
+        if apply:
+            vm.run(
+                f"mkdir -p {home} && chown -R {user}:{user} {home} && chmod 0700 {home}",
+                sudo=True,
+            )
+        changes.append(f"PREFECT_HOME {user}'s (0700)")
     env_changed = vm.write_file(
         SERVER_ENV, server_env(config, secret), mode="0600", owner="root", apply=apply
     )
+    if vm.write_file(
+        SERVER_KEY_ID, key_digest(secret["encryption_key"]) + "\n", mode="0644", apply=apply
+    ):
+        changes.append("key id")
     unit_changed = vm.write_file(
         f"/etc/systemd/system/{SERVER_UNIT}", server_unit(config), apply=apply
     )

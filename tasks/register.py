@@ -23,6 +23,7 @@ from tasks.drain import drained
 from tasks.errors import BootstrapError
 from tasks.log import logger
 from tasks.records import Action
+from tasks.service_user import as_service_user, service_home
 from tasks.vm import MANAGED, VM, VM_TASK, StepRecord
 
 PACKAGES = ("sails_bootstrap", "blocks", "tasks", "flows", "deployments")
@@ -353,7 +354,7 @@ def worker_unit(config: BootstrapConfig) -> str:
         "Wants=prefect-server.service\n"
         f"RequiresMountsFor={p.venv}\n"
         "[Service]\n"
-        f"User={config.server.user}\n"
+        f"User={config.prefect.user}\n"
         f"EnvironmentFile={WORKER_ENV}\n"
         f"EnvironmentFile=-{vm_env_path(config)}\n"
         f"WorkingDirectory={code_dir(config)}\n"
@@ -385,7 +386,7 @@ def ensure_workers(
     changes = []
     # It holds the auth string: the pipeline's user alone reads it (systemd reads it as root,
     # and `deploy_science` sources it as that user).
-    user = config.server.user
+    user = config.prefect.user
     env_changed = vm.write_file(
         WORKER_ENV, "\n".join(env) + "\n", mode="0600", owner=f"{user}:{user}"
     )
@@ -496,16 +497,20 @@ def retire_deployments(url: str, auth_string: str | None, wanted: list[str]) -> 
 def deploy_science(vm: VM, config: BootstrapConfig, directory: str) -> StepRecord:
     """`prefect deploy --all` of the science codebase's prefect.yaml, from its folder on /arc."""
     p = config.prefect
-    d = directory.replace("~", f"/home/{config.server.user}", 1)
-    if not vm.run(f"test -f {shlex.quote(d)}/prefect.yaml", check=False).ok:
+    d = directory.replace("~", service_home(config), 1)
+    found = vm.run(as_service_user(config, f"test -f {shlex.quote(d)}/prefect.yaml"), check=False)
+    if not found.ok:
         return StepRecord(
             name="science deployments",
             action=Action.BLOCKED,
             reason=f"no prefect.yaml in {d} (is /arc mounted?)",
         )
-    vm.run(
-        f"set -a; . {WORKER_ENV}; set +a; cd {shlex.quote(d)} && "
-        f"{p.venv}/bin/prefect --no-prompt deploy --all",
+    vm.run(  # as the workers' user: its /arc mount, its environment file
+        as_service_user(
+            config,
+            f"set -a; . {WORKER_ENV}; set +a; cd {shlex.quote(d)} && "
+            f"{p.venv}/bin/prefect --no-prompt deploy --all",
+        ),
         timeout=900,
     )
     return StepRecord(name="science deployments", action=Action.CHANGE, reason=f"from {d}")

@@ -16,6 +16,7 @@ from sails_bootstrap.config import BootstrapConfig
 from tasks.canfar import vm_env_path
 from tasks.log import logger
 from tasks.records import Action
+from tasks.service_user import as_service_user
 from tasks.vm import VM, StepRecord
 
 SCRIPT = r"""
@@ -103,7 +104,8 @@ def canfar_smoke_test(vm: VM, config: BootstrapConfig) -> StepRecord:
         f"exec {shlex.quote(config.prefect.venv)}/bin/python -c {shlex.quote(SCRIPT)} "
         f"{shlex.quote(json.dumps(spec))}"
     )
-    r = vm.run(command, timeout=smoke.timeout + 120, check=False)
+    # as the pipeline's runs launch sessions: the service user, with its certificate
+    r = vm.run(as_service_user(config, command), timeout=smoke.timeout + 120, check=False)
     try:
         out = json.loads(r.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -20,6 +20,7 @@ from tasks.arc import UNIT
 from tasks.errors import BootstrapError
 from tasks.prefect_server import api_check, server_secrets
 from tasks.records import Action
+from tasks.service_user import UNITS_HELPER
 from tests.fixtures.bootstrap import operator_tunnel, ssh_alias
 
 pytestmark = [pytest.mark.sandbox]
@@ -90,9 +91,37 @@ def test_first_boot_configure_noop_drift_venv_repair_and_reboot(vm_config) -> No
     assert records["/arc mount"].action == Action.CHANGE
 
     second = configure(cfg)
-    assert [r.name for r in second.records if r.changed] == [], [r.row() for r in second.records]
+    assert [r.name for r in second.records if r.changed] == [], [
+        f"{r.name}: {r.reason}" for r in second.records if r.changed
+    ]
     assert {r.name: r for r in second.records}["packages"].action == Action.KEEP
     assert not plan(cfg).pending
+
+    # The server and the /arc mount run as the service user, whose only root is the units
+    # helper: it restarts the environment's own units and nothing else.
+    svc, helper = cfg.prefect.user, UNITS_HELPER
+    assert svc not in ("root", cfg.server.user)
+    owners = run(
+        cfg,
+        f"pgrep -u {svc} -f 'prefect server start' >/dev/null && pgrep -u {svc} -x sshfs "
+        f">/dev/null && echo running; id -nG {svc}; sudo stat -c '%U %a' {cfg.prefect.home} "
+        f"/home/{svc}/.ssl/cadcproxy.pem",
+    ).stdout.split("\n")
+    assert owners[:4] == ["running", svc, f"{svc} 700", f"{svc} 600"], owners
+    listed = run(cfg, f"sudo -n sudo -n -l -U {svc}")  # (root lists another user's rules)
+    rules = listed.stdout + listed.stderr
+    assert "may run the following commands" in rules, rules
+    allowed = rules.split("may run the following commands")[1].split("\n")[1:]
+    assert [line.strip() for line in allowed if line.strip()] == [f"(root) NOPASSWD: {helper}"], (
+        rules
+    )
+    as_svc = f"sudo -n -u {svc} sudo -n"
+    assert run(cfg, f"{as_svc} true").returncode != 0  # no blanket sudo
+    refused = run(cfg, f"{as_svc} {helper} restart ssh.service")
+    assert refused.returncode == 2 and "not a unit of this environment" in refused.stderr
+    assert run(cfg, f"{as_svc} {helper} restart 'prefect-worker@x;id.service'").returncode == 2
+    assert run(cfg, f"{as_svc} {helper} reset-failed {UNIT}").returncode == 0
+    assert run(cfg, f"{as_svc} {helper} journal prefect-server.service").returncode == 0
 
     # Drift on the VM: the plan names it and leaves it; configure puts it back.
     bundle = "/etc/sails-bootstrap/ca-bundle.pem"
@@ -131,11 +160,13 @@ def test_first_boot_configure_noop_drift_venv_repair_and_reboot(vm_config) -> No
     with operator_tunnel(cfg) as url:
         assert api_check(url, auth) == 200
 
-    # The volume is the one we asked for, the fstab entry is by UUID, the owner is ubuntu.
+    # The volume is the one we asked for, the fstab entry is by UUID, the owner is ubuntu
+    # (volume.owner); /arc is mounted in the service user's home.
     out = run(
         cfg,
         "findmnt -n -o SOURCE,FSTYPE /mnt/pspace; stat -c %U /mnt/pspace; "
-        "grep /mnt/pspace /etc/fstab; ls ~/canfar_arc",
+        f"grep /mnt/pspace /etc/fstab; sudo -u {cfg.prefect.user} ls /home/{cfg.prefect.user}"
+        "/canfar_arc",
     ).stdout.split()
     assert out[:3] == ["/dev/vdc", "ext4", "ubuntu"]
     assert any(word.startswith("UUID=") for word in out)
@@ -182,8 +213,8 @@ def test_first_boot_configure_noop_drift_venv_repair_and_reboot(vm_config) -> No
     while time.monotonic() < deadline:
         r = run(
             cfg,
-            "findmnt -n -o SOURCE /mnt/pspace && ls ~/canfar_arc/projects && "
-            "systemctl is-active prefect-server",
+            f"findmnt -n -o SOURCE /mnt/pspace && sudo -u {cfg.prefect.user} "
+            f"ls /home/{cfg.prefect.user}/canfar_arc/projects && systemctl is-active prefect-server",
         )
         if r.returncode == 0:
             break
@@ -254,7 +285,8 @@ def test_generated_arc_key_is_published_until_trusted(vm_config, canfar_sandbox)
     provision(cfg)
     with pytest.raises(BootstrapError, match="Add the VM's CANFAR public key"):
         configure(cfg)
-    public = run(cfg, "cat ~/.ssh/canfar_key.pub").stdout.strip()
+    svc = cfg.prefect.user
+    public = run(cfg, f"sudo cat /home/{svc}/.ssh/canfar_key.pub").stdout.strip()
     assert public.startswith("ssh-rsa ")
     # Untrusted, the unit backs off and gives up at its start limit instead of retrying forever.
     deadline = time.monotonic() + 300
@@ -299,7 +331,10 @@ def test_generated_arc_key_is_published_until_trusted(vm_config, canfar_sandbox)
             "grep sshfs /proc/mounts; pgrep -a sshfs; sudo cat /etc/sails-bootstrap/*known*",
         )
         pytest.fail(f"a wrong pinned /arc host key was not refused; on the VM:\n{seen.stdout}")
-    mounted = "mountpoint -q ~/canfar_arc && timeout 10 ls ~/canfar_arc >/dev/null && echo yes"
+    mounted = (
+        f"sudo -u {svc} sh -c 'mountpoint -q ~/canfar_arc && timeout 10 ls ~/canfar_arc "
+        ">/dev/null' && echo yes"
+    )
     assert run(cfg, mounted).stdout.strip() != "yes"
     result = configure(pinned(canfar_sandbox.info()["arc_host_keys"]))
     arc = {r.name: r for r in result.records}["/arc mount"]

@@ -144,7 +144,9 @@ def operated(tmp_path_factory, prefect_server, sandbox_cloud, canfar_sandbox) ->
 def science_codebase(cfg: Any, canfar_sandbox: Any) -> str:
     """The science stand-in's flows on /arc, as the operators keep them; its path on the VM."""
     canfar_sandbox.arc_write(f"{FLOWS_DIR}/hello.py", SCIENCE_FLOW)
-    canfar_sandbox.arc_write(f"{FLOWS_DIR}/prefect.yaml", SCIENCE_YAML.format(user=cfg.server.user))
+    canfar_sandbox.arc_write(
+        f"{FLOWS_DIR}/prefect.yaml", SCIENCE_YAML.format(user=cfg.prefect.user)
+    )
     return f"~/canfar_arc/{FLOWS_DIR}"
 
 
@@ -234,7 +236,7 @@ def test_bootstrap_register_and_self_repair(
 
     # An expired CANFAR certificate: the health check fails naming it, the automation runs
     # reauth-canfar, which installs a fresh one from the CanfarCredentials block.
-    user = cfg.server.user
+    user = cfg.prefect.user
 
     def expire_certificate() -> None:
         vm.write_file(
@@ -242,7 +244,6 @@ def test_bootstrap_register_and_self_repair(
             canfar_sandbox.mint_certificate(seconds=-60),
             mode="0600",
             owner=f"{user}:{user}",
-            sudo=False,
         )
 
     expire_certificate()
@@ -417,7 +418,7 @@ def test_no_secret_outside_its_0600_home(
     arc_key = cast(SSHKeyPair, SSHKeyPair.load(str(cfg.arc.key_block)))
     canfar = cast(CanfarCredentials, CanfarCredentials.load(cfg.canfar.credentials_block))
     assert canfar.password is not None
-    cert_pem = vm.run(f"cat {vm_cert_path(cfg)}").stdout
+    cert_pem = vm.run(f"cat {vm_cert_path(cfg)}", sudo=True).stdout
     needles = {
         "the VM's private key": pem_needles(key)[0],
         "the /arc private key": pem_needles(arc_key.private_key.get_secret_value())[0],

@@ -181,12 +181,11 @@ def test_the_copies_on_arc_are_listed_by_name(tmp_path: Path) -> None:
     from tasks.vm import LocalHost
 
     cfg = BootstrapConfig.model_validate(
-        {
-            "environment": "alma",
-            "server": {"user": getpass.getuser()},
-            "arc": {"mount_point": str(tmp_path / "arc")},
-        }
+        {"environment": "alma", "arc": {"mount_point": str(tmp_path / "arc")}}
     )
+    # run as the service user, as the VM's backup deployment is (whoever runs the tests)
+    me = cfg.prefect.model_copy(update={"user": getpass.getuser()})
+    cfg = cfg.model_copy(update={"prefect": me})
     folder = Path(arc_folder(cfg))
     assert folder == tmp_path / "arc/projects/ALMA-SAILS/backups/sails-bootstrap/alma"
     assert arc_copies(LocalHost(), cfg) == []  # no folder yet: no copies
@@ -199,3 +198,21 @@ def test_the_copies_on_arc_are_listed_by_name(tmp_path: Path) -> None:
         "alma-20261204T023000Z.db.gz",
         "alma-test-20261204T0.db.gz",  # the health check's age skips a name without a stamp
     ]
+
+
+def test_the_key_id_file_names_the_key_as_the_environment_file_does(tmp_path: Path) -> None:
+    """The service user reads the key's digest from its own file; servers configured before it
+    existed are read from the root-only environment file: both name a key alike."""
+    import subprocess
+
+    from cryptography.fernet import Fernet
+
+    from tasks.backup import KEY_ID
+    from tasks.prefect_server import SERVER_ENV, key_digest
+
+    key = Fernet.generate_key().decode()
+    env = tmp_path / "server.env"
+    env.write_text(f"PREFECT_HOME=/x\nPREFECT_SERVER_ENCRYPTION_KEY={key}\nDO_NOT_TRACK=1\n")
+    shell = KEY_ID.replace(SERVER_ENV, str(env))
+    out = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == key_digest(key) and len(key_digest(key)) == 16
