@@ -410,6 +410,19 @@ def compute_node_present() -> bool:
     return out.strip() not in ("", "0")
 
 
+def compute_service_up() -> bool:
+    """What the scheduler's ComputeFilter asks: a heartbeat within ``service_down_time`` (60 s;
+    50 here for margin). After a restart the compute node's row is there at once, but until
+    the new nova-compute reports, its last heartbeat is the one before the stop: a server
+    booted then gets "No valid host was found"."""
+    out = sql(
+        "SELECT COUNT(*) FROM services WHERE `binary`='nova-compute' AND deleted=0 "
+        "AND disabled=0 AND updated_at > UTC_TIMESTAMP() - INTERVAL 50 SECOND",
+        "nova",
+    )
+    return out.strip() not in ("", "0")
+
+
 def volume_service_up() -> bool:
     out = sql(
         "SELECT COUNT(*) FROM services WHERE `binary`='cinder-volume' AND deleted=0 "
@@ -481,6 +494,7 @@ def start_all(register_services: Callable[[], None]) -> None:
         wait_for(name, lambda n=name: api_ready(n), 120)
     _log(f"APIs answer (+{time.monotonic() - t0:.0f} s)")
     discover_hosts()
+    wait_for("nova-compute up", compute_service_up, 120, 0.5)
     wait_for("cinder-volume", volume_service_up, 120, 0.5)
     _log(f"nova-compute mapped, cinder-volume up (+{time.monotonic() - t0:.0f} s)")
 

@@ -328,7 +328,10 @@ def _sandbox_leftovers() -> list[str]:
 
 
 def test_down_then_up_keeps_volumes(sandbox_cloud, user_conn):
-    """Last in this module: takes the whole sandbox down and brings it back."""
+    """Last in this module: takes the whole sandbox down and brings it back. Down for longer
+    than nova's service_down_time, as after any real pause: once `up` returns, a server boots
+    at once (the compute service's heartbeat before the stop no longer counts, and the
+    scheduler had found "No valid host" until the new one came)."""
     from sandbox import manager
     from sandbox.cloud import common
 
@@ -343,10 +346,19 @@ def test_down_then_up_keeps_volumes(sandbox_cloud, user_conn):
         manager.down()
         down_s = time.monotonic() - t0
         assert _sandbox_leftovers() == []
+        time.sleep(max(0.0, 65 - down_s))  # the last heartbeat is now past service_down_time
         t0 = time.monotonic()
         manager.up()
         up_s = time.monotonic() - t0
         print(f"down {down_s:.1f} s, up {up_s:.1f} s")  # the bench's business, not a bound here
+        server = conn.create_server(
+            f"up-{uuid.uuid4().hex[:6]}", image=IMAGE, flavor=FLAVOR, network=NETWORK,
+            auto_ip=False, wait=True, timeout=180,
+        )  # fmt: skip
+        try:
+            assert server.status == "ACTIVE", server.fault
+        finally:
+            conn.delete_server(server.id, wait=True, timeout=120)
         assert conn.get_volume(volume.id).status == "available"
         with path.open("rb") as fh:
             fh.seek(4096)
