@@ -175,16 +175,20 @@ class ServerSettings(_Model):
     )
     ingress: list[IngressRule] = Field(default_factory=_seed_rules)
     user: UserName = Field(default="ubuntu", description="Login user of the image.")
-    build_timeout: float = Field(default=900, gt=0, description="Seconds to wait for ACTIVE.")
+    build_timeout: float = Field(
+        default=900, gt=0, le=3600, description="Seconds to wait for ACTIVE."
+    )
     boot_timeout: float = Field(
         default=600,
         gt=0,
+        le=3600,
         description="Seconds for the guest's own boot after ACTIVE: sshd listening, the console's "
         "host key fingerprints, cloud-init's first boot.",
     )
     apt_timeout: float = Field(
         default=900,
         gt=0,
+        le=3600,
         description="Seconds the packages step may take, waiting for the dpkg lock included "
         "(unattended-upgrades holds it for minutes on a first boot).",
     )
@@ -201,7 +205,9 @@ class VolumeSettings(_Model):
         default="/dev/vdc",
         description="Device name asked of Nova; a hint only (the guest path is found by id).",
     )
-    timeout: float = Field(default=300, gt=0, description="Seconds to wait for the volume.")
+    timeout: float = Field(
+        default=300, gt=0, le=3600, description="Seconds to wait for the volume."
+    )
 
     @field_validator("mount_point")
     @classmethod
@@ -215,7 +221,9 @@ class SSHSettings(_Model):
     )
     alias: Name = Field(default="prefect-vm", description="Host alias written for `ssh ALIAS`.")
     config_dir: str = Field(default="~/.ssh", description="Where the ssh config and keys live.")
-    connect_timeout: float = Field(default=300, gt=0, description="Seconds to wait for SSH.")
+    connect_timeout: float = Field(
+        default=300, gt=0, le=3600, description="Seconds to wait for SSH."
+    )
     operator_keys: list[str] = Field(
         default_factory=list,
         description="Extra public keys allowed to log in as the VM user (the team's keys).",
@@ -318,7 +326,7 @@ class SmokeTest(_Model):
     args: str = "alma-sails smoke test"
     cores: int = Field(default=1, ge=1)
     ram: int = Field(default=1, ge=1, description="GB")
-    timeout: float = Field(default=600, gt=0)
+    timeout: float = Field(default=600, gt=0, le=3600)
 
 
 class CanfarSettings(_Model):
@@ -387,6 +395,7 @@ class PrefectSettings(_Model):
     drain_timeout: float = Field(
         default=1800,
         ge=0,
+        le=7200,
         description="Seconds a restart of the server or of a worker waits for the flow runs in "
         "flight (their pools paused meanwhile); past it the restart goes ahead and names the "
         "runs it interrupted.",

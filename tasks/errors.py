@@ -100,8 +100,8 @@ BOOTING_ERRNOS = frozenset(
 
 def is_transient(exc: BaseException) -> bool:
     """True for failures that a later attempt may not see."""
-    if isinstance(exc, BootstrapError):
-        return False
+    if isinstance(exc, BootstrapError) or type(exc).__name__ == "TaskRunTimeoutError":
+        return False  # (a step past its outer bound: another attempt would hang as long)
     try:
         from keystoneauth1 import exceptions as ks
         from openstack import exceptions as os_exc

@@ -41,11 +41,17 @@ if TYPE_CHECKING:
 
     from blocks.ssh import SSHKeyPair
 
+#: The outer bound of one step on the VM, past every bound inside it (the config allows at most
+#: an hour for apt, SSH, the boot and the volume, two for the drain of a restart; each command
+#: has its own timeout): a step hung where none of those reaches fails here, not retried.
+STEP_BOUND = 3 * 3600
+
 VM_TASK: dict[str, Any] = {
     "cache_policy": NO_CACHE,
     "retries": 2,
     "retry_delay_seconds": 5,
     "retry_condition_fn": retry_transient,
+    "timeout_seconds": STEP_BOUND,
 }
 MANAGED = "# managed by sails-bootstrap"
 
