@@ -110,14 +110,21 @@ def ensure_service_user(vm: VM, config: BootstrapConfig, apply: bool = True) -> 
             )
     else:
         if apply:
-            taken = vm.run(f"getent passwd {uid} || getent group {uid} || true").stdout.strip()
+            # (its group may be there already: a run killed between the two commands)
+            group = vm.run(f"getent group {q} || true").stdout.strip()
+            taken = vm.run(f"getent passwd {uid} || true").stdout.strip()
+            if not group:
+                taken = taken or vm.run(f"getent group {uid} || true").stdout.strip()
+            elif group.split(":")[2] != str(uid):
+                taken = f"group {user} with gid {group.split(':')[2]}"
             if taken:
                 raise BootstrapError(
                     f"uid/gid {uid} is taken on the VM ({taken.split(':')[0]}): set prefect.uid "
                     "to a free one"
                 )
+            add_group = "" if group else f"groupadd --gid {uid} {q} && "
             vm.run(
-                f"groupadd --gid {uid} {q} && useradd --uid {uid} --gid {uid} --create-home "
+                f"{add_group}useradd --uid {uid} --gid {uid} --create-home "
                 f"--home-dir {shlex.quote(home)} --shell /bin/bash "
                 f"--comment 'Prefect server and workers (sails-bootstrap)' {q} && "
                 f"chmod 0750 {shlex.quote(home)}",
