@@ -93,6 +93,12 @@ def restore(
             stack.enter_context(vm_exclusive(vm, config, "restore"))
             record, here = find_backup(vm, config, source)
             log.info("restoring %s from %s", config.environment, record.summary())
+            if not record.key_id:
+                raise BootstrapError(
+                    f"{record.file} was made while the VM's server had no encryption key, so "
+                    "which key its blocks need is not known; restore a backup made after "
+                    "`configure` set the server up (nothing was changed)"
+                )
             if key_id(vm) != record.key_id:
                 raise BootstrapError(
                     f"the VM's server runs with another encryption key than the one that "
