@@ -107,8 +107,11 @@ def restore(
                     "changed)"
                 )
             packed = vm.upload(Path(record.file).read_bytes()) if here else record.file
-            if here:
-                stack.callback(vm.run, f'rm -rf "$(dirname {shlex.quote(packed)})"', check=False)
+            if here:  # handed to the service user, who unpacks it
+                folder = f'"$(dirname {shlex.quote(packed)})"'
+                stack.callback(vm.run, f"rm -rf {folder}", sudo=True, check=False)
+                user = shlex.quote(config.prefect.user)
+                vm.run(f"chown -R {user}:{user} {folder}", sudo=True)
             unpacked, work = unpack_on_vm(vm, config, packed, record.sha256)
             stack.callback(vm.run, f"rm -rf {shlex.quote(work)}", sudo=True, check=False)
             secret = server_secrets(config, host=vm)

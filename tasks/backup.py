@@ -301,8 +301,8 @@ def backup_database(vm: VM, config: BootstrapConfig, local: bool) -> BackupRecor
     if local:
         try:
             record = _fetch(vm, config, record, name)
-        finally:
-            vm.run(f"rm -rf {shlex.quote(work)}", check=False)
+        finally:  # (the service user's folder)
+            vm.run(as_service_user(config, f"rm -rf {shlex.quote(str(work))}"), check=False)
     log.info("backup of %s: %s", config.environment, record.summary())
     return record
 
@@ -313,7 +313,19 @@ def _fetch(vm: VM, config: BootstrapConfig, record: BackupRecord, name: str) -> 
     target = folder / f"{name}.db.gz"
     partial = target.with_suffix(".partial")
     logger().info("fetching the copy (%.1f MB uncompressed) from %s", record.bytes / 1e6, vm.host)
-    vm.download(record.file, partial)
+    # The copy is the service user's, in its 0700 home: handed to the login user, who fetches
+    # it, in a private folder of its own.
+    readable = vm.run("mktemp -d").stdout.strip()
+    mine = f"{readable}/copy.db.gz"
+    owner = f"-o {shlex.quote(config.server.user)} " if vm.privileged else ""
+    try:
+        vm.run(
+            f"install -m 0600 {owner}{shlex.quote(record.file)} {shlex.quote(mine)}",
+            sudo=vm.privileged,
+        )
+        vm.download(mine, partial)
+    finally:
+        vm.run(f"rm -rf {shlex.quote(readable)}", check=False)
     partial.chmod(0o600)
     if sha256_of(partial, packed=True) != record.sha256:
         partial.unlink()
