@@ -141,7 +141,10 @@ def ensure_service_user(vm: VM, config: BootstrapConfig, apply: bool = True) -> 
             changes.append(f"removed {user} from {', '.join(admin)}")
     if vm.write_file(UNITS_HELPER, helper_text(), mode="0755", apply=apply):
         changes.append(f"wrote {UNITS_HELPER}")
-    if _ensure_sudoers(vm, config, apply):
+    # installed only once `visudo -c` accepts it: a broken file in sudoers.d would lock the
+    # login user out of sudo (sudoers.d is root's alone: read through sudo)
+    sudoers = sudoers_text(config)
+    if vm.write_file(SUDOERS, sudoers, mode="0440", apply=apply, verify="visudo -cq -f"):
         changes.append(f"wrote {SUDOERS}")
     lock = f"{VM_LOCK_DIR}/vm.lock {VM_LOCK_DIR}/vm.holder"
     modes = vm.run(f"stat -c %a {lock} 2>/dev/null || true").stdout.split()
@@ -158,24 +161,3 @@ def ensure_service_user(vm: VM, config: BootstrapConfig, apply: bool = True) -> 
         applied=apply,
         reason=planned(changes, apply) or f"{user} (uid {uid}); sudo: {UNITS_HELPER} only",
     )
-
-
-def _ensure_sudoers(vm: VM, config: BootstrapConfig, apply: bool) -> bool:
-    """The rule, installed only after ``visudo -c`` accepts it: a broken file in sudoers.d
-    would lock the login user out of sudo."""
-    text = sudoers_text(config)
-    current = vm.run(f"cat {SUDOERS} 2>/dev/null || true", sudo=True, check=False).stdout
-    # (sudoers.d is root's alone: both through sudo)
-    mode = vm.run(f"stat -c '%a %U' {SUDOERS} 2>/dev/null || true", sudo=True).stdout.strip()
-    if current == text and mode == "440 root":
-        return False
-    if not apply:
-        return True
-    tmp = shlex.quote(vm.upload(text.encode()))
-    vm.run(
-        f"chown root:root {tmp} && chmod 0440 {tmp} && visudo -cq -f {tmp} && "
-        f"cp -p {tmp} {SUDOERS}.new && mv {SUDOERS}.new {SUDOERS}"
-        f'; rc=$?; rm -rf "$(dirname {tmp})"; exit $rc',
-        sudo=True,
-    )
-    return True

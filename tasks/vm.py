@@ -431,10 +431,12 @@ class VM:
         owner: str = "root",
         sudo: bool = True,
         apply: bool = True,
+        verify: str | None = None,
     ) -> bool:
         """Write ``content`` to ``path`` with ``mode`` and ``owner`` where any of them differs.
         True when something changed (with ``apply=False``: would; nothing is written). One
-        command reads the file's mode, owner and content."""
+        command reads the file's mode, owner and content. ``verify``: a command that must
+        accept the new file (its path appended) before it takes the old one's place."""
         q = shlex.quote(path)
         read = self.run(
             f"stat -c '%a %U:%G' {q} 2>/dev/null || echo missing; cat {q} 2>/dev/null || true",
@@ -451,8 +453,9 @@ class VM:
         if not apply:
             return True
         tmp = shlex.quote(self.upload(content.encode()))
+        check = f"{verify} {tmp} && " if verify else ""
         self.run(
-            f'mkdir -p "$(dirname {q})" && chmod {mode} {tmp} && chown {owner} {tmp} && '
+            f'mkdir -p "$(dirname {q})" && chmod {mode} {tmp} && chown {owner} {tmp} && {check}'
             f'cp -p {tmp} {q}.new && mv {q}.new {q}; rc=$?; rm -rf "$(dirname {tmp})"; exit $rc',
             sudo=sudo,
         )

@@ -57,3 +57,21 @@ def test_stat_lines() -> None:
     assert not same_attrs("600 root:root", "0600", "ubuntu:ubuntu")
     assert not same_attrs("600 ubuntu:root", "0600", "ubuntu:ubuntu")
     assert not same_attrs("", "0644", "root")
+
+
+def test_a_file_its_check_refuses_never_replaces_the_old_one(tmp_path: Path) -> None:
+    """As a sudoers file is written: the new text takes the old one's place only once a check
+    of the new file (visudo there, a grep here) accepts it."""
+    import pytest
+
+    from tasks.errors import RemoteCommandError
+
+    host = LocalHost()
+    path = tmp_path / "rules"
+    owner = f"{ME}:{MY_GROUP}"
+    kw = {"mode": "0440", "owner": owner, "sudo": False, "verify": "grep -q '^ok$'"}
+    assert host.write_file(str(path), "ok\n", **kw)
+    with pytest.raises(RemoteCommandError):
+        host.write_file(str(path), "broken\n", **kw)
+    assert (path.read_text(), mode_of(path)) == ("ok\n", 0o440)
+    assert not list(tmp_path.glob("rules.new"))
