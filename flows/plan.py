@@ -24,6 +24,8 @@ class PlanResult(BaseModel):
     vm: list[StepRecord] = Field(default_factory=list)
     #: Why the VM was not read (empty when ``vm`` holds its steps).
     vm_note: str = ""
+    #: What `up` does not change but an operator should know (a stale or missing backup).
+    notes: list[str] = Field(default_factory=list)
 
     @property
     def pending(self) -> bool:
@@ -48,9 +50,29 @@ def plan(config: BootstrapConfig = BootstrapConfig()) -> PlanResult:
             result.vm = configure(config, plan=True).records
         except BootstrapError as exc:
             result.vm_note = f"not read: {exc}"
+        else:
+            result.notes += _backup_notes(config)
     logger().info(
         "plan for %s: %s",
         config.environment,
         "changes pending" if result.pending or result.vm_note else "nothing to change",
     )
     return result
+
+
+def _backup_notes(config: BootstrapConfig) -> list[str]:
+    """The newest backup's age, when it is not fresh (no copy yet, past
+    ``backup.max_age_hours``, or not readable): `up` changes nothing about it."""
+    from flows.configure import vm_for
+    from tasks.backup import freshness
+    from tasks.cloud import locate_vm, open_connection
+
+    try:
+        vm = vm_for(config, locate_vm.fn(open_connection(config), config))
+        try:
+            status, detail = freshness(vm, config, on_vm=False)
+        finally:
+            vm.close()
+    except Exception as exc:  # a note, never a reason for the plan to fail
+        return [f"backup: age unknown ({type(exc).__name__}: {str(exc)[:200]})"]
+    return [] if status == "ok" else [f"backup: {detail}"]

@@ -409,6 +409,8 @@ def plan_cmd(config: ConfigOption) -> None:
     _print_records([*result.cloud, *result.vm])
     if result.vm_note:
         typer.echo(f"  vm: {result.vm_note}")
+    for note in result.notes:
+        typer.echo(f"  note: {note}")
 
 
 @app.command("provision")

@@ -446,6 +446,30 @@ def age_hours(names: list[str], environment: str, now: dt.datetime) -> float | N
     return (now - max(stamps)).total_seconds() / 3600
 
 
+def freshness(host: VM, config: BootstrapConfig, on_vm: bool) -> tuple[str, str]:
+    """('ok'|'warn'|'fail', detail): the newest copy's age against ``backup.max_age_hours``,
+    for the health check and the plan. No copy yet, or a listing that did not end within the
+    /arc probe's bound, is a warning."""
+    b = config.backup
+    if config.backup_destination == "local":
+        if on_vm:
+            return "ok", "copies are kept on the operator's machine (not visible here)"
+        names = [p.name for p in local_copies(config)]
+        where = str(b.local_folder(config.environment))
+    else:
+        try:
+            names = arc_copies(host, config, deadline=config.arc.probe_timeout)
+        except BootstrapError as exc:
+            return "warn", f"age unknown: {exc}"
+        where = "/arc"
+    age = age_hours(names, config.environment, dt.datetime.now(dt.UTC))
+    if age is None:
+        when = f"scheduled {b.cron} UTC"
+        return "warn", f"no backup in {where} yet (`sails-bootstrap backup`; {when})"
+    status = "fail" if age > b.max_age_hours else "ok"
+    return status, f"newest {age:.1f} h old in {where} ({len(names)} kept)"
+
+
 def find_backup(
     vm: VM | None, config: BootstrapConfig, source: str | None
 ) -> tuple[BackupRecord, bool]:

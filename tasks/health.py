@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from sails_bootstrap.config import BootstrapConfig, IngressRule
 from tasks.arc import probe_arc
 from tasks.canfar import read_vm_expiry
-from tasks.errors import BootstrapError
 from tasks.records import Action
 from tasks.vm import VM
 
@@ -256,27 +255,9 @@ def host_probes(host: VM, config: BootstrapConfig, address: str, local: bool) ->
         return status, f"{left:.1f} days left (until {expiry:%Y-%m-%d})"
 
     def backup() -> tuple[str, str]:
-        from tasks.backup import age_hours, arc_copies, local_copies
+        from tasks.backup import freshness
 
-        b = config.backup
-        if config.backup_destination == "local":
-            if local:
-                return OK, "copies are kept on the operator's machine (not visible here)"
-            names = [p.name for p in local_copies(config)]
-            where = str(b.local_folder(config.environment))
-        else:
-            try:
-                names = arc_copies(host, config, deadline=config.arc.probe_timeout)
-            except BootstrapError as exc:
-                return WARN, f"age unknown: {exc}"
-            where = "/arc"
-        age = age_hours(names, config.environment, dt.datetime.now(dt.UTC))
-        if age is None:
-            return WARN, (
-                f"no backup in {where} yet (`sails-bootstrap backup`; scheduled {b.cron} UTC)"
-            )
-        status = FAIL if age > b.max_age_hours else OK
-        return status, f"newest {age:.1f} h old in {where} ({len(names)} kept)"
+        return freshness(host, config, on_vm=local)
 
     probes = [
         Probe("ssh", ssh, 30),

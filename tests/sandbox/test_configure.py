@@ -95,7 +95,10 @@ def test_first_boot_configure_noop_drift_venv_repair_and_reboot(vm_config) -> No
         f"{r.name}: {r.reason}" for r in second.records if r.changed
     ]
     assert {r.name: r for r in second.records}["packages"].action == Action.KEEP
-    assert not plan(cfg).pending
+    after = plan(cfg)
+    assert not after.pending
+    # what `up` leaves as it is, but an operator should know before anything happens
+    assert [n for n in after.notes if n.startswith("backup: no backup in /arc yet")], after.notes
 
     # The server and the /arc mount run as the service user, whose only root is the units
     # helper: it restarts the environment's own units and nothing else.

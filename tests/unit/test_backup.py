@@ -216,3 +216,29 @@ def test_the_key_id_file_names_the_key_as_the_environment_file_does(tmp_path: Pa
     shell = KEY_ID.replace(SERVER_ENV, str(env))
     out = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, check=True).stdout
     assert out.strip() == key_digest(key) and len(key_digest(key)) == 16
+
+
+def test_the_newest_copys_age_is_judged_against_the_bound(tmp_path: Path) -> None:
+    """What the health check's row and the plan's note say about the copies kept here."""
+    from tasks.backup import freshness
+    from tasks.vm import LocalHost
+
+    cfg = BootstrapConfig.model_validate(
+        {
+            "environment": "alma",
+            "backup": {"destination": "local", "local_dir": str(tmp_path), "max_age_hours": 48},
+        }
+    )
+    host = LocalHost()
+    status, detail = freshness(host, cfg, on_vm=False)
+    assert status == "warn" and detail.startswith(f"no backup in {tmp_path / 'alma'} yet"), detail
+    folder = tmp_path / "alma"
+    folder.mkdir()
+    now = dt.datetime.now(dt.UTC)
+    old = now - dt.timedelta(hours=72)
+    (folder / f"alma-{old:%Y%m%dT%H%M%SZ}.db.gz").touch()
+    assert freshness(host, cfg, on_vm=False)[0] == "fail"
+    (folder / f"alma-{now - dt.timedelta(hours=2):%Y%m%dT%H%M%SZ}.db.gz").touch()
+    status, detail = freshness(host, cfg, on_vm=False)
+    assert status == "ok" and detail.startswith("newest 2.0 h old") and "(2 kept)" in detail
+    assert freshness(host, cfg, on_vm=True)[0] == "ok"  # the VM cannot see them: not its to judge
