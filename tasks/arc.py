@@ -232,17 +232,24 @@ def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str, apply: bool = T
             f"{vm.host} has no sshfs: the packages step installs it (package 'sshfs'); "
             "see its row for why it did not"
         )
-    if ensure_arc_host_keys(vm, config, apply):
-        if apply:  # a running sshfs keeps its connection: the pin applies from the next start
-            systemctl(vm, "reset-failed", UNIT, check=False)
-            systemctl(vm, "try-restart", UNIT)
+    # A running sshfs keeps its connection: a new pin or unit applies from the next start. One
+    # restart after both are written (a restart between them mounted with the old options,
+    # and the verification could see that mount).
+    pinned = ensure_arc_host_keys(vm, config, apply)
+    if pinned:
         changes.append("pinned the /arc host keys")
-    if vm.write_file(f"/etc/systemd/system/{UNIT}", unit_text(config, user), apply=apply):
+    written = vm.write_file(f"/etc/systemd/system/{UNIT}", unit_text(config, user), apply=apply)
+    if written:
         if apply:
             vm.run("systemctl daemon-reload", sudo=True)
-            vm.run(f"systemctl enable {UNIT} && systemctl restart {UNIT}", sudo=True)
+            vm.run(f"systemctl enable {UNIT}", sudo=True)
+            systemctl(vm, "reset-failed", UNIT, check=False)
+            systemctl(vm, "restart", UNIT)
         changes.append(f"wrote {UNIT}")
-    elif not vm.run(f"systemctl is-enabled --quiet {UNIT}", check=False).ok:
+    elif pinned and apply:
+        systemctl(vm, "reset-failed", UNIT, check=False)
+        systemctl(vm, "try-restart", UNIT)
+    if not written and not vm.run(f"systemctl is-enabled --quiet {UNIT}", check=False).ok:
         if apply:
             vm.run(f"systemctl enable {UNIT}", sudo=True)
         changes.append("enabled the unit")

@@ -275,6 +275,11 @@ def backup_database(vm: VM, config: BootstrapConfig, local: bool) -> BackupRecor
     """Copy the VM's database off the cloud: to /arc, or (``local``) to this machine. None
     when the VM has no database yet (never configured): nothing to copy."""
     log = logger()
+    database = database_path(config)
+    # (a VM never configured has neither the database nor the service user to copy it as)
+    if not vm.run(f"test -e {shlex.quote(database)}", sudo=vm.privileged, check=False).ok:
+        log.info("no Prefect database at %s on %s yet: nothing to copy", database, vm.host)
+        return None
     made = stamp()
     name = f"{config.environment}-{made}"
     dest = "" if local else arc_folder(config)
