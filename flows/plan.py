@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from flows.configure import configure
 from flows.provision import provision
 from sails_bootstrap.config import BootstrapConfig
+from tasks.cloud import VMTarget, locate_vm, open_connection
 from tasks.errors import BootstrapError
 from tasks.log import logger
 from tasks.records import Action, Record
@@ -46,12 +47,13 @@ def plan(config: BootstrapConfig = BootstrapConfig()) -> PlanResult:
             "once provision has made them"
         )
     else:
-        try:
-            result.vm = configure(config, plan=True).records
+        try:  # the VM located once, for its steps and its backups
+            target = locate_vm(open_connection(config), config)
+            result.vm = configure(config, target, plan=True).records
         except BootstrapError as exc:
             result.vm_note = f"not read: {exc}"
         else:
-            result.notes += _backup_notes(config)
+            result.notes += _backup_notes(config, target)
     logger().info(
         "plan for %s: %s",
         config.environment,
@@ -60,15 +62,14 @@ def plan(config: BootstrapConfig = BootstrapConfig()) -> PlanResult:
     return result
 
 
-def _backup_notes(config: BootstrapConfig) -> list[str]:
+def _backup_notes(config: BootstrapConfig, target: VMTarget) -> list[str]:
     """The newest backup's age, when it is not fresh (no copy yet, past
     ``backup.max_age_hours``, or not readable): `up` changes nothing about it."""
     from flows.configure import vm_for
     from tasks.backup import freshness
-    from tasks.cloud import locate_vm, open_connection
 
     try:
-        vm = vm_for(config, locate_vm.fn(open_connection(config), config))
+        vm = vm_for(config, target)
         try:
             status, detail = freshness(vm, config, on_vm=False)
         finally:
