@@ -36,7 +36,7 @@ def timer(out: dict[str, float], key: str) -> Any:
 
 
 def config(name: str, tmp: Path, canfar_info: dict[str, Any], **extra: Any) -> Any:
-    from sails_bootstrap.config import parse_config
+    from core.config import parse_config
     from tests.fixtures.bootstrap import deep_merge
 
     base = {
@@ -73,8 +73,8 @@ def clean(cfg: Any, teardown: Any) -> None:
 
 def sequential_provision(cfg: Any) -> tuple[float, dict[str, float]]:
     """The same steps, one after another, each waiting for the last (a playbook's order)."""
-    from flows.provision import load_key
     from tasks import cloud
+    from tasks.access import load_key
     from tasks.local_ssh import ensure_local_ssh
 
     steps: dict[str, float] = {}
@@ -216,7 +216,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         results["slowest_name"] = max(durations, key=lambda k: durations[k])
 
         print("4/4 frozen /arc host", flush=True)
-        from flows.configure import vm_for
+        from tasks.access import vm_for
 
         vm = vm_for(a, locate_vm.fn(open_connection(a), a))
         canfar.arc_freeze()

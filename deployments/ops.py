@@ -15,11 +15,11 @@ from typing import Any
 
 from prefect import flow
 
+from core.config import load_config
+from core.log import logger
 from flows import backup as backup_flows
 from flows import bootstrap as bootstrap_flows
 from flows import operate
-from sails_bootstrap.config import load_config
-from tasks.log import logger
 
 CONFIG_FILE = "config.yaml"
 

@@ -11,8 +11,10 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.configure import vm_for
-from sails_bootstrap.config import BootstrapConfig
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
+from core.log import logger
+from tasks.access import open_vm
 from tasks.backup import (
     BackupRecord,
     RestoreRecord,
@@ -24,19 +26,10 @@ from tasks.backup import (
     swap_database,
     unpack_on_vm,
 )
-from tasks.cloud import locate_vm, open_connection
 from tasks.drain import drained
-from tasks.errors import BootstrapError
-from tasks.log import logger
 from tasks.prefect_server import SERVER_UNIT, server_secrets
 from tasks.register import remote_client
-from tasks.vm import VM, VM_TASK, LocalHost, vm_exclusive
-
-
-def _vm(config: BootstrapConfig, on_vm: bool) -> VM:
-    if on_vm:
-        return LocalHost()
-    return vm_for(config, locate_vm.fn(open_connection(config), config))
+from tasks.vm import VM_TASK, vm_exclusive
 
 
 @task(name="copy-database", **VM_TASK)
@@ -48,7 +41,7 @@ def copy_database(config: BootstrapConfig, on_vm: bool) -> BackupRecord | None:
             "there; run `sails-bootstrap backup` from that machine, or set "
             "backup.destination: arc"
         )
-    vm = _vm(config, on_vm)
+    vm = open_vm(config, on_vm)
     try:
         return backup_database(vm, config, local=local)
     finally:
@@ -87,7 +80,7 @@ def restore(
     VM's Prefect database. The runs in flight end first; the database it replaces is kept on
     the VM; a server that does not start on the copy gets its own database back."""
     log = logger()
-    vm = _vm(config, on_vm=False)
+    vm = open_vm(config, on_vm=False)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(vm_exclusive(vm, config, "restore"))

@@ -7,12 +7,12 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from core.config import BootstrapConfig
+from core.log import logger
 from flows.configure import configure
 from flows.provision import provision
 from flows.register import register, smoke_test
-from sails_bootstrap.config import BootstrapConfig
 from tasks.cloud import VMTarget
-from tasks.log import logger
 from tasks.vm import LocalHost, vm_exclusive
 
 
@@ -69,7 +69,7 @@ def converge_from_vm(config: BootstrapConfig) -> dict[str, Any]:
     if config.arc.enabled and probe_arc(LocalHost(), config)[0] != "live":
         repairs.append(remount_arc.fn(config, on_vm=True).row())
     if config.arc.enabled or config.canfar.smoke_test.enabled:
-        from flows.configure import load_canfar
+        from tasks.access import load_canfar
         from tasks.canfar import ensure_canfar_auth
 
         host = LocalHost()

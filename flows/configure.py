@@ -4,27 +4,25 @@ Prefect server, operator keys."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
-from sails_bootstrap.config import BootstrapConfig
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
+from core.log import logger
+from core.records import Action
+from tasks.access import load_canfar, vm_for
 from tasks.arc import arc_user, ensure_arc_mount, ensure_canfar_key
-from tasks.blocks import load_block
 from tasks.canfar import ensure_ca_bundle, ensure_canfar_auth
 from tasks.cloud import VMTarget, locate_vm, open_connection, record_fs_uuid
-from tasks.errors import BootstrapError
-from tasks.local_ssh import known_hosts_file
-from tasks.log import logger
 from tasks.packages import ensure_packages
 from tasks.prefect_server import (
     ensure_prefect_server,
     ensure_prefect_venv,
     server_secrets,
 )
-from tasks.records import Action
 from tasks.service_user import ensure_service_user
 from tasks.vm import (
     VM,
@@ -50,32 +48,6 @@ class ConfigureResult(BaseModel):
     @property
     def changed(self) -> bool:
         return any(r.changed for r in self.records)
-
-
-def vm_for(config: BootstrapConfig, target: VMTarget) -> VM:
-    from blocks.ssh import SSHKeyPair
-
-    key = load_block(
-        SSHKeyPair,
-        config.ssh.key_block,
-        "`sails-bootstrap provision` makes one, or save the VM's key under that name",
-    )
-    return VM(
-        target.address,
-        key,
-        [*target.host_keys, *config.ssh.trusted_host_keys],
-        known_hosts=known_hosts_file(config),
-    )
-
-
-def load_canfar(config: BootstrapConfig) -> Any:
-    from blocks.canfar import CanfarCredentials
-
-    return load_block(
-        CanfarCredentials,
-        config.canfar.credentials_block,
-        "create it (username + password, or a certificate) or fix canfar.credentials_block",
-    )
 
 
 def _publish(result: ConfigureResult, config: BootstrapConfig) -> None:

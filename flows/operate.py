@@ -15,16 +15,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from pydantic import BaseModel
 
-from sails_bootstrap.config import BootstrapConfig
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
+from core.log import logger
+from core.records import Action
+from tasks.access import load_canfar, open_vm, vm_for
 from tasks.arc import UNIT, ensure_arc_host_keys, home, probe_arc, vm_path
 from tasks.canfar import ensure_canfar_auth
 from tasks.cloud import locate_vm, open_connection
-from tasks.errors import BootstrapError
 from tasks.health import FAIL, OK, ProbeResult, cloud_probes, host_probes, run_probes
-from tasks.log import logger
-from tasks.records import Action
 from tasks.service_user import as_service_user, systemctl
-from tasks.vm import VM, LocalHost, StepRecord, vm_exclusive
+from tasks.vm import LocalHost, StepRecord, vm_exclusive
 
 STALE_EVENT = "sails.arc.stale"
 EXPIRING_EVENT = "sails.canfar.certificate-expiring"
@@ -36,16 +37,6 @@ def resource(config: BootstrapConfig) -> dict[str, str]:
         "prefect.resource.id": f"sails.vm.{config.environment}",
         "prefect.resource.name": config.environment,
     }
-
-
-def _host(config: BootstrapConfig, on_vm: bool) -> tuple[VM, str, Any]:
-    conn = open_connection(config)
-    if on_vm:
-        return LocalHost(), "127.0.0.1", conn
-    from flows.configure import vm_for
-
-    target = locate_vm(conn, config)
-    return vm_for(config, target), target.address, conn
 
 
 class HealthReport(BaseModel):
@@ -68,8 +59,6 @@ def probe_all(config: BootstrapConfig, on_vm: bool) -> list[ProbeResult]:
             cloud_probes(conn, config, on_vm=True)
             + host_probes(LocalHost(), config, "127.0.0.1", True)
         )
-    from flows.configure import vm_for
-
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-probes") as pool:
         context = contextvars.copy_context()  # the same Prefect API for the cloud probes
         cloud = pool.submit(context.run, run_probes, cloud_probes(conn, config))
@@ -134,7 +123,7 @@ def health_check(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = Fals
 def remount_arc(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False) -> StepRecord:
     """Kill a stale sshfs, lazy-unmount, mount again and verify; nothing when it is live."""
     log = logger()
-    host, _, _ = _host(config, on_vm)
+    host = open_vm(config, on_vm)
     held = contextlib.ExitStack()
     try:
         state, detail = probe_arc(host, config)
@@ -178,9 +167,7 @@ def remount_arc(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False
 @flow(name="reauth-canfar")
 def reauth_canfar(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False) -> StepRecord:
     """Renew the CANFAR certificate from the CanfarCredentials block and report its expiry."""
-    from flows.configure import load_canfar
-
-    host, _, _ = _host(config, on_vm)
+    host = open_vm(config, on_vm)
     try:
         creds = load_canfar(config)
         with vm_exclusive(host, config, "reauth"):

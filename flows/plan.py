@@ -6,13 +6,13 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
+from core.log import logger
+from core.records import Action, Record
 from flows.configure import configure
 from flows.provision import provision
-from sails_bootstrap.config import BootstrapConfig
 from tasks.cloud import VMTarget, locate_vm, open_connection
-from tasks.errors import BootstrapError
-from tasks.log import logger
-from tasks.records import Action, Record
 from tasks.vm import StepRecord
 
 #: The cloud resources that must already be as configured before the VM itself can be read.
@@ -65,7 +65,7 @@ def plan(config: BootstrapConfig = BootstrapConfig()) -> PlanResult:
 def _backup_notes(config: BootstrapConfig, target: VMTarget) -> list[str]:
     """The newest backup's age, when it is not fresh (no copy yet, past
     ``backup.max_age_hours``, or not readable): `up` changes nothing about it."""
-    from flows.configure import vm_for
+    from tasks.access import vm_for
     from tasks.backup import freshness
 
     try:

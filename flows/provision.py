@@ -6,14 +6,24 @@ time approaches the critical path: keypair → server → floating IP → host k
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from sails_bootstrap.config import BootstrapConfig
+from core.config import BootstrapConfig
+from core.errors import BootstrapError, PreflightError
+from core.log import logger
+from core.records import (
+    Action,
+    AttachmentRecord,
+    FloatingIPRecord,
+    LocalSSHRecord,
+    Record,
+    ServerRecord,
+    VolumeRecord,
+)
+from tasks.access import load_key
 from tasks.cloud import (
     boot_time_left,
     console_fingerprints,
@@ -26,18 +36,7 @@ from tasks.cloud import (
     open_connection,
     preflight,
 )
-from tasks.errors import BootstrapError, PreflightError
 from tasks.local_ssh import ensure_local_ssh
-from tasks.log import logger
-from tasks.records import (
-    Action,
-    AttachmentRecord,
-    FloatingIPRecord,
-    LocalSSHRecord,
-    Record,
-    ServerRecord,
-    VolumeRecord,
-)
 
 
 class ProvisionResult(BaseModel):
@@ -63,35 +62,6 @@ class ProvisionResult(BaseModel):
 
     def table(self) -> list[dict[str, str]]:
         return [r.row() for r in self.records]
-
-
-def load_key(config: BootstrapConfig, apply: bool, on_vm: bool = False) -> Any:
-    """The VM's SSHKeyPair block; created (ed25519) on the first run when it does not exist.
-    On the VM itself (``on_vm``), where the private key never goes, the public key the cloud's
-    keypair holds."""
-    from blocks.openstack import find_or_none
-    from blocks.ssh import PublicKey, SSHKeyPair
-
-    if on_vm:
-        keypair = find_or_none(open_connection(config).compute.find_keypair, config.keypair_name)
-        if keypair is None:
-            raise BootstrapError(
-                f"keypair {config.keypair_name!r} is missing in the cloud: run "
-                "`sails-bootstrap provision` from the operator's machine (it holds the key)"
-            )
-        return PublicKey(keypair.public_key)
-    try:
-        return SSHKeyPair.load(config.ssh.key_block)
-    except ValueError:
-        key = SSHKeyPair.generate(comment=config.keypair_name, username=config.server.user)
-        if apply:
-            key.save(config.ssh.key_block)
-            logger().info(
-                "generated a new ed25519 key and saved it as SSHKeyPair block %r (%s)",
-                config.ssh.key_block,
-                key.fingerprint,
-            )
-        return key
 
 
 def artifact_key(kind: str, config: BootstrapConfig) -> str:

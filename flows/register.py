@@ -8,12 +8,12 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
-from flows.configure import vm_for
-from sails_bootstrap.config import BootstrapConfig
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
+from core.records import Action
+from tasks.access import vm_for
 from tasks.cloud import VMTarget, locate_vm, open_connection
-from tasks.errors import BootstrapError
 from tasks.prefect_server import server_secrets
-from tasks.records import Action
 from tasks.register import (
     copy_blocks,
     deploy,

@@ -6,7 +6,9 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from sails_bootstrap.config import BootstrapConfig
+from core.config import BootstrapConfig
+from core.log import logger
+from core.records import Action, Record
 from tasks.cloud import (
     cloud_credentials,
     delete_security_group,
@@ -16,8 +18,6 @@ from tasks.cloud import (
     release_floating_ips,
 )
 from tasks.local_ssh import remove_local_ssh
-from tasks.log import logger
-from tasks.records import Action, Record
 from tasks.register import vm_credential_name
 
 

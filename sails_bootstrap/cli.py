@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sails_bootstrap.config import BootstrapConfig, ConfigError, dump_config, load_config
+from core.config import BootstrapConfig, ConfigError, dump_config, load_config
 
 app = typer.Typer(
     help="Build, check and repair the ALMA-SAILS orchestration VM on an OpenStack cloud.",
@@ -54,7 +54,7 @@ def with_trusted(config: BootstrapConfig, fingerprints: list[str] | None) -> Boo
     """The config with ``fingerprints`` added to ssh.trusted_host_keys (validated)."""
     if not fingerprints:
         return config
-    from sails_bootstrap.config import parse_config
+    from core.config import parse_config
 
     data = config.model_dump(mode="json")
     data["ssh"]["trusted_host_keys"] = [*data["ssh"]["trusted_host_keys"], *fingerprints]
@@ -366,8 +366,8 @@ def _startup_failure(exc: BaseException, timeout: int, log: Path) -> str:
 def _run(fn: Any, lock: BootstrapConfig | None = None, command: str = "") -> Any:
     """Run a flow function; errors that name a fix are printed without a traceback. With
     ``lock`` (a command that changes the environment), one run of it at a time."""
+    from core.errors import BootstrapError, http_detail, is_transient
     from sails_bootstrap.lock import LockHeld, environment_lock
-    from tasks.errors import BootstrapError, http_detail, is_transient
 
     ensure_api()
     try:
@@ -540,8 +540,8 @@ def restore_cmd(
 ) -> None:
     """Put a backup in place of the VM's Prefect database (the one it replaces is kept)."""
     cfg = read_config(config)
+    from core.errors import BootstrapError
     from tasks.backup import read_backup
-    from tasks.errors import BootstrapError
 
     what = f"backup {source or 'latest'} in {cfg.backup_destination}"
     if source and Path(source).expanduser().is_file():
@@ -676,7 +676,7 @@ class _NoTracebackForNamedErrors(logging.Filter):
     traceback; on the command line the message is the whole story, so the traceback goes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.errors import BootstrapError
+        from core.errors import BootstrapError
 
         if record.exc_info and isinstance(record.exc_info[1], BootstrapError):
             record.exc_info = None

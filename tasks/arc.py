@@ -11,11 +11,11 @@ import shlex
 
 from prefect import task
 
-from sails_bootstrap.config import BootstrapConfig
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
+from core.log import logger
+from core.records import Action
 from tasks.blocks import load_block
-from tasks.errors import BootstrapError
-from tasks.log import logger
-from tasks.records import Action
 from tasks.service_user import as_service_user, service_dirs, service_home, systemctl
 from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 

@@ -33,10 +33,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from sails_bootstrap.config import BootstrapConfig
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
+from core.log import logger
 from tasks.arc import vm_path
-from tasks.errors import BootstrapError
-from tasks.log import logger
 from tasks.prefect_server import SERVER_ENV, SERVER_KEY_ID, SERVER_UNIT, wait_for_health
 from tasks.service_user import as_service_user
 from tasks.vm import VM

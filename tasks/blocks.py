@@ -6,7 +6,7 @@ from typing import TypeVar, cast
 
 from prefect.blocks.core import Block
 
-from tasks.errors import BootstrapError
+from core.errors import BootstrapError
 
 B = TypeVar("B", bound=Block)
 

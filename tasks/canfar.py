@@ -15,11 +15,11 @@ from xml.etree import ElementTree
 
 from prefect import task
 
-from sails_bootstrap.config import BootstrapConfig
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
+from core.log import logger
+from core.records import Action
 from tasks.arc import home
-from tasks.errors import BootstrapError
-from tasks.log import logger
-from tasks.records import Action
 from tasks.service_user import service_dirs
 from tasks.vm import VM, VM_TASK, StepRecord, planned
 

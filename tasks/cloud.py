@@ -19,11 +19,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from blocks.openstack import find_or_none
-from sails_bootstrap.config import BootstrapConfig
-from tasks.blocks import load_block
-from tasks.errors import BootstrapError, PreflightError, retry_transient
-from tasks.log import Progress, logger
-from tasks.records import (
+from core.config import BootstrapConfig
+from core.errors import BootstrapError, PreflightError, retry_transient
+from core.log import Progress, logger
+from core.records import (
     Action,
     AttachmentRecord,
     FloatingIPRecord,
@@ -33,6 +32,7 @@ from tasks.records import (
     VolumeRecord,
     by_id_path,
 )
+from tasks.blocks import load_block
 
 if TYPE_CHECKING:
     from openstack.connection import Connection

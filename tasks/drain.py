@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from tasks.log import Progress, logger
+from core.log import Progress, logger
 
 if TYPE_CHECKING:
     from tasks.vm import VM

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sails_bootstrap.config import BootstrapConfig, IngressRule
+from core.config import BootstrapConfig, IngressRule
+from core.records import Action
 from tasks.arc import probe_arc
 from tasks.canfar import read_vm_expiry
-from tasks.records import Action
 from tasks.vm import VM
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ def cloud_probes(conn: Connection, config: BootstrapConfig, on_vm: bool = False)
         return ingress_probe(conn, config)
 
     def drift() -> tuple[str, str]:
-        from flows.provision import load_key
+        from tasks.access import load_key
         from tasks.cloud import (
             ensure_attachment,
             ensure_floating_ip,

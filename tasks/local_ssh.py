@@ -21,10 +21,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.ssh import fingerprint, write_private
-from sails_bootstrap.config import BootstrapConfig
-from tasks.errors import BootstrapError, HostKeyError, retry_transient
-from tasks.log import Progress, logger
-from tasks.records import Action, LocalSSHRecord
+from core.config import BootstrapConfig
+from core.errors import BootstrapError, HostKeyError, retry_transient
+from core.log import Progress, logger
+from core.records import Action, LocalSSHRecord
 from tasks.vm import wait_for_port
 
 if TYPE_CHECKING:

@@ -23,10 +23,10 @@ from enum import StrEnum
 from prefect import task
 from pydantic import Field
 
-from sails_bootstrap.config import BootstrapConfig
-from tasks.errors import BootstrapError
-from tasks.log import Progress, logger
-from tasks.records import Action
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
+from core.log import Progress, logger
+from core.records import Action
 from tasks.vm import VM, VM_TASK, Result, StepRecord
 
 #: Package lists older than this are refreshed before installing.

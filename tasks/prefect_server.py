@@ -18,11 +18,11 @@ from typing import Any
 
 from prefect import task
 
-from sails_bootstrap.config import BootstrapConfig
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
+from core.log import Progress, logger
+from core.records import Action
 from tasks.drain import drained
-from tasks.errors import BootstrapError
-from tasks.log import Progress, logger
-from tasks.records import Action
 from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 
 SERVER_UNIT = "prefect-server.service"

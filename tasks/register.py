@@ -16,26 +16,26 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from sails_bootstrap.config import BootstrapConfig, dump_config
+from core.config import BootstrapConfig, dump_config
+from core.errors import BootstrapError
+from core.log import logger
+from core.records import Action
 from tasks.canfar import VM_CA_BUNDLE, vm_env_path
 from tasks.cloud import cloud_credentials
 from tasks.drain import drained
-from tasks.errors import BootstrapError
-from tasks.log import logger
-from tasks.records import Action
 from tasks.service_user import as_service_user, service_home
 from tasks.vm import MANAGED, VM, VM_TASK, StepRecord
 
-PACKAGES = ("sails_bootstrap", "blocks", "tasks", "flows", "deployments")
+PACKAGES = ("core", "blocks", "tasks", "flows", "deployments")
 WORKER_UNIT = "prefect-worker@.service"
 WORKER_ENV = "/etc/sails-bootstrap/prefect-worker.env"
 
 
 def code_root() -> Path:
     """The folder holding this package's top-level packages (a checkout or site-packages)."""
-    import sails_bootstrap
+    import core
 
-    return Path(sails_bootstrap.__file__).resolve().parent.parent
+    return Path(core.__file__).resolve().parent.parent
 
 
 def prefect_yaml() -> Path:

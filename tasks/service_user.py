@@ -13,9 +13,9 @@ import shlex
 
 from prefect import task
 
-from sails_bootstrap.config import BootstrapConfig
-from tasks.errors import BootstrapError
-from tasks.records import Action
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
+from core.records import Action
 from tasks.vm import MANAGED, VM, VM_LOCK_DIR, VM_TASK, Result, StepRecord, planned
 
 #: The helper the service user may run as root, and the sudoers rule that allows only it.

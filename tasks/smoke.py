@@ -12,10 +12,10 @@ import shlex
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from sails_bootstrap.config import BootstrapConfig
+from core.config import BootstrapConfig
+from core.log import logger
+from core.records import Action
 from tasks.canfar import vm_env_path
-from tasks.log import logger
-from tasks.records import Action
 from tasks.service_user import as_service_user
 from tasks.vm import VM, StepRecord
 

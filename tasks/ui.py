@@ -14,8 +14,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from tasks.errors import BootstrapError
-from tasks.log import logger
+from core.errors import BootstrapError
+from core.log import logger
 
 ATTEMPTS = 2  # loads of a page before it counts as failed
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")

@@ -21,8 +21,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.ssh import fingerprint
-from sails_bootstrap.config import BootstrapConfig
-from tasks.errors import (
+from core.config import BootstrapConfig
+from core.errors import (
     BOOTING_ERRNOS,
     BootstrapError,
     HostKeyError,
@@ -32,8 +32,8 @@ from tasks.errors import (
     missing_tool_error,
     retry_transient,
 )
-from tasks.log import Progress, logger
-from tasks.records import Action, Record
+from core.log import Progress, logger
+from core.records import Action, Record
 
 if TYPE_CHECKING:
     import fabric

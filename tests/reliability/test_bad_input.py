@@ -74,7 +74,7 @@ def test_bad_input_is_named_and_writes_nothing(
     fault_control: Any,
     tmp_path: Path,
 ) -> None:
-    from sails_bootstrap.config import dump_config
+    from core.config import dump_config
     from tests.fixtures.bootstrap import deep_merge
 
     if isinstance(data, str):
@@ -167,7 +167,7 @@ def test_password_entry_without_password_names_the_fix(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The password clouds.yaml the dashboard offers holds no password."""
-    from sails_bootstrap.config import dump_config
+    from core.config import dump_config
 
     data = yaml.safe_load(Path(os.environ["OS_CLIENT_CONFIG_FILE"]).read_text())
     entry = next(c for c in data["clouds"].values() if c.get("auth_type") == "password")
@@ -197,7 +197,7 @@ def test_two_images_with_one_name_are_named(
 ) -> None:
     import secrets
 
-    from sails_bootstrap.config import dump_config
+    from core.config import dump_config
 
     name = f"Ubuntu-24.04-Noble-x64-t{secrets.token_hex(3)}"
     images = [

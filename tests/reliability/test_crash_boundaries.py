@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
+from core.config import dump_config
 from flows.bootstrap import bootstrap
-from flows.configure import vm_for
 from flows.teardown import teardown
-from sails_bootstrap.config import dump_config
+from tasks.access import vm_for
 from tasks.cloud import locate_vm, open_connection
 from tests.fixtures.bootstrap import kill_cli, start_cli
 from tests.fixtures.cloud import ours

@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
+from core.records import Action
 from flows.bootstrap import bootstrap
 from flows.provision import provision
 from flows.teardown import teardown
-from tasks.records import Action
 from tests.fixtures.cloud import ours
 
 pytestmark = [pytest.mark.sandbox]

@@ -12,14 +12,14 @@ import httpx
 import pytest
 
 from blocks.ssh import SSHKeyPair
+from core.errors import BootstrapError
+from core.records import Action
 from flows.configure import configure
 from flows.plan import plan
 from flows.provision import provision
 from flows.teardown import teardown
 from tasks.arc import UNIT
-from tasks.errors import BootstrapError
 from tasks.prefect_server import api_check, server_secrets
-from tasks.records import Action
 from tasks.service_user import UNITS_HELPER
 from tests.fixtures.bootstrap import operator_tunnel, ssh_alias
 

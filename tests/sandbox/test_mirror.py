@@ -250,7 +250,7 @@ def test_an_install_cut_off_mid_unpack_is_repaired(
     import subprocess
 
     from blocks.ssh import SSHKeyPair, fingerprint
-    from sails_bootstrap.config import BootstrapConfig
+    from core.config import BootstrapConfig
     from tasks.packages import ensure_packages, needed_packages
     from tasks.vm import VM
 

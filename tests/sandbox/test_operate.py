@@ -22,17 +22,17 @@ import pytest
 from blocks.canfar import CanfarCredentials
 from blocks.openstack import OpenStackCredentials
 from blocks.ssh import SSHKeyPair
+from core.errors import BootstrapError
+from core.records import Action
 from flows.bootstrap import bootstrap
-from flows.configure import vm_for
 from flows.operate import health_check, reauth_canfar, remount_arc
 from flows.register import register, smoke_test, ui_check
 from sandbox import layout
+from tasks.access import vm_for
 from tasks.arc import probe_arc
 from tasks.canfar import read_vm_expiry, vm_cert_path
 from tasks.cloud import cloud_credentials, locate_vm, open_connection
-from tasks.errors import BootstrapError
 from tasks.prefect_server import server_secrets
-from tasks.records import Action
 from tasks.register import OLD_PTH, remote_api, remote_client, run_on_server
 from tests.fixtures.bootstrap import operator_config, operator_tunnel, remove_environment
 from tests.fixtures.capture import Capture, capturing, encodings
@@ -203,7 +203,7 @@ def test_bootstrap_register_and_self_repair(
     found = vm.run(
         f"{venv_python} 'import importlib.util as u; "
         'print([n for n in ("flows", "tasks", "blocks", "deployments", '
-        '"sails_bootstrap") if u.find_spec(n)])\''
+        '"core", "sails_bootstrap") if u.find_spec(n)])\''
     )
     assert found.stdout.strip() == "[]", found.stdout
     again, automations_again, (health_again, _) = inventory()
@@ -546,7 +546,7 @@ def test_one_changing_run_on_the_vm_at_a_time(
     """The VM's own lock spans machines: a run holding it from another machine (here an SSH
     session, as the product holds it) makes reauth wait and then refuse naming the holder,
     with nothing changed; once that session is gone, reauth runs."""
-    from tasks.errors import LockHeldOnVM
+    from core.errors import LockHeldOnVM
 
     cfg = operated.cfg
     target = locate_vm.fn(open_connection(cfg), cfg)
@@ -714,7 +714,7 @@ def test_backup_off_the_cloud_and_restore(
 
     from prefect.client.schemas.actions import VariableCreate, VariableUpdate
 
-    from sails_bootstrap.config import dump_config
+    from core.config import dump_config
     from sandbox.canfar import arc as arc_store
     from tasks.backup import arc_copies, arc_folder
 

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 
 from blocks.ssh import SSHKeyPair, fingerprint
+from core.config import dump_config
+from core.errors import PreflightError
+from core.records import Action
 from flows.provision import provision
 from flows.teardown import teardown
 from sails_bootstrap.cli import NO_DATABASE
-from sails_bootstrap.config import dump_config
-from tasks.errors import PreflightError
 from tasks.local_ssh import MANAGED_FILE, host_matches, key_file
-from tasks.records import Action
 from tests.fixtures.bootstrap import kill_cli, ssh_alias, start_cli
 from tests.fixtures.cloud import ours, resource_writes
 
@@ -286,7 +286,7 @@ def test_killed_run_converges(
     cfg = env_config(f"t-kill-{STEP_MARKERS.index(marker)}")
     SSHKeyPair.generate().save(cfg.ssh.key_block, overwrite=True)
     cfg_file = tmp_path / "config.yaml"
-    from sails_bootstrap.config import dump_config
+    from core.config import dump_config
 
     cfg_file.write_text(dump_config(cfg))
     fault_control.reset()
@@ -318,7 +318,7 @@ def test_two_runs_started_together_make_one_of_each(
     cfg = env_config("t-twice")
     SSHKeyPair.generate().save(cfg.ssh.key_block, overwrite=True)
     cfg_file = tmp_path / "config.yaml"
-    from sails_bootstrap.config import dump_config
+    from core.config import dump_config
 
     cfg_file.write_text(dump_config(cfg))
     env = {**prefect_server.env(), "XDG_STATE_HOME": str(tmp_path / "state")}
@@ -446,7 +446,7 @@ def openstack_connect(entry: dict[str, Any], password: str) -> Any:
 def test_preflight_sees_the_projects_quota_and_scopes_by_id(
     make_config, prefect_server, tight_project, fault_control, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    from tasks.errors import BootstrapError
+    from core.errors import BootstrapError
 
     clouds, _project, password = tight_project
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
@@ -516,7 +516,7 @@ def test_application_credential_block_opens_the_project(
     """The seed's clouds.yaml entry is an application credential, as the dashboard makes one:
     kept as a block, it opens the project (scoped by Keystone, no project named)."""
     from blocks.openstack import OpenStackCredentials
-    from sails_bootstrap.config import SEED_IMAGE, parse_config
+    from core.config import SEED_IMAGE, parse_config
     from tasks.cloud import open_connection
 
     creds = OpenStackCredentials.from_clouds_yaml(os.environ["OS_CLOUD"])

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from sails_bootstrap.config import BootstrapConfig, dump_config, parse_config
+from core.config import BootstrapConfig, dump_config, parse_config
 from tests.fixtures.bootstrap import deep_merge, ssh_alias, start_cli
 
 pytestmark = [pytest.mark.sandbox]
@@ -294,11 +294,11 @@ def test_host_keys_fail_closed_and_known_hosts_outlive_the_console(secured_vm: S
     verified at provisioning. Host keys regenerated behind our back: fabric and OpenSSH refuse
     before sending anything, and provision names the key to check; trusting that fingerprint
     explicitly (--trust-host-key) makes it verified again."""
-    from flows.configure import vm_for
+    from core.errors import HostKeyError
     from flows.provision import provision
     from sails_bootstrap.cli import with_trusted
+    from tasks.access import vm_for
     from tasks.cloud import console_fingerprints, locate_vm, open_connection
-    from tasks.errors import HostKeyError
     from tasks.local_ssh import scan_host_keys
 
     cfg, vm = secured_vm.config, secured_vm

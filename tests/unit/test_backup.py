@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from sails_bootstrap.config import BootstrapConfig
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
 from tasks.backup import (
     COUNTED,
     SNAPSHOT,
@@ -28,7 +29,6 @@ from tasks.backup import (
     read_backup,
     sha256_of,
 )
-from tasks.errors import BootstrapError
 
 
 def live_database(path: Path, runs: int) -> sqlite3.Connection:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sails_bootstrap.config import (
+from core.config import (
     BootstrapConfig,
     ConfigError,
     IngressRule,

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from blocks.ssh import fingerprint
-from sails_bootstrap.config import BootstrapConfig
+from core.config import BootstrapConfig
+from core.errors import MissingToolError, RemoteCommandError, is_transient, missing_tool
 from tasks.arc import START_LIMIT_BURST, unit_text
 from tasks.cloud import parse_fingerprints
-from tasks.errors import MissingToolError, RemoteCommandError, is_transient, missing_tool
 from tasks.packages import (
     AptOutcome,
     classify_apt,

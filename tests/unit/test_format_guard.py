@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import BootstrapError
+from core.errors import BootstrapError
 from tasks.vm import LocalHost, format_guarded
 
 MIB = 1024 * 1024

@@ -80,7 +80,7 @@ def test_the_vm_lock_spans_holders_and_a_dead_one_frees_it(
     """The VM's own lock (what an SSH session from the operator's machine and the VM's own
     deployments both hold): a second holder waits, then refuses naming the first; a holder
     whose process dies frees it at once."""
-    from tasks.errors import LockHeldOnVM
+    from core.errors import LockHeldOnVM
     from tasks.vm import LocalHost, lock_script
 
     vm = LocalHost()

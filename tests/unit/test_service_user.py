@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sails_bootstrap.config import BootstrapConfig
+from core.config import BootstrapConfig
 from tasks.service_user import as_service_user, helper_text, sudoers_text
 
 

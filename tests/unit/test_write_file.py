@@ -64,7 +64,7 @@ def test_a_file_its_check_refuses_never_replaces_the_old_one(tmp_path: Path) -> 
     of the new file (visudo there, a grep here) accepts it."""
     import pytest
 
-    from tasks.errors import RemoteCommandError
+    from core.errors import RemoteCommandError
 
     host = LocalHost()
     path = tmp_path / "rules"

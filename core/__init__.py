@@ -1,0 +1,1 @@
+"""The base vocabulary: the configuration model (desired state), errors, records, logging."""
