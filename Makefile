@@ -15,7 +15,7 @@ setup:
 
 # Debian packages, the services venv, the guest image and the guests' wheels (root; cached).
 system: setup
-	$(RUN) sails-bootstrap sandbox install
+	$(RUN) sails-sandbox install
 
 lint: setup
 	$(RUN) ruff check .
@@ -26,9 +26,10 @@ test: system lint
 	$(RUN) pytest
 
 demo: system
-	$(RUN) sails-bootstrap sandbox up
-	eval "$$($(RUN) sails-bootstrap sandbox env)" && \
-	  $(RUN) sails-bootstrap sandbox blocks --config examples/sandbox.yaml && \
+	$(RUN) sails-sandbox up
+	eval "$$($(RUN) sails-sandbox env)" && \
+	  $(RUN) sails-bootstrap blocks register && \
+	  $(RUN) sails-sandbox blocks --config examples/sandbox.yaml && \
 	  $(RUN) sails-bootstrap up --config examples/sandbox.yaml && \
 	  $(RUN) sails-bootstrap backup --config examples/sandbox.yaml && \
 	  $(RUN) sails-bootstrap ui --config examples/sandbox.yaml --out ui-screenshots
@@ -37,4 +38,4 @@ bench: system
 	$(RUN) python -m bench
 
 clean:
-	-$(RUN) sails-bootstrap sandbox down
+	-$(RUN) sails-sandbox down

@@ -135,9 +135,7 @@ def main() -> int:
 
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    from blocks import SSHKeyPair
-    from sails_bootstrap.cli import sandbox_canfar_credentials
-    from sandbox import canfar, latency
+    from sandbox import canfar, latency, operator
     from sandbox.faults import FaultControl
 
     info = canfar.info()
@@ -151,10 +149,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     for cfg in (a, b, warm):  # what an interrupted earlier run may have left
         clean(cfg, teardown)
     for cfg in (a, b):
-        sandbox_canfar_credentials(canfar).save(cfg.canfar.credentials_block, overwrite=True)
-        key = SSHKeyPair.generate("rsa")
-        key.save(cfg.arc.key_block, overwrite=True)
-        canfar.add_arc_key(key.public_key)
+        operator.save_blocks(cfg, fresh_arc_key=True)
 
     from prefect import flow
 

@@ -7,7 +7,6 @@ need them, so ``--help`` and ``config validate`` answer at once.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -27,13 +26,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check and show a configuration file.", no_args_is_help=True)
 blocks_app = typer.Typer(help="Prefect blocks of this package.", no_args_is_help=True)
-sandbox_app = typer.Typer(
-    help="The local sandbox: an OpenStack cloud and CANFAR stand-ins on this machine.",
-    no_args_is_help=True,
-)
 app.add_typer(config_app, name="config")
 app.add_typer(blocks_app, name="blocks")
-app.add_typer(sandbox_app, name="sandbox")
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="Configuration file (YAML).", show_default=False)
@@ -115,97 +109,6 @@ def blocks_register() -> None:
     ensure_api()
     for slug in register_block_types():
         typer.echo(f"registered block type {slug}")
-
-
-# -- sandbox -----------------------------------------------------------------------------------
-def _sandbox_manager() -> Any:
-    if os.geteuid() != 0:
-        raise fail(
-            "the sandbox needs root: it installs Debian packages, creates network namespaces, "
-            "bridges, loop devices and mounts. Run it with sudo (or as root in a container)."
-        )
-    return importlib.import_module("sandbox.manager")
-
-
-@sandbox_app.command("install")
-def sandbox_install() -> None:
-    """Install what the sandbox needs (Debian packages, services, guest image); cached."""
-    _sandbox_manager().install()
-    typer.echo("sandbox installed")
-
-
-@sandbox_app.command("up")
-def sandbox_up() -> None:
-    """Install what is missing and start the sandbox (idempotent)."""
-    info = _sandbox_manager().up()
-    typer.echo("sandbox is up")
-    for key, value in (info or {}).items():
-        typer.echo(f"  {key}: {value}")
-    typer.echo('use it with: eval "$(sails-bootstrap sandbox env)"')
-
-
-@sandbox_app.command("down")
-def sandbox_down() -> None:
-    """Stop every sandbox process and remove its namespaces, devices and mounts (keeps volumes)."""
-    _sandbox_manager().down()
-    typer.echo("sandbox is down")
-
-
-@sandbox_app.command("status")
-def sandbox_status() -> None:
-    """Say what runs."""
-    status = _sandbox_manager().status()
-    for key, value in status.items():
-        typer.echo(f"{key}: {value}")
-
-
-def sandbox_canfar_credentials(canfar: Any) -> Any:
-    """The CanfarCredentials an operator would save for the sandbox's CANFAR stand-ins."""
-    from pydantic import SecretStr
-
-    from blocks import CanfarCredentials
-
-    info = canfar.info()
-    return CanfarCredentials(
-        username=info["username"],
-        password=SecretStr(canfar.password()),
-        url=info["canfar_url"],
-        registry_url=info["registry_url"],
-        ca_bundle=info["ca_bundle"],
-    )
-
-
-@sandbox_app.command("blocks")
-def sandbox_blocks(config: ConfigOption) -> None:
-    """Save the blocks a sandbox run needs, as an operator would for CANFAR: the
-    CanfarCredentials block and, if the config names one, the /arc key CANFAR trusts."""
-    from typing import cast
-
-    cfg = read_config(config)
-    from blocks import SSHKeyPair
-
-    _sandbox_manager()  # says what is needed when not root
-    ensure_api()
-    canfar = importlib.import_module("sandbox.canfar")
-    sandbox_canfar_credentials(canfar).save(cfg.canfar.credentials_block, overwrite=True)
-    typer.echo(f"saved CanfarCredentials block {cfg.canfar.credentials_block!r}")
-    if cfg.arc.key_block:
-        try:
-            key = cast(SSHKeyPair, SSHKeyPair.load(cfg.arc.key_block))
-        except ValueError:
-            key = SSHKeyPair.generate("rsa", comment=f"{cfg.environment}-arc")
-            key.save(cfg.arc.key_block)
-        canfar.add_arc_key(key.public_key)
-        typer.echo(f"/arc trusts the key of block {cfg.arc.key_block!r} ({key.fingerprint})")
-
-
-@sandbox_app.command("env")
-def sandbox_env() -> None:
-    """Print export lines for: eval "$(sails-bootstrap sandbox env)"."""
-    import shlex
-
-    for key, value in _sandbox_manager().env().items():
-        typer.echo(f"export {key}={shlex.quote(str(value))}")
 
 
 # -- the Prefect API -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The VM server's UI as a person sees it: headless Chromium logs in and takes screenshots.
 
-Uses Debian's ``chromium`` (``sails-bootstrap sandbox install`` installs it) driven by
+Uses Debian's ``chromium`` (``sails-sandbox install`` installs it on a sandbox machine) driven by
 playwright (the ``ui`` extra). The auth string is typed into the login page and never leaves
 this process; what each page shows is returned as text so callers can check it.
 """
@@ -42,7 +42,7 @@ def chromium_path() -> str:
             return candidate
     raise BootstrapError(
         "no Chromium found: install Debian's package (apt-get install chromium) "
-        "or run `sails-bootstrap sandbox install`"
+        "or, on a sandbox machine, run `sails-sandbox install`"
     )
 
 

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,6 @@ COMMANDS = [
     ["config", "show"],
     ["blocks"],
     ["blocks", "register"],
-    ["sandbox"],
-    ["sandbox", "install"],
-    ["sandbox", "up"],
-    ["sandbox", "down"],
-    ["sandbox", "status"],
-    ["sandbox", "env"],
-    ["sandbox", "blocks"],
     *[[c] for c in ("plan", "provision", "configure", "register", "up", "down", "health")],
     ["remount"],
     ["reauth"],
@@ -45,6 +39,41 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         env={**os.environ, **(env or {})},
         timeout=120,
     )
+
+
+SANDBOX_COMMANDS = ["install", "up", "down", "status", "env", "blocks"]
+
+
+def test_the_sandbox_is_its_own_command_and_the_products_has_no_way_into_it() -> None:
+    from typer.testing import CliRunner
+
+    from sails_bootstrap.cli import app
+
+    assert CliRunner().invoke(app, ["sandbox", "--help"]).exit_code != 0
+    helped = subprocess.run(
+        ["sails-sandbox", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert helped.returncode == 0, helped.stderr
+    for command in SANDBOX_COMMANDS:
+        assert f"    {command} " in helped.stdout, helped.stdout
+    missing = subprocess.run(
+        ["sails-sandbox", "blocks"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert missing.returncode == 2 and "--config" in missing.stderr
+    # Importing every product module brings in nothing of the sandbox.
+    probe = (
+        "import importlib, pkgutil, sys\n"
+        "for pkg in ('core', 'blocks', 'tasks', 'flows', 'deployments', 'sails_bootstrap'):\n"
+        "    mod = importlib.import_module(pkg)\n"
+        "    for info in pkgutil.iter_modules(mod.__path__, pkg + '.'):\n"
+        "        importlib.import_module(info.name)\n"
+        "print(sorted(m for m in sys.modules if m == 'sandbox' or m.startswith('sandbox.')))\n"
+    )
+    imported = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip().splitlines()[-1] == "[]", imported.stdout
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")

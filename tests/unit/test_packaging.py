@@ -41,6 +41,9 @@ def test_wheel_carries_prefect_yaml_and_register_finds_it(tmp_path: Path) -> Non
     with zipfile.ZipFile(wheel) as zf:
         packaged = zf.read("deployments/prefect.yaml")
         assert "deployments/ops.py" in zf.namelist()
+        assert "core/config.py" in zf.namelist()
+        tops = {name.split("/")[0] for name in zf.namelist() if "/" in name}
+        assert "sandbox" not in tops, "the sandbox is a project of its own, not in the wheel"
     assert packaged == (ROOT / "prefect.yaml").read_bytes()
 
     # Installed from the wheel into a new venv (its dependencies from this environment).
