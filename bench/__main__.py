@@ -157,7 +157,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from flows.operate import health_check
     from flows.provision import provision
     from tasks.arc import probe_arc
-    from tasks.cloud import locate_vm, open_connection
+    from tasks.cloud import open_connection
+    from tasks.cloud.locate import locate_vm
 
     @flow
     def empty() -> None:

@@ -12,7 +12,7 @@ from core.log import logger
 from flows.configure import configure
 from flows.provision import provision
 from flows.register import register, smoke_test
-from tasks.cloud import VMTarget
+from tasks.cloud.locate import VMTarget
 from tasks.vm import LocalHost, vm_exclusive
 
 

@@ -16,7 +16,9 @@ from core.records import Action
 from tasks.access import load_canfar, vm_for
 from tasks.arc import arc_user, ensure_arc_mount, ensure_canfar_key
 from tasks.canfar import ensure_ca_bundle, ensure_canfar_auth
-from tasks.cloud import VMTarget, locate_vm, open_connection, record_fs_uuid
+from tasks.cloud import open_connection
+from tasks.cloud.locate import VMTarget, locate_vm
+from tasks.cloud.volume import record_fs_uuid
 from tasks.packages import ensure_packages
 from tasks.prefect_server import (
     ensure_prefect_server,

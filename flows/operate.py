@@ -22,7 +22,8 @@ from core.records import Action
 from tasks.access import load_canfar, open_vm, vm_for
 from tasks.arc import UNIT, ensure_arc_host_keys, home, probe_arc, vm_path
 from tasks.canfar import ensure_canfar_auth
-from tasks.cloud import locate_vm, open_connection
+from tasks.cloud import open_connection
+from tasks.cloud.locate import locate_vm
 from tasks.health import FAIL, OK, ProbeResult, cloud_probes, host_probes, run_probes
 from tasks.service_user import as_service_user, systemctl
 from tasks.vm import LocalHost, StepRecord, vm_exclusive

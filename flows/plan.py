@@ -12,7 +12,8 @@ from core.log import logger
 from core.records import Action, Record
 from flows.configure import configure
 from flows.provision import provision
-from tasks.cloud import VMTarget, locate_vm, open_connection
+from tasks.cloud import open_connection
+from tasks.cloud.locate import VMTarget, locate_vm
 from tasks.vm import StepRecord
 
 #: The cloud resources that must already be as configured before the VM itself can be read.

@@ -24,18 +24,14 @@ from core.records import (
     VolumeRecord,
 )
 from tasks.access import load_key
-from tasks.cloud import (
-    boot_time_left,
-    console_fingerprints,
-    ensure_attachment,
-    ensure_floating_ip,
-    ensure_keypair,
-    ensure_security_group,
-    ensure_server,
-    ensure_volume,
-    open_connection,
-    preflight,
-)
+from tasks.cloud import open_connection
+from tasks.cloud.console import console_fingerprints
+from tasks.cloud.floating_ip import ensure_floating_ip
+from tasks.cloud.keypair import ensure_keypair
+from tasks.cloud.preflight import preflight
+from tasks.cloud.secgroup import ensure_security_group
+from tasks.cloud.server import boot_time_left, ensure_server
+from tasks.cloud.volume import ensure_attachment, ensure_volume
 from tasks.local_ssh import ensure_local_ssh
 
 

@@ -12,7 +12,8 @@ from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.records import Action
 from tasks.access import vm_for
-from tasks.cloud import VMTarget, locate_vm, open_connection
+from tasks.cloud import open_connection
+from tasks.cloud.locate import VMTarget, locate_vm
 from tasks.prefect_server import server_secrets
 from tasks.register import (
     copy_blocks,

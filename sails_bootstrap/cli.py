@@ -547,7 +547,7 @@ def down_cmd(
 def _typed_volume_id(cfg: BootstrapConfig, given: str | None, yes: bool) -> str:
     """The data volume is deleted only by its id, typed (or given with --volume-id): a slip of
     the flag alone deletes nothing."""
-    from tasks.cloud import our_volume_ids
+    from tasks.cloud.volume import our_volume_ids
 
     ensure_api()
     try:

@@ -12,7 +12,8 @@ from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
 from tasks.blocks import load_block
-from tasks.cloud import VMTarget, locate_vm, open_connection
+from tasks.cloud import open_connection
+from tasks.cloud.locate import VMTarget, locate_vm
 from tasks.local_ssh import known_hosts_file
 from tasks.vm import VM, LocalHost
 

@@ -97,17 +97,18 @@ def ingress_probe(conn: Connection, config: BootstrapConfig) -> tuple[str, str]:
     """The environment's own security group holds exactly the configured ingress rules (the
     cloud enforces it: a missing port-22 rule locks the operator out, an extra one opens more
     than the config says), each difference named."""
-    from tasks.cloud import _describe, _our_groups, _rule_key
+    from tasks.cloud import our_groups
+    from tasks.cloud.secgroup import describe_key, rule_key
 
     name = config.security_group_name
-    groups = _our_groups(conn, config, str(conn.current_project_id))
+    groups = our_groups(conn, config, str(conn.current_project_id))
     if not groups:
         return FAIL, f"security group {name} not found in the project"
     group = conn.network.get_security_group(groups[0].id)
-    have = {_rule_key(r) for r in group.security_group_rules if r["direction"] == "ingress"}
+    have = {rule_key(r) for r in group.security_group_rules if r["direction"] == "ingress"}
     wanted = {r.key() for r in config.server.ingress}
     missing = [describe_rule(r) for r in config.server.ingress if r.key() not in have]
-    extra = [f"ingress {_describe(k)}" for k in have - wanted]
+    extra = [f"ingress {describe_key(k)}" for k in have - wanted]
     problems = []
     if missing:
         problems.append(f"security group {name} lacks " + "; ".join(missing))
@@ -123,12 +124,13 @@ def ingress_probe(conn: Connection, config: BootstrapConfig) -> tuple[str, str]:
 def cloud_probes(conn: Connection, config: BootstrapConfig, on_vm: bool = False) -> list[Probe]:
     """The cloud's side of the VM. ``on_vm``: run by the VM's own health check, where the
     keypair is compared with the cloud's public key (the private key is not there)."""
-    from tasks.cloud import _our_servers, _our_volumes, _server_port
+    from tasks.cloud import our_servers, our_volumes
+    from tasks.cloud.floating_ip import server_port
 
     state: dict[str, Any] = {}
 
     def server() -> tuple[str, str]:
-        servers = _our_servers(conn, config)
+        servers = our_servers(conn, config)
         if not servers:
             return FAIL, f"no server {config.server_name}"
         s = servers[0]
@@ -136,10 +138,10 @@ def cloud_probes(conn: Connection, config: BootstrapConfig, on_vm: bool = False)
         return (OK if s.status == "ACTIVE" else FAIL), f"{s.name} {s.status}"
 
     def floating_ip() -> tuple[str, str]:
-        servers = _our_servers(conn, config)
+        servers = our_servers(conn, config)
         if not servers:
             return FAIL, "no server"
-        port = _server_port(conn, servers[0].id)
+        port = server_port(conn, servers[0].id)
         fips = list(conn.network.ips(port_id=port.id)) if port else []
         if not fips:
             return FAIL, "no floating IP attached"
@@ -147,11 +149,11 @@ def cloud_probes(conn: Connection, config: BootstrapConfig, on_vm: bool = False)
         return (OK if f.status == "ACTIVE" else FAIL), f"{f.floating_ip_address} {f.status}"
 
     def volume() -> tuple[str, str]:
-        vols = _our_volumes(conn, config)
+        vols = our_volumes(conn, config)
         if not vols:
             return FAIL, f"no volume {config.volume_name}"
         v = vols[0]
-        servers = {s.id for s in _our_servers(conn, config)}
+        servers = {s.id for s in our_servers(conn, config)}
         on = [a.get("server_id") for a in v.attachments or []]
         if v.status == "in-use" and servers & set(on):
             return OK, f"{v.name} in-use on the server"
@@ -162,15 +164,12 @@ def cloud_probes(conn: Connection, config: BootstrapConfig, on_vm: bool = False)
 
     def drift() -> tuple[str, str]:
         from tasks.access import load_key
-        from tasks.cloud import (
-            ensure_attachment,
-            ensure_floating_ip,
-            ensure_keypair,
-            ensure_security_group,
-            ensure_server,
-            ensure_volume,
-            preflight,
-        )
+        from tasks.cloud.floating_ip import ensure_floating_ip
+        from tasks.cloud.keypair import ensure_keypair
+        from tasks.cloud.preflight import preflight
+        from tasks.cloud.secgroup import ensure_security_group
+        from tasks.cloud.server import ensure_server
+        from tasks.cloud.volume import ensure_attachment, ensure_volume
 
         key = load_key(config, apply=False, on_vm=on_vm)
         facts = preflight.fn(conn, config, key)

@@ -41,9 +41,7 @@ def code_root() -> Path:
 def prefect_yaml() -> Path:
     """This package's prefect.yaml: inside the ``deployments`` package when installed from a
     wheel (the build puts it there), at the top of a checkout otherwise."""
-    import deployments
-
-    packaged = Path(deployments.__file__).resolve().parent / "prefect.yaml"
+    packaged = code_root() / "deployments" / "prefect.yaml"
     for candidate in (packaged, code_root() / "prefect.yaml"):
         if candidate.exists():
             return candidate

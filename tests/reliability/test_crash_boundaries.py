@@ -25,7 +25,8 @@ from core.config import dump_config
 from flows.bootstrap import bootstrap
 from flows.teardown import teardown
 from tasks.access import vm_for
-from tasks.cloud import locate_vm, open_connection
+from tasks.cloud import open_connection
+from tasks.cloud.locate import locate_vm
 from tests.fixtures.bootstrap import kill_cli, start_cli
 from tests.fixtures.cloud import ours
 

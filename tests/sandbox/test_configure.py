@@ -250,7 +250,8 @@ def test_data_survives_teardown_and_reprovision(vm_config) -> None:  # type: ign
 
     # The filesystem made there is recorded on the volume: should the volume ever read as empty
     # (a wrong device, a wiped signature), it is not formatted again.
-    from tasks.cloud import FS_UUID_KEY, locate_vm, open_connection
+    from tasks.cloud import FS_UUID_KEY, open_connection
+    from tasks.cloud.locate import locate_vm
 
     conn = open_connection(cfg)
     target = locate_vm.fn(conn, cfg)

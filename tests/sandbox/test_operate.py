@@ -31,7 +31,8 @@ from sandbox import layout
 from tasks.access import vm_for
 from tasks.arc import probe_arc
 from tasks.canfar import read_vm_expiry, vm_cert_path
-from tasks.cloud import cloud_credentials, locate_vm, open_connection
+from tasks.cloud import cloud_credentials, open_connection
+from tasks.cloud.locate import locate_vm
 from tasks.prefect_server import server_secrets
 from tasks.register import OLD_PTH, remote_api, remote_client, run_on_server
 from tests.fixtures.bootstrap import operator_config, operator_tunnel, remove_environment

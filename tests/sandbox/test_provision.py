@@ -485,7 +485,7 @@ def test_preflight_of_a_run_that_changes_nothing_reads_no_quota(
     apart from anyone else's on the shared proxy by the connection's own User-Agent."""
     import openstack
 
-    from tasks.cloud import preflight
+    from tasks.cloud.preflight import preflight
 
     cfg = env_config("t-noopquota")
     made = provision(cfg, local_ssh=False)  # the server, address and volume, no SSH wait

@@ -298,7 +298,9 @@ def test_host_keys_fail_closed_and_known_hosts_outlive_the_console(secured_vm: S
     from flows.provision import provision
     from sails_bootstrap.cli import with_trusted
     from tasks.access import vm_for
-    from tasks.cloud import console_fingerprints, locate_vm, open_connection
+    from tasks.cloud import open_connection
+    from tasks.cloud.console import console_fingerprints
+    from tasks.cloud.locate import locate_vm
     from tasks.local_ssh import scan_host_keys
 
     cfg, vm = secured_vm.config, secured_vm

@@ -15,7 +15,7 @@ from blocks.ssh import fingerprint
 from core.config import BootstrapConfig
 from core.errors import MissingToolError, RemoteCommandError, is_transient, missing_tool
 from tasks.arc import START_LIMIT_BURST, unit_text
-from tasks.cloud import parse_fingerprints
+from tasks.cloud.console import parse_fingerprints
 from tasks.packages import (
     AptOutcome,
     classify_apt,

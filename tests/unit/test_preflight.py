@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from tasks.cloud import similar_image_names
+from tasks.cloud.preflight import similar_image_names
 
 
 def image(name: str, distro: str | None = None) -> SimpleNamespace:

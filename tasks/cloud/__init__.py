@@ -1,0 +1,115 @@
+"""Cloud steps on openstacksdk: read what exists, compare with the config, change only what differs.
+
+One module per cloud resource (``keypair``, ``secgroup``, ``server``, ``floating_ip``, ``volume``),
+the read-only checks before anything is touched (``preflight``), the host keys a server prints
+(``console``) and where the VM is (``locate``). Every ``ensure_*`` step takes ``apply``: with
+``apply=False`` it computes the same decision and returns the same record without writing (plan
+mode is this code path, not a second one). What this tool created is found again by name plus a
+marker (server and volume metadata, the floating IP's description, the group's description), so
+no state file is kept and a run killed anywhere converges. This module holds what they share:
+the connection, the markers, the task options and the finders of what is ours.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from core.config import BootstrapConfig
+from core.errors import BootstrapError, retry_transient
+from tasks.blocks import load_block
+
+if TYPE_CHECKING:
+    from openstack.connection import Connection
+
+    from blocks.openstack import OpenStackCredentials
+
+
+MARKER = "sails-bootstrap"  # metadata key on servers and volumes we create
+
+
+#: Volume metadata: the UUID of the filesystem configure made (or found) there. A volume with one
+#: is never formatted again, whatever the guest reads on it.
+FS_UUID_KEY = "sails-bootstrap-fs-uuid"
+
+
+# Side-effect steps never cache (a cached "create" would silently skip work); transient errors
+# retry with exponential backoff and jitter, permanent ones fail at once.
+CLOUD_TASK: dict[str, Any] = {
+    "cache_policy": NO_CACHE,
+    "retries": 4,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=1),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_transient,
+}
+
+
+def cloud_credentials(config: BootstrapConfig) -> OpenStackCredentials:
+    """The named OpenStackCredentials block, or the clouds.yaml entry, as a block."""
+    from blocks.openstack import CredentialsError, OpenStackCredentials
+
+    if config.cloud.credentials_block:
+        creds = load_block(
+            OpenStackCredentials,
+            config.cloud.credentials_block,
+            "create it (UI, or OpenStackCredentials.from_clouds_yaml(...).save(...)), or fix "
+            "cloud.credentials_block",
+        )
+    else:
+        try:
+            creds = OpenStackCredentials.from_clouds_yaml(config.cloud.cloud)
+        except CredentialsError as exc:
+            raise BootstrapError(str(exc)) from None
+        except Exception as exc:
+            raise BootstrapError(
+                f"no cloud credentials: {str(exc).rstrip('.')}. Name an OpenStackCredentials "
+                "block in cloud.credentials_block, or a clouds.yaml entry in cloud.cloud "
+                "(or set OS_CLOUD)"
+            ) from None
+    creds.api_timeout = config.cloud.api_timeout
+    return creds
+
+
+def open_connection(config: BootstrapConfig) -> Connection:
+    """A connection through the named OpenStackCredentials block, or the clouds.yaml entry."""
+    from blocks.openstack import CredentialsError
+
+    creds = cloud_credentials(config)
+    try:
+        return creds.get_connection(config.environment)
+    except CredentialsError as exc:
+        raise BootstrapError(str(exc)) from None
+
+
+def ours(resource_meta: dict[str, Any] | None, config: BootstrapConfig) -> bool:
+    return (resource_meta or {}).get(MARKER) == config.environment
+
+
+def named_volumes(conn: Connection, config: BootstrapConfig) -> list[Any]:
+    # Filtered here: clouds differ in which query filters Cinder allows.
+    return [v for v in conn.block_storage.volumes() if v.name == config.volume_name]
+
+
+def find_ours(items: Any, config: BootstrapConfig, meta: str = "metadata") -> list[Any]:
+    return [i for i in items if ours(getattr(i, meta, None), config)]
+
+
+def our_groups(conn: Connection, config: BootstrapConfig, project_id: str) -> list[Any]:
+    """The environment's own security groups (its name, our tag), oldest first."""
+    groups = conn.network.security_groups(name=config.security_group_name, project_id=project_id)
+    return sorted(
+        (g for g in groups if g.description == config.tag), key=lambda g: g.created_at or ""
+    )
+
+
+def our_servers(conn: Connection, config: BootstrapConfig) -> list[Any]:
+    servers = conn.compute.servers(name=f"^{re.escape(config.server_name)}$")
+    return sorted(find_ours(servers, config), key=lambda s: s.created_at or "")
+
+
+def our_volumes(conn: Connection, config: BootstrapConfig) -> list[Any]:
+    vols = find_ours(named_volumes(conn, config), config)
+    return sorted(vols, key=lambda v: (not v.attachments, v.created_at or ""))

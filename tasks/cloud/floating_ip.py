@@ -1,0 +1,155 @@
+"""The floating IP: ours by its description, allocated once and bound to the server's port."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prefect import task
+
+from core.config import BootstrapConfig
+from core.log import Progress, logger
+from core.records import (
+    Action,
+    FloatingIPRecord,
+    ServerRecord,
+)
+from tasks.cloud import CLOUD_TASK
+from tasks.cloud.preflight import CloudFacts
+
+if TYPE_CHECKING:
+    from openstack.connection import Connection
+
+
+def server_port(conn: Connection, server_id: str) -> Any | None:
+    ports = list(conn.network.ports(device_id=server_id))
+    return ports[0] if ports else None
+
+
+def wait_for_ip(conn: Connection, fip: Any, timeout: float = 120) -> Any:
+    progress = Progress(f"floating IP {fip.floating_ip_address}")
+    deadline = time.monotonic() + timeout
+    while fip.status != "ACTIVE":
+        if time.monotonic() > deadline:
+            from openstack import exceptions as os_exc
+
+            raise os_exc.ResourceTimeout(
+                f"floating IP {fip.floating_ip_address} still {fip.status} after {timeout:.0f} s"
+            )
+        progress.tick(fip.status)
+        time.sleep(1)
+        fip = conn.network.get_ip(fip.id)
+    return fip
+
+
+@dataclass(frozen=True)
+class FloatingIPDecision:
+    """KEEP the address on the server's port, else CHANGE: attach a free one of ours, else
+    CREATE: allocate one; ``release`` are free addresses of ours beyond the one used (a retried
+    allocation's leftovers)."""
+
+    action: Action
+    use: Any | None
+    release: list[Any]
+
+
+def decide_floating_ip(on_port: Any | None, ours: list[Any]) -> FloatingIPDecision:
+    """``on_port``: the address bound to the server's port, if any; ``ours``: every address
+    carrying our tag, oldest first (bound ones have a ``port_id``)."""
+    if on_port is not None:
+        spare = [f for f in ours if f.id != on_port.id and not f.port_id]
+        return FloatingIPDecision(Action.KEEP, on_port, spare)
+    free = [f for f in ours if not f.port_id]
+    if free:
+        return FloatingIPDecision(Action.CHANGE, free[0], free[1:])
+    return FloatingIPDecision(Action.CREATE, None, [])
+
+
+@task(name="ensure-floating-ip", **CLOUD_TASK)
+def ensure_floating_ip(
+    conn: Connection,
+    config: BootstrapConfig,
+    server: ServerRecord,
+    facts: CloudFacts | None,
+    apply: bool = True,
+) -> FloatingIPRecord:
+    """The server's floating IP: the one on its port, else one of ours that is free, else new."""
+    log = logger()
+    ours = sorted(conn.network.ips(description=config.tag), key=lambda f: f.created_at or "")
+    port = server_port(conn, server.id) if server.id else None
+    on_port = next(iter(conn.network.ips(port_id=port.id)), None) if port is not None else None
+    decision = decide_floating_ip(on_port, ours)
+
+    def release_spares() -> None:
+        for extra in decision.release:
+            log.warning("releasing unused floating IP %s of ours", extra.floating_ip_address)
+            conn.network.delete_ip(extra.id, ignore_missing=True)
+
+    if on_port is not None:  # KEEP
+        fip = on_port
+        if apply:
+            if fip.status != "ACTIVE":
+                fip = wait_for_ip(conn, fip)
+            release_spares()
+        return FloatingIPRecord(
+            name=config.server_name, id=fip.id, address=fip.floating_ip_address, reason="attached"
+        )
+    use = decision.use
+    if not apply or port is None or facts is None:
+        return FloatingIPRecord(
+            name=config.server_name,
+            id=use.id if use else None,
+            address=use.floating_ip_address if use else None,
+            action=decision.action,
+            reason=(
+                f"attach free address {use.floating_ip_address} of ours"
+                if use
+                else "allocate and attach"
+            ),
+            applied=False,
+        )
+    release_spares()
+    if use is not None:
+        fip = conn.network.update_ip(use.id, port_id=port.id)
+        reason = "reused a free address of ours"
+    else:
+        # Allocate unattached first, marked as ours, then attach: a run killed in between
+        # leaves an address that the next run finds and reuses instead of leaking it.
+        fip = conn.network.create_ip(
+            floating_network_id=facts.floating_network_id, description=config.tag
+        )
+        log.info("allocated floating IP %s", fip.floating_ip_address)
+        fip = conn.network.update_ip(fip.id, port_id=port.id)
+        reason = "allocated and attached"
+    fip = wait_for_ip(conn, fip)
+    log.info("floating IP %s attached to %s", fip.floating_ip_address, server.name)
+    return FloatingIPRecord(
+        name=config.server_name,
+        id=fip.id,
+        address=fip.floating_ip_address,
+        action=decision.action,
+        reason=reason,
+    )
+
+
+@task(name="release-floating-ips", **CLOUD_TASK)
+def release_floating_ips(
+    conn: Connection, config: BootstrapConfig, apply: bool = True
+) -> list[FloatingIPRecord]:
+    out = []
+    for fip in conn.network.ips(description=config.tag):
+        out.append(
+            FloatingIPRecord(
+                name=config.server_name,
+                id=fip.id,
+                address=fip.floating_ip_address,
+                action=Action.DELETE,
+                reason="teardown",
+                applied=apply,
+            )
+        )
+        if apply:
+            conn.network.delete_ip(fip.id, ignore_missing=True)
+            logger().info("released floating IP %s", fip.floating_ip_address)
+    return out

@@ -1,0 +1,286 @@
+"""The data volume and its attachment; the filesystem's UUID recorded on the volume."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from prefect import task
+
+from blocks.openstack import find_or_none
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
+from core.log import Progress, logger
+from core.records import (
+    Action,
+    AttachmentRecord,
+    ServerRecord,
+    VolumeRecord,
+    by_id_path,
+)
+from tasks.cloud import CLOUD_TASK, FS_UUID_KEY, MARKER, open_connection, our_volumes
+
+if TYPE_CHECKING:
+    from openstack.connection import Connection
+
+
+def duplicate_volumes_problem(volumes: list[Any]) -> str:
+    """Two volumes of ours: one of them may hold the data, so neither is ever deleted for the
+    operator; the problem names both and the fix."""
+    listed = "; ".join(
+        f"{v.id} ({v.status}, {v.size} GB, created {v.created_at or '?'}"
+        + (
+            f", attached to {', '.join(a.get('server_id', '?') for a in v.attachments)}"
+            if v.attachments
+            else ""
+        )
+        + ")"
+        for v in volumes
+    )
+    return (
+        f"{len(volumes)} volumes of this environment are named {volumes[0].name!r}: {listed}. "
+        "Volumes are never deleted for you: look inside the one you do not expect (attach it, "
+        "`sudo blkid`, mount it read-only), then delete it (`openstack volume delete ID`) or "
+        "rename it, and run again"
+    )
+
+
+def wait_for_volume(
+    conn: Connection, volume: Any, status: str | tuple[str, ...], timeout: float
+) -> Any:
+    """The volume once its status is ``status`` (or one of them)."""
+    wanted = (status,) if isinstance(status, str) else status
+    progress = Progress(f"volume {volume.name} to be {' or '.join(wanted)}")
+    deadline = time.monotonic() + timeout
+    while True:
+        volume = conn.block_storage.get_volume(volume.id)
+        if volume.status in wanted:
+            return volume
+        if volume.status in ("error", "error_attaching", "error_detaching"):
+            raise BootstrapError(
+                f"volume {volume.name} ({volume.id}) is in status {volume.status}; check the "
+                "block storage service and its quota"
+            )
+        if time.monotonic() > deadline:
+            from openstack import exceptions as os_exc
+
+            raise os_exc.ResourceTimeout(
+                f"volume {volume.name} still {volume.status} after {timeout:.0f} s"
+            )
+        progress.tick(volume.status)
+        time.sleep(1)
+
+
+def decide_volume(volumes: list[Any], size_gb: int) -> tuple[Action, str]:
+    """``volumes``: ours (a volume being deleted is on its way out: not counted). One: KEEP
+    (never resized; a smaller one is said). None: CREATE. Two: BLOCKED, as one of them may hold
+    the data: the operator looks inside first."""
+    live = [v for v in volumes if v.status != "deleting"]
+    if len(live) > 1:
+        return Action.BLOCKED, duplicate_volumes_problem(live)
+    if not live:
+        return Action.CREATE, "missing"
+    volume = live[0]
+    reason = f"{volume.status}, {volume.size} GB"
+    if volume.size < size_gb:
+        reason += f" (smaller than the {size_gb} GB asked; not resized)"
+    return Action.KEEP, reason
+
+
+@task(name="ensure-volume", **CLOUD_TASK)
+def ensure_volume(conn: Connection, config: BootstrapConfig, apply: bool = True) -> VolumeRecord:
+    """The persistent volume. A second one of ours is never deleted: it may hold the data, so
+    the run cannot proceed until the operator has looked inside (preflight says so first)."""
+    log = logger()
+    vols = [v for v in our_volumes(conn, config) if v.status != "deleting"]
+    action, reason = decide_volume(vols, config.volume.size_gb)
+    if action == Action.BLOCKED:
+        return VolumeRecord(
+            name=vols[0].name,
+            id=vols[0].id,
+            size_gb=vols[0].size,
+            status=vols[0].status,
+            action=Action.BLOCKED,
+            reason=reason,
+            applied=apply,
+        )
+    if action == Action.KEEP:
+        volume = vols[0]
+        if apply and volume.status not in ("available", "in-use"):
+            volume = wait_for_volume(conn, volume, "available", config.volume.timeout)
+            _, reason = decide_volume([volume], config.volume.size_gb)
+        return VolumeRecord(
+            name=volume.name,
+            id=volume.id,
+            size_gb=volume.size,
+            status=volume.status,
+            fs_uuid=(volume.metadata or {}).get(FS_UUID_KEY),
+            reason=reason,
+            applied=apply,
+        )
+    if not apply:
+        return VolumeRecord(
+            name=config.volume_name,
+            size_gb=config.volume.size_gb,
+            action=Action.CREATE,
+            reason="missing",
+            applied=False,
+        )
+    volume = conn.block_storage.create_volume(
+        name=config.volume_name,
+        size=config.volume.size_gb,
+        description=f"Prefect data of {config.environment} (created by {MARKER})",
+        metadata={MARKER: config.environment},
+    )
+    log.info("creating volume %s (%s, %s GB)", volume.name, volume.id, volume.size)
+    volume = wait_for_volume(conn, volume, "available", config.volume.timeout)
+    return VolumeRecord(
+        name=volume.name,
+        id=volume.id,
+        size_gb=volume.size,
+        status=volume.status,
+        action=Action.CREATE,
+        reason="missing",
+    )
+
+
+@task(name="ensure-attachment", **CLOUD_TASK)
+def ensure_attachment(
+    conn: Connection,
+    config: BootstrapConfig,
+    server: ServerRecord,
+    volume: VolumeRecord,
+    apply: bool = True,
+) -> AttachmentRecord:
+    base: dict[str, Any] = {
+        "name": config.volume_name,
+        "server_id": server.id,
+        "volume_id": volume.id,
+        "device_hint": config.volume.device_hint,
+        "device_path": by_id_path(volume.id) if volume.id else None,
+    }
+    if volume.action == Action.BLOCKED:  # which volume is meant is the operator's call
+        return AttachmentRecord(
+            **base, action=Action.BLOCKED, reason="the volume cannot be chosen", applied=False
+        )
+    if not (server.id and volume.id):
+        return AttachmentRecord(
+            **base, action=Action.CREATE, reason="after creation", applied=False
+        )
+    current = conn.block_storage.get_volume(volume.id)
+    for att in current.attachments or []:
+        if att.get("server_id") == server.id:
+            return AttachmentRecord(**base, id=att.get("attachment_id"), reason="attached")
+    # Cinder lists an attachment once it is complete; Nova's list has it from the request on.
+    # A request still in flight (a killed run's, whose server side went on) is waited for.
+    pending = _nova_attachment(conn, server.id, volume.id)
+    if pending is not None:
+        if not apply:
+            return AttachmentRecord(**base, id=pending.id, reason=f"attaching ({current.status})")
+        wait_for_volume(conn, current, "in-use", config.volume.timeout)
+        return AttachmentRecord(**base, id=pending.id, reason="attached (an earlier request)")
+    others = [a.get("server_id") for a in current.attachments or []]
+    live_others = [s for s in others if find_or_none(conn.compute.find_server, s)]
+    if live_others:
+        return AttachmentRecord(
+            **base,
+            action=Action.BLOCKED,
+            applied=False,
+            reason=f"attached to another server ({', '.join(live_others)}); detach it there first",
+        )
+    if not apply:
+        return AttachmentRecord(**base, action=Action.CREATE, reason="not attached", applied=False)
+    if current.status != "available":
+        current = wait_for_volume(conn, current, "available", config.volume.timeout)
+    att_id = _attach(conn, config, str(server.id), str(server.name), current)
+    wait_for_volume(conn, current, "in-use", config.volume.timeout)
+    return AttachmentRecord(**base, id=att_id, action=Action.CREATE, reason="attached now")
+
+
+def _attach(
+    conn: Connection, config: BootstrapConfig, server_id: str, server_name: str, volume: Any
+) -> str:
+    """Ask Nova to attach; the attachment's id. Where another request (a killed run's) got
+    there between our read and ours, that one is taken: Nova lists it from its request on,
+    but Cinder may hold the volume reserved a moment before Nova shows the request, or after
+    Nova gave it up. So the volume is let settle, and then either Nova lists the other
+    request, or the volume is free and ours is made again."""
+    from openstack import exceptions as os_exc
+
+    def request() -> str:
+        att = conn.compute.create_volume_attachment(
+            server_id, volume=volume.id, device=config.volume.device_hint
+        )
+        logger().info("attaching volume %s to %s", volume.name, server_name)
+        return str(att.id)
+
+    try:
+        return request()
+    except os_exc.BadRequestException:
+        earlier = _nova_attachment(conn, server_id, volume.id)
+        if earlier is None:
+            settled = wait_for_volume(conn, volume, ("available", "in-use"), config.volume.timeout)
+            earlier = _nova_attachment(conn, server_id, volume.id)
+            if earlier is None and settled.status == "available":
+                return request()  # the other request gave up
+            if earlier is None:
+                raise
+        logger().info("volume %s: an earlier attach request is completing", volume.name)
+        return str(earlier.id)
+
+
+def _nova_attachment(conn: Connection, server_id: str, volume_id: str) -> Any | None:
+    """The server's attachment of this volume as Nova lists it (requested or complete)."""
+    for att in conn.compute.volume_attachments(server_id):
+        if att.volume_id == volume_id:
+            return att
+    return None
+
+
+@task(name="delete-volume", **CLOUD_TASK)
+def delete_volume(
+    conn: Connection, config: BootstrapConfig, apply: bool = True, only: str | None = None
+) -> list[VolumeRecord]:
+    """The environment's volume (``only``: just the one with that id)."""
+    out = []
+    vols = [v for v in our_volumes(conn, config) if only is None or v.id == only]
+    for vol in vols:
+        deleting = vol.status == "deleting"
+        out.append(
+            VolumeRecord(
+                name=vol.name,
+                id=vol.id,
+                size_gb=vol.size,
+                status=vol.status,
+                action=Action.DELETE,
+                reason="already being deleted" if deleting else "teardown --delete-volume",
+                applied=apply,
+            )
+        )
+        if apply and not deleting:
+            if vol.status != "available":
+                wait_for_volume(conn, vol, "available", config.volume.timeout)
+            conn.block_storage.delete_volume(vol.id, ignore_missing=True)
+    if apply:
+        # Cinder deletes in the background: done means gone, so a re-run or a new volume of the
+        # same name never meets a half-deleted one.
+        for vol in vols:
+            conn.block_storage.wait_for_delete(vol, interval=1, wait=int(config.volume.timeout))
+            logger().info("deleted volume %s", vol.id)
+    return out
+
+
+def our_volume_ids(config: BootstrapConfig) -> list[str]:
+    """The ids of the environment's volumes, for an operator to confirm one by typing it."""
+    conn = open_connection(config)
+    try:
+        return [v.id for v in our_volumes(conn, config) if v.status != "deleting"]
+    finally:
+        conn.close()
+
+
+@task(name="record-filesystem", **CLOUD_TASK)
+def record_fs_uuid(conn: Connection, volume_id: str, uuid: str) -> None:
+    """Write the data filesystem's UUID on the volume (one metadata key, nothing else touched)."""
+    conn.block_storage.set_volume_metadata(volume_id, **{FS_UUID_KEY: uuid})
+    logger().info("recorded filesystem %s on volume %s", uuid, volume_id)
