@@ -105,6 +105,13 @@ class ServerDecision:
         return Action.CHANGE if self.start or self.join_group else Action.KEEP
 
 
+def needs_group(server: Any, group_name: str) -> bool:
+    """An ACTIVE server not in the environment's group (one made before the group existed).
+    A server still building lists no groups yet: it is judged once ACTIVE."""
+    joined = {g.get("name") for g in server.security_groups or []}
+    return server.status == "ACTIVE" and group_name not in joined
+
+
 def decide_server(servers: list[Any], group_name: str) -> ServerDecision:
     """``servers``: ours, oldest first, each with ``status`` and ``security_groups``."""
     broken = [s for s in servers if s.status == "ERROR"]
@@ -112,12 +119,11 @@ def decide_server(servers: list[Any], group_name: str) -> ServerDecision:
     if not healthy:
         return ServerDecision(keep=None, delete=broken, replacing=bool(broken))
     keep = healthy[0]
-    joined = {g.get("name") for g in keep.security_groups or []}
     return ServerDecision(
         keep=keep,
         delete=broken + healthy[1:],
         start=keep.status == "SHUTOFF",
-        join_group=group_name not in joined,
+        join_group=needs_group(keep, group_name),
     )
 
 
@@ -152,13 +158,15 @@ def ensure_server(
                 conn.compute.start_server(server.id)
                 server = wait_for_server(conn, server, config.server.build_timeout)
             return _server_record(server, Action.CHANGE, "was SHUTOFF: started", apply)
+        join_group = decision.join_group
         if server.status != "ACTIVE" and apply:
             server = wait_for_server(conn, server, config.server.build_timeout)
+            join_group = needs_group(server, config.security_group_name)
         reason = "ACTIVE" if server.status == "ACTIVE" else f"{server.status}, not yet ACTIVE"
         duplicates = [s for s in decision.delete if s.status != "ERROR"]
         if duplicates:
             reason += f"; {len(duplicates)} duplicate(s) removed"
-        if decision.join_group:
+        if join_group:
             if apply and access is not None and access.id:
                 conn.compute.add_security_group_to_server(server, access.id)
                 log.info("server %s joined security group %s", server.name, access.name)
