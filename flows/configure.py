@@ -17,6 +17,7 @@ from tasks.access import load_canfar, vm_for
 from tasks.arc import arc_user, ensure_arc_mount, ensure_canfar_key
 from tasks.canfar import ensure_ca_bundle, ensure_canfar_auth
 from tasks.cloud import VMTarget, locate_vm, open_connection, record_fs_uuid
+from tasks.first_boot import wait_for_cloud_init, wait_for_ssh
 from tasks.packages import ensure_packages
 from tasks.prefect_server import (
     ensure_prefect_server,
@@ -24,17 +25,10 @@ from tasks.prefect_server import (
     server_secrets,
 )
 from tasks.service_user import ensure_service_user
-from tasks.vm import (
-    VM,
-    LocalHost,
-    StepRecord,
-    ensure_operator_keys,
-    ensure_sshd_keepalive,
-    ensure_volume_mounted,
-    vm_exclusive,
-    wait_for_cloud_init,
-    wait_for_ssh,
-)
+from tasks.sshd import ensure_operator_keys, ensure_sshd_keepalive
+from tasks.vm import VM, LocalHost, StepRecord
+from tasks.vm_lock import vm_exclusive
+from tasks.volume_fs import ensure_volume_mounted
 
 
 class ConfigureResult(BaseModel):

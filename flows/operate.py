@@ -25,7 +25,8 @@ from tasks.canfar import ensure_canfar_auth
 from tasks.cloud import locate_vm, open_connection
 from tasks.health import FAIL, OK, ProbeResult, cloud_probes, host_probes, run_probes
 from tasks.service_user import as_service_user, systemctl
-from tasks.vm import LocalHost, StepRecord, vm_exclusive
+from tasks.vm import LocalHost, StepRecord
+from tasks.vm_lock import vm_exclusive
 
 STALE_EVENT = "sails.arc.stale"
 EXPIRING_EVENT = "sails.canfar.certificate-expiring"
