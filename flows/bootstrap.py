@@ -13,7 +13,8 @@ from flows.configure import configure
 from flows.provision import provision
 from flows.register import register, smoke_test
 from tasks.cloud.locate import VMTarget
-from tasks.vm import LocalHost, vm_exclusive
+from tasks.vm import LocalHost
+from tasks.vm_lock import vm_exclusive
 
 
 @flow(name="bootstrap")

@@ -19,6 +19,7 @@ from tasks.canfar import ensure_ca_bundle, ensure_canfar_auth
 from tasks.cloud import open_connection
 from tasks.cloud.locate import VMTarget, locate_vm
 from tasks.cloud.volume import record_fs_uuid
+from tasks.first_boot import wait_for_cloud_init, wait_for_ssh
 from tasks.packages import ensure_packages
 from tasks.prefect_server import (
     ensure_prefect_server,
@@ -26,17 +27,10 @@ from tasks.prefect_server import (
     server_secrets,
 )
 from tasks.service_user import ensure_service_user
-from tasks.vm import (
-    VM,
-    LocalHost,
-    StepRecord,
-    ensure_operator_keys,
-    ensure_sshd_keepalive,
-    ensure_volume_mounted,
-    vm_exclusive,
-    wait_for_cloud_init,
-    wait_for_ssh,
-)
+from tasks.sshd import ensure_operator_keys, ensure_sshd_keepalive
+from tasks.vm import VM, LocalHost, StepRecord
+from tasks.vm_lock import vm_exclusive
+from tasks.volume_fs import ensure_volume_mounted
 
 
 class ConfigureResult(BaseModel):

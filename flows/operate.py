@@ -26,7 +26,8 @@ from tasks.cloud import open_connection
 from tasks.cloud.locate import locate_vm
 from tasks.health import FAIL, OK, ProbeResult, cloud_probes, host_probes, run_probes
 from tasks.service_user import as_service_user, systemctl
-from tasks.vm import LocalHost, StepRecord, vm_exclusive
+from tasks.vm import LocalHost, StepRecord
+from tasks.vm_lock import vm_exclusive
 
 STALE_EVENT = "sails.arc.stale"
 EXPIRING_EVENT = "sails.canfar.certificate-expiring"

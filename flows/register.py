@@ -28,7 +28,8 @@ from tasks.register import (
 )
 from tasks.smoke import canfar_smoke_test
 from tasks.ui import UIRecord, capture_ui
-from tasks.vm import StepRecord, vm_exclusive
+from tasks.vm import StepRecord
+from tasks.vm_lock import vm_exclusive
 
 
 class RegisterResult(BaseModel):

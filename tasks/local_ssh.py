@@ -25,7 +25,7 @@ from core.config import BootstrapConfig
 from core.errors import BootstrapError, HostKeyError, retry_transient
 from core.log import Progress, logger
 from core.records import Action, LocalSSHRecord
-from tasks.vm import wait_for_port
+from tasks.first_boot import wait_for_port
 
 if TYPE_CHECKING:
     from blocks.ssh import SSHKeyPair

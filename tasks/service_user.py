@@ -16,7 +16,8 @@ from prefect import task
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.records import Action
-from tasks.vm import MANAGED, VM, VM_LOCK_DIR, VM_TASK, Result, StepRecord, planned
+from tasks.vm import MANAGED, VM, VM_TASK, Result, StepRecord, planned
+from tasks.vm_lock import VM_LOCK_DIR
 
 #: The helper the service user may run as root, and the sudoers rule that allows only it.
 UNITS_HELPER = "/usr/local/sbin/sails-units"

@@ -525,7 +525,7 @@ def lock_from_elsewhere(cfg: Any, holder: str) -> Any:
     through the managed alias; returns once the lock is held."""
     import subprocess
 
-    from tasks.vm import lock_script
+    from tasks.vm_lock import lock_script
 
     other = subprocess.Popen(
         [

@@ -16,6 +16,7 @@ from core.config import BootstrapConfig
 from core.errors import MissingToolError, RemoteCommandError, is_transient, missing_tool
 from tasks.arc import START_LIMIT_BURST, unit_text
 from tasks.cloud.console import parse_fingerprints
+from tasks.first_boot import cloud_init_state
 from tasks.packages import (
     AptOutcome,
     classify_apt,
@@ -26,7 +27,7 @@ from tasks.packages import (
     parse_dpkg_status,
 )
 from tasks.prefect_server import venv_probe
-from tasks.vm import LocalHost, cloud_init_state
+from tasks.vm import LocalHost
 
 
 def host_keys(tmp_path: Path) -> list[tuple[str, str]]:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from core.errors import BootstrapError
-from tasks.vm import LocalHost, format_guarded
+from tasks.vm import LocalHost
+from tasks.volume_fs import format_guarded
 
 MIB = 1024 * 1024
 

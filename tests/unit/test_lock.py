@@ -81,7 +81,8 @@ def test_the_vm_lock_spans_holders_and_a_dead_one_frees_it(
     deployments both hold): a second holder waits, then refuses naming the first; a holder
     whose process dies frees it at once."""
     from core.errors import LockHeldOnVM
-    from tasks.vm import LocalHost, lock_script
+    from tasks.vm import LocalHost
+    from tasks.vm_lock import lock_script
 
     vm = LocalHost()
     vm.lock_dir = str(tmp_path)
