@@ -28,9 +28,9 @@ from tasks.backup import (
 )
 from tasks.drain import drained
 from tasks.prefect_server import SERVER_UNIT, server_secrets
-from tasks.register import remote_client
 from tasks.vm import VM_TASK
 from tasks.vm_lock import vm_exclusive
+from tasks.vm_server import remote_client
 
 
 @task(name="copy-database", **VM_TASK)

@@ -14,22 +14,15 @@ from core.records import Action
 from tasks.access import vm_for
 from tasks.cloud import open_connection
 from tasks.cloud.locate import VMTarget, locate_vm
+from tasks.code_on_vm import install_code
+from tasks.deploy import deploy, deploy_science
 from tasks.prefect_server import server_secrets
-from tasks.register import (
-    copy_blocks,
-    deploy,
-    deploy_science,
-    ensure_local_profile,
-    ensure_work_pools,
-    ensure_workers,
-    install_code,
-    latest_artifact_id,
-    run_on_server,
-)
+from tasks.register import copy_blocks, ensure_local_profile, ensure_work_pools, ensure_workers
 from tasks.smoke import canfar_smoke_test
 from tasks.ui import UIRecord, capture_ui
 from tasks.vm import StepRecord
 from tasks.vm_lock import vm_exclusive
+from tasks.vm_server import latest_artifact_id, run_on_server
 
 
 class RegisterResult(BaseModel):

@@ -347,7 +347,7 @@ def ensure_prefect_server(
     # itself, directly).
     url = f"http://127.0.0.1:{config.prefect.port}/api on the VM"
     if apply:
-        from tasks.register import remote_client
+        from tasks.vm_server import remote_client
 
         with contextlib.ExitStack() as stack:
             base = stack.enter_context(vm.api(config.prefect.port))

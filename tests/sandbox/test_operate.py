@@ -33,8 +33,10 @@ from tasks.arc import probe_arc
 from tasks.canfar import read_vm_expiry, vm_cert_path
 from tasks.cloud import cloud_credentials, open_connection
 from tasks.cloud.locate import locate_vm
+from tasks.code_on_vm import OLD_PTH
+from tasks.deploy import deploy_version
 from tasks.prefect_server import server_secrets
-from tasks.register import OLD_PTH, remote_api, remote_client, run_on_server
+from tasks.vm_server import remote_api, remote_client, run_on_server
 from tests.fixtures.bootstrap import operator_config, operator_tunnel, remove_environment
 from tests.fixtures.capture import Capture, capturing, encodings
 
@@ -211,6 +213,25 @@ def test_bootstrap_register_and_self_repair(
     assert again == names and automations_again == automations
     assert [s.schedule.cron for s in health_again.schedules] == ["0 3 * * *"]
     del DeploymentFilter
+
+    # A register that has nothing to change writes nothing on the VM's server: no block is
+    # saved again (their `updated` stays), no deploy runs (a deploy makes the triggers'
+    # automations anew, with new ids). Every step says `keep`. (Deployments' and pools'
+    # `updated` move with the workers' polls, so those are read by the steps' records.)
+    def written() -> dict[str, Any]:
+        with remote_api(url, auth), vm_client(cfg, target.address) as client:
+            return {
+                "deployments": {d.name: (d.id, d.version) for d in client.read_deployments()},
+                "blocks": {b.name: b.updated for b in client.read_block_documents()},
+                "automations": sorted(str(a.id) for a in client.read_automations()),
+            }
+
+    before = written()
+    noop = register(cfg)
+    assert [r.action.value for r in noop.records] == ["keep"] * len(noop.records), noop.records
+    assert written() == before
+    ours = {name: before["deployments"][name][1] for name in names}
+    assert ours == dict.fromkeys(names, deploy_version(cfg)), ours
 
     # A frozen /arc host: the health check on the VM fails with "stale", and the automation
     # runs remount-arc, which leaves a live mount once the host is back.

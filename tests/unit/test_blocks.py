@@ -216,7 +216,7 @@ def test_application_credential_entry_and_unsupported_auth(
 def test_private_keys_are_removed_from_a_server_whether_or_not_it_knows_the_type(
     tmp_path: Path,
 ) -> None:
-    from tasks.register import remove_private_keys, save_remote
+    from tasks.vm_server import remove_private_keys, save_remote
     from tests.fixtures.prefect_server import start_prefect_server, stop_prefect_server
 
     server = start_prefect_server(tmp_path / "vm-server")  # as on a new VM: no block types yet
@@ -229,3 +229,31 @@ def test_private_keys_are_removed_from_a_server_whether_or_not_it_knows_the_type
         assert "old-vm-key" not in {d["name"] for d in kept}
     finally:
         stop_prefect_server(server)
+
+
+def test_blocks_already_on_a_server_as_they_should_be_are_not_written_again(
+    prefect_server,  # type: ignore[no-untyped-def]
+) -> None:
+    """What `register` copies to the VM's server: only what differs is saved, so a second
+    register writes no block; a changed secret is written."""
+    from prefect.blocks.system import Secret
+
+    from tasks.vm_server import save_remote
+
+    creds = CanfarCredentials(
+        username="alice", password=SecretStr("first"), url="https://ws-uv.example/skaha"
+    )
+    blocks = [(creds, "nochange-canfar"), (Secret(value="auth-1"), "nochange-auth")]
+
+    def documents() -> dict[str, str]:
+        found = httpx.post(f"{prefect_server.url}/block_documents/filter", json={}).json()
+        return {d["name"]: d["updated"] for d in found if d["name"].startswith("nochange-")}
+
+    assert save_remote(blocks, prefect_server.url, None) == ["nochange-canfar", "nochange-auth"]
+    before = documents()
+    assert save_remote(blocks, prefect_server.url, None) == []
+    assert documents() == before, "a block as it should be was written again"
+    changed = creds.model_copy(update={"password": SecretStr("second")})
+    again = [(changed, "nochange-canfar"), blocks[1]]
+    assert save_remote(again, prefect_server.url, None) == ["nochange-canfar"]
+    assert CanfarCredentials.load("nochange-canfar").password.get_secret_value() == "second"

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 FIND = """
 import json, tarfile, io
-import tasks.register as r
+import tasks.code_on_vm as r
 with tarfile.open(fileobj=io.BytesIO(r._tarball())) as tar:
     names = tar.getnames()
 print(json.dumps({

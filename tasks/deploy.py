@@ -1,0 +1,158 @@
+"""This package's deployments on the VM's server (prefect.yaml), deployed only when their
+version (the code's and the values' digest) differs; the operators' own codebase beside them."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
+from core.log import logger
+from core.records import Action
+from tasks.code_on_vm import code_digest, code_dir, code_root, prefect_yaml
+from tasks.register import WORKER_ENV
+from tasks.service_user import as_service_user, service_home
+from tasks.vm import VM, VM_TASK, StepRecord
+from tasks.vm_server import remote_client
+
+
+def bootstrap_pool(config: BootstrapConfig) -> str:
+    names = [p.name for p in config.prefect.work_pools]
+    return "sails-bootstrap" if "sails-bootstrap" in names else names[-1]
+
+
+def deploy_version(config: BootstrapConfig) -> str:
+    """What the deployments are made from: the code and prefect.yaml, and the values register
+    fills into prefect.yaml. Set as each deployment's ``version``, it tells a deploy that would
+    change nothing."""
+    import hashlib
+
+    parts = (code_digest(), *deploy_env(config).values())
+    return "sails-" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def deploy_env(config: BootstrapConfig) -> dict[str, str]:
+    """The variables prefect.yaml reads (besides the version)."""
+    return {
+        "SAILS_CODE_DIR": code_dir(config),
+        "SAILS_POOL": bootstrap_pool(config),
+        "SAILS_HEALTH_CRON": config.prefect.health_cron,
+        "SAILS_BACKUP_CRON": config.backup.cron,
+    }
+
+
+def deployed_as(url: str, auth_string: str | None, version: str) -> str | None:
+    """Why nothing needs deploying, or None: every deployment prefect.yaml lists is on the
+    server at ``version``, no other of ours, and the automations of their triggers are there."""
+    import yaml
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
+
+    spec = yaml.safe_load(prefect_yaml().read_text())["deployments"]
+    wanted = {d["name"]: len(d.get("triggers") or []) for d in spec}
+    with remote_client(url, auth_string) as client:
+        ours = client.read_deployments(
+            deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=["sails-bootstrap"]))
+        )
+        if {d.name: d.version for d in ours} != dict.fromkeys(wanted, version):
+            return None
+        owners = [a.owner_resource for a in client.read_automations()]
+    for d in ours:
+        if owners.count(f"prefect.deployment.{d.id}") != wanted[d.name]:
+            return None
+    return f"{', '.join(wanted)} as deployed ({version})"
+
+
+@task(name="deploy", cache_policy=NO_CACHE)
+def deploy(config: BootstrapConfig, url: str, auth_string: str | None) -> StepRecord:
+    """`prefect deploy --all` of prefect.yaml against the VM's server, unless every deployment
+    is there already at this version (then nothing is written)."""
+    version = deploy_version(config)
+    same = deployed_as(url, auth_string, version)
+    if same:
+        return StepRecord(name="deployments", action=Action.KEEP, reason=same)
+    env = {
+        **os.environ,
+        **deploy_env(config),
+        "SAILS_DEPLOY_VERSION": version,
+        "PREFECT_API_URL": url,
+        "PREFECT_CLI_PROMPT": "false",
+    }
+    if auth_string:
+        env["PREFECT_API_AUTH_STRING"] = auth_string
+    root = code_root()
+    yaml_path = prefect_yaml()
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "--no-prompt",
+            "deploy",
+            "--all",
+            "--prefect-file",
+            str(yaml_path),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if r.returncode != 0:
+        tail = (r.stdout + r.stderr).strip()[-1500:]
+        if auth_string:
+            tail = tail.replace(auth_string, "****")
+        raise BootstrapError(f"prefect deploy failed: {tail}")
+    import yaml
+
+    wanted = [d["name"] for d in yaml.safe_load(yaml_path.read_text())["deployments"]]
+    retired = retire_deployments(url, auth_string, wanted)
+    reason = f"{', '.join(wanted)} ({version})"
+    if retired:
+        reason += f"; removed {', '.join(retired)} (no longer in prefect.yaml)"
+    return StepRecord(name="deployments", action=Action.CHANGE, reason=reason)
+
+
+def retire_deployments(url: str, auth_string: str | None, wanted: list[str]) -> list[str]:
+    """Delete this package's deployments (tag ``sails-bootstrap``) that prefect.yaml no longer
+    lists, such as the ``teardown`` an earlier version put on the VM."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
+
+    with remote_client(url, auth_string) as client:
+        ours = client.read_deployments(
+            deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=["sails-bootstrap"]))
+        )
+        retired = [d for d in ours if d.name not in wanted]
+        for d in retired:
+            client.delete_deployment(d.id)
+            logger().info("removed deployment %s from the VM's server", d.name)
+    return sorted(d.name for d in retired)
+
+
+@task(name="deploy-science-codebase", **VM_TASK)
+def deploy_science(vm: VM, config: BootstrapConfig, directory: str) -> StepRecord:
+    """`prefect deploy --all` of the science codebase's prefect.yaml, from its folder on /arc."""
+    p = config.prefect
+    d = directory.replace("~", service_home(config), 1)
+    found = vm.run(as_service_user(config, f"test -f {shlex.quote(d)}/prefect.yaml"), check=False)
+    if not found.ok:
+        return StepRecord(
+            name="science deployments",
+            action=Action.BLOCKED,
+            reason=f"no prefect.yaml in {d} (is /arc mounted?)",
+        )
+    vm.run(  # as the workers' user: its /arc mount, its environment file
+        as_service_user(
+            config,
+            f"set -a; . {WORKER_ENV}; set +a; cd {shlex.quote(d)} && "
+            f"{p.venv}/bin/prefect --no-prompt deploy --all",
+        ),
+        timeout=900,
+    )
+    return StepRecord(name="science deployments", action=Action.CHANGE, reason=f"from {d}")
