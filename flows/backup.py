@@ -1,6 +1,6 @@
 """The orchestration history off the cloud and back: ``backup`` copies the VM's Prefect
 database to /arc or to this machine (also on the VM's schedule), ``restore`` puts a copy back
-(tasks/backup.py says how)."""
+(tasks/backup.py, tasks/backup_store.py and tasks/restore.py say how)."""
 
 from __future__ import annotations
 
@@ -15,19 +15,11 @@ from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
 from tasks.access import open_vm
-from tasks.backup import (
-    BackupRecord,
-    RestoreRecord,
-    backup_database,
-    find_backup,
-    key_id,
-    stamp,
-    start_on_copy,
-    swap_database,
-    unpack_on_vm,
-)
+from tasks.backup import BackupRecord, backup_database, key_id, stamp
+from tasks.backup_store import find_backup
 from tasks.drain import drained
 from tasks.prefect_server import SERVER_UNIT, server_secrets
+from tasks.restore import RestoreRecord, start_on_copy, swap_database, unpack_on_vm
 from tasks.vm import VM_TASK
 from tasks.vm_lock import vm_exclusive
 from tasks.vm_server import remote_client

@@ -67,7 +67,7 @@ def _backup_notes(config: BootstrapConfig, target: VMTarget) -> list[str]:
     """The newest backup's age, when it is not fresh (no copy yet, past
     ``backup.max_age_hours``, or not readable): `up` changes nothing about it."""
     from tasks.access import vm_for
-    from tasks.backup import freshness
+    from tasks.backup_store import freshness
 
     try:
         vm = vm_for(config, target)

@@ -444,7 +444,7 @@ def restore_cmd(
     """Put a backup in place of the VM's Prefect database (the one it replaces is kept)."""
     cfg = read_config(config)
     from core.errors import BootstrapError
-    from tasks.backup import read_backup
+    from tasks.backup_store import read_backup
 
     what = f"backup {source or 'latest'} in {cfg.backup_destination}"
     if source and Path(source).expanduser().is_file():

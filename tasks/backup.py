@@ -1,4 +1,4 @@
-"""The VM's Prefect database, copied off the cloud and put back.
+"""The VM's Prefect database, copied off the cloud.
 
 A copy is made on the VM by SQLite's online backup (Python's ``sqlite3`` backup API, run as the
 server's user): consistent while the server keeps writing, and the server is not stopped. It is
@@ -8,26 +8,15 @@ need, never the key). Then it leaves the cloud: to CANFAR's /arc (``backup.desti
 the default with /arc on; CANFAR storage outlives the loss of the cloud project), where the VM
 writes it and reads it back to check it landed whole; or to this machine (``local``) over the
 verified SSH connection. The oldest copies beyond ``backup.keep`` go.
-
-A restore checks the copy before it touches the server: its environment, the server's key (a
-copy whose blocks need another key would leave them unreadable), its digest and SQLite's
-integrity check on the VM. Then the pools are drained, the server stopped, its database moved
-aside (kept, never deleted), the copy put in its place and the server started; Prefect migrates
-an older schema on start. A server that does not become healthy on the copy gets its own
-database back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import gzip
 import hashlib
 import json
 import shlex
-import shutil
-import sqlite3
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +26,15 @@ from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
 from tasks.arc import vm_path
-from tasks.prefect_server import SERVER_ENV, SERVER_KEY_ID, SERVER_UNIT, wait_for_health
+from tasks.prefect_server import SERVER_ENV, SERVER_KEY_ID
 from tasks.service_user import as_service_user
 from tasks.vm import VM
 
 #: Tables counted into a copy's record (what an operator looks for in it).
+
+
 COUNTED = ("flow_run", "deployment", "work_pool", "block_document")
+
 
 #: Run on the VM as the server's user: ``python3 SCRIPT DATABASE NAME DEST KEEP RECORD`` (DEST
 #: empty: the copy stays in a private folder for this machine to fetch; RECORD: the record's
@@ -122,39 +114,6 @@ else:
 print(json.dumps(record))
 """
 
-#: Run on the VM as the server's user: ``python3 SCRIPT PACKED SHA256 HOME``. Unpacks a copy into a
-#: private folder of the Prefect home and checks it; prints where it is, or what is wrong.
-UNPACK = r"""
-import gzip, hashlib, json, os, shutil, sqlite3, sys, tempfile
-packed, sha256, home = sys.argv[1], sys.argv[2], sys.argv[3]
-if not os.path.isfile(packed):
-    print(json.dumps({"error": "no backup at " + packed}))
-    sys.exit(0)
-work = tempfile.mkdtemp(prefix=".sails-restore-", dir=home)
-plain = os.path.join(work, "prefect.db")
-h = hashlib.sha256()
-try:
-    with gzip.open(packed, "rb") as f, open(plain, "wb") as out:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            out.write(block)
-except (OSError, EOFError) as exc:
-    shutil.rmtree(work)
-    print(json.dumps({"error": packed + " cannot be unpacked (" + str(exc) + "): damaged"}))
-    sys.exit(0)
-if h.hexdigest() != sha256:
-    shutil.rmtree(work)
-    print(json.dumps({"error": packed + " does not match the digest in its record: damaged"}))
-    sys.exit(0)
-with sqlite3.connect(plain) as db:
-    check = db.execute("PRAGMA integrity_check").fetchone()[0]
-if check != "ok":
-    shutil.rmtree(work)
-    print(json.dumps({"error": packed + ": SQLite's integrity check failed: " + check}))
-    sys.exit(0)
-os.chmod(plain, 0o600)
-print(json.dumps({"path": plain, "work": work}))
-"""
 
 #: Run on the VM as root: the id (a digest) of the key the server's blocks are encrypted with.
 KEY_ID = (
@@ -188,16 +147,6 @@ class BackupRecord(BaseModel):
         return f"{self.file} ({self.bytes / 1e6:.1f} MB; {', '.join(self.held())})"
 
 
-class RestoreRecord(BaseModel):
-    environment: str
-    file: str
-    created: str
-    #: where the database the server ran with before was moved to, on the VM
-    kept: str
-    counts: dict[str, int] = Field(default_factory=dict)
-    drain: str = ""
-
-
 def database_path(config: BootstrapConfig) -> str:
     return f"{config.prefect.home}/prefect.db"
 
@@ -208,7 +157,7 @@ def arc_folder(config: BootstrapConfig) -> str:
     return f"{mount}/{config.backup.arc_dir}/{config.environment}"
 
 
-def _python(vm: VM, config: BootstrapConfig, script: str, args: list[str], what: str) -> Any:
+def vm_python(vm: VM, config: BootstrapConfig, script: str, args: list[str], what: str) -> Any:
     """Run ``script`` with the VM's python3 as the server's user; its last line of output, as
     JSON. (The script goes over SFTP: fabric feeds standard input a byte at a time.)"""
     path = vm.upload(script.encode())
@@ -290,7 +239,7 @@ def backup_database(vm: VM, config: BootstrapConfig, local: bool) -> BackupRecor
     }
     args = [database_path(config), name, dest, str(config.backup.keep), json.dumps(static)]
     script = SNAPSHOT.replace("COUNTED", repr(COUNTED))
-    out = _python(vm, config, script, args, "the copy of the Prefect database")
+    out = vm_python(vm, config, script, args, "the copy of the Prefect database")
     if "missing" in out:
         log.info("no Prefect database at %s on %s yet: nothing to copy", out["missing"], vm.host)
         return None
@@ -358,217 +307,5 @@ def prune(folder: Path, environment: str, keep: int) -> list[str]:
     return gone
 
 
-def _record_beside(path: Path) -> Path:
+def record_beside(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".db.gz") + ".json")
-
-
-def _check_environment(record: BackupRecord, config: BootstrapConfig, where: str) -> None:
-    if record.environment != config.environment:
-        raise BootstrapError(
-            f"{where} is a backup of environment {record.environment!r}, not "
-            f"{config.environment!r}: its blocks are encrypted with another server's key"
-        )
-
-
-def read_backup(path: Path, config: BootstrapConfig) -> BackupRecord:
-    """A copy on this machine: its record, after checking the file against it and SQLite's
-    integrity check."""
-    meta = _record_beside(path)
-    if not path.is_file() or not meta.is_file():
-        raise BootstrapError(
-            f"{path}: a backup is a .db.gz file with its .json record beside it (see "
-            f"`ls {config.backup.local_folder(config.environment)}`)"
-        )
-    record = BackupRecord.model_validate_json(meta.read_text())
-    _check_environment(record, config, str(path))
-    with tempfile.TemporaryDirectory() as tmp:
-        plain = Path(tmp) / "prefect.db"
-        try:
-            with gzip.open(path, "rb") as packed, plain.open("wb") as out:
-                shutil.copyfileobj(packed, out)
-        except (OSError, EOFError) as exc:
-            raise BootstrapError(f"{path} cannot be unpacked ({exc}): damaged") from None
-        if sha256_of(plain) != record.sha256:
-            raise BootstrapError(f"{path} does not match the digest in its record: damaged")
-        with contextlib.closing(sqlite3.connect(plain)) as db:
-            check = db.execute("PRAGMA integrity_check").fetchone()[0]
-        if check != "ok":
-            raise BootstrapError(f"{path}: SQLite's integrity check failed: {check}")
-    return record.model_copy(update={"file": str(path)})
-
-
-def local_copies(config: BootstrapConfig) -> list[Path]:
-    return sorted(
-        config.backup.local_folder(config.environment).glob(f"{config.environment}-*.db.gz")
-    )
-
-
-#: Lists a folder on /arc without ever waiting on a stale mount: the listing runs detached and
-#: is read only if it ends within the deadline (a stat on a frozen sshfs can hang past SIGKILL).
-LIST_ARC = r"""
-out=$(mktemp) || exit 1
-list="find {folder} -maxdepth 1 -name {pattern} -printf '%f\\n'"
-setsid sh -c "$list > $out 2>/dev/null; touch $out.done" </dev/null >/dev/null 2>&1 &
-i=0
-while [ $i -lt $(({deadline} * 10)) ]; do
-  if [ -e "$out.done" ]; then cat "$out"; rm -f "$out" "$out.done"; exit 0; fi
-  sleep 0.1; i=$((i + 1))
-done
-exit 124
-"""
-
-
-def arc_copies(vm: VM, config: BootstrapConfig, deadline: float = 60) -> list[str]:
-    """The copies of this environment on /arc, oldest first (their names sort by age). A
-    stale /arc that does not answer within ``deadline`` seconds is an error."""
-    script = LIST_ARC.format(
-        folder=shlex.quote(arc_folder(config)),
-        pattern=shlex.quote(f"{config.environment}-*.db.gz"),
-        deadline=max(1, round(deadline)),
-    )
-    r = vm.run(
-        as_service_user(config, script),
-        check=False,
-        timeout=deadline + 20,
-    )
-    if r.code == 124:
-        raise BootstrapError(
-            f"/arc on {vm.host} did not answer within {deadline:.0f} s (stale? "
-            "`sails-bootstrap remount`)"
-        )
-    return sorted(line for line in r.stdout.split() if line.endswith(".db.gz"))
-
-
-def age_hours(names: list[str], environment: str, now: dt.datetime) -> float | None:
-    """Hours since the newest of the copies ``names`` was made (None: there is none)."""
-    stamps = []
-    for name in names:
-        made = name.removeprefix(f"{environment}-").removesuffix(".db.gz")
-        with contextlib.suppress(ValueError):
-            stamps.append(dt.datetime.strptime(made, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC))
-    if not stamps:
-        return None
-    return (now - max(stamps)).total_seconds() / 3600
-
-
-def freshness(host: VM, config: BootstrapConfig, on_vm: bool) -> tuple[str, str]:
-    """('ok'|'warn'|'fail', detail): the newest copy's age against ``backup.max_age_hours``,
-    for the health check and the plan. No copy yet, or a listing that did not end within the
-    /arc probe's bound, is a warning."""
-    b = config.backup
-    if config.backup_destination == "local":
-        if on_vm:
-            return "ok", "copies are kept on the operator's machine (not visible here)"
-        names = [p.name for p in local_copies(config)]
-        where = str(b.local_folder(config.environment))
-    else:
-        try:
-            names = arc_copies(host, config, deadline=config.arc.probe_timeout)
-        except BootstrapError as exc:
-            return "warn", f"age unknown: {exc}"
-        where = "/arc"
-    age = age_hours(names, config.environment, dt.datetime.now(dt.UTC))
-    if age is None:
-        when = f"scheduled {b.cron} UTC"
-        return "warn", f"no backup in {where} yet (`sails-bootstrap backup`; {when})"
-    status = "fail" if age > b.max_age_hours else "ok"
-    return status, f"newest {age:.1f} h old in {where} ({len(names)} kept)"
-
-
-def find_backup(
-    vm: VM | None, config: BootstrapConfig, source: str | None
-) -> tuple[BackupRecord, bool]:
-    """The copy ``source`` names (a file on this machine, a name or ``latest``) and whether it
-    is on this machine; read and checked as far as can be without the server."""
-    if source and source != "latest" and Path(source).expanduser().is_file():
-        return read_backup(Path(source).expanduser(), config), True
-    on_arc = config.backup_destination == "arc"
-    where = arc_folder(config) if on_arc else str(config.backup.local_folder(config.environment))
-    if on_arc and vm is not None:
-        names = arc_copies(vm, config)
-    else:
-        names = [p.name for p in local_copies(config)]
-    if source in (None, "latest"):
-        if not names:
-            raise BootstrapError(
-                f"no backup of {config.environment} in {where}: run `sails-bootstrap backup "
-                "--config FILE`, or name a file with --from"
-            )
-        name = names[-1]
-    else:
-        name = source if source.endswith(".db.gz") else f"{source}.db.gz"
-        if name not in names:
-            raise BootstrapError(
-                f"no backup {source!r} in {where}; there: {', '.join(names[-5:]) or 'none'}"
-            )
-    if not on_arc:
-        return read_backup(config.backup.local_folder(config.environment) / name, config), True
-    assert vm is not None
-    meta = f"{arc_folder(config)}/{name.removesuffix('.db.gz')}.json"
-    r = vm.run(as_service_user(config, f"cat {shlex.quote(meta)}"), check=False, timeout=60)
-    if not r.ok:
-        raise BootstrapError(f"{name} on /arc has no readable record ({meta}): {r.stderr[-200:]}")
-    record = BackupRecord.model_validate_json(r.stdout)
-    _check_environment(record, config, f"{arc_folder(config)}/{name}")
-    return record.model_copy(update={"file": f"{arc_folder(config)}/{name}"}), False
-
-
-def unpack_on_vm(vm: VM, config: BootstrapConfig, packed: str, sha256: str) -> tuple[str, str]:
-    """The copy at ``packed`` on the VM, unpacked into the Prefect home and checked; returns
-    (the unpacked file, its private folder)."""
-    args = [packed, sha256, config.prefect.home]
-    out = _python(vm, config, UNPACK, args, "unpacking the backup")
-    if "error" in out:
-        raise BootstrapError(f"{out['error']} (nothing was changed)")
-    return str(out["path"]), str(out["work"])
-
-
-def swap_database(vm: VM, config: BootstrapConfig, unpacked: str, when: str) -> str:
-    """With the server stopped: the current database (and its WAL) moved into a folder of its
-    own beside it, the unpacked copy moved in its place. Returns that folder."""
-    db = shlex.quote(database_path(config))
-    kept = f"{config.prefect.home}/before-restore-{when}"
-    q = shlex.quote(kept)
-    user = shlex.quote(config.prefect.user)
-    vm.run(
-        f"set -e; mkdir -m 0700 {q}; chown {user}:{user} {q}; "
-        f'for f in {db} {db}-wal {db}-shm; do [ ! -e "$f" ] || mv "$f" {q}/; done; '
-        f"chown {user}:{user} {shlex.quote(unpacked)}; mv {shlex.quote(unpacked)} {db}",
-        sudo=True,
-        timeout=300,
-    )
-    return kept
-
-
-def put_back(vm: VM, config: BootstrapConfig, kept: str) -> str:
-    """The database the server ran with before, back in its place; the copy moved aside into
-    a failed-restore folder, whose path is returned."""
-    db = shlex.quote(database_path(config))
-    home = shlex.quote(config.prefect.home)
-    q = shlex.quote(kept)
-    r = vm.run(
-        f"set -e; systemctl stop {SERVER_UNIT}; failed={home}/failed-restore-$(date +%s); "
-        f'mkdir -m 0700 "$failed"; for f in {db} {db}-wal {db}-shm; do '
-        f'[ ! -e "$f" ] || mv "$f" "$failed"/; done; '
-        f'for f in {q}/prefect.db*; do [ ! -e "$f" ] || mv "$f" {home}/; done; '
-        f'rmdir {q}; systemctl start {SERVER_UNIT}; echo "$failed"',
-        sudo=True,
-        timeout=120,
-    )
-    return r.stdout.strip()
-
-
-def start_on_copy(vm: VM, config: BootstrapConfig, base: str, kept: str) -> None:
-    """Start the server on the restored copy; if it does not become healthy, its own database
-    goes back and the error says so."""
-    vm.run(f"systemctl start {SERVER_UNIT}", sudo=True, timeout=120)
-    url = f"http://127.0.0.1:{config.prefect.port}/api on the VM"
-    try:
-        wait_for_health(f"{base}/api", timeout=300, shown=url)
-    except BootstrapError as exc:
-        failed = put_back(vm, config, kept)
-        wait_for_health(f"{base}/api", timeout=300, shown=url)
-        raise BootstrapError(
-            f"the server did not start on the restored copy ({exc}); it runs on its own "
-            f"database again, and the copy is kept at {failed} on the VM"
-        ) from None

@@ -254,7 +254,7 @@ def host_probes(host: VM, config: BootstrapConfig, address: str, local: bool) ->
         return status, f"{left:.1f} days left (until {expiry:%Y-%m-%d})"
 
     def backup() -> tuple[str, str]:
-        from tasks.backup import freshness
+        from tasks.backup_store import freshness
 
         return freshness(host, config, on_vm=local)
 

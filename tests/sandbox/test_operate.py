@@ -738,7 +738,8 @@ def test_backup_off_the_cloud_and_restore(
 
     from core.config import dump_config
     from sandbox.canfar import arc as arc_store
-    from tasks.backup import arc_copies, arc_folder
+    from tasks.backup import arc_folder
+    from tasks.backup_store import arc_copies
 
     cfg = operated.cfg
     url = tunnel.enter_context(operator_tunnel(cfg))

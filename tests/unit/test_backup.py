@@ -19,16 +19,9 @@ import pytest
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
-from tasks.backup import (
-    COUNTED,
-    SNAPSHOT,
-    UNPACK,
-    BackupRecord,
-    age_hours,
-    prune,
-    read_backup,
-    sha256_of,
-)
+from tasks.backup import COUNTED, SNAPSHOT, BackupRecord, prune, sha256_of
+from tasks.backup_store import age_hours, read_backup
+from tasks.restore import UNPACK
 
 
 def live_database(path: Path, runs: int) -> sqlite3.Connection:
@@ -177,7 +170,8 @@ def test_the_age_of_the_newest_copy() -> None:
 def test_the_copies_on_arc_are_listed_by_name(tmp_path: Path) -> None:
     import getpass
 
-    from tasks.backup import arc_copies, arc_folder
+    from tasks.backup import arc_folder
+    from tasks.backup_store import arc_copies
     from tasks.vm import LocalHost
 
     cfg = BootstrapConfig.model_validate(
@@ -220,7 +214,7 @@ def test_the_key_id_file_names_the_key_as_the_environment_file_does(tmp_path: Pa
 
 def test_the_newest_copys_age_is_judged_against_the_bound(tmp_path: Path) -> None:
     """What the health check's row and the plan's note say about the copies kept here."""
-    from tasks.backup import freshness
+    from tasks.backup_store import freshness
     from tasks.vm import LocalHost
 
     cfg = BootstrapConfig.model_validate(
