@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,8 @@ from tasks.packages import (
     lists_stale,
     missing_packages,
     needed_packages,
-    off_the_channel,
     parse_dpkg_status,
 )
-from tasks.prefect_server import venv_probe
 from tasks.vm import LocalHost
 
 
@@ -277,44 +274,6 @@ def test_a_missing_command_names_the_image_requirement(tmp_path: Path) -> None:
         host.run(f"{tmp_path}/venv/bin/python -V")
     assert not isinstance(info.value, MissingToolError)
     assert host.run(f"{tmp_path}/venv/bin/python -V", check=False).code == 127
-
-
-def test_apt_off_the_channel_outlives_its_reader(tmp_path: Path) -> None:
-    """What a dropped SSH session does to a command: its output pipe closes. Written to the
-    channel, the next write kills it (SIGPIPE, as apt and dpkg mid-unpack); written to a file
-    it runs to its end. Its output and exit code still come back when the reader stays."""
-    command = "sleep 1; echo unpacking; echo unpacked >> {marker}; exit 3"
-
-    def cut_off(cmd: str) -> None:
-        p = subprocess.Popen(["sh", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert p.stdout is not None and p.stderr is not None
-        p.stdout.close()  # the channel is gone
-        p.stderr.close()
-        p.wait(timeout=30)
-
-    plain, detached = tmp_path / "plain", tmp_path / "detached"
-    cut_off(command.format(marker=plain))
-    cut_off(off_the_channel(command.format(marker=detached)))
-    assert not plain.exists()  # killed by its first write
-    assert detached.read_text() == "unpacked\n"
-    r = LocalHost().run(off_the_channel("echo out; echo err >&2; exit 3"), check=False)
-    assert (r.code, r.stdout) == (3, "out\nerr\n")
-
-
-def test_venv_probe_tells_missing_broken_and_working(tmp_path: Path) -> None:
-    host = LocalHost()
-    venv = str(tmp_path / "prefect-env")
-    code = "print('ok')"
-    assert host.run(venv_probe(venv, code)).stdout.strip() == "missing"
-    # What `python3 -m venv` leaves behind without ensurepip: bin/python and no pip.
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
-    assert host.run(venv_probe(venv, code)).stdout.strip() == "broken"
-    subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
-    assert host.run(venv_probe(venv, code)).stdout.strip() == "ok"
-    # A python removed under the venv (an image upgrade): the link dangles, the venv is broken.
-    (tmp_path / "prefect-env" / "bin" / "python").unlink()
-    (tmp_path / "prefect-env" / "bin" / "python").symlink_to("/usr/bin/python3.0-gone")
-    assert host.run(venv_probe(venv, code)).stdout.strip() == "broken"
 
 
 def test_booting_guest_errors_are_transient_and_the_arc_unit_gives_up() -> None:

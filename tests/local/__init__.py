@@ -1,0 +1,2 @@
+"""Tests against real processes on this machine (Prefect servers, subprocesses, venvs): no root,
+no sandbox."""
