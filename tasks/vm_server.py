@@ -36,7 +36,9 @@ def remote_client(url: str, auth_string: str | None) -> Any:
 
 def _plain(block: Any) -> Any:
     """A block's fields as JSON, secrets revealed: what its document on a server holds."""
-    return block.model_dump(mode="json", context={"include_secrets": True})
+    # Only the fields: a loaded block's dump also carries its document's id and name.
+    fields = set(type(block).model_fields)
+    return block.model_dump(mode="json", include=fields, context={"include_secrets": True})
 
 
 def save_remote(blocks: list[tuple[Any, str]], url: str, auth_string: str | None) -> list[str]:

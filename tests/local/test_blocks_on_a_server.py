@@ -89,7 +89,12 @@ def test_blocks_already_on_a_server_as_they_should_be_are_not_written_again(
     creds = CanfarCredentials(
         username="alice", password=SecretStr("first"), url="https://ws-uv.example/skaha"
     )
-    blocks = [(creds, "nochange-canfar"), (Secret(value="auth-1"), "nochange-auth")]
+    # As register has them: loaded from this machine's blocks (a loaded block carries its
+    # document's id and name, which are not the VM's).
+    creds.save("local-canfar", overwrite=True)
+    Secret(value="auth-1").save("local-auth", overwrite=True)
+    creds = CanfarCredentials.load("local-canfar")
+    blocks = [(creds, "nochange-canfar"), (Secret.load("local-auth"), "nochange-auth")]
 
     def documents() -> dict[str, str]:
         found = httpx.post(f"{prefect_server.url}/block_documents/filter", json={}).json()
