@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from core.config import BootstrapConfig, IngressRule
+from core.config import BootstrapConfig
 from core.records import Action
+from core.settings import IngressRule
 from tasks.arc import probe_arc
 from tasks.canfar import read_vm_expiry
 from tasks.vm import VM

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sails_bootstrap.cli import ENCRYPTION_KEY_FILE, secure_local_home
+from sails_bootstrap.local_api import ENCRYPTION_KEY_FILE, secure_local_home
 from tests.unit.test_cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -516,7 +516,8 @@ def test_application_credential_block_opens_the_project(
     """The seed's clouds.yaml entry is an application credential, as the dashboard makes one:
     kept as a block, it opens the project (scoped by Keystone, no project named)."""
     from blocks.openstack import OpenStackCredentials
-    from core.config import SEED_IMAGE, parse_config
+    from core.config import parse_config
+    from core.settings import SEED_IMAGE
     from tasks.cloud import open_connection
 
     creds = OpenStackCredentials.from_clouds_yaml(os.environ["OS_CLOUD"])

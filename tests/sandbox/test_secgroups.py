@@ -296,7 +296,7 @@ def test_host_keys_fail_closed_and_known_hosts_outlive_the_console(secured_vm: S
     explicitly (--trust-host-key) makes it verified again."""
     from core.errors import HostKeyError
     from flows.provision import provision
-    from sails_bootstrap.cli import with_trusted
+    from sails_bootstrap.options import with_trusted
     from tasks.access import vm_for
     from tasks.cloud import open_connection
     from tasks.cloud.console import console_fingerprints

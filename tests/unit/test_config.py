@@ -4,13 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import (
-    BootstrapConfig,
-    ConfigError,
-    IngressRule,
-    load_config,
-    parse_config,
-)
+from core.config import BootstrapConfig, ConfigError, load_config, parse_config
+from core.settings import IngressRule
 
 ROOT = Path(__file__).resolve().parents[2]
 

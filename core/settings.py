@@ -1,0 +1,393 @@
+"""The sections of the configuration (cloud, server, volume, ssh, arc, canfar, prefect,
+backup) and their defaults."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from core.fields import SSHFS_OPTIONS, HostName, Name, NonEmpty, Port, UserName, checked_vm_path
+
+SEED_IMAGE = "Ubuntu-24.04-Noble-x64-2024-06"
+SEED_FLAVOR = "c1-7.5gb-36"
+CANFAR_SESSION_URL = "https://ws-uv.canfar.net/skaha/v1"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngressRule(_Model):
+    """One ingress rule of the security group (IPv4 or IPv6 follows the CIDR)."""
+
+    protocol: Literal["icmp", "tcp", "udp"] = Field(description="IP protocol.")
+    port: Port | None = Field(
+        default=None, description="Port (tcp/udp); empty for ICMP, which allows any type."
+    )
+    cidr: str = Field(default="0.0.0.0/0", description="Remote IP prefix allowed in.")
+    description: str = ""
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_network(value.strip(), strict=True))
+        except ValueError as exc:
+            raise ValueError(
+                f"{value!r} is not a network in CIDR notation ({exc}); "
+                "write it as address/prefix with no host bits set, e.g. 203.0.113.0/24"
+            ) from None
+
+    @model_validator(mode="after")
+    def _port_matches_protocol(self) -> IngressRule:
+        if self.protocol == "icmp" and self.port is not None:
+            raise ValueError("an ICMP rule has no port: remove 'port' from it")
+        if self.protocol != "icmp" and self.port is None:
+            raise ValueError(f"a {self.protocol} rule needs a 'port' between 1 and 65535")
+        return self
+
+    @property
+    def ethertype(self) -> str:
+        return "IPv6" if ipaddress.ip_network(self.cidr).version == 6 else "IPv4"
+
+    @property
+    def world_open(self) -> bool:
+        return ipaddress.ip_network(self.cidr).prefixlen == 0
+
+    def key(self) -> tuple[str, str, int | None, int | None, str]:
+        """How the rule is compared with what the cloud has (direction is always ingress)."""
+        return (self.ethertype, self.protocol, self.port, self.port, self.cidr)
+
+
+def _seed_rules() -> list[IngressRule]:
+    return [
+        IngressRule(protocol="icmp", description="ping"),
+        IngressRule(protocol="tcp", port=22, description="ssh"),
+        # The seed's README also opens TCP 4200; the server listens on the VM's loopback only
+        # and is reached through SSH (the API carries secrets, and Prefect speaks no TLS).
+    ]
+
+
+class CloudSettings(_Model):
+    """How to reach the OpenStack project."""
+
+    credentials_block: Name | None = Field(
+        default=None,
+        description="Name of an OpenStackCredentials block. Empty: use the clouds.yaml entry.",
+    )
+    cloud: str | None = Field(
+        default=None,
+        description="clouds.yaml entry to use when no block is named; empty means $OS_CLOUD.",
+    )
+    api_timeout: float = Field(default=60, gt=0, description="Seconds per API request.")
+
+
+class ServerSettings(_Model):
+    image: NonEmpty = Field(default=SEED_IMAGE, description="Glance image name or id.")
+    flavor: NonEmpty = Field(default=SEED_FLAVOR, description="Nova flavor name or id.")
+    network: str | None = Field(
+        default=None, description="Project network; empty when the project has exactly one."
+    )
+    floating_network: str | None = Field(
+        default=None, description="External network for the floating IP; empty when only one."
+    )
+    security_group: NonEmpty = Field(
+        default="default",
+        description="The project's security group the server also joins (left as it is); the "
+        "ingress rules go into the environment's own group, ENV-access.",
+    )
+    ingress: list[IngressRule] = Field(default_factory=_seed_rules)
+    user: UserName = Field(default="ubuntu", description="Login user of the image.")
+    build_timeout: float = Field(
+        default=900, gt=0, le=3600, description="Seconds to wait for ACTIVE."
+    )
+    boot_timeout: float = Field(
+        default=600,
+        gt=0,
+        le=3600,
+        description="Seconds for the guest's own boot after ACTIVE: sshd listening, the console's "
+        "host key fingerprints, cloud-init's first boot.",
+    )
+    apt_timeout: float = Field(
+        default=900,
+        gt=0,
+        le=3600,
+        description="Seconds the packages step may take, waiting for the dpkg lock included "
+        "(unattended-upgrades holds it for minutes on a first boot).",
+    )
+
+
+class VolumeSettings(_Model):
+    size_gb: int = Field(default=50, ge=1, description="Size of the persistent volume in GB.")
+    mount_point: str = Field(default="/mnt/pspace", description="Where the volume is mounted.")
+    owner: UserName = Field(default="ubuntu", description="Owner of the mounted volume.")
+    label: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,16}$")] = Field(
+        default="pspace", description="ext4 label given when the volume is first formatted."
+    )
+    device_hint: Annotated[str, StringConstraints(pattern=r"^/dev/[a-z]{2,4}[a-z]$")] = Field(
+        default="/dev/vdc",
+        description="Device name asked of Nova; a hint only (the guest path is found by id).",
+    )
+    timeout: float = Field(
+        default=300, gt=0, le=3600, description="Seconds to wait for the volume."
+    )
+
+    @field_validator("mount_point")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return checked_vm_path(value)
+
+
+class SSHSettings(_Model):
+    key_block: Name = Field(
+        default="sails-vm-key", description="Name of the SSHKeyPair block for the VM's keypair."
+    )
+    alias: Name = Field(default="prefect-vm", description="Host alias written for `ssh ALIAS`.")
+    config_dir: str = Field(default="~/.ssh", description="Where the ssh config and keys live.")
+    connect_timeout: float = Field(
+        default=300, gt=0, le=3600, description="Seconds to wait for SSH."
+    )
+    operator_keys: list[str] = Field(
+        default_factory=list,
+        description="Extra public keys allowed to log in as the VM user (the team's keys).",
+    )
+    trusted_host_keys: list[
+        Annotated[str, StringConstraints(pattern=r"^SHA256:[A-Za-z0-9+/]{43}$")]
+    ] = Field(
+        default_factory=list,
+        description="Host key fingerprints (SHA256:…) trusted beside the console's, for a VM "
+        "whose keys were regenerated on purpose (`--trust-host-key`).",
+    )
+
+    @field_validator("operator_keys")
+    @classmethod
+    def _public_keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if not re.fullmatch(
+                r"(ssh-(ed25519|rsa)|ecdsa-sha2-nistp\d+) [A-Za-z0-9+/]+={0,2}( [ -~]*)?", key
+            ):
+                raise ValueError(
+                    f"{key[:30]!r}… is not an OpenSSH public key line ('ssh-ed25519 AAAA… comment')"
+                )
+        return keys
+
+
+class ArcSettings(_Model):
+    """CANFAR's /arc, mounted on the VM with sshfs."""
+
+    enabled: bool = True
+    host: HostName = Field(default="ws-uv.canfar.net", description="SFTP host serving /arc.")
+    port: Port = 64022
+    user: UserName | None = Field(
+        default=None, description="CANFAR user name on the /arc host (default: the CANFAR block's)."
+    )
+    remote_path: str = "/"
+    mount_point: str = Field(
+        default="~/canfar_arc", description="Mount point on the VM (~: prefect.user's home)."
+    )
+    key_path: str = Field(
+        default="~/.ssh/canfar_key", description="Key on the VM for /arc (prefect.user's)."
+    )
+    key_block: Name | None = Field(
+        default=None,
+        description="SSHKeyPair block whose key CANFAR already trusts, installed on the VM when "
+        "it has no key yet (a re-created VM then needs no new key on CANFAR). Empty: generate.",
+    )
+    options: list[str] = Field(
+        default_factory=lambda: ["reconnect", "ServerAliveInterval=15", "ServerAliveCountMax=10"],
+        description="sshfs -o options.",
+    )
+    probe_timeout: float = Field(default=8, gt=0, le=60, description="Seconds before 'stale'.")
+    host_keys: list[
+        Annotated[
+            str,
+            StringConstraints(
+                pattern=r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,2}$"
+            ),
+        ]
+    ] = Field(
+        default_factory=list,
+        description="The /arc host's public keys ('ssh-ed25519 AAAA…'), pinned: sshfs accepts "
+        "only these. Empty: the first key seen is kept (accept-new).",
+    )
+
+    @field_validator("remote_path")
+    @classmethod
+    def _remote(cls, value: str) -> str:
+        return value if value == "/" else checked_vm_path(value)
+
+    @field_validator("mount_point", "key_path")
+    @classmethod
+    def _vm_paths(cls, value: str) -> str:
+        return checked_vm_path(value, home=True)
+
+    @field_validator("options")
+    @classmethod
+    def _sshfs_options(cls, options: list[str]) -> list[str]:
+        for option in options:
+            name, eq, value = option.partition("=")
+            if name not in SSHFS_OPTIONS:
+                raise ValueError(
+                    f"sshfs option {name!r} is not one this tool passes on; allowed: "
+                    + ", ".join(SSHFS_OPTIONS)
+                )
+            pattern = SSHFS_OPTIONS[name]
+            if (pattern is None and eq) or (
+                pattern is not None and not re.fullmatch(pattern, value)
+            ):
+                form = name if pattern is None else f"{name}={pattern}"
+                raise ValueError(f"{option!r}: write it as {form}")
+        return options
+
+
+class SmokeTest(_Model):
+    """The CANFAR headless session launched to prove the VM can run the pipeline."""
+
+    enabled: bool = True
+    image: NonEmpty = "images.canfar.net/skaha/astroml:latest"
+    cmd: NonEmpty = "echo"
+    args: str = "alma-sails smoke test"
+    cores: int = Field(default=1, ge=1)
+    ram: int = Field(default=1, ge=1, description="GB")
+    timeout: float = Field(default=600, gt=0, le=3600)
+
+
+class CanfarSettings(_Model):
+    credentials_block: Name = Field(
+        default="canfar", description="Name of the CanfarCredentials block."
+    )
+    smoke_test: SmokeTest = SmokeTest()
+    renew_days_before: int = Field(default=7, ge=0, description="Warn when fewer days remain.")
+
+
+class WorkPool(_Model):
+    name: Name
+    concurrency: int | None = Field(default=None, ge=1)
+    workers: int = Field(default=1, ge=0, le=8)
+
+
+def _seed_pools() -> list[WorkPool]:
+    return [
+        WorkPool(name="pipeline-state-monitoring"),
+        WorkPool(name="vm-runs", concurrency=2),
+        WorkPool(name="headless-runs", concurrency=12),
+        WorkPool(name="sails-bootstrap"),
+    ]
+
+
+class PrefectSettings(_Model):
+    """The Prefect server run on the VM."""
+
+    port: Port = Field(
+        default=4200, description="Port of the server on the VM's loopback (never opened)."
+    )
+    local_port: Port = Field(
+        default=4200,
+        description="Port on the operator's machine the ssh alias forwards to the server "
+        "(`ssh -N ALIAS`, then the UI at http://127.0.0.1:PORT).",
+    )
+    home: str = "/mnt/pspace/prefect-data"
+    venv: str = "/mnt/pspace/prefect-env"
+    user: UserName = Field(
+        default="sails",
+        description="System user the server, the workers (so every flow run), the /arc mount "
+        "and the CANFAR certificate belong to. It has no sudo beyond starting, stopping and "
+        "reading the journal of the environment's own units; `~` in arc paths is its home.",
+    )
+    uid: int = Field(
+        default=2200,
+        ge=1000,
+        le=59999,
+        description="uid and gid of prefect.user, fixed so a re-created VM finds the volume's "
+        "files owned by the same user.",
+    )
+    version: Annotated[str, StringConstraints(pattern=r"^[0-9][0-9A-Za-z.+!-]{0,40}$")] | None = (
+        Field(default=None, description="Prefect version for the VM; empty: the local one.")
+    )
+    requirements: str | None = Field(
+        default=None, description="Local requirements file to install in the VM's venv."
+    )
+    package_index: str | None = Field(
+        default=None, description="Package index URL the VM installs from (air-gapped clouds)."
+    )
+    api_auth: bool = Field(default=True, description="Require the API auth string.")
+    auth_block: Name = Field(
+        default="sails-prefect-auth", description="Secret block holding the API auth string."
+    )
+    work_pools: list[WorkPool] = Field(default_factory=_seed_pools)
+    drain_timeout: float = Field(
+        default=1800,
+        ge=0,
+        le=7200,
+        description="Seconds a restart of the server or of a worker waits for the flow runs in "
+        "flight (their pools paused meanwhile); past it the restart goes ahead and names the "
+        "runs it interrupted.",
+    )
+    health_cron: Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z*/,?#@ -]{1,100}$")] = Field(
+        default="*/15 * * * *", description="Health check schedule."
+    )
+
+    @field_validator("home", "venv")
+    @classmethod
+    def _vm_paths(cls, value: str) -> str:
+        return checked_vm_path(value)
+
+    @field_validator("package_index")
+    @classmethod
+    def _index_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[A-Za-z0-9._~:/?#@!&*+,=%-]+", value):
+            raise ValueError(f"{value!r} must be an http(s) URL without spaces, quotes, $ or ;")
+        return value
+
+
+class BackupSettings(_Model):
+    """Copies of the VM's Prefect database, kept off the cloud."""
+
+    destination: Literal["arc", "local"] | None = Field(
+        default=None,
+        description="Where copies go: 'arc' (CANFAR storage, which outlives the cloud project; "
+        "the VM writes them, also on schedule) or 'local' (this machine, on demand). Empty: "
+        "arc when arc.enabled.",
+    )
+    arc_dir: str = Field(
+        default="projects/ALMA-SAILS/backups/sails-bootstrap",
+        description="Folder below the /arc mount point for the copies (the mount shows /arc's "
+        "root: home/USER or projects/PROJECT, where the /arc user may write).",
+    )
+    local_dir: NonEmpty = Field(
+        default="~/.local/share/sails-bootstrap/backups",
+        description="Folder on this machine for the copies (made 0700; each copy 0600).",
+    )
+    keep: int = Field(
+        default=14, ge=1, le=1000, description="Copies kept per environment; older ones go."
+    )
+    cron: Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z*/,?#@ -]{1,100}$")] = Field(
+        default="30 2 * * *", description="Schedule of the VM's backup deployment (UTC)."
+    )
+    max_age_hours: float = Field(
+        default=48,
+        gt=0,
+        description="The health check fails when the newest copy is older (twice the schedule).",
+    )
+
+    @field_validator("arc_dir")
+    @classmethod
+    def _below_arc(cls, value: str) -> str:
+        if value.startswith(("/", "~")):
+            raise ValueError(f"{value!r} must be relative: a folder below arc.mount_point")
+        checked_vm_path("/" + value)
+        return value.strip("/")
+
+    def local_folder(self, environment: str) -> Path:
+        return Path(self.local_dir).expanduser() / environment
