@@ -6,7 +6,6 @@ The configuration model is the spec; these records are the observed status.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -29,7 +28,6 @@ class Record(BaseModel):
     action: Action = Action.KEEP
     reason: str = ""
     applied: bool = True  # False in plan mode: the action was only computed
-    details: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
@@ -94,6 +92,8 @@ class LocalSSHRecord(Record):
     key_file: str = ""
     # "console" (verified there), "known_hosts" (verified earlier) or "trusted" (--trust-host-key)
     host_key_check: str = ""
+    host_keys: list[str] = Field(default_factory=list)  # fingerprints of the verified keys
+    changes: list[str] = Field(default_factory=list)
 
 
 def by_id_path(volume_id: str) -> str:

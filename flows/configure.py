@@ -125,7 +125,7 @@ def configure_host(
             records.append(ensure_canfar_auth(host, config, creds, apply=apply))
         if config.arc.enabled:
             key = ensure_canfar_key(host, config, apply)
-            result.canfar_public_key = key.details["public_key"]
+            result.canfar_public_key = key.public_key
             records.append(key)
             user = arc_user(config, creds.username)
             records.append(ensure_arc_mount(host, config, user, apply))

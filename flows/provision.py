@@ -165,7 +165,7 @@ def provision(
 
         result.local_ssh = ensure_local_ssh(config, key, result.address, from_console, apply)
         if not result.console_fingerprints:
-            result.console_fingerprints = result.local_ssh.details.get("host_keys", [])
+            result.console_fingerprints = result.local_ssh.host_keys
         result.records.append(result.local_ssh)
     blocked = [r for r in result.records if r.action == Action.BLOCKED]
     _publish(result, config)

@@ -18,7 +18,7 @@ from tasks.code_on_vm import install_code
 from tasks.deploy import deploy, deploy_science
 from tasks.prefect_server import server_secrets
 from tasks.register import copy_blocks, ensure_local_profile, ensure_work_pools, ensure_workers
-from tasks.smoke import canfar_smoke_test
+from tasks.smoke import SessionRecord, canfar_smoke_test
 from tasks.ui import UIRecord, capture_ui
 from tasks.vm import StepRecord
 from tasks.vm_lock import vm_exclusive
@@ -73,7 +73,7 @@ def register(
 @flow(name="canfar-smoke-test")
 def smoke_test(
     config: BootstrapConfig = BootstrapConfig(), target: VMTarget | None = None
-) -> StepRecord:
+) -> SessionRecord:
     """Launch a headless session from the VM, wait, read its logs, delete it."""
     if target is None:
         target = locate_vm(open_connection(config), config)
@@ -82,16 +82,15 @@ def smoke_test(
         record = canfar_smoke_test(vm, config)
     finally:
         vm.close()
-    d = record.details
     verdict = "FAILED" if record.action == Action.BLOCKED else "passed"
     create_markdown_artifact(
         key=f"canfar-smoke-{config.environment}",
         markdown=(
             f"# CANFAR headless smoke test: {verdict}\n\n"
             f"| | |\n|---|---|\n| session | `{record.id or '-'}` |\n"
-            f"| status | {d.get('status')} |\n"
-            f"| duration | {d.get('seconds')} s |\n| image | `{config.canfar.smoke_test.image}` |\n"
-            f"| result | {record.reason} |\n\nLog tail:\n\n```\n{d.get('log_tail') or ''}\n```\n"
+            f"| status | {record.status} |\n"
+            f"| duration | {record.seconds} s |\n| image | `{config.canfar.smoke_test.image}` |\n"
+            f"| result | {record.reason} |\n\nLog tail:\n\n```\n{record.log_tail}\n```\n"
         ),
     )
     if record.action == Action.BLOCKED:

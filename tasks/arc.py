@@ -43,8 +43,15 @@ def arc_user(config: BootstrapConfig, canfar_username: str | None) -> str:
     return user
 
 
+class ArcKeyRecord(StepRecord):
+    """The key the VM's /arc mount logs in with: its public line (for CANFAR to trust) and path."""
+
+    public_key: str = ""
+    path: str = ""
+
+
 @task(name="ensure-canfar-key", **VM_TASK)
-def ensure_canfar_key(vm: VM, config: BootstrapConfig, apply: bool = True) -> StepRecord:
+def ensure_canfar_key(vm: VM, config: BootstrapConfig, apply: bool = True) -> ArcKeyRecord:
     """The VM's key for /arc: from the key block CANFAR trusts, else generated once (RSA 4096,
     as CANFAR documents). An existing key is never replaced."""
     key = vm_path(config, config.arc.key_path)
@@ -58,12 +65,12 @@ def ensure_canfar_key(vm: VM, config: BootstrapConfig, apply: bool = True) -> St
             if config.arc.key_block
             else "generate one (RSA 4096) for CANFAR to trust"
         )
-        return StepRecord(
+        return ArcKeyRecord(
             name="canfar key",
             action=Action.CREATE,
             applied=False,
             reason=f"pending: no {key}; {source}",
-            details={"public_key": "", "path": key},
+            path=key,
         )
     if not exists and config.arc.key_block:
         from blocks.ssh import SSHKeyPair
@@ -101,11 +108,12 @@ def ensure_canfar_key(vm: VM, config: BootstrapConfig, apply: bool = True) -> St
         )
         reason = f"generated {key}"
     public = vm.run(as_service_user(config, f"cat {q}.pub")).stdout.strip()
-    return StepRecord(
+    return ArcKeyRecord(
         name="canfar key",
         action=Action.KEEP if exists else Action.CREATE,
         reason=reason,
-        details={"public_key": public, "path": key},
+        public_key=public,
+        path=key,
     )
 
 

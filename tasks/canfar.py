@@ -131,6 +131,13 @@ def read_vm_expiry(vm: VM, config: BootstrapConfig) -> dt.datetime | None:
     return dt.datetime.strptime(text, "%b %d %H:%M:%S %Y %Z").replace(tzinfo=dt.UTC)
 
 
+class CertificateRecord(StepRecord):
+    """The VM's CANFAR proxy certificate: when it ends (ISO 8601), in how many days."""
+
+    expiry: str | None = None
+    days_left: float | None = None
+
+
 @task(name="ensure-ca-bundle", **VM_TASK)
 def ensure_ca_bundle(vm: VM, config: BootstrapConfig, apply: bool = True) -> StepRecord:
     """System CAs plus the config's extra CA file, for private services (SSL_CERT_FILE)."""
@@ -154,7 +161,7 @@ def ensure_canfar_auth(
     creds: CanfarCredentials,
     force: bool = False,
     apply: bool = True,
-) -> StepRecord:
+) -> CertificateRecord:
     """A valid proxy certificate on the VM and the env file the canfar client reads."""
     log = logger()
     now = dt.datetime.now(dt.UTC)
@@ -163,7 +170,7 @@ def ensure_canfar_auth(
     action = Action.KEEP
     renew = creds.token is None and (force or expiry is None or expiry - now < min_left)
     if renew and not apply:
-        return StepRecord(
+        return CertificateRecord(
             name="canfar auth",
             action=Action.CREATE if expiry is None else Action.CHANGE,
             applied=False,
@@ -172,7 +179,7 @@ def ensure_canfar_auth(
                 if expiry is None
                 else f"pending: a new proxy certificate (the VM's ends {expiry:%Y-%m-%d %H:%M} UTC)"
             ),
-            details={"expiry": expiry.isoformat() if expiry else None},
+            expiry=expiry.isoformat() if expiry else None,
         )
     if renew:
         pem = fetch_proxy_certificate(creds)
@@ -216,12 +223,13 @@ def ensure_canfar_auth(
         if expiry
         else "bearer token"
     )
-    return StepRecord(
+    return CertificateRecord(
         name="canfar auth",
         action=action,
         applied=apply,
         reason=current
         if apply or not env_changed
         else f"pending: {vm_env_path(config)}; {current}",
-        details={"expiry": expiry.isoformat() if expiry else None, "days_left": days},
+        expiry=expiry.isoformat() if expiry else None,
+        days_left=days,
     )

@@ -92,8 +92,14 @@ def cloud_init_state(output: str) -> str:
     return ""
 
 
+class CloudInitRecord(StepRecord):
+    """cloud-init's first boot as the VM reports it (``done``, ``error``, ``disabled``)."""
+
+    status: str = ""
+
+
 @task(name="wait-for-cloud-init", **VM_TASK)
-def wait_for_cloud_init(vm: VM, timeout: float) -> StepRecord:
+def wait_for_cloud_init(vm: VM, timeout: float) -> CloudInitRecord:
     """Wait for cloud-init's first boot to finish before packages or disks are touched (it
     creates the user, installs keys, mounts the ephemeral disk and may run apt itself).
 
@@ -101,7 +107,7 @@ def wait_for_cloud_init(vm: VM, timeout: float) -> StepRecord:
     but does not stop the run when the login user, its key and sudo work (this step runs over
     that login): what remains is this tool's to do."""
     if not vm.run("command -v cloud-init", check=False).ok:
-        return StepRecord(name="cloud-init", reason="not installed: nothing to wait for")
+        return CloudInitRecord(name="cloud-init", reason="not installed: nothing to wait for")
     progress = Progress(f"cloud-init on {vm.host} to finish the first boot")
     if cloud_init_state(vm.run("cloud-init status", check=False).stdout) == "running":
         progress.tick("cloud-init status --wait")  # said only when there is a wait
@@ -135,15 +141,15 @@ def wait_for_cloud_init(vm: VM, timeout: float) -> StepRecord:
             vm.host,
             detail,
         )
-        return StepRecord(
+        return CloudInitRecord(
             name="cloud-init",
             reason=f"reported an error (user, key and sudo in place; going on): {detail}",
-            details={"status": "error"},
+            status="error",
         )
     if progress.elapsed > 5:
         logger().info("cloud-init on %s finished (%.0f s)", vm.host, progress.elapsed)
-    return StepRecord(
+    return CloudInitRecord(
         name="cloud-init",
         reason="first boot done" if state != "disabled" else "disabled on this image",
-        details={"status": state or "done"},
+        status=state or "done",
     )

@@ -229,7 +229,8 @@ def ensure_local_ssh(
     if missing:
         changes.append(f"added {len(missing)} verified host key(s)")
 
-    record.details = {"changes": changes, "host_keys": [fingerprint(k) for k in verified]}
+    record.changes = changes
+    record.host_keys = [fingerprint(k) for k in verified]
     if changes:
         record.action = Action.CHANGE if kf.exists() else Action.CREATE
         record.reason = "; ".join(changes)

@@ -26,7 +26,8 @@ from tasks.drain import drained
 from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 
 SERVER_UNIT = "prefect-server.service"
-VM_PACKAGES = ("canfar==1.5.2", "openstacksdk==4.22.0", "fabric==3.2.3")
+#: The libraries the VM's flows use beside Prefect, at the versions this package pins.
+VM_LIBRARIES = ("canfar", "openstacksdk", "fabric")
 SERVER_ENV = "/etc/sails-bootstrap/prefect-server.env"
 #: The digest of the server's encryption key (not the key): what the service user may know of
 #: it, to name the key a backup's blocks need.
@@ -35,6 +36,27 @@ SERVER_KEY_ID = "/etc/sails-bootstrap/prefect-server.key-id"
 
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def vm_packages() -> list[str]:
+    """``VM_LIBRARIES`` as this package's own requirements pin them (pyproject.toml, read from
+    the installed package's metadata): one place for the versions."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in requires("alma-sails-bootstrap") or []:
+        req = Requirement(line)
+        if req.marker is None and req.name in VM_LIBRARIES:
+            pins[req.name] = f"{req.name}{req.specifier}"
+    missing = [name for name in VM_LIBRARIES if name not in pins]
+    if missing:
+        raise BootstrapError(
+            f"alma-sails-bootstrap's metadata pins no {', '.join(missing)}: reinstall it "
+            "(uv sync, or pip install the wheel)"
+        )
+    return [pins[name] for name in VM_LIBRARIES]
 
 
 def local_prefect_version() -> str:
@@ -151,7 +173,7 @@ def ensure_prefect_venv(
     py = f"{venv}/bin/python"
     # The canfar client for headless sessions; openstacksdk and fabric for this package's own
     # deployments (health check, repairs), which run on the VM's workers.
-    packages = [f"prefect=={version}", *VM_PACKAGES, *(extra or [])]
+    packages = [f"prefect=={version}", *vm_packages(), *(extra or [])]
     names = [p.split("==")[0] for p in packages]
     code = (
         "import importlib.metadata as m\n"
@@ -185,7 +207,6 @@ def ensure_prefect_venv(
             action=action,
             applied=False,
             reason=f"pending: {first}pip install {wanted} in {venv}",
-            details={"venv": state},
         )
     progress = Progress("the VM's Prefect venv (pip install)")
     progress.tick("starting")
@@ -219,7 +240,6 @@ def ensure_prefect_venv(
         name="prefect venv",
         action=action,
         reason=f"{done}installed {', '.join(packages)}",
-        details={"venv": state},
     )
 
 
@@ -368,7 +388,6 @@ def ensure_prefect_server(
         action=Action.CHANGE if changes else Action.KEEP,
         applied=apply,
         reason=planned(changes, apply) or (f"healthy at {url}" if apply else f"running at {url}"),
-        details={"url": url},
     )
 
 

@@ -86,8 +86,18 @@ finally:
 """
 
 
+class SessionRecord(StepRecord):
+    """A CANFAR headless session launched from the VM: how it ended, how long it took, whether it
+    was cleaned up, and the end of its log."""
+
+    status: str | None = None
+    seconds: float | None = None
+    cleanup: str | None = None
+    log_tail: str = ""
+
+
 @task(name="canfar-smoke-test", cache_policy=NO_CACHE)
-def canfar_smoke_test(vm: VM, config: BootstrapConfig) -> StepRecord:
+def canfar_smoke_test(vm: VM, config: BootstrapConfig) -> SessionRecord:
     """Launch, wait for, read and delete one headless session; the record says why it failed."""
     smoke = config.canfar.smoke_test
     spec = {
@@ -115,7 +125,7 @@ def canfar_smoke_test(vm: VM, config: BootstrapConfig) -> StepRecord:
     logger().info(
         "smoke test session %s: %s in %ss", out.get("id"), out.get("status"), out.get("seconds")
     )
-    return StepRecord(
+    return SessionRecord(
         name="canfar headless session",
         id=out.get("id"),
         action=Action.KEEP if ok else Action.BLOCKED,
@@ -124,5 +134,8 @@ def canfar_smoke_test(vm: VM, config: BootstrapConfig) -> StepRecord:
             if ok
             else f"failed: {out.get('cause')}"
         ),
-        details={**{k: out.get(k) for k in ("status", "seconds", "cleanup")}, "log_tail": tail},
+        status=out.get("status"),
+        seconds=out.get("seconds"),
+        cleanup=out.get("cleanup"),
+        log_tail=tail,
     )

@@ -7,14 +7,11 @@ import os
 import shlex
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError, LockHeldOnVM
 from core.log import Progress
-
-if TYPE_CHECKING:
-    from tasks.vm import VM
 
 #: Where the VM's lock lives: one file for the login user (the operator's runs) and the
 #: service user (the VM's deployments) alike; made by root, writable by both.
@@ -44,7 +41,13 @@ cat >/dev/null
 """
 
 
-def vm_exclusive(host: VM, config: BootstrapConfig, command: str) -> Any:
+class Lockable(Protocol):
+    """A host whose lock can be held (``tasks.vm.VM`` over SSH, ``LocalHost`` on the VM)."""
+
+    def exclusive(self, environment: str, holder: str, wait: float) -> Any: ...
+
+
+def vm_exclusive(host: Lockable, config: BootstrapConfig, command: str) -> Any:
     """The VM's lock for a run of ``command`` (the same bound as the local lock's)."""
     wait = float(os.environ.get("SAILS_BOOTSTRAP_LOCK_WAIT", 3600))
     holder = f"`{command}` from {socket.gethostname()}, pid {os.getpid()}, since {time.ctime()}"

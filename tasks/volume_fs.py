@@ -105,6 +105,13 @@ def resolve_device(vm: VM, volume_id: str, timeout: float = 60) -> str:
         time.sleep(1)
 
 
+class MountRecord(StepRecord):
+    """The data volume's filesystem: the device it is on and its UUID (the fstab key)."""
+
+    device: str = ""
+    uuid: str | None = None
+
+
 @task(name="ensure-volume-mounted", **VM_TASK)
 def ensure_volume_mounted(
     vm: VM,
@@ -112,7 +119,7 @@ def ensure_volume_mounted(
     volume_id: str,
     apply: bool = True,
     recorded_uuid: str | None = None,
-) -> StepRecord:
+) -> MountRecord:
     """Format only an empty volume that was never formatted before (``recorded_uuid``: what the
     volume's metadata says was made there), mount it by UUID from fstab, hand it to the owner."""
     log = logger()
@@ -140,7 +147,7 @@ def ensure_volume_mounted(
             "format it. Copy its data off and wipe it, or attach another volume"
         )
     if not fstype and not apply:
-        return StepRecord(
+        return MountRecord(
             name=f"volume at {mp}",
             action=Action.CHANGE,
             applied=False,
@@ -148,7 +155,7 @@ def ensure_volume_mounted(
                 f"pending: format {device} ext4 (it holds no filesystem), add it to fstab by UUID, "
                 f"mount it at {mp} and hand it to {owner}"
             ),
-            details={"device": device},
+            device=device,
         )
     if not fstype:
         if format_guarded(vm, device, config.volume.label) == "formatted":
@@ -193,11 +200,12 @@ def ensure_volume_mounted(
             changes.append(f"owner {own} -> {owner}")
     if changes and apply:
         log.info("volume: %s", "; ".join(changes))
-    return StepRecord(
+    return MountRecord(
         name=f"volume at {mp}",
         id=uuid,
         action=Action.CHANGE if changes else Action.KEEP,
         applied=apply,
         reason=planned(changes, apply) or f"ext4 {device} mounted at {mp}, owned by {owner}",
-        details={"device": device, "uuid": uuid},
+        device=device,
+        uuid=uuid,
     )

@@ -145,7 +145,7 @@ def test_teardown_then_reprovision_keeps_the_volume(
     first = provision(cfg)
     assert first.attachment and first.address
     kh = Path(cfg.ssh.config_dir) / "known_hosts"
-    old_keys = set(first.local_ssh.details["host_keys"]) if first.local_ssh else set()
+    old_keys = set(first.local_ssh.host_keys) if first.local_ssh else set()
 
     removed = teardown(cfg)
     kinds = sorted(r.kind for r in removed)
@@ -158,7 +158,7 @@ def test_teardown_then_reprovision_keeps_the_volume(
     second = provision(cfg)
     assert second.server and second.server.created and second.server.id != first.server.id
     assert second.attachment and second.attachment.volume_id == first.attachment.volume_id
-    new_keys = set(second.local_ssh.details["host_keys"]) if second.local_ssh else set()
+    new_keys = set(second.local_ssh.host_keys) if second.local_ssh else set()
     assert new_keys and new_keys.isdisjoint(old_keys)
     entries = [line.split() for line in kh.read_text().splitlines() if line.strip()]
     for_address = [e for e in entries if host_matches(e[0], second.address or "")]

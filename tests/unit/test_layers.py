@@ -54,3 +54,17 @@ def test_the_reader_sees_the_imports(tmp_path: Path) -> None:
     probe.write_text("from flows.provision import provision\n\ndef f():\n    import sandbox.net\n")
     assert imports_of(probe) == {"flows", "sandbox"}
     assert imports_of(ROOT / "tasks" / "access.py") >= {"core", "blocks", "tasks"}
+
+
+#: Rooms small enough to read in one sitting.
+MAX_LINES = 400
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_no_product_module_is_over_the_limit(package: str) -> None:
+    long = {
+        str(path.relative_to(ROOT)): n
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (n := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"split these along their seams: {long}"
