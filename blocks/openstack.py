@@ -259,6 +259,24 @@ class OpenStackCredentials(CredentialsBlock):
             True,
         )
 
+    def delegated_is_current(
+        self, name: str, kept: OpenStackCredentials | None, environment: str | None = None
+    ) -> bool:
+        """Whether :meth:`delegated` would hand on ``kept`` as it is (read only): an application
+        credential always; for a password, ``kept`` still names Keystone's credential ``name``."""
+        if self.auth_type == "v3applicationcredential":
+            return True
+        if kept is None or kept.auth_type != "v3applicationcredential":
+            return False
+        conn = self.get_connection(environment)
+        identity: Any = conn.identity
+        try:
+            user = str(conn.current_user_id)
+            existing = find_or_none(identity.find_application_credential, user, name)
+        finally:
+            conn.close()
+        return existing is not None and existing.id == kept.application_credential_id
+
     def revoke_delegated(self, name: str, environment: str | None = None) -> bool:
         """Delete the application credential ``name`` that :meth:`delegated` made (password
         credentials only; an application credential cannot see or manage others)."""

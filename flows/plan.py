@@ -1,5 +1,6 @@
 """The whole plan: what provision would change in the cloud and, when the VM is already there,
-what configure would change on it. Nothing is written anywhere."""
+what configure would change on it and, when its Prefect server runs, what register would change
+there. Nothing is written anywhere."""
 
 from __future__ import annotations
 
@@ -26,13 +27,17 @@ class PlanResult(BaseModel):
     vm: list[StepRecord] = Field(default_factory=list)
     #: Why the VM was not read (empty when ``vm`` holds its steps).
     vm_note: str = ""
+    server: list[StepRecord] = Field(default_factory=list)
+    #: Why the VM's Prefect server was not read (empty when ``server`` holds register's steps).
+    server_note: str = ""
     #: What `up` does not change but an operator should know (a stale or missing backup).
     notes: list[str] = Field(default_factory=list)
 
     @property
     def pending(self) -> bool:
         """Something would change, or something blocks the run."""
-        return any(r.changed or r.action == Action.BLOCKED for r in [*self.cloud, *self.vm])
+        rows = [*self.cloud, *self.vm, *self.server]
+        return any(r.changed or r.action == Action.BLOCKED for r in rows)
 
 
 @flow(name="plan")
@@ -55,12 +60,34 @@ def plan(config: BootstrapConfig = BootstrapConfig()) -> PlanResult:
             result.vm_note = f"not read: {exc}"
         else:
             result.notes += _backup_notes(config, target)
+            _plan_server(config, target, result)
     logger().info(
         "plan for %s: %s",
         config.environment,
         "changes pending" if result.pending or result.vm_note else "nothing to change",
     )
     return result
+
+
+#: Configure's steps that must be in place before the VM's Prefect server can be read.
+SERVER_PREREQUISITES = ("prefect venv", "prefect server")
+
+
+def _plan_server(config: BootstrapConfig, target: VMTarget, result: PlanResult) -> None:
+    """Register's steps in plan mode, when the server they talk to already runs as configured."""
+    from flows.register import register
+
+    pending = [r.name for r in result.vm if r.name in SERVER_PREREQUISITES and r.changed]
+    if pending or not result.vm:
+        result.server_note = (
+            f"not read: {', '.join(pending) or 'the VM'} not in place yet; register runs "
+            "every step once configure has started the server"
+        )
+        return
+    try:
+        result.server = register(config, target, plan=True).records
+    except Exception as exc:  # the plan says why; it never fails for this part
+        result.server_note = f"not read: {type(exc).__name__}: {str(exc)[:300]}"
 
 
 def _backup_notes(config: BootstrapConfig, target: VMTarget) -> list[str]:

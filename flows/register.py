@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from prefect import flow
@@ -37,13 +38,17 @@ def register(
     config: BootstrapConfig = BootstrapConfig(),
     target: VMTarget | None = None,
     science_codebase: str | None = None,
+    plan: bool = False,
 ) -> RegisterResult:
-    """Make the VM's server ready for the pipeline: one command instead of `screen` sessions."""
+    """Make the VM's server ready for the pipeline: one command instead of `screen` sessions.
+    ``plan=True`` only reads the server and says what would change."""
+    apply = not plan
     if target is None:
         target = locate_vm(open_connection(config), config)
     vm = vm_for(config, target)
     try:
-        secret = server_secrets(config, host=vm)  # recovered from the VM if the block is gone
+        # recovered from the VM if the block is gone
+        secret = server_secrets(config, apply=apply, host=vm)
     except BaseException:
         vm.close()
         raise
@@ -52,20 +57,25 @@ def register(
     result = RegisterResult(environment=config.environment, api_url=f"{config.ui_url}/api")
     try:
         records = result.records
-        records.append(ensure_local_profile(config, result.api_url, auth))
-        with vm_exclusive(vm, config, "register"), vm.api(config.prefect.port) as base:
+        records.append(ensure_local_profile(config, result.api_url, auth, apply))
+        lock = vm_exclusive(vm, config, "register") if apply else contextlib.nullcontext()
+        with lock, vm.api(config.prefect.port) as base:
             url = f"{base}/api"
-            records.append(install_code(vm, config, url, auth))
-            records.append(copy_blocks(config, url, auth))
-            records.append(ensure_work_pools(config, url, auth))
-            records.append(ensure_workers(vm, config, url, auth))
-            records.append(deploy(config, url, auth))
-            if science_codebase:
+            records.append(install_code(vm, config, url, auth, apply))
+            records.append(copy_blocks(config, url, auth, apply))
+            records.append(ensure_work_pools(config, url, auth, apply))
+            records.append(ensure_workers(vm, config, url, auth, apply))
+            records.append(deploy(config, url, auth, apply))
+            if science_codebase and apply:
                 records.append(deploy_science(vm, config, science_codebase))
     finally:
         vm.close()
     create_table_artifact(
-        key=f"register-{config.environment}", table=[r.row() for r in result.records]
+        key=f"{'plan-' if plan else ''}register-{config.environment}",
+        table=[r.row() for r in result.records],
+        description="what register would change on the VM's server (nothing was changed)"
+        if plan
+        else "what register checked and changed on the VM's server",
     )
     return result
 

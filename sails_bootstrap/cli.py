@@ -107,9 +107,11 @@ def plan_cmd(config: ConfigOption) -> None:
 
     result = _run(lambda: plan(cfg))
     typer.echo(f"plan for {cfg.environment}:")
-    _print_records([*result.cloud, *result.vm])
+    _print_records([*result.cloud, *result.vm, *result.server])
     if result.vm_note:
         typer.echo(f"  vm: {result.vm_note}")
+    if result.server_note:
+        typer.echo(f"  server: {result.server_note}")
     for note in result.notes:
         typer.echo(f"  note: {note}")
 

@@ -87,11 +87,12 @@ def _tarball() -> bytes:
 
 
 @task(name="install-code-on-vm", **VM_TASK)
-def install_code(vm: VM, config: BootstrapConfig, url: str, auth_string: str | None) -> StepRecord:
+def install_code(
+    vm: VM, config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
+) -> StepRecord:
     """Copy this package to the VM's volume (never onto the venv's path), write its config. The
     workers run from that directory: they restart in the new one once their runs in flight
     ended (``prefect.drain_timeout``)."""
-    data = _tarball()
     digest = code_digest()
     target = code_dir(config)
     q = shlex.quote(target)
@@ -99,8 +100,8 @@ def install_code(vm: VM, config: BootstrapConfig, url: str, auth_string: str | N
     current = vm.run(f"cat {q}/.version 2>/dev/null || true").stdout.strip()
     changed = current != digest
     drain_note = ""
-    if changed:
-        archive = shlex.quote(vm.upload(data))
+    if changed and apply:
+        archive = shlex.quote(vm.upload(_tarball()))
         vm.run(
             f"rm -rf {q}.new && mkdir -p {q}.new && tar -xzf {archive} -C {q}.new"
             f" && echo {digest} > {q}.new/.version"
@@ -130,15 +131,22 @@ def install_code(vm: VM, config: BootstrapConfig, url: str, auth_string: str | N
         f"site=$({shlex.quote(config.prefect.venv)}/bin/python -c "
         "'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')"
     )
-    pth = bool(vm.run(f'{site} && rm -fv "$site/{OLD_PTH}"').stdout.strip())
+    remove = "rm -fv" if apply else "ls -d 2>/dev/null"
+    pth = bool(vm.run(f'{site} && {remove} "$site/{OLD_PTH}" || true').stdout.strip())
     cfg = vm.write_file(
-        f"{target}/config.yaml", dump_config(vm_config(config)), owner=f"{user}:{user}", sudo=False
+        f"{target}/config.yaml",
+        dump_config(vm_config(config)),
+        owner=f"{user}:{user}",
+        sudo=False,
+        apply=apply,
     )
     return StepRecord(
         name="code on the VM",
         action=Action.CHANGE if (changed or pth or cfg) else Action.KEEP,
-        reason=f"{target} at {digest}"
-        + (" (updated)" if changed else "")
+        applied=apply,
+        reason=("" if apply or not (changed or pth or cfg) else "pending: ")
+        + f"{target} at {digest}"
+        + ((" (updated)" if apply else f" (now {current or 'none'})") if changed else "")
         + (f"; {OLD_PTH} removed from the venv" if pth else "")
         + (f"; {drain_note}" if drain_note else ""),
     )

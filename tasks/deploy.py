@@ -61,21 +61,36 @@ def deployed_as(url: str, auth_string: str | None, version: str) -> str | None:
         )
         if {d.name: d.version for d in ours} != dict.fromkeys(wanted, version):
             return None
-        owners = [a.owner_resource for a in client.read_automations()]
-    for d in ours:
-        if owners.count(f"prefect.deployment.{d.id}") != wanted[d.name]:
+        automations = client.read_automations()
+    for d in ours:  # a trigger's automation runs its deployment (by id: this one, not an old one)
+        runs = [
+            a
+            for a in automations
+            if any(getattr(x, "deployment_id", None) == d.id for x in a.actions)
+        ]
+        if len(runs) != wanted[d.name]:
             return None
     return f"{', '.join(wanted)} as deployed ({version})"
 
 
 @task(name="deploy", cache_policy=NO_CACHE)
-def deploy(config: BootstrapConfig, url: str, auth_string: str | None) -> StepRecord:
+def deploy(
+    config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
+) -> StepRecord:
     """`prefect deploy --all` of prefect.yaml against the VM's server, unless every deployment
     is there already at this version (then nothing is written)."""
     version = deploy_version(config)
     same = deployed_as(url, auth_string, version)
     if same:
-        return StepRecord(name="deployments", action=Action.KEEP, reason=same)
+        return StepRecord(name="deployments", action=Action.KEEP, applied=apply, reason=same)
+    if not apply:
+        return StepRecord(
+            name="deployments",
+            action=Action.CHANGE,
+            applied=False,
+            reason=f"pending: deploy prefect.yaml at {version} (the server has another version, "
+            "or not every deployment or trigger)",
+        )
     env = {
         **os.environ,
         **deploy_env(config),

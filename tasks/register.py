@@ -16,7 +16,7 @@ from tasks.canfar import VM_CA_BUNDLE, vm_env_path
 from tasks.cloud import cloud_credentials
 from tasks.code_on_vm import code_dir, vm_config
 from tasks.drain import drained
-from tasks.vm import MANAGED, VM, VM_TASK, StepRecord
+from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 from tasks.vm_server import remote_client, remove_private_keys, save_remote
 
 WORKER_UNIT = "prefect-worker@.service"
@@ -26,7 +26,9 @@ WORKER_ENV = "/etc/sails-bootstrap/prefect-worker.env"
 
 
 @task(name="ensure-local-profile", cache_policy=NO_CACHE)
-def ensure_local_profile(config: BootstrapConfig, url: str, auth_string: str | None) -> StepRecord:
+def ensure_local_profile(
+    config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
+) -> StepRecord:
     """A Prefect profile named after the environment, pointing at the VM's API."""
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
     from prefect.settings.profiles import load_profiles, save_profiles
@@ -37,10 +39,10 @@ def ensure_local_profile(config: BootstrapConfig, url: str, auth_string: str | N
         wanted[PREFECT_API_AUTH_STRING] = auth_string
     existing = profiles.profiles_by_name.get(config.environment)
     same = existing is not None and all(existing.settings.get(k) == v for k, v in wanted.items())
-    if not same:
+    if not same and apply:
         profiles.update_profile(config.environment, wanted)
         save_profiles(profiles)
-    if auth_string:  # the file now holds the auth string: owner only
+    if auth_string and apply:  # the file now holds the auth string: owner only
         from prefect.settings import PREFECT_PROFILES_PATH
 
         path = Path(str(PREFECT_PROFILES_PATH.value())).expanduser()
@@ -49,24 +51,29 @@ def ensure_local_profile(config: BootstrapConfig, url: str, auth_string: str | N
     return StepRecord(
         name=f"profile {config.environment}",
         action=Action.KEEP if same else (Action.CHANGE if existing else Action.CREATE),
-        reason=f"`prefect profile use {config.environment}` talks to {url} "
+        applied=apply,
+        reason=("" if apply or same else "pending: ")
+        + f"`prefect profile use {config.environment}` talks to {url} "
         f"(while `ssh -N {config.ssh.alias}` forwards it)",
     )
 
 
 @task(name="copy-blocks-to-vm", cache_policy=NO_CACHE)
-def copy_blocks(config: BootstrapConfig, url: str, auth_string: str | None) -> StepRecord:
+def copy_blocks(
+    config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
+) -> StepRecord:
     """Save the blocks the deployments need on the VM's server (secrets carried, never shown)."""
     from prefect.blocks.system import Secret
 
     from blocks import CanfarCredentials, OpenStackCredentials
 
     remote = vm_config(config)
-    cloud, made = vm_cloud_credentials(config, cloud_credentials(config))
+    cloud, made = vm_cloud_credentials(config, cloud_credentials(config), apply)
     blocks: list[tuple[Any, str]] = [
-        (cloud, str(remote.cloud.credentials_block)),
         (Secret.load(config.prefect.auth_block), config.prefect.auth_block),
     ]
+    if cloud is not None:  # None: one to make (plan mode), so not yet there to compare
+        blocks.insert(0, (cloud, str(remote.cloud.credentials_block)))
     try:
         blocks.append(
             (
@@ -87,17 +94,22 @@ def copy_blocks(config: BootstrapConfig, url: str, auth_string: str | None) -> S
         return block
 
     blocks = [(for_vm(b), n) for b, n in blocks]
-    saved = save_remote(blocks, url, auth_string)
+    saved = save_remote(blocks, url, auth_string, apply)
     kept = [name for _, name in blocks if name not in saved]
     changes = [f"saved {', '.join(saved)}"] if saved else []
     if made:
         changes.append(f"made the application credential {vm_credential_name(config)} for the VM")
-    if remove_private_keys(url, auth_string):
+        if cloud is None:
+            changes.append(f"saved {remote.cloud.credentials_block}")
+    if remove_private_keys(url, auth_string, apply):
         changes.append("removed the SSH private key an earlier version put there")
-    reason = "; ".join(changes + ([f"{', '.join(kept)} as they should be"] if kept else []))
+    reason = planned(changes, apply)
+    if kept:
+        reason += ("; " if reason else "") + f"{', '.join(kept)} as they should be"
     return StepRecord(
         name="blocks on the VM server",
         action=Action.CHANGE if changes else Action.KEEP,
+        applied=apply,
         reason=reason,
     )
 
@@ -107,10 +119,13 @@ def vm_credential_name(config: BootstrapConfig) -> str:
     return f"sails-{config.environment}-vm"
 
 
-def vm_cloud_credentials(config: BootstrapConfig, cloud: Any) -> tuple[Any, bool]:
+def vm_cloud_credentials(
+    config: BootstrapConfig, cloud: Any, apply: bool = True
+) -> tuple[Any | None, bool]:
     """What the VM gets to reach the cloud: never a password. An application credential is
     copied; for a password, the VM's own application credential, kept here as the block
-    ``ENV-vm-cloud`` so that later runs reuse it instead of making another."""
+    ``ENV-vm-cloud`` so that later runs reuse it instead of making another. With
+    ``apply=False``, Keystone is only read: ``(None, True)`` when one would be made."""
     from blocks import OpenStackCredentials
 
     local = f"{config.environment}-vm-cloud"
@@ -118,6 +133,11 @@ def vm_cloud_credentials(config: BootstrapConfig, cloud: Any) -> tuple[Any, bool
         kept = OpenStackCredentials.load(local)
     except ValueError:
         kept = None
+    if not apply:
+        name = vm_credential_name(config)
+        if not cloud.delegated_is_current(name, kept, config.environment):
+            return None, True
+        return (cloud if cloud.auth_type == "v3applicationcredential" else kept), False
     creds, made = cloud.delegated(vm_credential_name(config), kept, config.environment)
     if made:
         creds.save(local, overwrite=True)
@@ -130,7 +150,9 @@ def vm_cloud_credentials(config: BootstrapConfig, cloud: Any) -> tuple[Any, bool
 
 
 @task(name="ensure-work-pools", cache_policy=NO_CACHE)
-def ensure_work_pools(config: BootstrapConfig, url: str, auth_string: str | None) -> StepRecord:
+def ensure_work_pools(
+    config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
+) -> StepRecord:
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 
     changes = []
@@ -140,26 +162,29 @@ def ensure_work_pools(config: BootstrapConfig, url: str, auth_string: str | None
         listed = {p.name: p for p in client.read_work_pools()}
         for pool in config.prefect.work_pools:
             if pool.name not in listed:
-                client.create_work_pool(
-                    WorkPoolCreate(
-                        name=pool.name,
-                        type="process",
-                        description=f"{config.environment}: {pool.name}",
+                if apply:
+                    client.create_work_pool(
+                        WorkPoolCreate(
+                            name=pool.name,
+                            type="process",
+                            description=f"{config.environment}: {pool.name}",
+                        )
                     )
-                )
                 changes.append(f"created {pool.name}")
                 current = None
             else:
                 current = listed[pool.name].concurrency_limit
             if current != pool.concurrency:
-                client.update_work_pool(
-                    pool.name, WorkPoolUpdate(concurrency_limit=pool.concurrency)
-                )
+                if apply:
+                    client.update_work_pool(
+                        pool.name, WorkPoolUpdate(concurrency_limit=pool.concurrency)
+                    )
                 changes.append(f"{pool.name} limit {current} -> {pool.concurrency}")
     return StepRecord(
         name="work pools",
         action=Action.CHANGE if changes else Action.KEEP,
-        reason="; ".join(changes)
+        applied=apply,
+        reason=planned(changes, apply)
         or ", ".join(f"{p.name}({p.concurrency or '-'})" for p in config.prefect.work_pools),
     )
 
@@ -190,7 +215,7 @@ def worker_unit(config: BootstrapConfig) -> str:
 
 @task(name="ensure-workers", **VM_TASK)
 def ensure_workers(
-    vm: VM, config: BootstrapConfig, url: str, auth_string: str | None
+    vm: VM, config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
 ) -> StepRecord:
     """One systemd worker per pool (per configured count), replacing the `screen` sessions."""
     p = config.prefect
@@ -208,11 +233,16 @@ def ensure_workers(
     # and `deploy_science` sources it as that user).
     user = config.prefect.user
     env_changed = vm.write_file(
-        WORKER_ENV, "\n".join(env) + "\n", mode="0600", owner=f"{user}:{user}"
+        WORKER_ENV, "\n".join(env) + "\n", mode="0600", owner=f"{user}:{user}", apply=apply
     )
-    unit_changed = vm.write_file(f"/etc/systemd/system/{WORKER_UNIT}", worker_unit(config))
+    unit_changed = vm.write_file(
+        f"/etc/systemd/system/{WORKER_UNIT}", worker_unit(config), apply=apply
+    )
+    if env_changed:
+        changes.append("worker environment")
     if unit_changed:
-        vm.run("systemctl daemon-reload", sudo=True)
+        if apply:
+            vm.run("systemctl daemon-reload", sudo=True)
         changes.append("worker unit")
     restart: list[str] = []
     for pool in p.work_pools:
@@ -220,14 +250,18 @@ def ensure_workers(
             continue
         unit = f"prefect-worker@{pool.name}.service"
         if not vm.run(f"systemctl is-enabled --quiet {unit}", check=False).ok:
-            vm.run(f"systemctl enable {unit}", sudo=True)
+            if apply:
+                vm.run(f"systemctl enable {unit}", sudo=True)
             changes.append(f"enabled {pool.name}")
         if not vm.run(f"systemctl is-active --quiet {unit}", check=False).ok:
-            vm.run(f"systemctl restart {unit}", sudo=True)
+            if apply:
+                vm.run(f"systemctl restart {unit}", sudo=True)
             changes.append(f"started {pool.name}")
         elif env_changed or unit_changed:
             restart.append(pool.name)
-    if restart:  # a worker's restart ends the runs it started: they end first
+    if restart and not apply:
+        changes += [f"restarted {name} (once its runs end)" for name in restart]
+    elif restart:  # a worker's restart ends the runs it started: they end first
         with (
             remote_client(url, auth_string) as client,
             drained(client, restart, p.drain_timeout, "the workers", vm) as drain,
@@ -240,5 +274,6 @@ def ensure_workers(
     return StepRecord(
         name="workers",
         action=Action.CHANGE if changes else Action.KEEP,
-        reason="; ".join(changes) or "one worker per pool running",
+        applied=apply,
+        reason=planned(changes, apply) or "one worker per pool running",
     )

@@ -41,10 +41,13 @@ def _plain(block: Any) -> Any:
     return block.model_dump(mode="json", include=fields, context={"include_secrets": True})
 
 
-def save_remote(blocks: list[tuple[Any, str]], url: str, auth_string: str | None) -> list[str]:
+def save_remote(
+    blocks: list[tuple[Any, str]], url: str, auth_string: str | None, apply: bool = True
+) -> list[str]:
     """Save on the VM's server the blocks whose document there differs (or is missing, or was
-    saved with another version of the block's schema); the names saved. A block already as it
-    should be is not written (the async client: ``Block.save`` ignores a client)."""
+    saved with another version of the block's schema); the names saved (with ``apply=False``,
+    that would be). A block already as it should be is not written (the async client:
+    ``Block.save`` ignores a client)."""
     import asyncio
 
     from prefect.client.orchestration import PrefectClient
@@ -68,18 +71,19 @@ def save_remote(blocks: list[tuple[Any, str]], url: str, auth_string: str | None
                     and _plain(cls.model_validate(doc.data)) == _plain(block)
                 ):
                     continue
-                # A fresh instance: a loaded block remembers its local document id.
-                fresh = cls(**{f: getattr(block, f) for f in cls.model_fields})
-                await fresh.asave(name, overwrite=True, client=client)
+                if apply:
+                    # A fresh instance: a loaded block remembers its local document id.
+                    fresh = cls(**{f: getattr(block, f) for f in cls.model_fields})
+                    await fresh.asave(name, overwrite=True, client=client)
                 saved.append(name)
         return saved
 
     return asyncio.run(save_changed())
 
 
-def remove_private_keys(url: str, auth_string: str | None) -> list[str]:
-    """Delete every SSHKeyPair block on the VM's server: the key that opens the VM stays with
-    the operator (the VM's deployments act on the VM itself)."""
+def remove_private_keys(url: str, auth_string: str | None, apply: bool = True) -> list[str]:
+    """Delete every SSHKeyPair block on the VM's server (``apply=False``: name them): the key
+    that opens the VM stays with the operator (the VM's deployments act on the VM itself)."""
     from prefect.exceptions import ObjectNotFound
 
     with remote_client(url, auth_string) as client:
@@ -89,7 +93,7 @@ def remove_private_keys(url: str, auth_string: str | None) -> list[str]:
         except ObjectNotFound:  # the type was never registered there: no such block either
             return []
         found = client.read_block_documents_by_type("ssh-key-pair", include_secrets=False)
-        for document in found:
+        for document in found if apply else []:
             client.delete_block_document(document.id)
             logger().info("removed SSHKeyPair block %s from the VM's server", document.name)
     return sorted(str(d.name) for d in found)

@@ -96,7 +96,14 @@ def test_first_boot_configure_noop_drift_venv_repair_and_reboot(vm_config) -> No
     ]
     assert {r.name: r for r in second.records}["packages"].action == Action.KEEP
     after = plan(cfg)
-    assert not after.pending
+    assert not [f"{r.name}: {r.reason}" for r in [*after.cloud, *after.vm] if r.changed]
+    # The server runs, register has not: the plan reads the server and says what register
+    # would do there, doing none of it.
+    server = {r.name: r for r in after.server}
+    assert server["work pools"].reason.startswith("pending: created "), after.server
+    assert server["deployments"].action == Action.CHANGE, after.server
+    assert not any(r.applied for r in after.server if r.changed), after.server
+    assert plan(cfg).server == after.server  # nothing was made by the first plan
     # what `up` leaves as it is, but an operator should know before anything happens
     assert [n for n in after.notes if n.startswith("backup: no backup in /arc yet")], after.notes
 

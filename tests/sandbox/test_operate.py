@@ -26,6 +26,7 @@ from core.errors import BootstrapError
 from core.records import Action
 from flows.bootstrap import bootstrap
 from flows.operate import health_check, reauth_canfar, remount_arc
+from flows.plan import plan
 from flows.register import register, smoke_test, ui_check
 from sandbox import layout
 from tasks.access import vm_for
@@ -231,6 +232,10 @@ def test_bootstrap_register_and_self_repair(
     changed = [f"{r.name}: {r.action} ({r.reason})" for r in noop.records if r.changed]
     assert not changed, changed
     assert written() == before
+    # and the plan, which now reads the server too, has nothing to say
+    settled = plan(cfg)
+    assert not settled.pending and not settled.server_note, settled
+    assert {r.name for r in settled.server} >= {"blocks on the VM server", "deployments"}
     ours = {name: before["deployments"][name][1] for name in names}
     assert ours == dict.fromkeys(names, deploy_version(cfg)), ours
 
