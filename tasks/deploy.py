@@ -47,14 +47,22 @@ def deploy_env(config: BootstrapConfig) -> dict[str, str]:
     }
 
 
-def deployed_as(url: str, auth_string: str | None, version: str) -> str | None:
-    """Why nothing needs deploying, or None: every deployment prefect.yaml lists is on the
-    server at ``version``, no other of ours, and the automations of their triggers are there."""
+def listed_deployments() -> dict[str, int]:
+    """The deployments prefect.yaml lists, each with how many triggers it has."""
     import yaml
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
 
     spec = yaml.safe_load(prefect_yaml().read_text())["deployments"]
-    wanted = {d["name"]: len(d.get("triggers") or []) for d in spec}
+    return {d["name"]: len(d.get("triggers") or []) for d in spec}
+
+
+def deployed_as(
+    url: str, auth_string: str | None, version: str, wanted: dict[str, int]
+) -> str | None:
+    """Why nothing needs deploying, or None: every deployment in ``wanted`` (name: triggers) is
+    on the server at ``version``, no other of ours, and the automations of their triggers are
+    there."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
+
     with remote_client(url, auth_string) as client:
         ours = client.read_deployments(
             deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=["sails-bootstrap"]))
@@ -80,7 +88,8 @@ def deploy(
     """`prefect deploy --all` of prefect.yaml against the VM's server, unless every deployment
     is there already at this version (then nothing is written)."""
     version = deploy_version(config)
-    same = deployed_as(url, auth_string, version)
+    listed = listed_deployments()
+    same = deployed_as(url, auth_string, version, listed)
     if same:
         return StepRecord(name="deployments", action=Action.KEEP, applied=apply, reason=same)
     if not apply:
@@ -124,9 +133,7 @@ def deploy(
         if auth_string:
             tail = tail.replace(auth_string, "****")
         raise BootstrapError(f"prefect deploy failed: {tail}")
-    import yaml
-
-    wanted = [d["name"] for d in yaml.safe_load(yaml_path.read_text())["deployments"]]
+    wanted = list(listed)
     retired = retire_deployments(url, auth_string, wanted)
     reason = f"{', '.join(wanted)} ({version})"
     if retired:
