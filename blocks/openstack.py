@@ -222,18 +222,13 @@ class OpenStackCredentials(CredentialsBlock):
         Returns the credentials and whether Keystone was changed."""
         if self.auth_type == "v3applicationcredential":
             return self, False
+        if kept is not None and self.delegated_is_current(name, kept, environment):
+            return kept, False
         conn = self.get_connection(environment)
         identity: Any = conn.identity  # v3: the only identity API this block speaks
         try:
             user = str(conn.current_user_id)
             existing = find_or_none(identity.find_application_credential, user, name)
-            if (
-                existing is not None
-                and kept is not None
-                and kept.auth_type == "v3applicationcredential"
-                and kept.application_credential_id == existing.id
-            ):
-                return kept, False
             if existing is not None:
                 identity.delete_application_credential(user, existing)
             made = identity.create_application_credential(
