@@ -71,20 +71,20 @@ def wait_for_volume(
         time.sleep(1)
 
 
-def decide_volume(volumes: list[Any], size_gb: int) -> tuple[Action, str]:
-    """``volumes``: ours (a volume being deleted is on its way out: not counted). One: KEEP
-    (never resized; a smaller one is said). None: CREATE. Two: BLOCKED, as one of them may hold
-    the data: the operator looks inside first."""
+def decide_volume(volumes: list[Any], size_gb: int) -> tuple[Action, str, list[Any]]:
+    """``volumes``: ours (a volume being deleted is on its way out: not counted; the ones that
+    count are returned). One: KEEP (never resized; a smaller one is said). None: CREATE. Two:
+    BLOCKED, as one of them may hold the data: the operator looks inside first."""
     live = [v for v in volumes if v.status != "deleting"]
     if len(live) > 1:
-        return Action.BLOCKED, duplicate_volumes_problem(live)
+        return Action.BLOCKED, duplicate_volumes_problem(live), live
     if not live:
-        return Action.CREATE, "missing"
+        return Action.CREATE, "missing", live
     volume = live[0]
     reason = f"{volume.status}, {volume.size} GB"
     if volume.size < size_gb:
         reason += f" (smaller than the {size_gb} GB asked; not resized)"
-    return Action.KEEP, reason
+    return Action.KEEP, reason, live
 
 
 @task(name="ensure-volume", **CLOUD_TASK)
@@ -92,8 +92,7 @@ def ensure_volume(conn: Connection, config: BootstrapConfig, apply: bool = True)
     """The persistent volume. A second one of ours is never deleted: it may hold the data, so
     the run cannot proceed until the operator has looked inside (preflight says so first)."""
     log = logger()
-    vols = [v for v in our_volumes(conn, config) if v.status != "deleting"]
-    action, reason = decide_volume(vols, config.volume.size_gb)
+    action, reason, vols = decide_volume(our_volumes(conn, config), config.volume.size_gb)
     if action == Action.BLOCKED:
         return VolumeRecord(
             name=vols[0].name,
@@ -108,7 +107,7 @@ def ensure_volume(conn: Connection, config: BootstrapConfig, apply: bool = True)
         volume = vols[0]
         if apply and volume.status not in ("available", "in-use"):
             volume = wait_for_volume(conn, volume, "available", config.volume.timeout)
-            _, reason = decide_volume([volume], config.volume.size_gb)
+            _, reason, _ = decide_volume([volume], config.volume.size_gb)
         return VolumeRecord(
             name=volume.name,
             id=volume.id,

@@ -148,5 +148,5 @@ def vol(id: str, status: str = "available", size: int = 50) -> NS:
     ids=["none", "one", "smaller", "being deleted", "one being deleted, one live", "two"],
 )
 def test_volume(volumes, action, reason) -> None:
-    got, why = decide_volume(volumes, 50)
+    got, why, _ = decide_volume(volumes, 50)
     assert got == action and reason in why
