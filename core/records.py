@@ -60,6 +60,8 @@ class ServerRecord(Record):
     kind: str = "server"
     status: str | None = None
     fixed_ip: str | None = None
+    #: Floating addresses Nova lists on the server (as of the read).
+    floating_ips: list[str] = Field(default_factory=list)
     created: bool = False
     launched_at: str | None = None  # when the hypervisor started it (ISO 8601, UTC)
     host_key_fingerprints: list[str] = Field(default_factory=list)
@@ -75,6 +77,8 @@ class VolumeRecord(Record):
     size_gb: int = 0
     status: str | None = None
     fs_uuid: str | None = None  # the filesystem UUID recorded on the volume when formatted
+    #: Server id → attachment id, as Cinder listed them (as of the read).
+    attachments: dict[str, str] = Field(default_factory=dict)
 
 
 class AttachmentRecord(Record):

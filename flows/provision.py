@@ -1,7 +1,8 @@
 """Provision the cloud side of the VM: keypair, rules, server, floating IP, volume, local ssh.
 
-Independent work runs at once (keypair, rules and volume while the server builds), so the wall
-time approaches the critical path: keypair → server → floating IP → host keys.
+Independent work runs at once (keypair, rules, volume and an address while the server builds),
+so the wall time approaches the critical path: preflight → keypair → server → floating IP →
+host keys. Preflight reads what exists once; a run that changes nothing reads nothing again.
 """
 
 from __future__ import annotations
@@ -26,12 +27,9 @@ from core.records import (
 from tasks.access import load_key
 from tasks.cloud import open_connection
 from tasks.cloud.console import console_fingerprints
-from tasks.cloud.floating_ip import ensure_floating_ip
-from tasks.cloud.keypair import ensure_keypair
+from tasks.cloud.converge import converge, submitted
 from tasks.cloud.preflight import preflight
-from tasks.cloud.secgroup import ensure_security_group
-from tasks.cloud.server import boot_time_left, ensure_server
-from tasks.cloud.volume import ensure_attachment, ensure_volume
+from tasks.cloud.server import boot_time_left
 from tasks.local_ssh import ensure_local_ssh
 
 
@@ -129,27 +127,12 @@ def provision(
         _publish(result, config)
         return result
 
-    keypair = ensure_keypair.submit(conn, config, key, apply)
-    rules = ensure_security_group.submit(
-        conn, config, facts.project_id, apply, facts.security_group_id
-    )
-    volume = ensure_volume.submit(conn, config, apply)
-    server = ensure_server.submit(conn, config, facts, apply, rules, wait_for=[keypair])  # type: ignore[call-overload]
-    fip = ensure_floating_ip.submit(conn, config, server, facts, apply)
-    attachment = ensure_attachment.submit(conn, config, server, volume, apply)  # type: ignore[call-overload]
-
-    result.server = server.result()
-    result.floating_ip = fip.result()
-    result.volume = volume.result()
-    result.attachment = attachment.result()
-    result.records = [
-        keypair.result(),
-        rules.result(),
-        result.server,
-        result.floating_ip,
-        result.volume,
-        result.attachment,
-    ]
+    cloud = converge(conn, config, key, facts, apply, run=submitted)
+    result.server = cloud.server
+    result.floating_ip = cloud.floating_ip
+    result.volume = cloud.volume
+    result.attachment = cloud.attachment
+    result.records = cloud.records()
     if apply and local_ssh and result.server.id and result.address:
         server_id = result.server.id
         booting = boot_time_left(result.server, config.server.boot_timeout)

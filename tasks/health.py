@@ -165,28 +165,12 @@ def cloud_probes(conn: Connection, config: BootstrapConfig, on_vm: bool = False)
 
     def drift() -> tuple[str, str]:
         from tasks.access import load_key
-        from tasks.cloud.floating_ip import ensure_floating_ip
-        from tasks.cloud.keypair import ensure_keypair
+        from tasks.cloud.converge import converge
         from tasks.cloud.preflight import preflight
-        from tasks.cloud.secgroup import ensure_security_group
-        from tasks.cloud.server import ensure_server
-        from tasks.cloud.volume import ensure_attachment, ensure_volume
 
         key = load_key(config, apply=False, on_vm=on_vm)
         facts = preflight.fn(conn, config, key)
-        rules = ensure_security_group.fn(
-            conn, config, facts.project_id, apply=False, shared_group_id=facts.security_group_id
-        )
-        srv = ensure_server.fn(conn, config, facts, apply=False, access=rules)
-        vol = ensure_volume.fn(conn, config, apply=False)
-        records = [
-            ensure_keypair.fn(conn, config, key, apply=False),
-            rules,
-            srv,
-            ensure_floating_ip.fn(conn, config, srv, facts, apply=False),
-            vol,
-            ensure_attachment.fn(conn, config, srv, vol, apply=False),
-        ]
+        records = converge(conn, config, key, facts, apply=False).records()
         off = [
             f"{r.kind} {r.name}: {r.action} ({r.reason})"
             for r in records

@@ -98,18 +98,44 @@ def find_ours(items: Any, config: BootstrapConfig, meta: str = "metadata") -> li
 
 
 def our_groups(conn: Connection, config: BootstrapConfig, project_id: str) -> list[Any]:
-    """The environment's own security groups (its name, our tag), oldest first."""
+    """The environment's own security groups (its name, our tag), oldest first, each with its
+    rules (Neutron lists them with the group)."""
     groups = conn.network.security_groups(name=config.security_group_name, project_id=project_id)
+    return pick_our_groups(list(groups), config)
+
+
+def pick_our_groups(groups: list[Any], config: BootstrapConfig) -> list[Any]:
     return sorted(
-        (g for g in groups if g.description == config.tag), key=lambda g: g.created_at or ""
+        (g for g in groups if g.name == config.security_group_name and g.description == config.tag),
+        key=lambda g: g.created_at or "",
     )
 
 
 def our_servers(conn: Connection, config: BootstrapConfig) -> list[Any]:
+    """The environment's servers (its name, our marker), oldest first."""
     servers = conn.compute.servers(name=f"^{re.escape(config.server_name)}$")
     return sorted(find_ours(servers, config), key=lambda s: s.created_at or "")
 
 
+def sort_volumes(volumes: list[Any]) -> list[Any]:
+    """Attached ones first, then oldest first."""
+    return sorted(volumes, key=lambda v: (not v.attachments, v.created_at or ""))
+
+
 def our_volumes(conn: Connection, config: BootstrapConfig) -> list[Any]:
-    vols = find_ours(named_volumes(conn, config), config)
-    return sorted(vols, key=lambda v: (not v.attachments, v.created_at or ""))
+    return sort_volumes(find_ours(named_volumes(conn, config), config))
+
+
+def our_floating_ips(conn: Connection, config: BootstrapConfig) -> list[Any]:
+    """Addresses carrying our tag, oldest first."""
+    ips = conn.network.ips(description=config.tag)
+    return sorted(ips, key=lambda f: f.created_at or "")
+
+
+def first_look() -> bool:
+    """Whether a step may act on what preflight observed: on its first attempt, yes (the
+    observation is this run's, moments old); a retry reads again, as the failed attempt may
+    have changed the world (a create that succeeded before its answer was lost)."""
+    from prefect.runtime import task_run
+
+    return task_run.run_count <= 1

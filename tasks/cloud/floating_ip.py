@@ -15,8 +15,8 @@ from core.records import (
     FloatingIPRecord,
     ServerRecord,
 )
-from tasks.cloud import CLOUD_TASK
-from tasks.cloud.preflight import CloudFacts
+from tasks.cloud import CLOUD_TASK, first_look, our_floating_ips
+from tasks.cloud.facts import CloudFacts
 
 if TYPE_CHECKING:
     from openstack.connection import Connection
@@ -66,19 +66,56 @@ def decide_floating_ip(on_port: Any | None, ours: list[Any]) -> FloatingIPDecisi
     return FloatingIPDecision(Action.CREATE, None, [])
 
 
+@task(name="reserve-floating-ip", **CLOUD_TASK)
+def reserve_floating_ip(
+    conn: Connection, config: BootstrapConfig, facts: CloudFacts, apply: bool = True
+) -> FloatingIPRecord | None:
+    """An address of ours, allocated while the server builds when there is none at all (not
+    yet attached: a run killed before the attach leaves it for the next run to reuse, marked
+    as ours). None when one of ours exists already, or in plan mode."""
+    ours = facts.floating_ips if first_look() else our_floating_ips(conn, config)
+    if ours or not apply:
+        return None
+    fip = conn.network.create_ip(
+        floating_network_id=facts.floating_network_id, description=config.tag
+    )
+    logger().info("allocated floating IP %s", fip.floating_ip_address)
+    return FloatingIPRecord(
+        name=config.server_name,
+        id=fip.id,
+        address=fip.floating_ip_address,
+        action=Action.CREATE,
+        reason="allocated",
+    )
+
+
+def bound_to_server(server: ServerRecord, ours: list[Any]) -> Any | None:
+    """Ours, bound to a port and listed by Nova among the server's addresses: the server's."""
+    listed = set(server.floating_ips)
+    return next((f for f in ours if f.port_id and f.floating_ip_address in listed), None)
+
+
 @task(name="ensure-floating-ip", **CLOUD_TASK)
 def ensure_floating_ip(
     conn: Connection,
     config: BootstrapConfig,
     server: ServerRecord,
     facts: CloudFacts | None,
+    reserved: FloatingIPRecord | None = None,
     apply: bool = True,
 ) -> FloatingIPRecord:
-    """The server's floating IP: the one on its port, else one of ours that is free, else new."""
+    """The server's floating IP: the one on its port, else one of ours that is free (the one
+    ``reserve_floating_ip`` allocated while the server built), else new."""
     log = logger()
-    ours = sorted(conn.network.ips(description=config.tag), key=lambda f: f.created_at or "")
-    port = server_port(conn, server.id) if server.id else None
-    on_port = next(iter(conn.network.ips(port_id=port.id)), None) if port is not None else None
+    if facts is not None and reserved is None and first_look():
+        ours = facts.floating_ips
+    else:
+        ours = our_floating_ips(conn, config)
+    on_port = bound_to_server(server, ours)
+    port = None
+    if on_port is None and server.id:
+        port = server_port(conn, server.id)
+        on_port = next(iter(conn.network.ips(port_id=port.id)), None) if port else None
     decision = decide_floating_ip(on_port, ours)
 
     def release_spares() -> None:
@@ -110,9 +147,13 @@ def ensure_floating_ip(
             applied=False,
         )
     release_spares()
+    action = decision.action
     if use is not None:
         fip = conn.network.update_ip(use.id, port_id=port.id)
-        reason = "reused a free address of ours"
+        if reserved is not None and reserved.id == use.id:
+            action, reason = Action.CREATE, "allocated while the server built, and attached"
+        else:
+            reason = "reused a free address of ours"
     else:
         # Allocate unattached first, marked as ours, then attach: a run killed in between
         # leaves an address that the next run finds and reuses instead of leaking it.
@@ -128,7 +169,7 @@ def ensure_floating_ip(
         name=config.server_name,
         id=fip.id,
         address=fip.floating_ip_address,
-        action=decision.action,
+        action=action,
         reason=reason,
     )
 
@@ -138,7 +179,7 @@ def release_floating_ips(
     conn: Connection, config: BootstrapConfig, apply: bool = True
 ) -> list[FloatingIPRecord]:
     out = []
-    for fip in conn.network.ips(description=config.tag):
+    for fip in our_floating_ips(conn, config):
         out.append(
             FloatingIPRecord(
                 name=config.server_name,

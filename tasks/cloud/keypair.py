@@ -15,7 +15,8 @@ from core.records import (
     Action,
     KeypairRecord,
 )
-from tasks.cloud import CLOUD_TASK
+from tasks.cloud import CLOUD_TASK, first_look
+from tasks.cloud.facts import CloudFacts
 
 if TYPE_CHECKING:
     from openstack.connection import Connection
@@ -40,12 +41,20 @@ def decide_keypair(existing: str | None, wanted: str) -> Action:
 
 @task(name="ensure-keypair", **CLOUD_TASK)
 def ensure_keypair(
-    conn: Connection, config: BootstrapConfig, key: SSHKeyPair, apply: bool = True
+    conn: Connection,
+    config: BootstrapConfig,
+    key: SSHKeyPair,
+    facts: CloudFacts | None = None,
+    apply: bool = True,
 ) -> KeypairRecord:
+    """The block's public key under the environment's keypair name."""
     from openstack import exceptions as os_exc
 
     name = config.keypair_name
-    existing = find_or_none(conn.compute.find_keypair, name)
+    if facts is not None and first_look():
+        existing = facts.keypair
+    else:
+        existing = find_or_none(conn.compute.find_keypair, name)
     try:
         action = decide_keypair(
             existing.public_key if existing is not None else None, key.public_key
@@ -69,6 +78,6 @@ def ensure_keypair(
         try:
             conn.compute.create_keypair(name=name, public_key=key.public_key)
         except os_exc.ConflictException:  # created by a concurrent or retried request
-            return ensure_keypair.fn(conn, config, key, apply)
+            return ensure_keypair.fn(conn, config, key, None, apply)
         logger().info("imported keypair %s (%s)", name, key.fingerprint)
     return record

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prefect import task
@@ -14,7 +13,14 @@ from blocks.openstack import find_or_none
 from core.config import BootstrapConfig
 from core.errors import PreflightError
 from core.log import logger
-from tasks.cloud import CLOUD_TASK, find_ours, named_volumes, our_groups
+from tasks.cloud import (
+    CLOUD_TASK,
+    our_floating_ips,
+    our_servers,
+    our_volumes,
+    pick_our_groups,
+)
+from tasks.cloud.facts import CloudFacts
 from tasks.cloud.keypair import same_key
 from tasks.cloud.secgroup import rule_key
 from tasks.cloud.volume import duplicate_volumes_problem
@@ -23,21 +29,6 @@ if TYPE_CHECKING:
     from openstack.connection import Connection
 
     from blocks.ssh import SSHKeyPair
-
-
-@dataclass
-class CloudFacts:
-    """What preflight found; later steps use these ids instead of looking them up again."""
-
-    project_id: str
-    image_id: str
-    flavor_id: str
-    flavor_vcpus: int
-    flavor_ram: int
-    network_id: str
-    floating_network_id: str
-    security_group_id: str
-    problems: list[str] = field(default_factory=list)
 
 
 def _single(items: list[Any], what: str, setting: str, wanted: str | None) -> Any | None:
@@ -82,33 +73,37 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
     project_id = str(conn.current_project_id)
     problems: list[str] = []
 
-    def compute() -> tuple[Any, Any, list[Any]]:
-        flavor = find_or_none(conn.compute.find_flavor, config.server.flavor)
+    def compute() -> tuple[list[Any], Any, list[Any]]:
+        # Listing the flavors is one call where find_flavor by name is two (a 404 by id first).
+        flavors = list(conn.compute.flavors())
         keypair = find_or_none(conn.compute.find_keypair, config.keypair_name)
-        servers = find_ours(conn.compute.servers(name=f"^{re.escape(config.server_name)}$"), config)
-        return flavor, keypair, servers
+        return flavors, keypair, our_servers(conn, config)
 
     def network() -> tuple[list[Any], list[Any], list[Any]]:
-        groups = conn.network.security_groups(
-            name=config.server.security_group, project_id=project_id
-        )
-        ours = our_groups(conn, config, project_id)
-        return list(conn.network.networks()), list(groups), ours
+        # One listing holds the shared group and the environment's own, with their rules.
+        groups = list(conn.network.security_groups(project_id=project_id))
+        return list(conn.network.networks()), groups, our_floating_ips(conn, config)
 
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="preflight") as pool:
         image_f = pool.submit(find_image, conn, config.server.image)
         compute_f = pool.submit(compute)
         network_f = pool.submit(network)
-        volumes_f = pool.submit(lambda: find_ours(named_volumes(conn, config), config))
+        volumes_f = pool.submit(lambda: our_volumes(conn, config))
         image, image_problem = image_f.result()
-        flavor, existing_kp, servers = compute_f.result()
-        networks, groups, access_groups = network_f.result()
+        flavors, existing_kp, servers = compute_f.result()
+        networks, project_groups, floating_ips = network_f.result()
         volumes = volumes_f.result()
+    wanted_flavor = config.server.flavor
+    flavor = next((f for f in flavors if f.id == wanted_flavor), None) or next(
+        (f for f in flavors if f.name == wanted_flavor), None
+    )
+    groups = [g for g in project_groups if g.name == config.server.security_group]
+    access_groups = pick_our_groups(project_groups, config)
 
     if image_problem:
         problems.append(image_problem)
     if flavor is None:
-        names = sorted(f.name for f in conn.compute.flavors())
+        names = sorted(f.name for f in flavors)
         problems.append(
             f"flavor {config.server.flavor!r} not found; fix server.flavor "
             f"(available: {', '.join(names) or 'none'})"
@@ -159,7 +154,7 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
         if not volumes:
             futures.append(pool.submit(_volume_quota, conn, config))
         if any(adds.values()):
-            futures.append(pool.submit(_network_quota, conn, config, project_id, adds, log))
+            futures.append(pool.submit(_network_quota, conn, project_id, adds, floating_ips, log))
         for future in futures:
             problems.extend(future.result())
     if problems:
@@ -175,26 +170,39 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
         network_id=network_obj.id,
         floating_network_id=floating.id,
         security_group_id=groups[0].id,
+        keypair=existing_kp,
+        servers=servers,
+        access_groups=access_groups,
+        volumes=volumes,
+        floating_ips=floating_ips,
+        shared_group=groups[0],
     )
 
 
 def find_image(conn: Connection, wanted: str) -> tuple[Any | None, str | None]:
     """The image named (or with the id) ``wanted``, else the problem: two images of that name
-    (their ids, and the fix: name it by id), or none (with the names that resemble it)."""
-    from openstack import exceptions as os_exc
+    (their ids, and the fix: name it by id), or none (with the names that resemble it).
+    One read: by id when ``wanted`` is a UUID, else the images of that name."""
+    import uuid
 
     try:
-        image = find_or_none(conn.image.find_image, wanted)
-    except os_exc.DuplicateResource:
+        uuid.UUID(wanted)
+        by_id = True
+    except ValueError:
+        by_id = False
+    image = find_or_none(conn.image.find_image, wanted) if by_id else None
+    if image is None:
         same = sorted(conn.image.images(name=wanted), key=lambda i: i.created_at or "")
-        listed = "; ".join(
-            f"{i.id} ({i.visibility or '?'}, {i.status}, created {i.created_at or '?'})"
-            for i in same
-        )
-        return None, (
-            f"{len(same)} images are named {wanted!r}: {listed}. Set server.image to the id of "
-            "the one to use"
-        )
+        if len(same) > 1:
+            listed = "; ".join(
+                f"{i.id} ({i.visibility or '?'}, {i.status}, created {i.created_at or '?'})"
+                for i in same
+            )
+            return None, (
+                f"{len(same)} images are named {wanted!r}: {listed}. Set server.image to the id "
+                "of the one to use"
+            )
+        image = same[0] if same else None
     if image is not None:
         if image.status != "active":
             return None, (
@@ -303,7 +311,7 @@ def _volume_quota(conn: Connection, config: BootstrapConfig) -> list[str]:
 
 
 def _network_quota(
-    conn: Connection, config: BootstrapConfig, project_id: str, adds: dict[str, int], log: Any
+    conn: Connection, project_id: str, adds: dict[str, int], floating_ips: list[Any], log: Any
 ) -> list[str]:
     from openstack import exceptions as os_exc
 
@@ -334,9 +342,7 @@ def _network_quota(
         used, limit = d.get("used"), d.get("limit")
         if not need or not _over(used, need, limit):
             continue
-        if name == "floatingip" and any(
-            not f.port_id for f in conn.network.ips(description=config.tag)
-        ):
+        if name == "floatingip" and any(not f.port_id for f in floating_ips):
             continue  # a free address of ours is reused, nothing allocated
         out.append(
             f"quota: this run would add {need} {name} but the project uses {used} of {limit} "

@@ -15,7 +15,8 @@ from core.records import (
     Action,
     RulesRecord,
 )
-from tasks.cloud import CLOUD_TASK, MARKER, our_groups
+from tasks.cloud import CLOUD_TASK, MARKER, first_look, our_groups
+from tasks.cloud.facts import CloudFacts
 
 if TYPE_CHECKING:
     from openstack.connection import Connection
@@ -71,10 +72,9 @@ def decide_rules(wanted: list[RuleKey], have: list[RuleKey]) -> RuleChanges:
     )
 
 
-def _shared_group_extras(conn: Connection, config: BootstrapConfig, group_id: str) -> list[str]:
+def _shared_group_extras(config: BootstrapConfig, group: Any) -> list[str]:
     """Ingress rules of the project's shared group that admit more than the config lists (any
     source address, not only the group's own members): the config cannot narrow those."""
-    group = conn.network.get_security_group(group_id)
     wanted = {rule.key() for rule in config.server.ingress}
     return sorted(
         describe_key(rule_key(r))
@@ -87,11 +87,7 @@ def _shared_group_extras(conn: Connection, config: BootstrapConfig, group_id: st
 
 @task(name="ensure-security-group", **CLOUD_TASK)
 def ensure_security_group(
-    conn: Connection,
-    config: BootstrapConfig,
-    project_id: str,
-    apply: bool = True,
-    shared_group_id: str | None = None,
+    conn: Connection, config: BootstrapConfig, facts: CloudFacts, apply: bool = True
 ) -> RulesRecord:
     """The environment's own group holds exactly the configured ingress rules: missing ones are
     added, ones the config no longer lists removed (narrowing a CIDR takes effect). The
@@ -100,7 +96,9 @@ def ensure_security_group(
 
     log = logger()
     name = config.security_group_name
-    groups = our_groups(conn, config, project_id)
+    project_id = facts.project_id
+    seen = first_look()
+    groups = facts.access_groups if seen else our_groups(conn, config, project_id)
     wanted = {rule.key(): rule for rule in config.server.ingress}
     if apply:
         for extra in groups[1:]:  # a create retried after it had succeeded
@@ -111,7 +109,7 @@ def ensure_security_group(
                 log.warning("duplicate security group %s (%s) is in use; kept", name, extra.id)
     created = False
     if groups:
-        group = conn.network.get_security_group(groups[0].id)
+        group = groups[0]  # listed with its rules
         rules = [r for r in group.security_group_rules or [] if r["direction"] == "ingress"]
     elif not apply:
         return RulesRecord(
@@ -131,7 +129,10 @@ def ensure_security_group(
         created, rules = True, []
     have = {rule_key(r): r for r in rules}
     decision = decide_rules(list(wanted), list(have))
-    wider = _shared_group_extras(conn, config, shared_group_id) if shared_group_id else []
+    shared = facts.shared_group
+    if not seen or shared is None:
+        shared = conn.network.get_security_group(facts.security_group_id)
+    wider = _shared_group_extras(config, shared)
     note = ""
     if wider:
         note = (

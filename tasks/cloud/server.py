@@ -16,8 +16,8 @@ from core.records import (
     RulesRecord,
     ServerRecord,
 )
-from tasks.cloud import CLOUD_TASK, MARKER, our_servers
-from tasks.cloud.preflight import CloudFacts
+from tasks.cloud import CLOUD_TASK, MARKER, first_look, our_servers
+from tasks.cloud.facts import CloudFacts
 
 if TYPE_CHECKING:
     from openstack.connection import Connection
@@ -37,6 +37,12 @@ def _server_record(server: Any, action: Action, reason: str, apply: bool = True)
         id=server.id,
         status=server.status,
         fixed_ip=_fixed_ip(server),
+        floating_ips=[
+            a["addr"]
+            for addrs in (server.addresses or {}).values()
+            for a in addrs
+            if a.get("OS-EXT-IPS:type") == "floating"
+        ],
         action=action,
         reason=reason,
         applied=apply,
@@ -148,7 +154,8 @@ def ensure_server(
     """One server of ours, ACTIVE, in the project's shared group and the environment's own
     (``access``). Extra copies of ours are deleted; ERROR ones replaced."""
     log = logger()
-    decision = decide_server(our_servers(conn, config), config.security_group_name)
+    servers = facts.servers if facts is not None and first_look() else our_servers(conn, config)
+    decision = decide_server(servers, config.security_group_name)
     if apply:
         _delete_others(conn, decision)
     server = decision.keep

@@ -18,7 +18,15 @@ from core.records import (
     VolumeRecord,
     by_id_path,
 )
-from tasks.cloud import CLOUD_TASK, FS_UUID_KEY, MARKER, open_connection, our_volumes
+from tasks.cloud import (
+    CLOUD_TASK,
+    FS_UUID_KEY,
+    MARKER,
+    first_look,
+    open_connection,
+    our_volumes,
+)
+from tasks.cloud.facts import CloudFacts
 
 if TYPE_CHECKING:
     from openstack.connection import Connection
@@ -87,12 +95,22 @@ def decide_volume(volumes: list[Any], size_gb: int) -> tuple[Action, str, list[A
     return Action.KEEP, reason, live
 
 
+def _attachments(volume: Any) -> dict[str, str]:
+    return {
+        str(a.get("server_id")): str(a.get("attachment_id") or a.get("id") or "")
+        for a in volume.attachments or []
+    }
+
+
 @task(name="ensure-volume", **CLOUD_TASK)
-def ensure_volume(conn: Connection, config: BootstrapConfig, apply: bool = True) -> VolumeRecord:
+def ensure_volume(
+    conn: Connection, config: BootstrapConfig, facts: CloudFacts | None, apply: bool = True
+) -> VolumeRecord:
     """The persistent volume. A second one of ours is never deleted: it may hold the data, so
     the run cannot proceed until the operator has looked inside (preflight says so first)."""
     log = logger()
-    action, reason, vols = decide_volume(our_volumes(conn, config), config.volume.size_gb)
+    seen = facts.volumes if facts is not None and first_look() else our_volumes(conn, config)
+    action, reason, vols = decide_volume(seen, config.volume.size_gb)
     if action == Action.BLOCKED:
         return VolumeRecord(
             name=vols[0].name,
@@ -114,6 +132,7 @@ def ensure_volume(conn: Connection, config: BootstrapConfig, apply: bool = True)
             size_gb=volume.size,
             status=volume.status,
             fs_uuid=(volume.metadata or {}).get(FS_UUID_KEY),
+            attachments=_attachments(volume),
             reason=reason,
             applied=apply,
         )
@@ -166,6 +185,8 @@ def ensure_attachment(
         return AttachmentRecord(
             **base, action=Action.CREATE, reason="after creation", applied=False
         )
+    if volume.status == "in-use" and server.id in volume.attachments:  # as observed
+        return AttachmentRecord(**base, id=volume.attachments[server.id], reason="attached")
     current = conn.block_storage.get_volume(volume.id)
     for att in current.attachments or []:
         if att.get("server_id") == server.id:

@@ -7,8 +7,8 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from core.records import Action
-from tasks.cloud.floating_ip import decide_floating_ip
+from core.records import Action, ServerRecord
+from tasks.cloud.floating_ip import bound_to_server, decide_floating_ip
 from tasks.cloud.keypair import decide_keypair
 from tasks.cloud.secgroup import decide_rules
 from tasks.cloud.server import decide_server
@@ -88,6 +88,27 @@ def test_floating_ip(on_port, ours, action, use, release) -> None:
     assert decision.action == action
     assert (decision.use.id if decision.use else None) == use
     assert [f.id for f in decision.release] == release
+
+
+@pytest.mark.parametrize(
+    ("listed", "ours", "found"),
+    [
+        ([], [ip("1", "p")], None),
+        (["198.51.100.1"], [ip("1", "p")], "1"),
+        (["198.51.100.1"], [ip("1")], None),
+        (["198.51.100.9"], [ip("1", "p")], None),
+    ],
+    ids=[
+        "Nova lists no floating address: look at the port",
+        "ours, bound, listed on the server: kept without a read",
+        "ours but unbound (Nova's list lags): look at the port",
+        "another address on the server (not ours): look at the port",
+    ],
+)
+def test_floating_ip_seen_on_the_server(listed, ours, found) -> None:
+    server = ServerRecord(name="vm", id="s", floating_ips=listed)
+    hit = bound_to_server(server, ours)
+    assert (hit.id if hit else None) == found
 
 
 GROUP = "env-access"
