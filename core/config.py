@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from core.fields import Name
 from core.settings import (
+    OWN_POOL,
     ArcSettings,
     BackupSettings,
     CanfarSettings,
@@ -96,6 +97,12 @@ class BootstrapConfig(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"prefect.work_pools: {', '.join(dupes)} listed twice")
+        if OWN_POOL not in names:
+            raise ValueError(
+                f"prefect.work_pools: add {{name: {OWN_POOL}, workers: 1}}: this package's own "
+                "deployments (health check, repairs, backup) run in that pool, whose worker "
+                "runs from their own venv, apart from the pipeline's"
+            )
         return self
 
     # -- names derived from the environment -------------------------------------------------

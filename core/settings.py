@@ -277,12 +277,16 @@ class WorkPool(_Model):
     workers: int = Field(default=1, ge=0, le=8)
 
 
+#: The pool this package's own deployments run in (its worker runs from this package's venv).
+OWN_POOL = "sails-bootstrap"
+
+
 def _seed_pools() -> list[WorkPool]:
     return [
         WorkPool(name="pipeline-state-monitoring"),
         WorkPool(name="vm-runs", concurrency=2),
         WorkPool(name="headless-runs", concurrency=12),
-        WorkPool(name="sails-bootstrap"),
+        WorkPool(name=OWN_POOL),
     ]
 
 

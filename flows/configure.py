@@ -21,13 +21,10 @@ from tasks.cloud.locate import VMTarget, locate_vm
 from tasks.cloud.volume import record_fs_uuid
 from tasks.first_boot import wait_for_cloud_init, wait_for_ssh
 from tasks.packages import ensure_packages
-from tasks.prefect_server import (
-    ensure_prefect_server,
-    ensure_prefect_venv,
-    server_secrets,
-)
+from tasks.prefect_server import ensure_prefect_server, server_secrets
 from tasks.service_user import ensure_service_user
 from tasks.sshd import ensure_operator_keys, ensure_sshd_keepalive
+from tasks.venvs import ensure_prefect_venv
 from tasks.vm import VM, LocalHost, StepRecord
 from tasks.vm_lock import vm_exclusive
 from tasks.volume_fs import ensure_volume_mounted

@@ -21,6 +21,7 @@ from tasks.prefect_server import server_secrets
 from tasks.register import copy_blocks, ensure_local_profile, ensure_work_pools, ensure_workers
 from tasks.smoke import SessionRecord, canfar_smoke_test
 from tasks.ui import UIRecord, capture_ui
+from tasks.venvs import ensure_code_venv
 from tasks.vm import StepRecord
 from tasks.vm_lock import vm_exclusive
 from tasks.vm_server import latest_artifact_id, run_on_server
@@ -62,6 +63,7 @@ def register(
         with lock, vm.api(config.prefect.port) as base:
             url = f"{base}/api"
             records.append(install_code(vm, config, url, auth, apply))
+            records.append(ensure_code_venv(vm, config, apply))
             records.append(copy_blocks(config, url, auth, apply))
             records.append(ensure_work_pools(config, url, auth, apply))
             records.append(ensure_workers(vm, config, url, auth, apply))

@@ -15,6 +15,7 @@ from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
 from core.records import Action
+from core.settings import OWN_POOL
 from tasks.code_on_vm import code_digest, code_dir, code_root, prefect_yaml
 from tasks.register import WORKER_ENV
 from tasks.service_user import as_service_user, service_home
@@ -23,8 +24,8 @@ from tasks.vm_server import remote_client
 
 
 def bootstrap_pool(config: BootstrapConfig) -> str:
-    names = [p.name for p in config.prefect.work_pools]
-    return "sails-bootstrap" if "sails-bootstrap" in names else names[-1]
+    """The pool this package's deployments run in (the config always lists it)."""
+    return OWN_POOL
 
 
 def deploy_version(config: BootstrapConfig) -> str:

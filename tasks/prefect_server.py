@@ -13,7 +13,6 @@ import hashlib
 import secrets
 import shlex
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -26,8 +25,6 @@ from tasks.drain import drained
 from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 
 SERVER_UNIT = "prefect-server.service"
-#: The libraries the VM's flows use beside Prefect, at the versions this package pins.
-VM_LIBRARIES = ("canfar", "openstacksdk", "fabric")
 SERVER_ENV = "/etc/sails-bootstrap/prefect-server.env"
 #: The digest of the server's encryption key (not the key): what the service user may know of
 #: it, to name the key a backup's blocks need.
@@ -36,33 +33,6 @@ SERVER_KEY_ID = "/etc/sails-bootstrap/prefect-server.key-id"
 
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def vm_packages() -> list[str]:
-    """``VM_LIBRARIES`` as this package's own requirements pin them (pyproject.toml, read from
-    the installed package's metadata): one place for the versions."""
-    from importlib.metadata import requires
-
-    from packaging.requirements import Requirement
-
-    pins = {}
-    for line in requires("alma-sails-bootstrap") or []:
-        req = Requirement(line)
-        if req.marker is None and req.name in VM_LIBRARIES:
-            pins[req.name] = f"{req.name}{req.specifier}"
-    missing = [name for name in VM_LIBRARIES if name not in pins]
-    if missing:
-        raise BootstrapError(
-            f"alma-sails-bootstrap's metadata pins no {', '.join(missing)}: reinstall it "
-            "(uv sync, or pip install the wheel)"
-        )
-    return [pins[name] for name in VM_LIBRARIES]
-
-
-def local_prefect_version() -> str:
-    import prefect
-
-    return str(prefect.__version__)
 
 
 def server_secrets(
@@ -134,113 +104,6 @@ def recover_server_secrets(host: VM, config: BootstrapConfig) -> dict[str, str] 
             "database aside to start the server afresh"
         )
     return None
-
-
-def pip_index_args(config: BootstrapConfig) -> str:
-    index = config.prefect.package_index
-    if not index:
-        return ""
-    args = f"--index-url {shlex.quote(index)}"
-    if index.startswith("http://"):  # a local mirror without TLS: pip must be told to trust it
-        from urllib.parse import urlsplit
-
-        args += f" --trusted-host {shlex.quote(urlsplit(index).hostname or '')}"
-    return args
-
-
-def venv_probe(venv: str, code: str) -> str:
-    """One command that says what the venv is: 'missing', 'broken' (a ``python -m venv`` cut off
-    without ensurepip leaves bin/python and no pip; a python upgrade leaves a dangling link), or
-    the installed versions ``code`` prints."""
-    py = shlex.quote(f"{venv}/bin/python")
-    return (
-        f"if [ ! -e {py} ] && [ ! -L {py} ]; then echo missing; "
-        f"elif ! {py} -m pip --version >/dev/null 2>&1; then echo broken; "
-        f"else {py} -c {shlex.quote(code)}; fi"
-    )
-
-
-@task(name="ensure-prefect-venv", **VM_TASK)
-def ensure_prefect_venv(
-    vm: VM, config: BootstrapConfig, extra: list[str] | None = None, apply: bool = True
-) -> StepRecord:
-    """A venv on the volume with the wanted Prefect (and the canfar client) installed.
-
-    The venv holds the operators' own packages too: it is rebuilt (``--clear``) only when it is
-    broken, i.e. its python cannot run pip."""
-    version = config.prefect.version or local_prefect_version()
-    venv = config.prefect.venv
-    py = f"{venv}/bin/python"
-    # The canfar client for headless sessions; openstacksdk and fabric for this package's own
-    # deployments (health check, repairs), which run on the VM's workers.
-    packages = [f"prefect=={version}", *vm_packages(), *(extra or [])]
-    names = [p.split("==")[0] for p in packages]
-    code = (
-        "import importlib.metadata as m\n"
-        "def v(n):\n"
-        "    try:\n"
-        "        return m.version(n)\n"
-        "    except m.PackageNotFoundError:\n"
-        "        return 'none'\n"
-        f"print(' '.join(f'{{n}}=={{v(n)}}' for n in {names!r}))"
-    )
-    have = vm.run(venv_probe(venv, code), check=False)
-    state = have.stdout.strip() if have.stdout.strip() in ("missing", "broken") else "ok"
-    if (
-        state == "ok"
-        and have.ok
-        and sorted(have.stdout.split()) == sorted(packages)
-        and not config.prefect.requirements
-    ):
-        return StepRecord(
-            name="prefect venv", applied=apply, reason=f"{venv} has prefect {version}"
-        )
-    wanted = ", ".join(packages) + (" and the requirements" if config.prefect.requirements else "")
-    action = Action.CREATE if state == "missing" else Action.CHANGE
-    if not apply:
-        first = {
-            "missing": f"create {venv}, then ",
-            "broken": f"venv broken (its python has no working pip): rebuild {venv}, then ",
-        }.get(state, "")
-        return StepRecord(
-            name="prefect venv",
-            action=action,
-            applied=False,
-            reason=f"pending: {first}pip install {wanted} in {venv}",
-        )
-    progress = Progress("the VM's Prefect venv (pip install)")
-    progress.tick("starting")
-    user = config.server.user
-    if state != "ok":
-        clear = "--clear " if state == "broken" else ""
-        if state == "broken":
-            logger().warning("%s is broken (no working pip): rebuilding it", venv)
-        made = vm.run(f"python3 -m venv {clear}{shlex.quote(venv)}", timeout=300, check=False)
-        if not made.ok:
-            raise BootstrapError(
-                f"python3 -m venv {venv} failed on {vm.host}: "
-                f"{(made.stderr or made.stdout).strip()[-300:]}. The venv needs the "
-                "python3-venv package (the packages step installs it)"
-            )
-    vm.run(f"chown -R {user}:{user} {shlex.quote(venv)}", sudo=True, check=False)
-    reqs = ""
-    if config.prefect.requirements:
-        text = Path(config.prefect.requirements).expanduser().read_text()
-        vm.write_file(f"{venv}/requirements.txt", text, owner=f"{user}:{user}", sudo=False)
-        reqs = f"-r {venv}/requirements.txt"
-    quoted = " ".join(shlex.quote(p) for p in packages)
-    vm.run(
-        f"{py} -m pip install -q --disable-pip-version-check {pip_index_args(config)} "
-        f"{quoted} {reqs}",
-        timeout=1800,
-    )
-    logger().info("installed %s in %s (%.0f s)", ", ".join(packages), venv, progress.elapsed)
-    done = {"missing": "created the venv; ", "broken": "rebuilt the broken venv; "}.get(state, "")
-    return StepRecord(
-        name="prefect venv",
-        action=action,
-        reason=f"{done}installed {', '.join(packages)}",
-    )
 
 
 def server_env(config: BootstrapConfig, secret: dict[str, str]) -> str:

@@ -3,6 +3,7 @@ the work pools and their workers (systemd units running as the service user)."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,12 @@ from prefect.cache_policies import NO_CACHE
 from core.config import BootstrapConfig
 from core.log import logger
 from core.records import Action
+from core.settings import OWN_POOL
 from tasks.canfar import VM_CA_BUNDLE, vm_env_path
 from tasks.cloud import cloud_credentials
 from tasks.code_on_vm import code_dir, vm_config
 from tasks.drain import drained
+from tasks.venvs import code_venv
 from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 from tasks.vm_server import remote_client, remove_private_keys, save_remote
 
@@ -213,6 +216,20 @@ def worker_unit(config: BootstrapConfig) -> str:
     )
 
 
+def own_worker_dropin(config: BootstrapConfig) -> tuple[str, str]:
+    """The drop-in that runs the worker of this package's pool from this package's venv."""
+    venv = code_venv(config)
+    path = f"/etc/systemd/system/prefect-worker@{OWN_POOL}.service.d/sails-venv.conf"
+    return path, (
+        f"{MANAGED}\n"
+        "[Unit]\n"
+        f"RequiresMountsFor={venv}\n"
+        "[Service]\n"
+        "ExecStart=\n"
+        f"ExecStart={venv}/bin/prefect worker start --pool %i --type process\n"
+    )
+
+
 @task(name="ensure-workers", **VM_TASK)
 def ensure_workers(
     vm: VM, config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
@@ -235,15 +252,19 @@ def ensure_workers(
     env_changed = vm.write_file(
         WORKER_ENV, "\n".join(env) + "\n", mode="0600", owner=f"{user}:{user}", apply=apply
     )
+    dropin, dropin_text = own_worker_dropin(config)
     unit_changed = vm.write_file(
         f"/etc/systemd/system/{WORKER_UNIT}", worker_unit(config), apply=apply
     )
+    if apply:
+        vm.run(f"mkdir -p {shlex.quote(dropin.rsplit('/', 1)[0])}", sudo=True)
+    own_changed = vm.write_file(dropin, dropin_text, apply=apply)
     if env_changed:
         changes.append("worker environment")
-    if unit_changed:
+    if unit_changed or own_changed:
         if apply:
             vm.run("systemctl daemon-reload", sudo=True)
-        changes.append("worker unit")
+        changes.append("worker unit" if unit_changed else f"{OWN_POOL} worker's venv")
     restart: list[str] = []
     for pool in p.work_pools:
         if pool.workers < 1:
@@ -257,7 +278,7 @@ def ensure_workers(
             if apply:
                 vm.run(f"systemctl restart {unit}", sudo=True)
             changes.append(f"started {pool.name}")
-        elif env_changed or unit_changed:
+        elif env_changed or unit_changed or (own_changed and pool.name == OWN_POOL):
             restart.append(pool.name)
     if restart and not apply:
         changes += [f"restarted {name} (once its runs end)" for name in restart]

@@ -10,7 +10,7 @@ from pathlib import Path
 from tasks.packages import (
     off_the_channel,
 )
-from tasks.prefect_server import venv_probe
+from tasks.venvs import venv_probe
 from tasks.vm import LocalHost
 
 

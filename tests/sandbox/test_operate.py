@@ -210,6 +210,19 @@ def test_bootstrap_register_and_self_repair(
         '"core", "sails_bootstrap") if u.find_spec(n)])\''
     )
     assert found.stdout.strip() == "[]", found.stdout
+    # This package's libraries live in its own venv, whose worker runs its pool; the
+    # pipeline's venv gets Prefect and the canfar client only.
+    own = vm.run(
+        "cd / && /mnt/pspace/sails-bootstrap-env/bin/python -c "
+        "'import openstack, fabric, prefect; print(prefect.__version__)'"
+    )
+    import prefect
+
+    assert own.stdout.strip() == (cfg.prefect.version or prefect.__version__), own.stdout
+    started = vm.run("systemctl show -p ExecStart prefect-worker@sails-bootstrap.service")
+    assert "/mnt/pspace/sails-bootstrap-env/bin/prefect worker" in started.stdout, started.stdout
+    pipeline = vm.run("systemctl show -p ExecStart prefect-worker@vm-runs.service")
+    assert f"{cfg.prefect.venv}/bin/prefect worker" in pipeline.stdout, pipeline.stdout
     again, automations_again, (health_again, _) = inventory()
     assert again == names and automations_again == automations
     assert [s.schedule.cron for s in health_again.schedules] == ["0 3 * * *"]

@@ -73,6 +73,7 @@ def test_names_derive_from_the_environment() -> None:
         ({"server": {"flavour": "x"}}, "server.flavour", "unknown key"),
         ({"ssh": {"operator_keys": ["not a key"]}}, "ssh.operator_keys", "public key"),
         ({"prefect": {"work_pools": [{"name": "a"}, {"name": "a"}]}}, "work_pools", "twice"),
+        ({"prefect": {"work_pools": [{"name": "vm-runs"}]}}, "work_pools", "sails-bootstrap"),
         (
             {"arc": {"enabled": False}, "backup": {"destination": "arc"}},
             "backup.destination",

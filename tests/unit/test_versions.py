@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from tasks.prefect_server import VM_LIBRARIES, vm_packages
+from tasks.venvs import VM_LIBRARIES, vm_packages
 
 ROOT = Path(__file__).resolve().parents[2]
 
