@@ -12,14 +12,14 @@ import contextlib
 import hashlib
 import secrets
 import shlex
-import time
 from typing import Any
 
 from prefect import task
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
-from core.log import Progress, logger
+from core.log import logger
+from core.poll import poll
 from core.records import Action
 from tasks.drain import drained
 from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
@@ -157,24 +157,25 @@ def wait_for_health(url: str, timeout: float, shown: str | None = None) -> None:
     a forwarded port of this machine)."""
     import httpx
 
-    progress = Progress(f"Prefect server at {shown or url}")
-    deadline = time.monotonic() + timeout
-    while True:
+    def answer() -> str:
         try:
             status = httpx.get(f"{url}/health", timeout=5).status_code
-            if status == 200:
-                return
-            last = f"HTTP {status}"
+            return "ok" if status == 200 else f"HTTP {status}"
         except httpx.HTTPError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        if time.monotonic() > deadline:
-            raise BootstrapError(
-                f"the Prefect server at {shown or url} did not become healthy within "
-                f"{timeout:.0f} s (last answer: {last}); "
-                f"see `journalctl -u {SERVER_UNIT}` on the VM"
-            )
-        progress.tick(last.split(":")[0])
-        time.sleep(1)
+            return f"{type(exc).__name__}: {exc}"
+
+    poll(
+        answer,
+        lambda last: last == "ok",
+        f"Prefect server at {shown or url}",
+        timeout,
+        interval=1,
+        state=lambda last: last.split(":")[0],
+        timed_out=lambda last: BootstrapError(
+            f"the Prefect server at {shown or url} did not become healthy within "
+            f"{timeout:.0f} s (last answer: {last}); see `journalctl -u {SERVER_UNIT}` on the VM"
+        ),
+    )
 
 
 @task(name="ensure-prefect-server", **VM_TASK)

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from core.errors import BootstrapError
 from core.log import logger
+from core.poll import poll
 
 
 @contextmanager
@@ -105,25 +106,25 @@ def run_on_server(
 ) -> dict[str, Any]:
     """Start a run of deployment ``name`` ("flow/deployment") on the VM's server and wait for
     its final state (the VM's worker runs it). Returns id, state name and message."""
-    import time
-
+    # Not Prefect's run_deployment: from synchronous code it talks to the run's own API
+    # (get_client), and it would link the run as a subflow of a run on another server.
     client = remote_client(url, auth_string)
     with client:
         deployment = client.read_deployment_by_name(name)
-        run = client.create_flow_run_from_deployment(deployment.id)
-        logger().info("started %s on the VM's server (run %s)", name, run.id)
-        deadline = time.monotonic() + timeout
-        while True:
-            run = client.read_flow_run(run.id)
-            if run.state is not None and run.state.is_final():
-                break
-            if time.monotonic() > deadline:
-                raise BootstrapError(
-                    f"{name} did not finish within {timeout:.0f} s on the VM "
-                    f"(state {run.state.name if run.state else 'none'}): is its worker running? "
-                    "`systemctl status 'prefect-worker@*'` on the VM"
-                )
-            time.sleep(2)
+        created = client.create_flow_run_from_deployment(deployment.id)
+        logger().info("started %s on the VM's server (run %s)", name, created.id)
+        run = poll(
+            lambda: client.read_flow_run(created.id),
+            lambda r: r.state is not None and r.state.is_final(),
+            f"{name} on the VM",
+            timeout,
+            state=lambda r: r.state.name if r.state else "scheduled",
+            timed_out=lambda r: BootstrapError(
+                f"{name} did not finish within {timeout:.0f} s on the VM "
+                f"(state {r.state.name if r.state else 'none'}): is its worker running? "
+                "`systemctl status 'prefect-worker@*'` on the VM"
+            ),
+        )
     assert run.state is not None
     return {"id": str(run.id), "state": run.state.name, "message": run.state.message or ""}
 

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import shlex
-import time
 
 from prefect import task
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError, RemoteCommandError
-from core.log import Progress, logger
+from core.log import logger
+from core.poll import poll
 from core.records import Action
 from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 
@@ -87,22 +87,21 @@ def resolve_device(vm: VM, volume_id: str, timeout: float = 60) -> str:
         f"/dev/disk/by-id/virtio-{volume_id}",
     ]
     probe = " ".join(shlex.quote(c) for c in candidates)
-    deadline = time.monotonic() + timeout
-    progress = Progress(f"volume {volume_id[:8]} to appear in the guest")
-    while True:
-        r = vm.run(
+    found = poll(
+        lambda: vm.run(
             f'for d in {probe}; do [ -e "$d" ] && readlink -f "$d" && exit 0; done; exit 1',
             check=False,
-        )
-        if r.ok and r.stdout.strip():
-            return r.stdout.strip().splitlines()[0]
-        if time.monotonic() > deadline:
-            raise BootstrapError(
-                f"volume {volume_id} is attached but no device with its serial appeared in the "
-                f"guest within {timeout:.0f} s (looked for {candidates[0]})"
-            )
-        progress.tick("not there yet")
-        time.sleep(1)
+        ),
+        lambda r: r.ok and bool(r.stdout.strip()),
+        f"volume {volume_id[:8]} to appear in the guest",
+        timeout,
+        interval=1,
+        timed_out=lambda _: BootstrapError(
+            f"volume {volume_id} is attached but no device with its serial appeared in the "
+            f"guest within {timeout:.0f} s (looked for {candidates[0]})"
+        ),
+    )
+    return str(found.stdout.strip().splitlines()[0])
 
 
 class MountRecord(StepRecord):

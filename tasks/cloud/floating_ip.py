@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,19 +27,16 @@ def server_port(conn: Connection, server_id: str) -> Any | None:
 
 
 def wait_for_ip(conn: Connection, fip: Any, timeout: float = 120) -> Any:
+    """The address once Neutron says ACTIVE (openstacksdk's wait)."""
     progress = Progress(f"floating IP {fip.floating_ip_address}")
-    deadline = time.monotonic() + timeout
-    while fip.status != "ACTIVE":
-        if time.monotonic() > deadline:
-            from openstack import exceptions as os_exc
-
-            raise os_exc.ResourceTimeout(
-                f"floating IP {fip.floating_ip_address} still {fip.status} after {timeout:.0f} s"
-            )
-        progress.tick(fip.status)
-        time.sleep(1)
-        fip = conn.network.get_ip(fip.id)
-    return fip
+    return conn.network.wait_for_status(
+        fip,
+        status="ACTIVE",
+        failures=["ERROR"],
+        interval=1,
+        wait=int(timeout),
+        callback=lambda _: progress.tick("not yet ACTIVE"),
+    )
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +10,7 @@ from prefect import task
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
+from core.poll import poll
 from core.records import (
     Action,
     RulesRecord,
@@ -175,14 +175,38 @@ def ensure_security_group(
     return record
 
 
+def _delete_when_free(conn: Connection, group: Any) -> None:
+    """Delete the group, waiting out the 409 of a port Neutron frees a moment after its
+    server is gone."""
+    from openstack import exceptions as os_exc
+
+    def delete() -> bool:
+        try:
+            conn.network.delete_security_group(group.id, ignore_missing=True)
+            return True
+        except os_exc.ConflictException:
+            return False
+
+    poll(
+        delete,
+        bool,
+        f"security group {group.name} to be free",
+        60,
+        interval=1,
+        state=lambda _: "in use",
+        timed_out=lambda _: BootstrapError(
+            f"security group {group.name} ({group.id}) is still in use; delete the ports "
+            "that use it, then run down again"
+        ),
+    )
+
+
 @task(name="delete-security-group", **CLOUD_TASK)
 def delete_security_group(
     conn: Connection, config: BootstrapConfig, apply: bool = True
 ) -> list[RulesRecord]:
     """The environment's own group, once no port uses it (Neutron frees a deleted server's
     port a moment after the server is gone: a 409 meanwhile is waited out)."""
-    from openstack import exceptions as os_exc
-
     out = []
     for group in our_groups(conn, config, str(conn.current_project_id)):
         out.append(
@@ -192,17 +216,6 @@ def delete_security_group(
         )
         if not apply:
             continue
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                conn.network.delete_security_group(group.id, ignore_missing=True)
-                logger().info("deleted security group %s", group.name)
-                break
-            except os_exc.ConflictException:
-                if time.monotonic() > deadline:
-                    raise BootstrapError(
-                        f"security group {group.name} ({group.id}) is still in use; delete the "
-                        "ports that use it, then run down again"
-                    ) from None
-                time.sleep(1)
+        _delete_when_free(conn, group)
+        logger().info("deleted security group %s", group.name)
     return out

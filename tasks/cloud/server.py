@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,26 +68,26 @@ def boot_time_left(server: ServerRecord, boot_timeout: float) -> float:
 
 
 def wait_for_server(conn: Connection, server: Any, timeout: float) -> Any:
-    progress = Progress(f"server {server.name}")
-    deadline = time.monotonic() + timeout
-    while True:
-        server = conn.compute.get_server(server.id)
-        if server.status == "ACTIVE":
-            return server
-        if server.status == "ERROR":
-            fault = (server.fault or {}).get("message", "no fault message")
-            raise BootstrapError(
-                f"server {server.name} went to ERROR: {fault}. Check the flavor, image and "
-                "quota; the failed server was deleted so the next run starts clean"
-            )
-        if time.monotonic() > deadline:
-            from openstack import exceptions as os_exc
+    """The server once ACTIVE (openstacksdk's wait); one gone to ERROR fails with Nova's fault."""
+    from openstack import exceptions as os_exc
 
-            raise os_exc.ResourceTimeout(
-                f"server {server.name} still {server.status} after {timeout:.0f} s"
-            )
-        progress.tick(f"{server.status} ({server.task_state or 'no task'})")
-        time.sleep(2)
+    progress = Progress(f"server {server.name}")
+    try:
+        return conn.compute.wait_for_server(
+            server,
+            status="ACTIVE",
+            failures=["ERROR"],
+            interval=2,
+            wait=int(timeout),
+            callback=lambda pct: progress.tick(f"building ({pct}%)"),
+        )
+    except os_exc.ResourceFailure:
+        failed = conn.compute.get_server(server.id)
+        fault = (failed.fault or {}).get("message", "no fault message")
+        raise BootstrapError(
+            f"server {failed.name} went to ERROR: {fault}. Check the flavor, image and "
+            "quota; the failed server was deleted so the next run starts clean"
+        ) from None
 
 
 @dataclass(frozen=True)

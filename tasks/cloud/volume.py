@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from prefect import task
@@ -10,7 +9,8 @@ from prefect import task
 from blocks.openstack import find_or_none
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
-from core.log import Progress, logger
+from core.log import logger
+from core.poll import poll
 from core.records import (
     Action,
     AttachmentRecord,
@@ -56,27 +56,31 @@ def duplicate_volumes_problem(volumes: list[Any]) -> str:
 def wait_for_volume(
     conn: Connection, volume: Any, status: str | tuple[str, ...], timeout: float
 ) -> Any:
-    """The volume once its status is ``status`` (or one of them)."""
-    wanted = (status,) if isinstance(status, str) else status
-    progress = Progress(f"volume {volume.name} to be {' or '.join(wanted)}")
-    deadline = time.monotonic() + timeout
-    while True:
-        volume = conn.block_storage.get_volume(volume.id)
-        if volume.status in wanted:
-            return volume
-        if volume.status in ("error", "error_attaching", "error_detaching"):
-            raise BootstrapError(
-                f"volume {volume.name} ({volume.id}) is in status {volume.status}; check the "
-                "block storage service and its quota"
-            )
-        if time.monotonic() > deadline:
-            from openstack import exceptions as os_exc
+    """The volume once its status is ``status`` (or one of them); an error status fails."""
+    from openstack import exceptions as os_exc
 
-            raise os_exc.ResourceTimeout(
-                f"volume {volume.name} still {volume.status} after {timeout:.0f} s"
+    wanted = (status,) if isinstance(status, str) else status
+
+    def read() -> Any:
+        current = conn.block_storage.get_volume(volume.id)
+        if current.status in ("error", "error_attaching", "error_detaching"):
+            raise BootstrapError(
+                f"volume {current.name} ({current.id}) is in status {current.status}; check "
+                "the block storage service and its quota"
             )
-        progress.tick(volume.status)
-        time.sleep(1)
+        return current
+
+    return poll(
+        read,
+        lambda v: v.status in wanted,
+        f"volume {volume.name} to be {' or '.join(wanted)}",
+        timeout,
+        interval=1,
+        state=lambda v: str(v.status),
+        timed_out=lambda v: os_exc.ResourceTimeout(
+            f"volume {v.name} still {v.status} after {timeout:.0f} s"
+        ),
+    )
 
 
 def decide_volume(volumes: list[Any], size_gb: int) -> tuple[Action, str, list[Any]]:

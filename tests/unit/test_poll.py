@@ -1,0 +1,41 @@
+"""The one wait loop: ready ends it, a bound ends it with the caller's error, a read may end it."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from core.poll import poll
+
+
+def test_returns_the_first_ready_value() -> None:
+    values = iter(["BUILD", "BUILD", "ACTIVE", "never read"])
+    assert poll(lambda: next(values), lambda v: v == "ACTIVE", "x", 5, interval=0) == "ACTIVE"
+    assert next(values) == "never read"
+
+
+def test_past_the_bound_the_callers_error_names_the_last_value() -> None:
+    counter = itertools.count()
+    with pytest.raises(LookupError, match=r"still \d+"):
+        poll(
+            lambda: next(counter),
+            lambda _: False,
+            "x",
+            0.05,
+            interval=0.02,
+            timed_out=lambda last: LookupError(f"still {last}"),
+        )
+
+
+def test_the_default_error_is_a_timeout_with_the_state() -> None:
+    with pytest.raises(TimeoutError, match="waiting thing: still SHUTOFF after 0 s"):
+        poll(lambda: 1, lambda _: False, "waiting thing", 0, interval=0, state=lambda _: "SHUTOFF")
+
+
+def test_a_read_that_raises_ends_the_wait() -> None:
+    def read() -> int:
+        raise RuntimeError("went to ERROR")
+
+    with pytest.raises(RuntimeError, match="ERROR"):
+        poll(read, lambda _: True, "x", 60)
