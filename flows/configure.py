@@ -85,8 +85,9 @@ def configure_host(
     plan: bool = False,
     fs_uuid: str | None = None,
 ) -> ConfigureResult:
-    """Every VM step, on ``host`` (SSH to the VM, or the VM itself). With ``plan``, every step
-    reads the VM and says what it would change; nothing is written, installed or restarted."""
+    """Every VM step, on ``host`` (SSH to the VM, or the VM itself; its opener closes it). With
+    ``plan``, every step reads the VM and says what it would change; nothing is written,
+    installed or restarted."""
     if volume_id is None:
         raise BootstrapError("the volume is not attached to the server; run provision first")
     apply = not plan
@@ -142,7 +143,6 @@ def configure_host(
         )
     finally:
         held.close()
-        host.close()
         if records:
             _publish(result, config)
     blocked = [r for r in records if r.action == Action.BLOCKED]
@@ -168,4 +168,7 @@ def configure(
     if target is None:
         target = locate_vm(open_connection(config), config)
     host = vm_for(config, target)
-    return configure_host(host, config, target.volume_id, target.address, plan, target.fs_uuid)
+    try:
+        return configure_host(host, config, target.volume_id, target.address, plan, target.fs_uuid)
+    finally:
+        host.close()

@@ -11,11 +11,12 @@ from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
 from core.records import Action, Record
-from flows.configure import configure
+from flows.configure import configure_host
 from flows.provision import provision
+from tasks.access import vm_for
 from tasks.cloud import open_connection
-from tasks.cloud.locate import VMTarget, locate_vm
-from tasks.vm import StepRecord
+from tasks.cloud.locate import locate_vm
+from tasks.vm import VM, StepRecord
 
 #: The cloud resources that must already be as configured before the VM itself can be read.
 VM_PREREQUISITES = ("server", "floating ip", "volume attachment")
@@ -53,14 +54,23 @@ def plan(config: BootstrapConfig = BootstrapConfig()) -> PlanResult:
             "once provision has made them"
         )
     else:
-        try:  # the VM located once, for its steps and its backups
+        try:  # the VM located once, and one SSH connection for every part of the plan
             target = locate_vm(open_connection(config), config)
-            result.vm = configure(config, target, plan=True).records
         except BootstrapError as exc:
             result.vm_note = f"not read: {exc}"
         else:
-            result.notes += _backup_notes(config, target)
-            _plan_server(config, target, result)
+            vm = vm_for(config, target)
+            try:
+                result.vm = configure_host(
+                    vm, config, target.volume_id, target.address, True, target.fs_uuid
+                ).records
+                if result.vm:
+                    result.notes += _backup_notes(config, vm)
+                _plan_server(config, vm, result)
+            except BootstrapError as exc:
+                result.vm_note = f"not read: {exc}"
+            finally:
+                vm.close()
     logger().info(
         "plan for %s: %s",
         config.environment,
@@ -73,9 +83,9 @@ def plan(config: BootstrapConfig = BootstrapConfig()) -> PlanResult:
 SERVER_PREREQUISITES = ("prefect venv", "prefect server")
 
 
-def _plan_server(config: BootstrapConfig, target: VMTarget, result: PlanResult) -> None:
+def _plan_server(config: BootstrapConfig, vm: VM, result: PlanResult) -> None:
     """Register's steps in plan mode, when the server they talk to already runs as configured."""
-    from flows.register import register
+    from flows.register import register_on
 
     pending = [r.name for r in result.vm if r.name in SERVER_PREREQUISITES and r.changed]
     if pending or not result.vm:
@@ -85,23 +95,18 @@ def _plan_server(config: BootstrapConfig, target: VMTarget, result: PlanResult) 
         )
         return
     try:
-        result.server = register(config, target, plan=True).records
+        result.server = register_on(vm, config, plan=True).records
     except Exception as exc:  # the plan says why; it never fails for this part
         result.server_note = f"not read: {type(exc).__name__}: {str(exc)[:300]}"
 
 
-def _backup_notes(config: BootstrapConfig, target: VMTarget) -> list[str]:
+def _backup_notes(config: BootstrapConfig, vm: VM) -> list[str]:
     """The newest backup's age, when it is not fresh (no copy yet, past
     ``backup.max_age_hours``, or not readable): `up` changes nothing about it."""
-    from tasks.access import vm_for
     from tasks.backup_store import freshness
 
     try:
-        vm = vm_for(config, target)
-        try:
-            status, detail = freshness(vm, config, on_vm=False)
-        finally:
-            vm.close()
+        status, detail = freshness(vm, config, on_vm=False)
     except Exception as exc:  # a note, never a reason for the plan to fail
         return [f"backup: age unknown ({type(exc).__name__}: {str(exc)[:200]})"]
     return [] if status == "ok" else [f"backup: {detail}"]

@@ -22,7 +22,7 @@ from tasks.register import copy_blocks, ensure_local_profile, ensure_work_pools,
 from tasks.smoke import SessionRecord, canfar_smoke_test
 from tasks.ui import UIRecord, capture_ui
 from tasks.venvs import ensure_code_venv
-from tasks.vm import StepRecord
+from tasks.vm import VM, StepRecord
 from tasks.vm_lock import vm_exclusive
 from tasks.vm_server import latest_artifact_id, run_on_server
 
@@ -43,35 +43,38 @@ def register(
 ) -> RegisterResult:
     """Make the VM's server ready for the pipeline: one command instead of `screen` sessions.
     ``plan=True`` only reads the server and says what would change."""
-    apply = not plan
     if target is None:
         target = locate_vm(open_connection(config), config)
     vm = vm_for(config, target)
     try:
-        # recovered from the VM if the block is gone
-        secret = server_secrets(config, apply=apply, host=vm)
-    except BaseException:
+        return register_on(vm, config, science_codebase, plan)
+    finally:
         vm.close()
-        raise
+
+
+def register_on(
+    vm: VM, config: BootstrapConfig, science_codebase: str | None = None, plan: bool = False
+) -> RegisterResult:
+    """Register's steps through ``vm`` (its opener closes it)."""
+    apply = not plan
+    # recovered from the VM if the block is gone
+    secret = server_secrets(config, apply=apply, host=vm)
     auth = secret["auth_string"] if config.prefect.api_auth else None
     # operators reach the API through the ssh alias's forward; this run through its own
     result = RegisterResult(environment=config.environment, api_url=f"{config.ui_url}/api")
-    try:
-        records = result.records
-        records.append(ensure_local_profile(config, result.api_url, auth, apply))
-        lock = vm_exclusive(vm, config, "register") if apply else contextlib.nullcontext()
-        with lock, vm.api(config.prefect.port) as base:
-            url = f"{base}/api"
-            records.append(install_code(vm, config, url, auth, apply))
-            records.append(ensure_code_venv(vm, config, apply))
-            records.append(copy_blocks(config, url, auth, apply))
-            records.append(ensure_work_pools(config, url, auth, apply))
-            records.append(ensure_workers(vm, config, url, auth, apply))
-            records.append(deploy(config, url, auth, apply))
-            if science_codebase and apply:
-                records.append(deploy_science(vm, config, science_codebase))
-    finally:
-        vm.close()
+    records = result.records
+    records.append(ensure_local_profile(config, result.api_url, auth, apply))
+    lock = vm_exclusive(vm, config, "register") if apply else contextlib.nullcontext()
+    with lock, vm.api(config.prefect.port) as base:
+        url = f"{base}/api"
+        records.append(install_code(vm, config, url, auth, apply))
+        records.append(ensure_code_venv(vm, config, apply))
+        records.append(copy_blocks(config, url, auth, apply))
+        records.append(ensure_work_pools(config, url, auth, apply))
+        records.append(ensure_workers(vm, config, url, auth, apply))
+        records.append(deploy(config, url, auth, apply))
+        if science_codebase and apply:
+            records.append(deploy_science(vm, config, science_codebase))
     create_table_artifact(
         key=f"{'plan-' if plan else ''}register-{config.environment}",
         table=[r.row() for r in result.records],
