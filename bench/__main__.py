@@ -12,7 +12,9 @@ the same machine, so the table speaks of the design, not of the machine:
 3. the first configure of a bare cloud-init guest (packages, volume, venv, server, /arc)
    against a no-op configure, and the health check against its slowest single probe;
 4. a no-op register (nothing changed on the VM's Prefect server) and a no-op `up`;
-5. the time to detect a frozen /arc host, against the probe's own limit.
+5. the time to detect a frozen /arc host, against the probe's own limit;
+6. recovery: a lost VM (`up` again on the kept volume) and a lost volume (`up` on a new one,
+   then `restore` from the copy on /arc), each against a fresh `up` in the same run.
 """
 
 from __future__ import annotations
@@ -241,7 +243,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         results["slowest_probe"] = max(durations.values())
         results["slowest_name"] = max(durations, key=lambda k: durations[k])
 
-        print("5/5 frozen /arc host", flush=True)
+        print("5/6 frozen /arc host", flush=True)
         from tasks.access import vm_for
 
         vm = vm_for(a, locate_vm.fn(open_connection(a), a))
@@ -255,6 +257,23 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         finally:
             canfar.arc_thaw()
             vm.close()
+
+        print("6/6 recovery: VM lost (down, up), volume lost (up, restore)", flush=True)
+        from flows.backup import backup, restore
+
+        clean(b, teardown)  # b's VM (from step 1) is not needed: its quota frees up
+        with timer(results, "fresh_up"):
+            bootstrap(b)  # from nothing: the reference for both recoveries
+        teardown(a)  # the server goes, the volume stays
+        with timer(results, "vm_lost"):
+            bootstrap(a)
+        copy = backup(a)
+        assert copy is not None, "no backup made"
+        lost = locate_vm.fn(open_connection(a), a).volume_id
+        teardown(a, delete_data_volume=True, volume_id=lost)
+        with timer(results, "volume_lost"):
+            bootstrap(a)
+            restore(a)
     finally:
         faults.clear()
         latency.set_latency()
@@ -327,6 +346,18 @@ def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
             f"{r['detect'] / r['probe_limit']:.2f}",
             "≤ 1.25 (10 s for the default 8 s limit)",
             f"'{r['detect_state']}' after {r['detect']:.1f} s",
+        ),
+        (
+            "recovery, VM lost (`up` on the kept volume) / a fresh `up`",
+            f"{r['vm_lost'] / r['fresh_up']:.2f}",
+            "-",
+            f"{r['vm_lost']:.0f} s vs {r['fresh_up']:.0f} s",
+        ),
+        (
+            "recovery, volume lost (`up` on a new volume, then `restore` from /arc) / a fresh `up`",
+            f"{r['volume_lost'] / r['fresh_up']:.2f}",
+            "-",
+            f"{r['volume_lost']:.0f} s vs {r['fresh_up']:.0f} s",
         ),
     ]
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in r["steps"].items())
