@@ -203,15 +203,16 @@ def test_teardown_returns_when_the_volume_is_gone(env_config, admin_conn, user_c
         )
         return user_conn.block_storage.wait_for_status(vol, "available", interval=1, wait=60)
 
-    # Long enough that the volume is still `deleting` after the plan below and the teardown's
-    # server, address and group steps (about 20 s on a busy 2-core machine).
-    latency.set_latency(volume_delete=45)
+    latency.set_latency(volume_delete=8)
     try:
         vol = our_volume()
         removed = teardown(cfg, delete_data_volume=True)
         assert [(r.kind, r.id) for r in removed] == [("volume", vol.id)]
         assert ours(admin_conn, cfg)["volumes"] == []
 
+        # Long enough that the volume is still `deleting` after the plan below and the
+        # teardown's server, address and group steps (about 20 s on a busy 2-core machine).
+        latency.set_latency(volume_delete=35)
         vol = our_volume()
         user_conn.block_storage.delete_volume(vol.id)  # a run killed right after this call
         assert user_conn.block_storage.get_volume(vol.id).status == "deleting"
