@@ -4,6 +4,7 @@ the work pools and their workers (systemd units running as the service user)."""
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from core.config import BootstrapConfig
 from core.log import logger
 from core.records import Action
-from core.settings import OWN_POOL
+from core.settings import OWN_POOL, WorkPool
 from tasks.canfar import VM_CA_BUNDLE, vm_env_path
 from tasks.cloud import cloud_credentials
 from tasks.code_on_vm import code_dir, vm_config
@@ -152,6 +153,38 @@ def vm_cloud_credentials(
     return creds, made
 
 
+@dataclass(frozen=True)
+class PoolChange:
+    """One pool to create (``create``) and/or whose concurrency limit to set (``limit``, from
+    ``was``); a pool as configured gets none."""
+
+    name: str
+    create: bool
+    set_limit: bool
+    was: int | None
+    limit: int | None
+
+    def notes(self) -> list[str]:
+        return ([f"created {self.name}"] if self.create else []) + (
+            [f"{self.name} limit {self.was} -> {self.limit}"] if self.set_limit else []
+        )
+
+
+def decide_work_pools(wanted: list[WorkPool], listed: dict[str, int | None]) -> list[PoolChange]:
+    """The changes, in the config's order, that bring the server's pools (``listed``: name:
+    concurrency limit) to ``wanted``. A missing pool is created without a limit, then given
+    its limit if it has one; pools not configured are left alone."""
+    out = []
+    for pool in wanted:
+        create = pool.name not in listed
+        was = None if create else listed[pool.name]
+        if create or was != pool.concurrency:
+            out.append(
+                PoolChange(pool.name, create, was != pool.concurrency, was, pool.concurrency)
+            )
+    return out
+
+
 @task(name="ensure-work-pools", cache_policy=NO_CACHE)
 def ensure_work_pools(
     config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
@@ -162,27 +195,19 @@ def ensure_work_pools(
     with remote_client(url, auth_string) as client:
         # The listing is what the UI and `prefect work-pool ls` show; a limit given only at
         # creation does not always appear there, so limits are set (and checked) by update.
-        listed = {p.name: p for p in client.read_work_pools()}
-        for pool in config.prefect.work_pools:
-            if pool.name not in listed:
-                if apply:
-                    client.create_work_pool(
-                        WorkPoolCreate(
-                            name=pool.name,
-                            type="process",
-                            description=f"{config.environment}: {pool.name}",
-                        )
+        listed = {p.name: p.concurrency_limit for p in client.read_work_pools()}
+        for change in decide_work_pools(config.prefect.work_pools, listed):
+            if change.create and apply:
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=change.name,
+                        type="process",
+                        description=f"{config.environment}: {change.name}",
                     )
-                changes.append(f"created {pool.name}")
-                current = None
-            else:
-                current = listed[pool.name].concurrency_limit
-            if current != pool.concurrency:
-                if apply:
-                    client.update_work_pool(
-                        pool.name, WorkPoolUpdate(concurrency_limit=pool.concurrency)
-                    )
-                changes.append(f"{pool.name} limit {current} -> {pool.concurrency}")
+                )
+            if change.set_limit and apply:
+                client.update_work_pool(change.name, WorkPoolUpdate(concurrency_limit=change.limit))
+            changes += change.notes()
     return StepRecord(
         name="work pools",
         action=Action.CHANGE if changes else Action.KEEP,
