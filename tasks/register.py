@@ -6,7 +6,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -255,6 +255,58 @@ def own_worker_dropin(config: BootstrapConfig) -> tuple[str, str]:
     )
 
 
+def worker_unit_name(pool: str) -> str:
+    return f"prefect-worker@{pool}.service"
+
+
+def worker_pools(pools: list[WorkPool]) -> list[str]:
+    """The pools that get a worker (one unit, for any ``workers`` of 1 or more)."""
+    return [pool.name for pool in pools if pool.workers >= 1]
+
+
+class UnitState(NamedTuple):
+    """What systemd says of a pool's worker unit."""
+
+    enabled: bool
+    active: bool
+
+
+@dataclass(frozen=True)
+class WorkersDecision:
+    """Pools whose unit to enable, to start (it is not running) and to restart once its runs
+    end (it runs, but its unit file, environment or venv changed); ``notes``: the enables and
+    starts, in the config's order."""
+
+    enable: list[str]
+    start: list[str]
+    restart: list[str]
+    notes: list[str]
+
+
+def decide_workers(
+    pools: list[WorkPool],
+    units: dict[str, UnitState],
+    env_changed: bool,
+    unit_changed: bool,
+    own_changed: bool = False,
+) -> WorkersDecision:
+    """What brings each worker pool's unit (``units``, as read) to enabled and running the
+    files as now written. ``own_changed``: the drop-in of this package's pool changed, which
+    only its worker reads. A pool with no worker is left as it is."""
+    enable, start, restart, notes = [], [], [], []
+    for name in worker_pools(pools):
+        state = units[name]
+        if not state.enabled:
+            enable.append(name)
+            notes.append(f"enabled {name}")
+        if not state.active:
+            start.append(name)
+            notes.append(f"started {name}")
+        elif env_changed or unit_changed or (own_changed and name == OWN_POOL):
+            restart.append(name)
+    return WorkersDecision(enable, start, restart, notes)
+
+
 @task(name="ensure-workers", **VM_TASK)
 def ensure_workers(
     vm: VM, config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
@@ -290,21 +342,21 @@ def ensure_workers(
         if apply:
             vm.run("systemctl daemon-reload", sudo=True)
         changes.append("worker unit" if unit_changed else f"{OWN_POOL} worker's venv")
-    restart: list[str] = []
-    for pool in p.work_pools:
-        if pool.workers < 1:
-            continue
-        unit = f"prefect-worker@{pool.name}.service"
-        if not vm.run(f"systemctl is-enabled --quiet {unit}", check=False).ok:
-            if apply:
-                vm.run(f"systemctl enable {unit}", sudo=True)
-            changes.append(f"enabled {pool.name}")
-        if not vm.run(f"systemctl is-active --quiet {unit}", check=False).ok:
-            if apply:
-                vm.run(f"systemctl restart {unit}", sudo=True)
-            changes.append(f"started {pool.name}")
-        elif env_changed or unit_changed or (own_changed and pool.name == OWN_POOL):
-            restart.append(pool.name)
+    units = {  # read after any reload: what systemd makes of the units now
+        name: UnitState(
+            vm.run(f"systemctl is-enabled --quiet {worker_unit_name(name)}", check=False).ok,
+            vm.run(f"systemctl is-active --quiet {worker_unit_name(name)}", check=False).ok,
+        )
+        for name in worker_pools(p.work_pools)
+    }
+    decision = decide_workers(p.work_pools, units, env_changed, unit_changed, own_changed)
+    for name in units if apply else []:
+        if name in decision.enable:
+            vm.run(f"systemctl enable {worker_unit_name(name)}", sudo=True)
+        if name in decision.start:
+            vm.run(f"systemctl restart {worker_unit_name(name)}", sudo=True)
+    changes += decision.notes
+    restart = decision.restart
     if restart and not apply:
         changes += [f"restarted {name} (once its runs end)" for name in restart]
     elif restart:  # a worker's restart ends the runs it started: they end first
@@ -312,8 +364,7 @@ def ensure_workers(
             remote_client(url, auth_string) as client,
             drained(client, restart, p.drain_timeout, "the workers", vm) as drain,
         ):
-            units = " ".join(f"prefect-worker@{name}.service" for name in restart)
-            vm.run(f"systemctl restart {units}", sudo=True)
+            vm.run(f"systemctl restart {' '.join(map(worker_unit_name, restart))}", sudo=True)
         changes += [f"restarted {name}" for name in restart]
         if drain.note():
             changes.append(drain.note())

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.settings import WorkPool
-from tasks.register import decide_work_pools
+from core.settings import OWN_POOL, WorkPool
+from tasks.register import UnitState, decide_work_pools, decide_workers
 
 MONITOR = WorkPool(name="monitor")
 VM_RUNS = WorkPool(name="vm-runs", concurrency=2)
@@ -44,3 +44,61 @@ def test_work_pools(wanted, listed, notes) -> None:
         assert c.create == (c.name not in listed)
         assert c.set_limit == (c.limit != listed.get(c.name))
         assert c.limit == next(p.concurrency for p in wanted if p.name == c.name)
+
+
+OWN = WorkPool(name=OWN_POOL)
+IDLE = WorkPool(name="idle", workers=0)
+BUSY = WorkPool(name="busy", workers=3)
+UP = UnitState(enabled=True, active=True)
+DOWN = UnitState(enabled=True, active=False)
+OFF = UnitState(enabled=False, active=False)
+RUNNING_DISABLED = UnitState(enabled=False, active=True)
+
+
+@pytest.mark.parametrize(
+    ("pools", "units", "changed", "notes", "restart"),
+    [
+        ([MONITOR, OWN], {"monitor": UP, OWN_POOL: UP}, "", [], []),
+        ([MONITOR], {"monitor": OFF}, "", ["enabled monitor", "started monitor"], []),
+        ([MONITOR], {"monitor": RUNNING_DISABLED}, "", ["enabled monitor"], []),
+        ([MONITOR], {"monitor": DOWN}, "", ["started monitor"], []),
+        ([MONITOR, OWN], {"monitor": UP, OWN_POOL: UP}, "env", [], ["monitor", OWN_POOL]),
+        ([MONITOR, OWN], {"monitor": UP, OWN_POOL: UP}, "unit", [], ["monitor", OWN_POOL]),
+        ([MONITOR, OWN], {"monitor": UP, OWN_POOL: UP}, "own", [], [OWN_POOL]),
+        ([MONITOR, OWN], {"monitor": DOWN, OWN_POOL: UP}, "unit", ["started monitor"], [OWN_POOL]),
+        ([MONITOR], {"monitor": RUNNING_DISABLED}, "env", ["enabled monitor"], ["monitor"]),
+        (
+            [OWN, MONITOR],
+            {OWN_POOL: OFF, "monitor": OFF},
+            "",
+            [f"enabled {OWN_POOL}", f"started {OWN_POOL}", "enabled monitor", "started monitor"],
+            [],
+        ),
+        ([IDLE, MONITOR], {"monitor": UP}, "unit", [], ["monitor"]),
+        ([IDLE], {}, "", [], []),
+        ([BUSY], {"busy": DOWN}, "", ["started busy"], []),
+    ],
+    ids=[
+        "enabled and running",
+        "disabled and stopped: enable and start",
+        "running but disabled: enable only",
+        "stopped: start",
+        "environment changed: restart the running ones",
+        "unit changed: restart the running ones",
+        "own pool's venv changed: restart its worker alone",
+        "unit changed, one stopped: start it, restart the other",
+        "disabled, running, environment changed: enable and restart",
+        "two down: notes in the config's order",
+        "a pool with workers=0: no unit of its own",
+        "only a pool with workers=0: nothing",
+        "workers=3: one unit all the same",
+    ],
+)
+def test_workers(pools, units, changed, notes, restart) -> None:
+    decision = decide_workers(
+        pools, units, changed == "env", changed == "unit", own_changed=changed == "own"
+    )
+    assert decision.notes == notes
+    assert decision.enable == [n.split()[1] for n in notes if n.startswith("enabled ")]
+    assert decision.start == [n.split()[1] for n in notes if n.startswith("started ")]
+    assert decision.restart == restart
