@@ -3,9 +3,12 @@ Prefect server, no VM. The sandbox tests prove the same steps against the real o
 
 from __future__ import annotations
 
+from types import SimpleNamespace as NS
+
 import pytest
 
 from core.settings import OWN_POOL, WorkPool
+from tasks.deploy import automation_counts, decide_deployments
 from tasks.register import UnitState, decide_work_pools, decide_workers
 
 MONITOR = WorkPool(name="monitor")
@@ -102,3 +105,69 @@ def test_workers(pools, units, changed, notes, restart) -> None:
     assert decision.enable == [n.split()[1] for n in notes if n.startswith("enabled ")]
     assert decision.start == [n.split()[1] for n in notes if n.startswith("started ")]
     assert decision.restart == restart
+
+
+V = "sails-0123456789abcdef"
+OLD = "sails-fedcba9876543210"
+WANTED = {"health": 0, "repair": 1}  # name: triggers in prefect.yaml
+
+
+@pytest.mark.parametrize(
+    ("ours", "runs", "kept"),
+    [
+        ([("health", V, "h"), ("repair", V, "r")], {"r": 1}, True),
+        ([], {}, False),
+        ([("health", V, "h")], {}, False),
+        ([("health", V, "h"), ("repair", OLD, "r")], {"r": 1}, False),
+        ([("health", V, "h"), ("repair", None, "r")], {"r": 1}, False),
+        ([("health", V, "h"), ("repair", V, "r")], {}, False),
+        ([("health", V, "h"), ("repair", V, "r")], {"old-r": 1}, False),
+        ([("health", V, "h"), ("repair", V, "r")], {"r": 2}, False),
+        ([("health", V, "h"), ("repair", V, "r")], {"r": 1, "h": 1}, False),
+        ([("health", V, "h"), ("repair", V, "r"), ("teardown", V, "t")], {"r": 1}, False),
+        ([("health", V, "h"), ("repair", V, "r"), ("teardown", OLD, "t")], {"r": 1}, False),
+    ],
+    ids=[
+        "all at this version, their automations there",
+        "none deployed",
+        "one missing",
+        "one at another version",
+        "one with no version",
+        "a missing automation",
+        "the automation runs an older deployment of the name",
+        "an automation twice",
+        "an automation for a deployment with no trigger",
+        "an extra deployment of ours not wanted",
+        "an extra one of ours at another version",
+    ],
+)
+def test_deployments(ours, runs, kept) -> None:
+    reason = decide_deployments(ours, runs, WANTED, V)
+    assert reason == (f"health, repair as deployed ({V})" if kept else None)
+
+
+def automation(*deployments: str | None) -> NS:
+    return NS(
+        actions=[NS(deployment_id=d) if d else NS(type="send-notification") for d in deployments]
+    )
+
+
+@pytest.mark.parametrize(
+    ("automations", "counts"),
+    [
+        ([], {}),
+        ([automation("r")], {"r": 1}),
+        ([automation("r"), automation("r")], {"r": 2}),
+        ([automation("r", "r")], {"r": 1}),
+        ([automation("r", "h"), automation(None)], {"r": 1, "h": 1}),
+    ],
+    ids=[
+        "none",
+        "one",
+        "two for one deployment",
+        "one with two actions on it: counted once",
+        "one for two, one running none",
+    ],
+)
+def test_automation_counts(automations, counts) -> None:
+    assert automation_counts(automations) == counts
