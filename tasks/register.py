@@ -69,7 +69,7 @@ def copy_blocks(
     """Save the blocks the deployments need on the VM's server (secrets carried, never shown)."""
     from prefect.blocks.system import Secret
 
-    from blocks import CanfarCredentials, OpenStackCredentials
+    from blocks import CanfarCredentials
 
     remote = vm_config(config)
     cloud, made = vm_cloud_credentials(config, cloud_credentials(config), apply)
@@ -87,16 +87,6 @@ def copy_blocks(
         )
     except ValueError:
         logger().warning("no CanfarCredentials block %r to copy", config.canfar.credentials_block)
-    # CA files are paths on this machine: on the VM, the bundle configure wrote (the system's
-    # CAs plus config.ca_bundle) takes their place.
-    ca_fields: dict[type, str] = {OpenStackCredentials: "cacert", CanfarCredentials: "ca_bundle"}
-
-    def for_vm(block: Any) -> Any:
-        field = ca_fields.get(type(block))
-        if field and getattr(block, field):
-            return block.model_copy(update={field: VM_CA_BUNDLE})
-        return block
-
     blocks = [(for_vm(b), n) for b, n in blocks]
     saved = save_remote(blocks, url, auth_string, apply)
     kept = [name for _, name in blocks if name not in saved]
@@ -116,6 +106,18 @@ def copy_blocks(
         applied=apply,
         reason=reason,
     )
+
+
+def for_vm(block: Any) -> Any:
+    """The block as the VM gets it: a CA file is a path on this machine; on the VM, the bundle
+    configure wrote (the system's CAs plus config.ca_bundle) takes its place."""
+    from blocks import CanfarCredentials, OpenStackCredentials
+
+    ca_fields: dict[type, str] = {OpenStackCredentials: "cacert", CanfarCredentials: "ca_bundle"}
+    field = ca_fields.get(type(block))
+    if field and getattr(block, field):
+        return block.model_copy(update={field: VM_CA_BUNDLE})
+    return block
 
 
 def vm_credential_name(config: BootstrapConfig) -> str:

@@ -4,12 +4,19 @@ Prefect server, no VM. The sandbox tests prove the same steps against the real o
 from __future__ import annotations
 
 from types import SimpleNamespace as NS
+from typing import Any
+from uuid import uuid4
 
 import pytest
+from prefect.blocks.system import Secret
+from pydantic import SecretStr
 
+from blocks import CanfarCredentials, OpenStackCredentials
 from core.settings import OWN_POOL, WorkPool
+from tasks.canfar import VM_CA_BUNDLE
 from tasks.deploy import automation_counts, decide_deployments
-from tasks.register import UnitState, decide_work_pools, decide_workers
+from tasks.register import UnitState, decide_work_pools, decide_workers, for_vm
+from tasks.vm_server import block_is_current
 
 MONITOR = WorkPool(name="monitor")
 VM_RUNS = WorkPool(name="vm-runs", concurrency=2)
@@ -171,3 +178,82 @@ def automation(*deployments: str | None) -> NS:
 )
 def test_automation_counts(automations, counts) -> None:
     assert automation_counts(automations) == counts
+
+
+CANFAR = CanfarCredentials(username="me", password=SecretStr("pw"))
+CHECKSUM = CanfarCredentials._calculate_schema_checksum()
+
+
+def loaded(block: Any) -> Any:
+    """The block as ``load`` returns it: with its local document's id and name."""
+    block = block.model_copy()
+    block._block_document_id, block._block_document_name = uuid4(), "local"
+    return block
+
+
+def doc(data: dict[str, Any], checksum: str | None = CHECKSUM) -> NS:
+    """A block document as the server answers it (secrets included)."""
+    return NS(data=data, block_schema=NS(checksum=checksum) if checksum else None)
+
+
+@pytest.mark.parametrize(
+    ("document", "block", "current"),
+    [
+        (None, CANFAR, False),
+        (doc({"username": "me", "password": "pw"}), CANFAR, True),
+        (doc({"username": "me", "password": "pw"}), loaded(CANFAR), True),
+        (doc({"username": "me", "password": "old"}), CANFAR, False),
+        (doc({"username": "me", "password": "pw", "days_valid": 7}), CANFAR, False),
+        (doc({"username": "me", "password": "pw"}, checksum="sha256:other"), CANFAR, False),
+        (doc({"username": "me", "password": "pw"}, checksum=None), CANFAR, False),
+        (
+            doc({"value": "s3cret"}, Secret._calculate_schema_checksum()),
+            Secret(value=SecretStr("s3cret")),
+            True,
+        ),
+    ],
+    ids=[
+        "none under the name: save",
+        "the same fields: keep",
+        "a loaded block (its local id aside): keep",
+        "a secret differing: save",
+        "a field differing: save",
+        "saved with another schema: save",
+        "no schema: save",
+        "a Secret, the same: keep",
+    ],
+)
+def test_block_is_current(document, block, current) -> None:
+    assert block_is_current(document, block) == current
+
+
+OPENSTACK = OpenStackCredentials(
+    auth_url="https://keystone.example:5000/v3",
+    application_credential_id="id",
+    application_credential_secret=SecretStr("s"),
+)
+
+
+@pytest.mark.parametrize(
+    ("block", "field", "on_vm"),
+    [
+        (OPENSTACK.model_copy(update={"cacert": "/home/me/ca.pem"}), "cacert", VM_CA_BUNDLE),
+        (OPENSTACK, "cacert", None),
+        (CANFAR.model_copy(update={"ca_bundle": "/home/me/ca.pem"}), "ca_bundle", VM_CA_BUNDLE),
+        (CANFAR, "ca_bundle", None),
+        (Secret(value=SecretStr("s")), "value", SecretStr("s")),
+    ],
+    ids=[
+        "a cloud CA file: the VM's bundle",
+        "cloud, no CA file: as it is",
+        "a CANFAR CA file: the VM's bundle",
+        "CANFAR, no CA file: as it is",
+        "a Secret: as it is",
+    ],
+)
+def test_block_for_vm(block, field, on_vm) -> None:
+    moved = for_vm(block)
+    assert getattr(moved, field) == on_vm
+    assert {f: getattr(moved, f) for f in type(block).model_fields if f != field} == {
+        f: getattr(block, f) for f in type(block).model_fields if f != field
+    }
