@@ -7,6 +7,8 @@ import os
 import shlex
 import subprocess
 import sys
+from collections import Counter
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -56,30 +58,57 @@ def listed_deployments() -> dict[str, int]:
     return {d["name"]: len(d.get("triggers") or []) for d in spec}
 
 
+def same_versions(
+    ours: list[tuple[str, str | None, Any]], wanted: dict[str, int], version: str
+) -> bool:
+    """Every deployment in ``wanted`` is among ``ours`` (name, version, id) at ``version``, and
+    no other of ours."""
+    return {name: v for name, v, _ in ours} == dict.fromkeys(wanted, version)
+
+
+def automation_counts(automations: list[Any]) -> dict[Any, int]:
+    """How many automations run each deployment (by id; an automation counts once)."""
+    counts: Counter[Any] = Counter()
+    for a in automations:
+        counts.update({getattr(x, "deployment_id", None) for x in a.actions} - {None})
+    return dict(counts)
+
+
+def decide_deployments(
+    ours: list[tuple[str, str | None, Any]],
+    runs: dict[Any, int],
+    wanted: dict[str, int],
+    version: str,
+) -> str | None:
+    """Why nothing needs deploying, or None: every deployment in ``wanted`` (name: triggers) is
+    among ``ours`` (name, version, id) at ``version``, no other of ours, and each is run by as
+    many automations (``runs``, by deployment id) as it has triggers."""
+    if not same_versions(ours, wanted, version):
+        return None
+    # a trigger's automation runs its deployment by id: this one, not an old one
+    if any(runs.get(id_, 0) != wanted[name] for name, _, id_ in ours):
+        return None
+    return f"{', '.join(wanted)} as deployed ({version})"
+
+
 def deployed_as(
     url: str, auth_string: str | None, version: str, wanted: dict[str, int]
 ) -> str | None:
-    """Why nothing needs deploying, or None: every deployment in ``wanted`` (name: triggers) is
-    on the server at ``version``, no other of ours, and the automations of their triggers are
-    there."""
+    """``decide_deployments`` on what the VM's server holds (its automations read only when the
+    versions already match)."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
 
     with remote_client(url, auth_string) as client:
-        ours = client.read_deployments(
+        found = client.read_deployments(
             deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=["sails-bootstrap"]))
         )
-        if {d.name: d.version for d in ours} != dict.fromkeys(wanted, version):
-            return None
-        automations = client.read_automations()
-    for d in ours:  # a trigger's automation runs its deployment (by id: this one, not an old one)
-        runs = [
-            a
-            for a in automations
-            if any(getattr(x, "deployment_id", None) == d.id for x in a.actions)
-        ]
-        if len(runs) != wanted[d.name]:
-            return None
-    return f"{', '.join(wanted)} as deployed ({version})"
+        ours = [(d.name, d.version, d.id) for d in found]
+        runs = (
+            automation_counts(client.read_automations())
+            if same_versions(ours, wanted, version)
+            else {}
+        )
+    return decide_deployments(ours, runs, wanted, version)
 
 
 @task(name="deploy", cache_policy=NO_CACHE)

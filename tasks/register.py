@@ -4,8 +4,9 @@ the work pools and their workers (systemd units running as the service user)."""
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -13,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from core.config import BootstrapConfig
 from core.log import logger
 from core.records import Action
-from core.settings import OWN_POOL
+from core.settings import OWN_POOL, WorkPool
 from tasks.canfar import VM_CA_BUNDLE, vm_env_path
 from tasks.cloud import cloud_credentials
 from tasks.code_on_vm import code_dir, vm_config
@@ -68,7 +69,7 @@ def copy_blocks(
     """Save the blocks the deployments need on the VM's server (secrets carried, never shown)."""
     from prefect.blocks.system import Secret
 
-    from blocks import CanfarCredentials, OpenStackCredentials
+    from blocks import CanfarCredentials
 
     remote = vm_config(config)
     cloud, made = vm_cloud_credentials(config, cloud_credentials(config), apply)
@@ -86,16 +87,6 @@ def copy_blocks(
         )
     except ValueError:
         logger().warning("no CanfarCredentials block %r to copy", config.canfar.credentials_block)
-    # CA files are paths on this machine: on the VM, the bundle configure wrote (the system's
-    # CAs plus config.ca_bundle) takes their place.
-    ca_fields: dict[type, str] = {OpenStackCredentials: "cacert", CanfarCredentials: "ca_bundle"}
-
-    def for_vm(block: Any) -> Any:
-        field = ca_fields.get(type(block))
-        if field and getattr(block, field):
-            return block.model_copy(update={field: VM_CA_BUNDLE})
-        return block
-
     blocks = [(for_vm(b), n) for b, n in blocks]
     saved = save_remote(blocks, url, auth_string, apply)
     kept = [name for _, name in blocks if name not in saved]
@@ -115,6 +106,18 @@ def copy_blocks(
         applied=apply,
         reason=reason,
     )
+
+
+def for_vm(block: Any) -> Any:
+    """The block as the VM gets it: a CA file is a path on this machine; on the VM, the bundle
+    configure wrote (the system's CAs plus config.ca_bundle) takes its place."""
+    from blocks import CanfarCredentials, OpenStackCredentials
+
+    ca_fields: dict[type, str] = {OpenStackCredentials: "cacert", CanfarCredentials: "ca_bundle"}
+    field = ca_fields.get(type(block))
+    if field and getattr(block, field):
+        return block.model_copy(update={field: VM_CA_BUNDLE})
+    return block
 
 
 def vm_credential_name(config: BootstrapConfig) -> str:
@@ -152,6 +155,38 @@ def vm_cloud_credentials(
     return creds, made
 
 
+@dataclass(frozen=True)
+class PoolChange:
+    """One pool to create (``create``) and/or whose concurrency limit to set (``limit``, from
+    ``was``); a pool as configured gets none."""
+
+    name: str
+    create: bool
+    set_limit: bool
+    was: int | None
+    limit: int | None
+
+    def notes(self) -> list[str]:
+        return ([f"created {self.name}"] if self.create else []) + (
+            [f"{self.name} limit {self.was} -> {self.limit}"] if self.set_limit else []
+        )
+
+
+def decide_work_pools(wanted: list[WorkPool], listed: dict[str, int | None]) -> list[PoolChange]:
+    """The changes, in the config's order, that bring the server's pools (``listed``: name:
+    concurrency limit) to ``wanted``. A missing pool is created without a limit, then given
+    its limit if it has one; pools not configured are left alone."""
+    out = []
+    for pool in wanted:
+        create = pool.name not in listed
+        was = None if create else listed[pool.name]
+        if create or was != pool.concurrency:
+            out.append(
+                PoolChange(pool.name, create, was != pool.concurrency, was, pool.concurrency)
+            )
+    return out
+
+
 @task(name="ensure-work-pools", cache_policy=NO_CACHE)
 def ensure_work_pools(
     config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
@@ -162,27 +197,19 @@ def ensure_work_pools(
     with remote_client(url, auth_string) as client:
         # The listing is what the UI and `prefect work-pool ls` show; a limit given only at
         # creation does not always appear there, so limits are set (and checked) by update.
-        listed = {p.name: p for p in client.read_work_pools()}
-        for pool in config.prefect.work_pools:
-            if pool.name not in listed:
-                if apply:
-                    client.create_work_pool(
-                        WorkPoolCreate(
-                            name=pool.name,
-                            type="process",
-                            description=f"{config.environment}: {pool.name}",
-                        )
+        listed = {p.name: p.concurrency_limit for p in client.read_work_pools()}
+        for change in decide_work_pools(config.prefect.work_pools, listed):
+            if change.create and apply:
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=change.name,
+                        type="process",
+                        description=f"{config.environment}: {change.name}",
                     )
-                changes.append(f"created {pool.name}")
-                current = None
-            else:
-                current = listed[pool.name].concurrency_limit
-            if current != pool.concurrency:
-                if apply:
-                    client.update_work_pool(
-                        pool.name, WorkPoolUpdate(concurrency_limit=pool.concurrency)
-                    )
-                changes.append(f"{pool.name} limit {current} -> {pool.concurrency}")
+                )
+            if change.set_limit and apply:
+                client.update_work_pool(change.name, WorkPoolUpdate(concurrency_limit=change.limit))
+            changes += change.notes()
     return StepRecord(
         name="work pools",
         action=Action.CHANGE if changes else Action.KEEP,
@@ -230,6 +257,58 @@ def own_worker_dropin(config: BootstrapConfig) -> tuple[str, str]:
     )
 
 
+def worker_unit_name(pool: str) -> str:
+    return f"prefect-worker@{pool}.service"
+
+
+def worker_pools(pools: list[WorkPool]) -> list[str]:
+    """The pools that get a worker (one unit, for any ``workers`` of 1 or more)."""
+    return [pool.name for pool in pools if pool.workers >= 1]
+
+
+class UnitState(NamedTuple):
+    """What systemd says of a pool's worker unit."""
+
+    enabled: bool
+    active: bool
+
+
+@dataclass(frozen=True)
+class WorkersDecision:
+    """Pools whose unit to enable, to start (it is not running) and to restart once its runs
+    end (it runs, but its unit file, environment or venv changed); ``notes``: the enables and
+    starts, in the config's order."""
+
+    enable: list[str]
+    start: list[str]
+    restart: list[str]
+    notes: list[str]
+
+
+def decide_workers(
+    pools: list[WorkPool],
+    units: dict[str, UnitState],
+    env_changed: bool,
+    unit_changed: bool,
+    own_changed: bool = False,
+) -> WorkersDecision:
+    """What brings each worker pool's unit (``units``, as read) to enabled and running the
+    files as now written. ``own_changed``: the drop-in of this package's pool changed, which
+    only its worker reads. A pool with no worker is left as it is."""
+    enable, start, restart, notes = [], [], [], []
+    for name in worker_pools(pools):
+        state = units[name]
+        if not state.enabled:
+            enable.append(name)
+            notes.append(f"enabled {name}")
+        if not state.active:
+            start.append(name)
+            notes.append(f"started {name}")
+        elif env_changed or unit_changed or (own_changed and name == OWN_POOL):
+            restart.append(name)
+    return WorkersDecision(enable, start, restart, notes)
+
+
 @task(name="ensure-workers", **VM_TASK)
 def ensure_workers(
     vm: VM, config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
@@ -265,21 +344,21 @@ def ensure_workers(
         if apply:
             vm.run("systemctl daemon-reload", sudo=True)
         changes.append("worker unit" if unit_changed else f"{OWN_POOL} worker's venv")
-    restart: list[str] = []
-    for pool in p.work_pools:
-        if pool.workers < 1:
-            continue
-        unit = f"prefect-worker@{pool.name}.service"
-        if not vm.run(f"systemctl is-enabled --quiet {unit}", check=False).ok:
-            if apply:
-                vm.run(f"systemctl enable {unit}", sudo=True)
-            changes.append(f"enabled {pool.name}")
-        if not vm.run(f"systemctl is-active --quiet {unit}", check=False).ok:
-            if apply:
-                vm.run(f"systemctl restart {unit}", sudo=True)
-            changes.append(f"started {pool.name}")
-        elif env_changed or unit_changed or (own_changed and pool.name == OWN_POOL):
-            restart.append(pool.name)
+    units = {  # read after any reload: what systemd makes of the units now
+        name: UnitState(
+            vm.run(f"systemctl is-enabled --quiet {worker_unit_name(name)}", check=False).ok,
+            vm.run(f"systemctl is-active --quiet {worker_unit_name(name)}", check=False).ok,
+        )
+        for name in worker_pools(p.work_pools)
+    }
+    decision = decide_workers(p.work_pools, units, env_changed, unit_changed, own_changed)
+    for name in units if apply else []:
+        if name in decision.enable:
+            vm.run(f"systemctl enable {worker_unit_name(name)}", sudo=True)
+        if name in decision.start:
+            vm.run(f"systemctl restart {worker_unit_name(name)}", sudo=True)
+    changes += decision.notes
+    restart = decision.restart
     if restart and not apply:
         changes += [f"restarted {name} (once its runs end)" for name in restart]
     elif restart:  # a worker's restart ends the runs it started: they end first
@@ -287,8 +366,7 @@ def ensure_workers(
             remote_client(url, auth_string) as client,
             drained(client, restart, p.drain_timeout, "the workers", vm) as drain,
         ):
-            units = " ".join(f"prefect-worker@{name}.service" for name in restart)
-            vm.run(f"systemctl restart {units}", sudo=True)
+            vm.run(f"systemctl restart {' '.join(map(worker_unit_name, restart))}", sudo=True)
         changes += [f"restarted {name}" for name in restart]
         if drain.note():
             changes.append(drain.note())

@@ -42,6 +42,18 @@ def _plain(block: Any) -> Any:
     return block.model_dump(mode="json", include=fields, context={"include_secrets": True})
 
 
+def block_is_current(doc: Any | None, block: Any) -> bool:
+    """Whether a server's block document (None: none under the name) holds ``block`` as it is:
+    saved with this version of the block's schema, every field equal, secrets included."""
+    cls = type(block)
+    return (
+        doc is not None
+        and doc.block_schema is not None
+        and doc.block_schema.checksum == cls._calculate_schema_checksum()
+        and _plain(cls.model_validate(doc.data)) == _plain(block)
+    )
+
+
 def save_remote(
     blocks: list[tuple[Any, str]], url: str, auth_string: str | None, apply: bool = True
 ) -> list[str]:
@@ -65,12 +77,7 @@ def save_remote(
                     )
                 except ObjectNotFound:
                     doc = None
-                if (
-                    doc is not None
-                    and doc.block_schema is not None
-                    and doc.block_schema.checksum == cls._calculate_schema_checksum()
-                    and _plain(cls.model_validate(doc.data)) == _plain(block)
-                ):
+                if block_is_current(doc, block):
                     continue
                 if apply:
                     # A fresh instance: a loaded block remembers its local document id.
