@@ -274,7 +274,9 @@ class CanfarSettings(_Model):
 class WorkPool(_Model):
     name: Name
     concurrency: int | None = Field(default=None, ge=1)
-    workers: int = Field(default=1, ge=0, le=8)
+    #: 1: a worker runs the pool (one process worker runs as many flow runs at once as the
+    #: pool's limit allows); 0: none, and a running one is stopped once its runs end.
+    workers: int = Field(default=1, ge=0, le=1)
 
 
 #: The pool this package's own deployments run in (its worker runs from this package's venv).

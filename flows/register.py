@@ -18,13 +18,14 @@ from tasks.cloud.locate import VMTarget, locate_vm
 from tasks.code_on_vm import install_code
 from tasks.deploy import deploy, deploy_science
 from tasks.prefect_server import server_secrets
-from tasks.register import copy_blocks, ensure_local_profile, ensure_work_pools, ensure_workers
+from tasks.register import copy_blocks, ensure_local_profile, ensure_work_pools
 from tasks.smoke import SessionRecord, canfar_smoke_test
 from tasks.ui import UIRecord, capture_ui
 from tasks.venvs import ensure_code_venv
 from tasks.vm import VM, StepRecord
 from tasks.vm_lock import vm_exclusive
 from tasks.vm_server import latest_artifact_id, run_on_server
+from tasks.workers import ensure_workers
 
 
 class RegisterResult(BaseModel):

@@ -19,10 +19,10 @@ from core.log import logger
 from core.records import Action
 from core.settings import OWN_POOL
 from tasks.code_on_vm import code_digest, code_dir, code_root, prefect_yaml
-from tasks.register import WORKER_ENV
 from tasks.service_user import as_service_user, service_home
 from tasks.vm import VM, VM_TASK, StepRecord
 from tasks.vm_server import remote_client
+from tasks.workers import WORKER_ENV
 
 
 def bootstrap_pool(config: BootstrapConfig) -> str:

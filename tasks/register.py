@@ -1,12 +1,11 @@
 """Register the orchestration server's parts: the local profile, the blocks the deployments need,
-the work pools and their workers (systemd units running as the service user)."""
+and the work pools (their workers: ``tasks.workers``)."""
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -14,19 +13,12 @@ from prefect.cache_policies import NO_CACHE
 from core.config import BootstrapConfig
 from core.log import logger
 from core.records import Action
-from core.settings import OWN_POOL, WorkPool
-from tasks.canfar import VM_CA_BUNDLE, vm_env_path
+from core.settings import WorkPool
+from tasks.canfar import VM_CA_BUNDLE
 from tasks.cloud import cloud_credentials
-from tasks.code_on_vm import code_dir, vm_config
-from tasks.drain import drained
-from tasks.venvs import code_venv
-from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
+from tasks.code_on_vm import vm_config
+from tasks.vm import StepRecord, planned
 from tasks.vm_server import remote_client, remove_private_keys, save_remote
-
-WORKER_UNIT = "prefect-worker@.service"
-
-
-WORKER_ENV = "/etc/sails-bootstrap/prefect-worker.env"
 
 
 @task(name="ensure-local-profile", cache_policy=NO_CACHE)
@@ -216,163 +208,4 @@ def ensure_work_pools(
         applied=apply,
         reason=planned(changes, apply)
         or ", ".join(f"{p.name}({p.concurrency or '-'})" for p in config.prefect.work_pools),
-    )
-
-
-def worker_unit(config: BootstrapConfig) -> str:
-    p = config.prefect
-    return (
-        f"{MANAGED}\n"
-        "[Unit]\n"
-        "Description=Prefect worker for pool %i\n"
-        "After=prefect-server.service network-online.target\n"
-        "Wants=prefect-server.service\n"
-        f"RequiresMountsFor={p.venv}\n"
-        "[Service]\n"
-        f"User={config.prefect.user}\n"
-        f"EnvironmentFile={WORKER_ENV}\n"
-        f"EnvironmentFile=-{vm_env_path(config)}\n"
-        f"WorkingDirectory={code_dir(config)}\n"
-        f"ExecStart={p.venv}/bin/prefect worker start --pool %i --type process\n"
-        "KillSignal=SIGINT\n"
-        "TimeoutStopSec=30\n"
-        "Restart=always\n"
-        "RestartSec=5\n"
-        "[Install]\n"
-        "WantedBy=multi-user.target\n"
-    )
-
-
-def own_worker_dropin(config: BootstrapConfig) -> tuple[str, str]:
-    """The drop-in that runs the worker of this package's pool from this package's venv."""
-    venv = code_venv(config)
-    path = f"/etc/systemd/system/prefect-worker@{OWN_POOL}.service.d/sails-venv.conf"
-    return path, (
-        f"{MANAGED}\n"
-        "[Unit]\n"
-        f"RequiresMountsFor={venv}\n"
-        "[Service]\n"
-        "ExecStart=\n"
-        f"ExecStart={venv}/bin/prefect worker start --pool %i --type process\n"
-    )
-
-
-def worker_unit_name(pool: str) -> str:
-    return f"prefect-worker@{pool}.service"
-
-
-def worker_pools(pools: list[WorkPool]) -> list[str]:
-    """The pools that get a worker (one unit, for any ``workers`` of 1 or more)."""
-    return [pool.name for pool in pools if pool.workers >= 1]
-
-
-class UnitState(NamedTuple):
-    """What systemd says of a pool's worker unit."""
-
-    enabled: bool
-    active: bool
-
-
-@dataclass(frozen=True)
-class WorkersDecision:
-    """Pools whose unit to enable, to start (it is not running) and to restart once its runs
-    end (it runs, but its unit file, environment or venv changed); ``notes``: the enables and
-    starts, in the config's order."""
-
-    enable: list[str]
-    start: list[str]
-    restart: list[str]
-    notes: list[str]
-
-
-def decide_workers(
-    pools: list[WorkPool],
-    units: dict[str, UnitState],
-    env_changed: bool,
-    unit_changed: bool,
-    own_changed: bool = False,
-) -> WorkersDecision:
-    """What brings each worker pool's unit (``units``, as read) to enabled and running the
-    files as now written. ``own_changed``: the drop-in of this package's pool changed, which
-    only its worker reads. A pool with no worker is left as it is."""
-    enable, start, restart, notes = [], [], [], []
-    for name in worker_pools(pools):
-        state = units[name]
-        if not state.enabled:
-            enable.append(name)
-            notes.append(f"enabled {name}")
-        if not state.active:
-            start.append(name)
-            notes.append(f"started {name}")
-        elif env_changed or unit_changed or (own_changed and name == OWN_POOL):
-            restart.append(name)
-    return WorkersDecision(enable, start, restart, notes)
-
-
-@task(name="ensure-workers", **VM_TASK)
-def ensure_workers(
-    vm: VM, config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
-) -> StepRecord:
-    """One systemd worker per pool (per configured count), replacing the `screen` sessions."""
-    p = config.prefect
-    env = [
-        f"PREFECT_API_URL=http://127.0.0.1:{p.port}/api",
-        f"PREFECT_HOME={p.home}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED=false",
-        "DO_NOT_TRACK=1",
-        f"SSL_CERT_FILE={VM_CA_BUNDLE}",
-    ]
-    if auth_string and p.api_auth:
-        env.append(f"PREFECT_API_AUTH_STRING={auth_string}")
-    changes = []
-    # It holds the auth string: the pipeline's user alone reads it (systemd reads it as root,
-    # and `deploy_science` sources it as that user).
-    user = config.prefect.user
-    env_changed = vm.write_file(
-        WORKER_ENV, "\n".join(env) + "\n", mode="0600", owner=f"{user}:{user}", apply=apply
-    )
-    dropin, dropin_text = own_worker_dropin(config)
-    unit_changed = vm.write_file(
-        f"/etc/systemd/system/{WORKER_UNIT}", worker_unit(config), apply=apply
-    )
-    if apply:
-        vm.run(f"mkdir -p {shlex.quote(dropin.rsplit('/', 1)[0])}", sudo=True)
-    own_changed = vm.write_file(dropin, dropin_text, apply=apply)
-    if env_changed:
-        changes.append("worker environment")
-    if unit_changed or own_changed:
-        if apply:
-            vm.run("systemctl daemon-reload", sudo=True)
-        changes.append("worker unit" if unit_changed else f"{OWN_POOL} worker's venv")
-    units = {  # read after any reload: what systemd makes of the units now
-        name: UnitState(
-            vm.run(f"systemctl is-enabled --quiet {worker_unit_name(name)}", check=False).ok,
-            vm.run(f"systemctl is-active --quiet {worker_unit_name(name)}", check=False).ok,
-        )
-        for name in worker_pools(p.work_pools)
-    }
-    decision = decide_workers(p.work_pools, units, env_changed, unit_changed, own_changed)
-    for name in units if apply else []:
-        if name in decision.enable:
-            vm.run(f"systemctl enable {worker_unit_name(name)}", sudo=True)
-        if name in decision.start:
-            vm.run(f"systemctl restart {worker_unit_name(name)}", sudo=True)
-    changes += decision.notes
-    restart = decision.restart
-    if restart and not apply:
-        changes += [f"restarted {name} (once its runs end)" for name in restart]
-    elif restart:  # a worker's restart ends the runs it started: they end first
-        with (
-            remote_client(url, auth_string) as client,
-            drained(client, restart, p.drain_timeout, "the workers", vm) as drain,
-        ):
-            vm.run(f"systemctl restart {' '.join(map(worker_unit_name, restart))}", sudo=True)
-        changes += [f"restarted {name}" for name in restart]
-        if drain.note():
-            changes.append(drain.note())
-    return StepRecord(
-        name="workers",
-        action=Action.CHANGE if changes else Action.KEEP,
-        applied=apply,
-        reason=planned(changes, apply) or "one worker per pool running",
     )

@@ -659,7 +659,7 @@ def test_restarts_wait_for_the_runs_in_flight(
 
     from flows.configure import configure
     from tasks.prefect_server import SERVER_ENV
-    from tasks.register import WORKER_ENV
+    from tasks.workers import WORKER_ENV
 
     cfg = operated.cfg
     codebase = science_codebase(cfg, canfar_sandbox)

@@ -15,8 +15,9 @@ from blocks import CanfarCredentials, OpenStackCredentials
 from core.settings import OWN_POOL, WorkPool
 from tasks.canfar import VM_CA_BUNDLE
 from tasks.deploy import automation_counts, decide_deployments
-from tasks.register import UnitState, decide_work_pools, decide_workers, for_vm
+from tasks.register import decide_work_pools, for_vm
 from tasks.vm_server import block_is_current
+from tasks.workers import UnitState, decide_workers
 
 MONITOR = WorkPool(name="monitor")
 VM_RUNS = WorkPool(name="vm-runs", concurrency=2)
@@ -58,7 +59,6 @@ def test_work_pools(wanted, listed, notes) -> None:
 
 OWN = WorkPool(name=OWN_POOL)
 IDLE = WorkPool(name="idle", workers=0)
-BUSY = WorkPool(name="busy", workers=3)
 UP = UnitState(enabled=True, active=True)
 DOWN = UnitState(enabled=True, active=False)
 OFF = UnitState(enabled=False, active=False)
@@ -84,9 +84,10 @@ RUNNING_DISABLED = UnitState(enabled=False, active=True)
             [f"enabled {OWN_POOL}", f"started {OWN_POOL}", "enabled monitor", "started monitor"],
             [],
         ),
-        ([IDLE, MONITOR], {"monitor": UP}, "unit", [], ["monitor"]),
-        ([IDLE], {}, "", [], []),
-        ([BUSY], {"busy": DOWN}, "", ["started busy"], []),
+        ([IDLE, MONITOR], {"idle": OFF, "monitor": UP}, "unit", [], ["monitor"]),
+        ([IDLE], {"idle": OFF}, "", [], []),
+        ([IDLE], {"idle": UP}, "", [], []),
+        ([IDLE], {"idle": RUNNING_DISABLED}, "env", [], []),
     ],
     ids=[
         "enabled and running",
@@ -100,8 +101,9 @@ RUNNING_DISABLED = UnitState(enabled=False, active=True)
         "disabled, running, environment changed: enable and restart",
         "two down: notes in the config's order",
         "a pool with workers=0: no unit of its own",
-        "only a pool with workers=0: nothing",
-        "workers=3: one unit all the same",
+        "only a pool with workers=0, its unit off: nothing",
+        "workers=0, its unit running: stopped, not restarted",
+        "workers=0, running but disabled: stopped",
     ],
 )
 def test_workers(pools, units, changed, notes, restart) -> None:
@@ -112,6 +114,8 @@ def test_workers(pools, units, changed, notes, restart) -> None:
     assert decision.enable == [n.split()[1] for n in notes if n.startswith("enabled ")]
     assert decision.start == [n.split()[1] for n in notes if n.startswith("started ")]
     assert decision.restart == restart
+    idle = [p.name for p in pools if p.workers == 0]
+    assert decision.stop == [n for n in idle if units[n].enabled or units[n].active]
 
 
 V = "sails-0123456789abcdef"
