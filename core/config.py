@@ -19,13 +19,15 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from core.fields import Name
-from core.settings import (
+from core.prefect_settings import (
     OWN_POOL,
-    ArcSettings,
     BackupSettings,
+    PrefectSettings,
+)
+from core.settings import (
+    ArcSettings,
     CanfarSettings,
     CloudSettings,
-    PrefectSettings,
     ServerSettings,
     SSHSettings,
     VolumeSettings,

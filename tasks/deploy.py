@@ -16,8 +16,8 @@ from prefect.cache_policies import NO_CACHE
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
+from core.prefect_settings import OWN_POOL
 from core.records import Action
-from core.settings import OWN_POOL
 from tasks.code_on_vm import code_digest, code_dir, code_root, prefect_yaml
 from tasks.service_user import as_service_user, service_home
 from tasks.vm import VM, VM_TASK, StepRecord

@@ -12,8 +12,8 @@ from prefect.cache_policies import NO_CACHE
 
 from core.config import BootstrapConfig
 from core.log import logger
+from core.prefect_settings import WorkPool
 from core.records import Action
-from core.settings import WorkPool
 from tasks.canfar import VM_CA_BUNDLE
 from tasks.cloud import cloud_credentials
 from tasks.code_on_vm import vm_config

@@ -10,8 +10,8 @@ from typing import NamedTuple
 from prefect import task
 
 from core.config import BootstrapConfig
+from core.prefect_settings import OWN_POOL, WorkPool
 from core.records import Action
-from core.settings import OWN_POOL, WorkPool
 from tasks.canfar import VM_CA_BUNDLE, vm_env_path
 from tasks.code_on_vm import code_dir
 from tasks.drain import drained

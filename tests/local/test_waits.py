@@ -89,7 +89,8 @@ def test_a_step_hung_past_its_outer_bound_fails_once(prefect_server) -> None:  #
 
 
 def test_the_outer_bound_is_past_every_bound_the_config_allows() -> None:
-    from core.settings import PrefectSettings, ServerSettings, SSHSettings
+    from core.prefect_settings import PrefectSettings
+    from core.settings import ServerSettings, SSHSettings
     from tasks.vm import STEP_BOUND
 
     def most(model: type, field: str) -> float:

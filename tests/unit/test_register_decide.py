@@ -12,7 +12,7 @@ from prefect.blocks.system import Secret
 from pydantic import SecretStr
 
 from blocks import CanfarCredentials, OpenStackCredentials
-from core.settings import OWN_POOL, WorkPool
+from core.prefect_settings import OWN_POOL, WorkPool
 from tasks.canfar import VM_CA_BUNDLE
 from tasks.deploy import automation_counts, decide_deployments
 from tasks.register import decide_work_pools, for_vm
