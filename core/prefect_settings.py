@@ -120,6 +120,14 @@ class BackupSettings(_Model):
     keep: int = Field(
         default=14, ge=1, le=1000, description="Copies kept per environment; older ones go."
     )
+    snapshots: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description="Cinder snapshots of the data volume taken with each copy and kept (0: "
+        "none). Fast to restore in this cloud, but they go with the volume and the project: "
+        "the copies are the ones that outlive both.",
+    )
     cron: Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z*/,?#@ -]{1,100}$")] = Field(
         default="30 2 * * *", description="Schedule of the VM's backup deployment (UTC)."
     )

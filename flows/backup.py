@@ -17,6 +17,9 @@ from core.log import logger
 from tasks.access import open_vm
 from tasks.backup import BackupRecord, backup_database, key_id, stamp
 from tasks.backup_store import find_backup
+from tasks.cloud import open_connection
+from tasks.cloud.locate import locate_vm
+from tasks.cloud.snapshot import snapshot_volume
 from tasks.drain import drained
 from tasks.prefect_server import SERVER_UNIT, server_secrets
 from tasks.restore import RestoreRecord, start_on_copy, swap_database, unpack_on_vm
@@ -48,6 +51,13 @@ def backup(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False) -> 
     record = copy_database(config, on_vm)
     if record is None:
         return None
+    if config.backup.snapshots:
+        conn = open_connection(config)
+        volume_id = locate_vm.fn(conn, config).volume_id
+        if volume_id:
+            name = record.file.rsplit("/", 1)[-1].removesuffix(".db.gz")
+            snap = snapshot_volume(conn, config, volume_id, name)
+            record = record.model_copy(update={"snapshot": name, "snapshots_pruned": snap.pruned})
     where = "on the VM" if config.backup_destination == "arc" else "on the machine that ran it"
     create_markdown_artifact(
         key=f"backup-{config.environment}",
@@ -57,7 +67,14 @@ def backup(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False) -> 
             f"- made: {record.created}, {record.bytes / 1e6:.1f} MB uncompressed, "
             f"sha256 {record.sha256[:16]}…\n"
             + "".join(f"- {line}\n" for line in record.held())
-            + f"- older copies removed: {', '.join(record.pruned) or 'none'}\n\n"
+            + f"- older copies removed: {', '.join(record.pruned) or 'none'}\n"
+            + (
+                f"- Cinder snapshot of the volume: `{record.snapshot}` (older ones deleted: "
+                f"{', '.join(record.snapshots_pruned) or 'none'})\n"
+                if record.snapshot
+                else ""
+            )
+            + "\n"
             "Put it back with `sails-bootstrap restore --config FILE --from "
             f"{record.file.rsplit('/', 1)[-1].removesuffix('.db.gz')}`.\n"
         ),

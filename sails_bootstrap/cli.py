@@ -226,6 +226,10 @@ def backup_cmd(config: ConfigOption) -> None:
     typer.echo(f"backup: {record.summary()}")
     if record.pruned:
         typer.echo(f"  removed older copies: {', '.join(record.pruned)}")
+    if record.snapshot:
+        typer.echo(f"  snapshot of the volume: {record.snapshot}")
+    if record.snapshots_pruned:
+        typer.echo(f"  removed older snapshots: {', '.join(record.snapshots_pruned)}")
 
 
 @app.command("restore")
@@ -365,7 +369,7 @@ def _typed_volume_id(cfg: BootstrapConfig, given: str | None, yes: bool) -> str:
             )
         given = typer.prompt(
             f"Volume {cfg.volume_name} ({listed}) holds the Prefect database and everything on "
-            "/mnt/pspace. Type its id to delete it"
+            "/mnt/pspace; its Cinder snapshots go with it. Type its id to delete it"
         ).strip()
     if given not in ids:
         raise fail(

@@ -138,6 +138,9 @@ class BackupRecord(BaseModel):
     key_id: str = ""
     #: copies removed for backup.keep
     pruned: list[str] = Field(default_factory=list)
+    #: the Cinder snapshot of the volume taken with it (backup.snapshots), and those deleted
+    snapshot: str | None = None
+    snapshots_pruned: list[str] = Field(default_factory=list)
 
     def held(self) -> list[str]:
         """What the copy holds, one phrase a table ("19 flow runs")."""

@@ -284,7 +284,8 @@ def delete_volume(
         if apply and not deleting:
             if vol.status != "available":
                 wait_for_volume(conn, vol, "available", config.volume.timeout)
-            conn.block_storage.delete_volume(vol.id, ignore_missing=True)
+            # cascade: its snapshots (backup.snapshots) cannot outlive it in Cinder
+            conn.block_storage.delete_volume(vol.id, ignore_missing=True, cascade=True)
     if apply:
         # Cinder deletes in the background: done means gone, so a re-run or a new volume of the
         # same name never meets a half-deleted one.

@@ -828,12 +828,26 @@ def test_backup_off_the_cloud_and_restore(
         local = cfg.model_copy(
             update={
                 "backup": cfg.backup.model_copy(
-                    update={"destination": "local", "local_dir": str(here), "keep": 1}
+                    update={
+                        "destination": "local",
+                        "local_dir": str(here),
+                        "keep": 1,
+                        "snapshots": 1,
+                    }
                 )
             }
         )
-        cli(local, "backup")
-        assert "removed older copies" in cli(local, "backup")
+        first = cli(local, "backup")
+        out = cli(local, "backup")
+        assert "removed older copies" in out
+        # a Cinder snapshot of the volume with each copy, the older one gone (snapshots: 1)
+        (taken,) = [ln.split(": ")[1] for ln in first.splitlines() if "snapshot of the" in ln]
+        assert f"removed older snapshots: {taken}" in out, out
+        from tasks.cloud.snapshot import our_snapshots
+
+        volume_id = locate_vm.fn(open_connection(cfg), cfg).volume_id
+        snaps = our_snapshots(open_connection(cfg), cfg, str(volume_id))
+        assert [(s.status, s.name in out) for s in snaps] == [("available", True)], snaps
         (copy,) = here.glob(f"{cfg.environment}/*.db.gz")
         assert stat.S_IMODE(copy.stat().st_mode) == 0o600
         assert stat.S_IMODE(copy.parent.stat().st_mode) == 0o700

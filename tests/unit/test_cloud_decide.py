@@ -12,6 +12,7 @@ from tasks.cloud.floating_ip import bound_to_server, decide_floating_ip
 from tasks.cloud.keypair import decide_keypair
 from tasks.cloud.secgroup import decide_rules
 from tasks.cloud.server import decide_server
+from tasks.cloud.snapshot import decide_snapshots
 from tasks.cloud.volume import decide_volume
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOperator operator@laptop"
@@ -171,3 +172,28 @@ def vol(id: str, status: str = "available", size: int = 50) -> NS:
 def test_volume(volumes, action, reason) -> None:
     got, why, _ = decide_volume(volumes, 50)
     assert got == action and reason in why
+
+
+@pytest.mark.parametrize(
+    ("names", "keep", "take", "drop"),
+    [
+        ([], 2, True, []),
+        (["a"], 2, True, []),
+        (["a", "b"], 2, True, ["a"]),
+        (["a", "b", "c"], 2, True, ["a", "b"]),
+        (["a", "new"], 2, False, []),
+        (["a", "b", "new"], 2, False, ["a"]),
+        (["a"], 1, True, ["a"]),
+    ],
+    ids=[
+        "none yet: take",
+        "under the count: take, delete nothing",
+        "at the count: take, the oldest goes",
+        "over the count (keep lowered): the two oldest go",
+        "taken already by a retried request: not again",
+        "taken already, one too many: the oldest goes",
+        "keep 1: only the new one stays",
+    ],
+)
+def test_snapshots(names, keep, take, drop) -> None:
+    assert decide_snapshots(names, "new", keep) == (take, drop)
