@@ -17,6 +17,7 @@ from core.log import logger
 from core.records import Action
 from tasks.blocks import load_block
 from tasks.service_user import as_service_user, service_dirs, service_home, systemctl
+from tasks.units import enable_unit, install_unit, unit_active
 from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 
 UNIT = "sails-arc.service"
@@ -246,22 +247,19 @@ def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str, apply: bool = T
     pinned = ensure_arc_host_keys(vm, config, apply)
     if pinned:
         changes.append("pinned the /arc host keys")
-    written = vm.write_file(f"/etc/systemd/system/{UNIT}", unit_text(config, user), apply=apply)
+    written = install_unit(vm, f"/etc/systemd/system/{UNIT}", unit_text(config, user), apply)
+    enabled = enable_unit(vm, UNIT, apply)
     if written:
         if apply:
-            vm.run("systemctl daemon-reload", sudo=True)
-            vm.run(f"systemctl enable {UNIT}", sudo=True)
             systemctl(vm, "reset-failed", UNIT, check=False)
             systemctl(vm, "restart", UNIT)
         changes.append(f"wrote {UNIT}")
     elif pinned and apply:
         systemctl(vm, "reset-failed", UNIT, check=False)
         systemctl(vm, "try-restart", UNIT)
-    if not written and not vm.run(f"systemctl is-enabled --quiet {UNIT}", check=False).ok:
-        if apply:
-            vm.run(f"systemctl enable {UNIT}", sudo=True)
+    if enabled and not written:
         changes.append("enabled the unit")
-    if not vm.run(f"systemctl is-active --quiet {UNIT}", check=False).ok:
+    if not unit_active(vm, UNIT):
         if apply:  # after a give-up (start limit hit) too: reset it, then start again
             systemctl(vm, "reset-failed", UNIT, check=False)
             systemctl(vm, "restart", UNIT)

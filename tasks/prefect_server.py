@@ -22,6 +22,7 @@ from core.log import logger
 from core.poll import poll
 from core.records import Action
 from tasks.drain import drained
+from tasks.units import enable_unit, install_unit, unit_active
 from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 
 SERVER_UNIT = "prefect-server.service"
@@ -208,20 +209,16 @@ def ensure_prefect_server(
         SERVER_KEY_ID, key_digest(secret["encryption_key"]) + "\n", mode="0644", apply=apply
     ):
         changes.append("key id")
-    unit_changed = vm.write_file(
-        f"/etc/systemd/system/{SERVER_UNIT}", server_unit(config), apply=apply
+    unit_changed = install_unit(
+        vm, f"/etc/systemd/system/{SERVER_UNIT}", server_unit(config), apply
     )
     if env_changed:
         changes.append("server environment")
     if unit_changed:
         changes.append(f"wrote {SERVER_UNIT}")
-        if apply:
-            vm.run("systemctl daemon-reload", sudo=True)
-    if not vm.run(f"systemctl is-enabled --quiet {SERVER_UNIT}", check=False).ok:
-        if apply:
-            vm.run(f"systemctl enable {SERVER_UNIT}", sudo=True)
+    if enable_unit(vm, SERVER_UNIT, apply):
         changes.append("enabled")
-    active = vm.run(f"systemctl is-active --quiet {SERVER_UNIT}", check=False).ok
+    active = unit_active(vm, SERVER_UNIT)
     restart = not active or env_changed or unit_changed or venv_changed
     if restart:
         changes.append(

@@ -3,7 +3,6 @@ venv (this package's pool from its own), replacing the `screen` sessions."""
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -15,6 +14,7 @@ from core.records import Action
 from tasks.canfar import VM_CA_BUNDLE, vm_env_path
 from tasks.code_on_vm import code_dir
 from tasks.drain import drained
+from tasks.units import enable_unit, install_unit, unit_active, unit_enabled
 from tasks.venvs import code_venv
 from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
 from tasks.vm_server import remote_client
@@ -144,30 +144,25 @@ def ensure_workers(
     env_changed = vm.write_file(
         WORKER_ENV, "\n".join(env) + "\n", mode="0600", owner=f"{user}:{user}", apply=apply
     )
-    dropin, dropin_text = own_worker_dropin(config)
-    unit_changed = vm.write_file(
-        f"/etc/systemd/system/{WORKER_UNIT}", worker_unit(config), apply=apply
+    unit_changed = install_unit(
+        vm, f"/etc/systemd/system/{WORKER_UNIT}", worker_unit(config), apply
     )
-    if apply:
-        vm.run(f"mkdir -p {shlex.quote(dropin.rsplit('/', 1)[0])}", sudo=True)
-    own_changed = vm.write_file(dropin, dropin_text, apply=apply)
+    own_changed = install_unit(vm, *own_worker_dropin(config), apply)
     if env_changed:
         changes.append("worker environment")
     if unit_changed or own_changed:
-        if apply:
-            vm.run("systemctl daemon-reload", sudo=True)
         changes.append("worker unit" if unit_changed else f"{OWN_POOL} worker's venv")
     units = {  # read after any reload: what systemd makes of the units now
         name: UnitState(
-            vm.run(f"systemctl is-enabled --quiet {worker_unit_name(name)}", check=False).ok,
-            vm.run(f"systemctl is-active --quiet {worker_unit_name(name)}", check=False).ok,
+            unit_enabled(vm, worker_unit_name(name)),
+            unit_active(vm, worker_unit_name(name)),
         )
         for name in [pool.name for pool in p.work_pools]
     }
     decision = decide_workers(p.work_pools, units, env_changed, unit_changed, own_changed)
     for name in units if apply else []:
         if name in decision.enable:
-            vm.run(f"systemctl enable {worker_unit_name(name)}", sudo=True)
+            enable_unit(vm, worker_unit_name(name))
         if name in decision.start:
             vm.run(f"systemctl restart {worker_unit_name(name)}", sudo=True)
     changes += decision.notes
