@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -19,71 +20,9 @@ from tasks.canfar import vm_env_path
 from tasks.service_user import as_service_user
 from tasks.vm import VM, StepRecord
 
-SCRIPT = r"""
-import json, sys, time
-from canfar.sessions import Session
-spec = json.loads(sys.argv[1])
-out = {"id": None, "status": None, "cause": None, "logs": "", "seconds": 0.0}
-start = time.monotonic()
-QUOTA = ("quota", "limit", "resource", "maximum of", "invalid value for 'cores'",
-         "invalid value for 'ram'", "invalid value for 'gpus'")
-def cause(exc):
-    text = str(exc)
-    errors = getattr(exc, "errors", None)
-    if callable(errors):  # pydantic's ValidationError: the client refused its own settings
-        try:
-            text = "; ".join(e["msg"] for e in errors())
-        except Exception:
-            pass
-    elif isinstance(errors, dict):
-        for err in errors.values():
-            response = getattr(err, "response", None)
-            if response is not None:
-                text = "HTTP %s: %s" % (response.status_code, response.text.strip()[:300])
-                break
-    low = text.lower()
-    if "401" in text or "403" in text or "unauthori" in low or "certificate" in low:
-        return "auth: " + text
-    if "image" in low:
-        return "image: " + text
-    # Skaha refuses a request past what the platform offers as "Invalid value for 'cores': N"
-    # (or 'ram', 'gpus'), and an interactive session past the user's cap as "has reached the
-    # maximum of N active sessions"; both are the user's allowance, not a fault.
-    if any(m in low for m in QUOTA):
-        return "quota: " + text
-    return text
-session = None
-try:
-    session = Session(errors="raise")  # refuses an expired certificate already
-    ids = session.create(name=spec["name"], image=spec["image"], cores=spec["cores"],
-                         ram=spec["ram"], kind="headless", cmd=spec["cmd"], args=spec["args"])
-    out["id"] = ids[0]
-    deadline = start + spec["timeout"]
-    while True:
-        info = session.info(ids)[0]
-        out["status"] = info.get("status")
-        if out["status"] in ("Succeeded", "Completed", "Failed", "Error"):
-            break
-        if time.monotonic() > deadline:
-            out["cause"] = "timeout: still %s after %.0f s" % (out["status"], spec["timeout"])
-            break
-        print("progress", out["status"], round(time.monotonic() - start), file=sys.stderr,
-              flush=True)
-        time.sleep(2)
-    out["logs"] = session.logs(ids).get(ids[0], "") or ""
-    if out["status"] in ("Failed", "Error") and not out["cause"]:
-        out["cause"] = "session %s ended %s" % (ids[0], out["status"])
-except Exception as exc:
-    out["cause"] = cause(exc)
-finally:
-    if out["id"] and session is not None:
-        try:
-            session.destroy([out["id"]])
-        except Exception as exc:
-            out["cleanup"] = str(exc)
-    out["seconds"] = round(time.monotonic() - start, 1)
-    print(json.dumps(out))
-"""
+#: Sent to the VM's python as it is (``python -c``): a program of its own, needing only the
+#: standard library and the canfar client.
+SCRIPT = (Path(__file__).parent / "session_probe.py").read_text()
 
 
 class SessionRecord(StepRecord):
