@@ -64,3 +64,7 @@ def checked_vm_path(value: str, *, home: bool = False) -> str:
     if value.rstrip("/") in ("", "~"):
         raise ValueError(f"{value!r} must be a path below / (or below ~)")
     return value
+
+
+#: A cron schedule (five fields, or a @nickname), in characters a unit or YAML cannot misread.
+Cron = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z*/,?#@ -]{1,100}$")]

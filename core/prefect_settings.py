@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints, field_validator
 
-from core.fields import Name, NonEmpty, Port, UserName, checked_vm_path
+from core.fields import Cron, Name, NonEmpty, Port, UserName, checked_vm_path
 from core.settings import _Model
 
 
@@ -82,9 +82,7 @@ class PrefectSettings(_Model):
         "flight (their pools paused meanwhile); past it the restart goes ahead and names the "
         "runs it interrupted.",
     )
-    health_cron: Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z*/,?#@ -]{1,100}$")] = Field(
-        default="*/15 * * * *", description="Health check schedule."
-    )
+    health_cron: Cron = Field(default="*/15 * * * *", description="Health check schedule.")
 
     @field_validator("home", "venv")
     @classmethod
@@ -128,7 +126,7 @@ class BackupSettings(_Model):
         "none). Fast to restore in this cloud, but they go with the volume and the project: "
         "the copies are the ones that outlive both.",
     )
-    cron: Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z*/,?#@ -]{1,100}$")] = Field(
+    cron: Cron = Field(
         default="30 2 * * *", description="Schedule of the VM's backup deployment (UTC)."
     )
     max_age_hours: float = Field(
