@@ -43,8 +43,14 @@ class Runner(Protocol):
 
 
 def submitted(step: Any, *args: Any, wait_for: list[Any] | None = None) -> Any:
-    """Each step a task run on the flow's task runner, started as soon as its inputs are."""
-    return step.submit(*args, wait_for=wait_for or [])
+    """Each step a task run on the flow's task runner, started as soon as its inputs are.
+
+    Each input is ``opaque``: its future is resolved, but Prefect does not walk into it. The
+    observed SDK resources are dicts that build new values on every read, which Prefect's
+    walk would take for changes and rebuild as empty resources."""
+    from prefect.utilities.annotations import opaque
+
+    return step.submit(*(opaque(a) for a in args), wait_for=wait_for or [])
 
 
 class Done(Generic[T]):
