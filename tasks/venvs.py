@@ -4,8 +4,9 @@
   server's version, the canfar client its headless sessions use, and the operators' own
   requirements. Its workers run the science deployments.
 - This package's (``code_venv``): Prefect at the same version, and the libraries this package's
-  own deployments use (openstacksdk, fabric). The worker of the ``sails-bootstrap`` pool runs
-  from it, so nothing of this package is installed into the pipeline's venv or put on its path.
+  own deployments use (openstacksdk, fabric, and the canfar client its blocks open). The
+  worker of the ``sails-bootstrap`` pool runs from it, so nothing of this package is installed
+  into the pipeline's venv or put on its path.
 
 A venv is rebuilt (``--clear``) only when it is broken, i.e. its python cannot run pip; the
 packages are compared by version and installed only when one differs.
@@ -27,8 +28,8 @@ from tasks.vm import VM, VM_TASK, StepRecord
 #: The libraries the VM's flows use beside Prefect, at the versions this package pins:
 #: the pipeline's (headless sessions) and this package's own (its deployments).
 PIPELINE_LIBRARIES = ("canfar",)
-OWN_LIBRARIES = ("openstacksdk", "fabric")
-VM_LIBRARIES = PIPELINE_LIBRARIES + OWN_LIBRARIES
+OWN_LIBRARIES = ("openstacksdk", "fabric", "canfar")
+VM_LIBRARIES = ("canfar", "openstacksdk", "fabric")
 
 
 def code_venv(config: BootstrapConfig) -> str:
@@ -182,7 +183,7 @@ def ensure_prefect_venv(vm: VM, config: BootstrapConfig, apply: bool = True) -> 
 
 @task(name="ensure-code-venv", **VM_TASK)
 def ensure_code_venv(vm: VM, config: BootstrapConfig, apply: bool = True) -> StepRecord:
-    """This package's own venv: the same Prefect, and the libraries its deployments use."""
+    """This package's own venv: the same Prefect, and the libraries its deployments import."""
     version = config.prefect.version or local_prefect_version()
     packages = [f"prefect=={version}", *vm_packages(OWN_LIBRARIES)]
     return converge_venv(vm, config, "code venv", code_venv(config), packages, None, apply)

@@ -214,7 +214,7 @@ def test_bootstrap_register_and_self_repair(
     # pipeline's venv gets Prefect and the canfar client only.
     own = vm.run(
         "cd / && /mnt/pspace/sails-bootstrap-env/bin/python -c "
-        "'import openstack, fabric, prefect; print(prefect.__version__)'"
+        "'import openstack, fabric, canfar, prefect; print(prefect.__version__)'"
     )
     import prefect
 
