@@ -197,13 +197,13 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
         # The first server boot after `sandbox up` pays for cold caches; it would count against
         # whichever of the two side-by-side measurements came first.
-        print("0/4 warm-up: one untimed server boot", flush=True)
+        print("0/6 warm-up: one untimed server boot", flush=True)
         latency.set_latency()
         provision(warm)
         clean(warm, teardown)
         latency.set_latency(boot=args.build, volume_create=args.volume)
 
-        print("1/5 fresh provisioning: a bare server's build, the flow, the steps one by one")
+        print("1/6 fresh provisioning: a bare server's build, the flow, the steps one by one")
         results["bare_build"] = server_build(a)
         with timer(results, "flow"):
             provision(a)
@@ -211,7 +211,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         results["critical_path"] = critical_path(steps)
         results["steps"] = steps
 
-        print("2/5 no-op re-run", flush=True)
+        print("2/6 no-op re-run", flush=True)
         faults.reset()
         faults.replace({"*": {"delay": args.api_delay}}, seed=1)
         with timer(results, "noop"):
@@ -220,7 +220,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         results["noop_calls"] = sum(sum(m.values()) for m in counts.values())
         results["noop_writes"] = faults.writes()
 
-        print("3/5 configure, register, health check against its slowest probe", flush=True)
+        print("3/6 configure, register, health check against its slowest probe", flush=True)
         latency.set_latency()
         faults.replace({"*": {"delay": args.api_delay}}, seed=1)
         with timer(results, "first_configure"):
@@ -228,7 +228,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         results["first_changed"] = [r.name for r in first.records if r.changed]
         with timer(results, "noop_configure"):
             configure(a)
-        print("4/5 no-op register and no-op up", flush=True)
+        print("4/6 no-op register and no-op up", flush=True)
         register(a)
         with timer(results, "noop_register"):
             again = register(a)

@@ -29,7 +29,7 @@ from tasks.vm import VM, VM_TASK, StepRecord
 #: the pipeline's (headless sessions) and this package's own (its deployments).
 PIPELINE_LIBRARIES = ("canfar",)
 OWN_LIBRARIES = ("openstacksdk", "fabric", "canfar")
-VM_LIBRARIES = ("canfar", "openstacksdk", "fabric")
+VM_LIBRARIES = tuple(dict.fromkeys(PIPELINE_LIBRARIES + OWN_LIBRARIES))
 
 
 def code_venv(config: BootstrapConfig) -> str:
