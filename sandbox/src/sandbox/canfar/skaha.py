@@ -28,13 +28,14 @@ Request and response shapes, with where each comes from. The client's base URL i
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 from sandbox import layout
 from sandbox.canfar.headless import SESSIONS, Sessions, public
 from sandbox.canfar.store import _take_injected_failure, settings
 from sandbox.canfar.vosi import COOKIE, TLS_CERT, TOKEN, _availability, _capabilities
-from sandbox.canfar.web import Handler, HTTPError, not_authenticated
+from sandbox.canfar.web import Handler, HTTPError, dispatch, match, not_authenticated, route
 
 SKAHA_BASE = "/skaha/v1"
 SKAHA_BASES = ("/skaha/v1", "/skaha/v0")
@@ -48,87 +49,130 @@ def _image_digest(image: str) -> str:
     return "sha256:" + hashlib.sha256(image.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Call:
+    """What an API handler gets besides the request: read once per request."""
+
+    sessions: Sessions
+    settings: dict[str, Any]
+    user: str
+
+
 def skaha(h: Handler, sessions: Sessions) -> None:
+    """Anonymous VOSI paths first; under a base (``/skaha/v1``, ``/skaha/v0``) the caller is
+    authenticated before the API table is looked up, so an unknown path there is a 401 for a
+    stranger and a 404 for a user."""
     path = h.route_path.rstrip("/")
-    if path == "/skaha/availability":
-        return h.send(200, _availability("skaha (sails sandbox) is accepting requests"), "text/xml")
-    if path == "/skaha/capabilities":
-        origin = skaha_origin()
-        doc = _capabilities(
-            origin,
-            [
-                ("ivo://ivoa.net/std/VOSI#capabilities", [(f"{origin}{path}", "full", [])]),
-                ("ivo://ivoa.net/std/VOSI#availability",
-                 [(f"{origin}/skaha/availability", "full", [])]),
-                ("http://www.opencadc.org/std/platform#session-1",
-                 [(f"{origin}/skaha/v1", "base", [TLS_CERT, TOKEN, COOKIE])]),
-                ("vos://cadc.nrc.ca~vospace/CADC/std/Proc#sessions-1.0",
-                 [(f"{origin}/skaha/v0", "base", [TLS_CERT, TOKEN, COOKIE])]),
-            ],
-        )  # fmt: skip
-        return h.send(200, doc, "text/xml")
+    found = match(VOSI_ROUTES, h.command, path)
+    if found is not None:
+        row, parts = found
+        return row.handler(h, **parts)
     base = next((b for b in SKAHA_BASES if path == b or path.startswith(b + "/")), None)
     if base is None:
         raise HTTPError(404, f"not found: {h.route_path}")
     rest = path[len(base) :].strip("/")
     s = settings()
     user = _skaha_user(h, s)
-    if rest == "image" and h.command == "GET":
-        kind = h.single.get("type")
-        return h.send_json(
-            [
-                {"id": i["id"], "types": i["types"], "digest": _image_digest(i["id"])}
-                for i in s["images"]
-                if not kind or kind in i["types"]
-            ]
-        )
-    if rest == "context" and h.command == "GET":
-        cores, ram = s["core_options"], s["ram_options"]
-        return h.send_json(
-            {
-                "cores": {"default": cores[0], "defaultRequest": cores[0],
-                          "defaultLimit": cores[-1], "options": cores},
-                "memoryGB": {"default": ram[0], "defaultRequest": ram[0],
-                             "defaultLimit": ram[-1], "options": ram},
-                "gpus": {"options": s["gpu_options"]},
-                "maxInteractiveSessions": 3,
-            }
-        )  # fmt: skip
-    if rest == "session" and h.command == "GET":
-        view = h.single.get("view")
-        if view == "stats":
-            return h.send_json(_stats(sessions, s))
-        recs = [public(r) for r in sessions.all(None if view == "all" else user)]
-        if h.single.get("type"):
-            recs = [r for r in recs if r["type"] == h.single["type"]]
-        if h.single.get("status"):
-            recs = [r for r in recs if r["status"] == h.single["status"]]
-        return h.send_json(recs)
-    if rest == "session" and h.command == "POST":
-        return _create(h, sessions, s, user)
-    if rest.startswith("session/") and rest.count("/") == 1:
-        sid = rest.split("/", 1)[1]
-        rec = sessions.load(sid)
-        if rec is None or rec.get("_deleted") or rec["userid"] != user:
-            raise HTTPError(404, f"session {sid} not found")
-        if h.command == "GET":
-            view = h.single.get("view")
-            if view == "logs":
-                return h.send(200, (SESSIONS / sid / "logs").read_bytes())
-            if view in ("events", "event"):
-                return h.send(200, "".join(e + "\n" for e in rec.get("_events", [])))
-            return h.send_json(public(rec))
-        if h.command == "POST":
-            action = h.single.get("action")
-            if not action:
-                raise HTTPError(400, "Cannot modify an existing session")
-            if action.lower() != "renew":
-                raise HTTPError(400, "unrecognized action")
-            sessions.renew(rec)
-            return h.send(200, "")
-        if h.command == "DELETE":
-            sessions.delete(rec)
-            return h.send(200, "")
+    dispatch(API_ROUTES, h, rest, Call(sessions, s, user))
+
+
+def _availability_doc(h: Handler) -> None:
+    h.send(200, _availability("skaha (sails sandbox) is accepting requests"), "text/xml")
+
+
+def _capabilities_doc(h: Handler) -> None:
+    origin = skaha_origin()
+    doc = _capabilities(
+        origin,
+        [
+            ("ivo://ivoa.net/std/VOSI#capabilities",
+             [(f"{origin}/skaha/capabilities", "full", [])]),
+            ("ivo://ivoa.net/std/VOSI#availability",
+             [(f"{origin}/skaha/availability", "full", [])]),
+            ("http://www.opencadc.org/std/platform#session-1",
+             [(f"{origin}/skaha/v1", "base", [TLS_CERT, TOKEN, COOKIE])]),
+            ("vos://cadc.nrc.ca~vospace/CADC/std/Proc#sessions-1.0",
+             [(f"{origin}/skaha/v0", "base", [TLS_CERT, TOKEN, COOKIE])]),
+        ],
+    )  # fmt: skip
+    h.send(200, doc, "text/xml")
+
+
+def _images(h: Handler, c: Call) -> None:
+    kind = h.single.get("type")
+    h.send_json(
+        [
+            {"id": i["id"], "types": i["types"], "digest": _image_digest(i["id"])}
+            for i in c.settings["images"]
+            if not kind or kind in i["types"]
+        ]
+    )
+
+
+def _context(h: Handler, c: Call) -> None:
+    s = c.settings
+    cores, ram = s["core_options"], s["ram_options"]
+    h.send_json(
+        {
+            "cores": {"default": cores[0], "defaultRequest": cores[0],
+                      "defaultLimit": cores[-1], "options": cores},
+            "memoryGB": {"default": ram[0], "defaultRequest": ram[0],
+                         "defaultLimit": ram[-1], "options": ram},
+            "gpus": {"options": s["gpu_options"]},
+            "maxInteractiveSessions": 3,
+        }
+    )  # fmt: skip
+
+
+def _list_sessions(h: Handler, c: Call) -> None:
+    view = h.single.get("view")
+    if view == "stats":
+        return h.send_json(_stats(c.sessions, c.settings))
+    recs = [public(r) for r in c.sessions.all(None if view == "all" else c.user)]
+    if h.single.get("type"):
+        recs = [r for r in recs if r["type"] == h.single["type"]]
+    if h.single.get("status"):
+        recs = [r for r in recs if r["status"] == h.single["status"]]
+    h.send_json(recs)
+
+
+def _own_session(c: Call, sid: str) -> dict[str, Any]:
+    """The caller's session ``sid``; 404 for one that is gone or someone else's."""
+    rec = c.sessions.load(sid)
+    if rec is None or rec.get("_deleted") or rec["userid"] != c.user:
+        raise HTTPError(404, f"session {sid} not found")
+    return rec
+
+
+def _get_session(h: Handler, c: Call, sid: str) -> None:
+    rec = _own_session(c, sid)
+    view = h.single.get("view")
+    if view == "logs":
+        return h.send(200, (SESSIONS / sid / "logs").read_bytes())
+    if view in ("events", "event"):
+        return h.send(200, "".join(e + "\n" for e in rec.get("_events", [])))
+    h.send_json(public(rec))
+
+
+def _session_action(h: Handler, c: Call, sid: str) -> None:
+    rec = _own_session(c, sid)
+    action = h.single.get("action")
+    if not action:
+        raise HTTPError(400, "Cannot modify an existing session")
+    if action.lower() != "renew":
+        raise HTTPError(400, "unrecognized action")
+    c.sessions.renew(rec)
+    h.send(200, "")
+
+
+def _delete_session(h: Handler, c: Call, sid: str) -> None:
+    c.sessions.delete(_own_session(c, sid))
+    h.send(200, "")
+
+
+def _session_other(h: Handler, c: Call, sid: str) -> None:
+    """Any other method on a session: 404, the session's own 404 first."""
+    _own_session(c, sid)
     raise HTTPError(404, f"not found: {h.route_path}")
 
 
@@ -162,8 +206,9 @@ def _stats(sessions: Sessions, s: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _create(h: Handler, sessions: Sessions, s: dict[str, Any], user: str) -> None:
+def _create(h: Handler, c: Call) -> None:
     # Checks in the order of skaha's PostAction.doAction.
+    sessions, s, user = c.sessions, c.settings, c.user
     p = h.single
     image = p.get("image")
     if image is None:
@@ -219,3 +264,22 @@ def _create(h: Handler, sessions: Sessions, s: dict[str, Any], user: str) -> Non
         env,
     )
     h.send(200, rec["id"] + "\n")
+
+
+#: Anonymous, matched against the whole path.
+VOSI_ROUTES = [
+    route("*", "/skaha/availability", _availability_doc),
+    route("*", "/skaha/capabilities", _capabilities_doc),
+]
+#: Authenticated, matched against the path below the base (``/skaha/v1``, ``/skaha/v0``);
+#: handlers are called as ``handler(h, call, **parts)``.
+API_ROUTES = [
+    route("GET", "image", _images),
+    route("GET", "context", _context),
+    route("GET", "session", _list_sessions),
+    route("POST", "session", _create),
+    route("GET", "session/{sid}", _get_session),
+    route("POST", "session/{sid}", _session_action),
+    route("DELETE", "session/{sid}", _delete_session),
+    route("*", "session/{sid}", _session_other),
+]

@@ -1,13 +1,19 @@
-"""HTTP plumbing shared by the stand-ins: the request handler, the TLS server and errors."""
+"""HTTP plumbing shared by the stand-ins: the request handler, the TLS server, errors and routes.
+
+A service's endpoints are a route table, one row per endpoint: ``route(method, path, handler)``,
+where the path may hold ``{name}`` for one segment, passed to the handler by that name.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -128,3 +134,39 @@ class TLSServer(ThreadingHTTPServer):
             sys.stderr.write(f"{_iso(time.time())} {client_address[0]} TLS handshake: {exc}\n")
             return
         self.RequestHandlerClass(tls, client_address, self)
+
+
+# -- route tables ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Route:
+    method: str  # an HTTP method, or "*" for any
+    pattern: re.Pattern[str]  # matched against the whole path
+    handler: Callable[..., None]
+
+
+def route(method: str, path: str, handler: Callable[..., None]) -> Route:
+    """A table row; ``{name}`` in ``path`` stands for one path segment (no ``/``)."""
+    parts = re.split(r"\{(\w+)\}", path)
+    regex = "".join(
+        f"(?P<{part}>[^/]+)" if i % 2 else re.escape(part) for i, part in enumerate(parts)
+    )
+    return Route(method, re.compile(regex), handler)
+
+
+def match(routes: Sequence[Route], method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+    """The first row for ``method`` whose pattern matches all of ``path``, with the path's parts."""
+    for row in routes:
+        if row.method in (method, "*"):
+            found = row.pattern.fullmatch(path)
+            if found:
+                return row, found.groupdict()
+    return None
+
+
+def dispatch(routes: Sequence[Route], h: Handler, path: str, *args: Any) -> None:
+    """Call the matching row's handler as ``handler(h, *args, **parts)``; no row: 404."""
+    found = match(routes, h.command, path)
+    if found is None:
+        raise HTTPError(404, f"not found: {h.route_path}")
+    row, parts = found
+    row.handler(h, *args, **parts)
