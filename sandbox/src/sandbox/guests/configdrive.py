@@ -1,4 +1,5 @@
-"""The config drive seed a guest's cloud-init reads at its first boot (without Nova's own)."""
+"""The config drive seed cloud-init reads at a guest's first boot: Nova's tree, or a minimal one
+for a guest started directly."""
 
 from __future__ import annotations
 
