@@ -1,26 +1,8 @@
 """Fault and latency proxy in front of the sandbox cloud's public endpoints.
 
-One process, one listening port per service (the ports in the Keystone catalog), forwarding
-each request to the real service. Per-service rules inject what a real cloud does on a bad day:
-500 / 503 / 429 (with Retry-After) answers and dropped connections at a given rate or for the
-next N matching requests, fixed, per-method and per-path delays. A seeded RNG makes runs
-repeat. Every request is counted by service, method and path, so a test can assert that a
-read-only run sent zero writes.
-
-Control API (loopback): ``GET/PUT/PATCH /_faults``, ``GET /_counts``, ``POST /_reset``; the
-``FaultControl`` class below is its client.
-
-Rule fields (all optional), per service type or ``"*"`` for every service without its own rule::
-
-    {"fail_rate": 0.2,                # probability that a matching request gets a fault
-     "fail_next": 3,                  # the next 3 matching requests get a fault (then stops)
-     "faults": ["503", "429", "500", "drop"],   # chosen at random (seeded) among these
-     "retry_after": 1,                # seconds, sent with 429 and 503
-     "methods": ["GET"], "path": "^/v2.1/servers",  # which requests faults apply to
-     "user_agent": "my-bench",        # only clients whose User-Agent matches (app_name=...)
-     "delay": 0.05,                   # seconds added to every request
-     "method_delay": {"POST": 0.5},
-     "path_delays": [{"method": "POST", "path": "/volumes$", "delay": 3.0}]}
+The server side: ``FaultProxy`` forwards each service's port to its upstream and applies the
+rules (see ``sandbox.faults`` for the rule fields); ``main`` is the process entry point
+(``python -m sandbox.faults``), ``server_argv`` its command line.
 """
 
 from __future__ import annotations
@@ -32,76 +14,18 @@ import json
 import random
 import re
 import ssl
-import time
-import urllib.request
 from collections import defaultdict
 from typing import Any
 
-WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
-HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "content-length",
-}
-REASONS = {500: "Internal Server Error", 503: "Service Unavailable", 429: "Too Many Requests"}
-
-
-class ProtocolError(Exception):
-    pass
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]]] | None:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial.strip():
-            return None
-        raise ProtocolError("truncated head") from exc
-    lines = head.decode("latin-1").split("\r\n")
-    headers = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, _, value = line.partition(":")
-        headers.append((name.strip(), value.strip()))
-    return lines[0], headers
-
-
-def _header(headers: list[tuple[str, str]], name: str) -> str | None:
-    for k, v in headers:
-        if k.lower() == name:
-            return v
-    return None
-
-
-async def _read_body(
-    reader: asyncio.StreamReader, headers: list[tuple[str, str]], until_eof: bool
-) -> bytes:
-    te = (_header(headers, "transfer-encoding") or "").lower()
-    if "chunked" in te:
-        chunks = []
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            size = int(size_line.split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                # trailers until an empty line
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                    pass
-                break
-            chunks.append(await reader.readexactly(size))
-            await reader.readexactly(2)
-        return b"".join(chunks)
-    length = _header(headers, "content-length")
-    if length is not None:
-        return await reader.readexactly(int(length))
-    if until_eof:
-        return await reader.read()
-    return b""
+from sandbox.faults.wire import (
+    HOP_BY_HOP,
+    REASONS,
+    WRITE_METHODS,
+    ProtocolError,
+    _header,
+    _read_body,
+    _read_head,
+)
 
 
 class FaultProxy:
@@ -411,95 +335,3 @@ def main(argv: list[str] | None = None) -> None:
         listen, _, upstream = ports.partition(":")
         upstreams[service] = (int(listen), int(upstream))
     asyncio.run(FaultProxy(upstreams, args.host or None, tls).serve(args.ctl_port))
-
-
-class FaultControl:
-    """Client of the proxy's control API.
-
-    ``FaultControl().configure("compute", fail_next=2, faults=["503"])`` makes the next two
-    compute requests answer 503; ``writes()`` is the number of POST/PUT/PATCH/DELETE requests
-    seen since the last ``reset()``.
-    """
-
-    def __init__(self, url: str | None = None):
-        if url is None:
-            from sandbox.cloud import common
-
-            url = f"http://{common.HOST}:{common.FAULTS_CTL_PORT}"
-        self.url = url.rstrip("/")
-
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read() or b"{}")
-
-    def rules(self) -> dict[str, Any]:
-        return self._call("GET", "/_faults")
-
-    def configure(self, service: str = "*", *, seed: int | None = None, **rule: Any) -> dict:
-        """Merge ``rule`` into the rule of ``service`` ("*" = every service without its own)."""
-        body: dict[str, Any] = {"rules": {service: rule}}
-        if seed is not None:
-            body["seed"] = seed
-        return self._call("PATCH", "/_faults", body)
-
-    def replace(self, rules: dict[str, dict[str, Any]], seed: int | None = None) -> dict:
-        body: dict[str, Any] = {"rules": rules}
-        if seed is not None:
-            body["seed"] = seed
-        return self._call("PUT", "/_faults", body)
-
-    def clear(self) -> dict:
-        return self.replace({})
-
-    def counts(self) -> dict[str, Any]:
-        """``{"counts": {service: {method: n}}, "paths": {service: {"METHOD path": n}},
-        "faults": {service: {kind: n}}, "agents": {user_agent_word: {service: {...}}}}``."""
-        return self._call("GET", "/_counts")
-
-    def writes(
-        self,
-        service: str | None = None,
-        *,
-        include_auth: bool = False,
-        user_agent: str | None = None,
-    ) -> int:
-        """POST/PUT/PATCH/DELETE requests seen (token requests excluded unless asked).
-
-        ``user_agent``: only requests whose User-Agent starts with that word (openstacksdk's
-        ``app_name``), for a client sharing the sandbox with others.
-        """
-        counts = self.counts()
-        paths = counts["paths"] if user_agent is None else counts["agents"].get(user_agent, {})
-        services = [service] if service else list(paths)
-        total = 0
-        for svc in services:
-            for key, n in paths.get(svc, {}).items():
-                method, _, path = key.partition(" ")
-                if method not in WRITE_METHODS:
-                    continue
-                if not include_auth and svc == "identity" and path.endswith("/auth/tokens"):
-                    continue
-                total += n
-        return total
-
-    def reset(self) -> None:
-        """Forget every rule and every count."""
-        self._call("POST", "/_reset")
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self._call("GET", "/_health")
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-
-
-if __name__ == "__main__":
-    main()

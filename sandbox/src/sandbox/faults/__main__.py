@@ -1,0 +1,5 @@
+"""``python -m sandbox.faults``: run the fault proxy (arguments: see ``proxy.main``)."""
+
+from sandbox.faults.proxy import main
+
+main()
