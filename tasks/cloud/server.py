@@ -77,7 +77,7 @@ def wait_for_server(conn: Connection, server: Any, timeout: float) -> Any:
             server,
             status="ACTIVE",
             failures=["ERROR"],
-            interval=2,
+            interval=1,
             wait=int(timeout),
             callback=lambda pct: progress.tick(f"building ({pct}%)"),
         )

@@ -76,6 +76,7 @@ def wait_for_volume(
         f"volume {volume.name} to be {' or '.join(wanted)}",
         timeout,
         interval=1,
+        first=0.25,
         state=lambda v: str(v.status),
         timed_out=lambda v: os_exc.ResourceTimeout(
             f"volume {v.name} still {v.status} after {timeout:.0f} s"
@@ -191,6 +192,12 @@ def ensure_attachment(
         )
     if volume.status == "in-use" and server.id in volume.attachments:  # as observed
         return AttachmentRecord(**base, id=volume.attachments[server.id], reason="attached")
+    if apply and server.created and volume.status == "available" and first_look():
+        # A server this run made has no attachment yet, and the volume was free moments ago:
+        # nothing to read before asking (a request that got there first is met in _attach).
+        att_id = _attach(conn, config, str(server.id), str(server.name), volume)
+        wait_for_volume(conn, volume, "in-use", config.volume.timeout)
+        return AttachmentRecord(**base, id=att_id, action=Action.CREATE, reason="attached now")
     current = conn.block_storage.get_volume(volume.id)
     for att in current.attachments or []:
         if att.get("server_id") == server.id:

@@ -39,3 +39,11 @@ def test_a_read_that_raises_ends_the_wait() -> None:
 
     with pytest.raises(RuntimeError, match="ERROR"):
         poll(read, lambda _: True, "x", 60)
+
+
+def test_a_short_first_wait_doubles_up_to_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr("core.poll.time.sleep", slept.append)
+    values = iter(range(6))
+    assert poll(lambda: next(values), lambda v: v == 5, "x", 60, interval=1, first=0.25) == 5
+    assert slept == [0.25, 0.5, 1, 1, 1]
