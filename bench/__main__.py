@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 @contextmanager
@@ -40,8 +39,9 @@ def timer(out: dict[str, float], key: str) -> Any:
 
 
 def config(name: str, tmp: Path, canfar_info: dict[str, Any], **extra: Any) -> Any:
+    from prefect.utilities.collections import deep_merge
+
     from core.config import parse_config
-    from tests.fixtures.bootstrap import deep_merge
 
     base = {
         "environment": name,
@@ -144,7 +144,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from sandbox import manager
-    from tests.fixtures.prefect_server import serving_prefect
+    from sandbox.prefect_server import serving_prefect
 
     manager.up()
     os.environ.update(manager.env())

@@ -62,8 +62,8 @@ def test_blocks_round_trip_through_a_real_server(prefect_server, caplog) -> None
 def test_private_keys_are_removed_from_a_server_whether_or_not_it_knows_the_type(
     tmp_path: Path,
 ) -> None:
+    from sandbox.prefect_server import start_prefect_server, stop_prefect_server
     from tasks.vm_server import remove_private_keys, save_remote
-    from tests.fixtures.prefect_server import start_prefect_server, stop_prefect_server
 
     server = start_prefect_server(tmp_path / "vm-server")  # as on a new VM: no block types yet
     try:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from core.config import parse_config
 from core.records import Action
+from sandbox.prefect_server import start_prefect_server, stop_prefect_server
 from tasks.deploy import bootstrap_pool, deploy, deploy_version
 from tasks.vm_server import remote_client
-from tests.fixtures.prefect_server import start_prefect_server, stop_prefect_server
 
 
 def test_a_second_deploy_writes_nothing_and_a_lost_trigger_is_made_again(tmp_path: Path) -> None:

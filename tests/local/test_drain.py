@@ -125,7 +125,7 @@ def test_a_drain_inside_a_subflow_on_another_server_still_waits(
     they are, and the drain still waits for the VM's run in flight."""
     from prefect import flow
 
-    from tests.fixtures.prefect_server import start_prefect_server, stop_prefect_server
+    from sandbox.prefect_server import start_prefect_server, stop_prefect_server
 
     monkeypatch.setattr(drain_module, "POLL", 0.2)
     vm_server = start_prefect_server(tmp_path / "vm-server")

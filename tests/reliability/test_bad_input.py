@@ -74,8 +74,9 @@ def test_bad_input_is_named_and_writes_nothing(
     fault_control: Any,
     tmp_path: Path,
 ) -> None:
+    from prefect.utilities.collections import deep_merge
+
     from core.config import dump_config
-    from tests.fixtures.bootstrap import deep_merge
 
     if isinstance(data, str):
         text = data

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.utilities.collections import deep_merge
 
 from core.config import BootstrapConfig, dump_config, parse_config
-from tests.fixtures.bootstrap import deep_merge, ssh_alias, start_cli
+from tests.fixtures.bootstrap import ssh_alias, start_cli
 
 pytestmark = [pytest.mark.sandbox]
 
