@@ -146,7 +146,7 @@ def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> Clo
     # Quota: only what this run would add counts, against what the project already uses
     # (a hand-made VM's address and volumes included).
     server = servers[0] if servers else None
-    adds = _would_add(config, server, access_groups[0] if access_groups else None)
+    adds = would_add(config, server, access_groups[0] if access_groups else None, floating_ips)
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="preflight-quota") as pool:
         futures = []
         if flavor is not None and server is None:
@@ -248,15 +248,20 @@ def similar_image_names(wanted: str, images: list[Any], limit: int = 8) -> list[
     return ranked
 
 
-def _would_add(config: BootstrapConfig, server: Any | None, group: Any | None) -> dict[str, int]:
+def would_add(
+    config: BootstrapConfig, server: Any | None, group: Any | None, floating_ips: list[Any]
+) -> dict[str, int]:
     """Neutron resources this run would create: a port with a new server, a floating IP when
     the server has none, the environment's own group when missing (with Neutron's two default
-    egress rules) and the ingress rules it lacks."""
-    has_fip = server is not None and any(
+    egress rules) and the ingress rules it lacks. The server has an address when Nova lists
+    one or when one of ours (``floating_ips``) is bound: Nova's list of a server's addresses
+    follows Neutron's only after a moment."""
+    nova_lists_one = server is not None and any(
         a.get("OS-EXT-IPS:type") == "floating"
         for addrs in (server.addresses or {}).values()
         for a in addrs
     )
+    has_fip = server is not None and (nova_lists_one or any(f.port_id for f in floating_ips))
     wanted = {r.key() for r in config.server.ingress}
     if group is not None:
         have = {

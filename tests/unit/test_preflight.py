@@ -1,10 +1,15 @@
-"""Preflight's image hint: names like the one asked for, not the first ones alphabetically."""
+"""Preflight: the image hint (names like the one asked for, not the first ones alphabetically),
+and what a run would add, which decides the quota it reads."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
-from tasks.cloud.preflight import similar_image_names
+import pytest
+
+from core.config import BootstrapConfig, parse_config
+from tasks.cloud.preflight import similar_image_names, would_add
 
 
 def image(name: str, distro: str | None = None) -> SimpleNamespace:
@@ -54,3 +59,59 @@ def test_long_hints_are_cut() -> None:
     many = [image(f"Ubuntu-24.04-build-{n:03d}", "ubuntu") for n in range(30)]
     hint = similar_image_names("Ubuntu-24.04", many, limit=5)
     assert len(hint) == 6 and hint[-1] == "and 25 more"
+
+
+def _server(*floating: str) -> SimpleNamespace:
+    fixed = [{"addr": "10.0.0.5", "OS-EXT-IPS:type": "fixed"}]
+    addrs = fixed + [{"addr": a, "OS-EXT-IPS:type": "floating"} for a in floating]
+    return SimpleNamespace(addresses={"private": addrs})
+
+
+def _group(cfg: BootstrapConfig) -> SimpleNamespace:
+    rules = [
+        {
+            "direction": "ingress",
+            "ethertype": "IPv4",
+            "protocol": r.protocol,
+            "port_range_min": r.port,
+            "port_range_max": r.port,
+            "remote_ip_prefix": r.cidr,
+        }
+        for r in cfg.server.ingress
+    ]
+    return SimpleNamespace(security_group_rules=rules)
+
+
+BOUND = SimpleNamespace(port_id="port-1")
+FREE = SimpleNamespace(port_id=None)
+
+
+@pytest.mark.parametrize(
+    ("server", "fips", "port", "floatingip"),
+    [
+        (None, [], 1, 1),  # nothing yet: a port and an address
+        (None, [FREE], 1, 1),  # a free one of ours counts in the quota check, not here
+        (_server(), [], 0, 1),  # a server without an address
+        (_server("203.0.113.7"), [BOUND], 0, 0),  # Nova lists it
+        (_server(), [BOUND], 0, 0),  # bound in Neutron, not yet in Nova's list of the server
+        (_server(), [FREE], 0, 1),  # ours, but not on any port
+    ],
+)
+def test_would_add_counts_what_a_run_creates(
+    server: Any, fips: list[Any], port: int, floatingip: int
+) -> None:
+    cfg = parse_config({"environment": "t-adds"})
+    adds = would_add(cfg, server, _group(cfg), fips)
+    assert adds == {
+        "port": port,
+        "floatingip": floatingip,
+        "security_group": 0,
+        "security_group_rule": 0,
+    }
+
+
+def test_a_missing_group_adds_it_its_rules_and_neutrons_two_egress_rules() -> None:
+    cfg = parse_config({"environment": "t-adds"})
+    adds = would_add(cfg, None, None, [])
+    assert adds["security_group"] == 1
+    assert adds["security_group_rule"] == len(cfg.server.ingress) + 2
