@@ -53,6 +53,10 @@ def duplicate_volumes_problem(volumes: list[Any]) -> str:
     )
 
 
+#: The statuses a volume rests in; any other is on its way to one of them (or to an error).
+SETTLED = ("available", "in-use")
+
+
 def wait_for_volume(
     conn: Connection, volume: Any, status: str | tuple[str, ...], timeout: float
 ) -> Any:
@@ -128,8 +132,10 @@ def ensure_volume(
         )
     if action == Action.KEEP:
         volume = vols[0]
-        if apply and volume.status not in ("available", "in-use"):
-            volume = wait_for_volume(conn, volume, "available", config.volume.timeout)
+        if apply and volume.status not in SETTLED:
+            # Being made, or reserved by an attach in flight (a killed run's): either way it
+            # ends available or in-use.
+            volume = wait_for_volume(conn, volume, SETTLED, config.volume.timeout)
             _, reason, _ = decide_volume([volume], config.volume.size_gb)
         return VolumeRecord(
             name=volume.name,
@@ -199,6 +205,11 @@ def ensure_attachment(
         wait_for_volume(conn, volume, "in-use", config.volume.timeout)
         return AttachmentRecord(**base, id=att_id, action=Action.CREATE, reason="attached now")
     current = conn.block_storage.get_volume(volume.id)
+    if apply and current.status not in SETTLED:
+        # A request in flight (a killed run's, whose server side went on): Cinder holds the
+        # volume reserved or attaching, and Nova may not list the request yet. It is let
+        # settle, then judged on what it left.
+        current = wait_for_volume(conn, current, SETTLED, config.volume.timeout)
     for att in current.attachments or []:
         if att.get("server_id") == server.id:
             return AttachmentRecord(**base, id=att.get("attachment_id"), reason="attached")
@@ -250,7 +261,7 @@ def _attach(
     except os_exc.BadRequestException:
         earlier = _nova_attachment(conn, server_id, volume.id)
         if earlier is None:
-            settled = wait_for_volume(conn, volume, ("available", "in-use"), config.volume.timeout)
+            settled = wait_for_volume(conn, volume, SETTLED, config.volume.timeout)
             earlier = _nova_attachment(conn, server_id, volume.id)
             if earlier is None and settled.status == "available":
                 return request()  # the other request gave up
