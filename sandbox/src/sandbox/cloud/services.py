@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from sandbox.cloud import common as c
 from sandbox.cloud import configs, packages, procs
+from sandbox.cloud.commands import run_setup, venv_bin
 from sandbox.cloud.probes import http_answers, port_open, wait_for
 
 DATABASES = [
@@ -99,25 +100,6 @@ def _log(msg: str) -> None:
     print(f"[sandbox.cloud] {msg}", flush=True)
 
 
-def _bin(name: str) -> str:
-    return str(c.VENV_BIN / name)
-
-
-def _run(argv: list[str], name: str) -> None:
-    if name != "keystone":
-        # keystone's chain is the one everything waits for: let it have the CPU first.
-        argv = ["nice", "-n", "10", *argv]
-    c.LOGS.mkdir(parents=True, exist_ok=True)
-    with procs.log_file(f"setup-{name}").open("ab") as log:
-        log.write(f"\n=== {' '.join(argv)}\n".encode())
-        log.flush()
-        rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    if rc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv)} failed (rc={rc.returncode}); see {procs.log_file('setup-' + name)}"
-        )
-
-
 # -- MariaDB and RabbitMQ ---------------------------------------------------------------------
 def sql(statement: str, database: str | None = None) -> str:
     argv = [
@@ -141,7 +123,7 @@ def start_mariadb() -> None:
         return
     if not (c.MYSQL_DIR / "mysql").is_dir():
         c.MYSQL_DIR.mkdir(parents=True, exist_ok=True)
-        _run(
+        run_setup(
             [
                 "mariadb-install-db",
                 "--no-defaults",
@@ -234,14 +216,16 @@ def db_sync(service: str) -> None:
         return
     conf = str(configs.conf_path(service))
     if service == "keystone":
-        km = [_bin("keystone-manage"), "--config-file", conf]
-        _run([*km, "db_sync"], service)
-        _run([*km, "fernet_setup", "--keystone-user", "root", "--keystone-group", "root"], service)
-        _run(
+        km = [venv_bin("keystone-manage"), "--config-file", conf]
+        run_setup([*km, "db_sync"], service)
+        run_setup(
+            [*km, "fernet_setup", "--keystone-user", "root", "--keystone-group", "root"], service
+        )
+        run_setup(
             [*km, "credential_setup", "--keystone-user", "root", "--keystone-group", "root"],
             service,
         )
-        _run(
+        run_setup(
             [
                 *km,
                 "bootstrap",
@@ -267,23 +251,25 @@ def db_sync(service: str) -> None:
             service,
         )
     elif service == "placement":
-        _run([_bin("placement-manage"), "--config-file", conf, "db", "sync"], service)
+        run_setup([venv_bin("placement-manage"), "--config-file", conf, "db", "sync"], service)
     elif service == "glance":
-        _run([_bin("glance-manage"), "--config-file", conf, "db_sync"], service)
+        run_setup([venv_bin("glance-manage"), "--config-file", conf, "db_sync"], service)
     elif service == "nova":
-        nm = [_bin("nova-manage"), "--config-file", conf]
-        _run([*nm, "api_db", "sync"], service)
-        _run(
+        nm = [venv_bin("nova-manage"), "--config-file", conf]
+        run_setup([*nm, "api_db", "sync"], service)
+        run_setup(
             [*nm, "cell_v2", "map_cell0", "--database_connection", c.db_url("nova_cell0")], service
         )
         cells = subprocess.run([*nm, "cell_v2", "list_cells"], capture_output=True, text=True)
         if " cell1 " not in cells.stdout:
-            _run([*nm, "cell_v2", "create_cell", "--name", "cell1"], service)
-        _run([*nm, "db", "sync"], service)
+            run_setup([*nm, "cell_v2", "create_cell", "--name", "cell1"], service)
+        run_setup([*nm, "db", "sync"], service)
     elif service == "neutron":
-        _run([_bin("neutron-db-manage"), "--config-file", conf, "upgrade", "heads"], service)
+        run_setup(
+            [venv_bin("neutron-db-manage"), "--config-file", conf, "upgrade", "heads"], service
+        )
     elif service == "cinder":
-        _run([_bin("cinder-manage"), "--config-file", conf, "db", "sync"], service)
+        run_setup([venv_bin("cinder-manage"), "--config-file", conf, "db", "sync"], service)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(_stamp())
 
@@ -292,7 +278,7 @@ def db_sync(service: str) -> None:
 def start_api(name: str) -> None:
     service_type, wsgi, env, extra = APIS[name]
     argv = [
-        _bin("uwsgi"),
+        venv_bin("uwsgi"),
         "--http",
         f"{c.HOST}:{c.backend_port(service_type)}",
         "--wsgi-file",
@@ -322,7 +308,7 @@ def start_api(name: str) -> None:
 
 def start_daemon(name: str) -> None:
     script, service = DAEMONS[name]
-    procs.start(name, [_bin(script), "--config-file", str(configs.conf_path(service))])
+    procs.start(name, [venv_bin(script), "--config-file", str(configs.conf_path(service))])
 
 
 def start_process(name: str) -> None:
@@ -395,9 +381,9 @@ def volume_service_up() -> bool:
 def discover_hosts() -> None:
     wait_for("nova-compute registered", compute_node_present, 120, 0.5)
     if not compute_mapped():
-        _run(
+        run_setup(
             [
-                _bin("nova-manage"),
+                venv_bin("nova-manage"),
                 "--config-file",
                 str(configs.conf_path("nova")),
                 "cell_v2",
