@@ -8,13 +8,12 @@ mapped into cell1.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 
 from sandbox.cloud import common as c
-from sandbox.cloud import configs, packages, procs
+from sandbox.cloud import configs, procs
 from sandbox.cloud.commands import run_setup, venv_bin
 from sandbox.cloud.infra import (
     DATABASES,
@@ -27,6 +26,7 @@ from sandbox.cloud.infra import (
     wait_rabbitmq,
 )
 from sandbox.cloud.probes import http_answers, port_open, wait_for
+from sandbox.cloud.schemas import db_sync
 
 #: The public names of the cloud's processes, defined here or in the modules it imports.
 __all__ = [
@@ -130,79 +130,6 @@ ALL_PROCS = [*INFRA, FAULTS, *APIS, *DAEMONS]
 
 def _log(msg: str) -> None:
     print(f"[sandbox.cloud] {msg}", flush=True)
-
-
-# -- schemas ----------------------------------------------------------------------------------
-def _synced_marker(service: str):
-    return c.STATE / "db-synced" / service
-
-
-def _stamp() -> str:
-    return "\n".join(packages.PINNED)
-
-
-def db_sync(service: str) -> None:
-    marker = _synced_marker(service)
-    if marker.exists() and marker.read_text() == _stamp():
-        return
-    conf = str(configs.conf_path(service))
-    if service == "keystone":
-        km = [venv_bin("keystone-manage"), "--config-file", conf]
-        run_setup([*km, "db_sync"], service)
-        run_setup(
-            [*km, "fernet_setup", "--keystone-user", "root", "--keystone-group", "root"], service
-        )
-        run_setup(
-            [*km, "credential_setup", "--keystone-user", "root", "--keystone-group", "root"],
-            service,
-        )
-        run_setup(
-            [
-                *km,
-                "bootstrap",
-                "--bootstrap-password",
-                c.ADMIN_PASSWORD,
-                "--bootstrap-username",
-                c.ADMIN_USER,
-                "--bootstrap-project-name",
-                "admin",
-                "--bootstrap-role-name",
-                "admin",
-                "--bootstrap-service-name",
-                "keystone",
-                "--bootstrap-region-id",
-                c.REGION,
-                "--bootstrap-public-url",
-                c.public_url("identity"),
-                "--bootstrap-internal-url",
-                c.internal_url("identity"),
-                "--bootstrap-admin-url",
-                c.internal_url("identity"),
-            ],
-            service,
-        )
-    elif service == "placement":
-        run_setup([venv_bin("placement-manage"), "--config-file", conf, "db", "sync"], service)
-    elif service == "glance":
-        run_setup([venv_bin("glance-manage"), "--config-file", conf, "db_sync"], service)
-    elif service == "nova":
-        nm = [venv_bin("nova-manage"), "--config-file", conf]
-        run_setup([*nm, "api_db", "sync"], service)
-        run_setup(
-            [*nm, "cell_v2", "map_cell0", "--database_connection", c.db_url("nova_cell0")], service
-        )
-        cells = subprocess.run([*nm, "cell_v2", "list_cells"], capture_output=True, text=True)
-        if " cell1 " not in cells.stdout:
-            run_setup([*nm, "cell_v2", "create_cell", "--name", "cell1"], service)
-        run_setup([*nm, "db", "sync"], service)
-    elif service == "neutron":
-        run_setup(
-            [venv_bin("neutron-db-manage"), "--config-file", conf, "upgrade", "heads"], service
-        )
-    elif service == "cinder":
-        run_setup([venv_bin("cinder-manage"), "--config-file", conf, "db", "sync"], service)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(_stamp())
 
 
 # -- services ---------------------------------------------------------------------------------
