@@ -12,9 +12,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from sandbox.cloud import common as c
 from sandbox.cloud import configs, procs
-from sandbox.cloud.commands import run_setup, venv_bin
+from sandbox.cloud.hosts import (
+    compute_mapped,
+    compute_node_present,
+    compute_service_up,
+    discover_hosts,
+    volume_service_up,
+)
 from sandbox.cloud.infra import (
     DATABASES,
     INFRA,
@@ -78,56 +83,6 @@ ALL_PROCS = [*INFRA, FAULTS, *APIS, *DAEMONS]
 
 def _log(msg: str) -> None:
     print(f"[sandbox.cloud] {msg}", flush=True)
-
-
-def compute_mapped() -> bool:
-    out = sql(f"SELECT COUNT(*) FROM host_mappings WHERE host='{c.COMPUTE_HOST}'", "nova_api")
-    return out.strip() not in ("", "0")
-
-
-def compute_node_present() -> bool:
-    out = sql(
-        f"SELECT COUNT(*) FROM compute_nodes WHERE host='{c.COMPUTE_HOST}' AND deleted=0", "nova"
-    )
-    return out.strip() not in ("", "0")
-
-
-def compute_service_up() -> bool:
-    """What the scheduler's ComputeFilter asks: a heartbeat within ``service_down_time`` (60 s;
-    50 here for margin). After a restart the compute node's row is there at once, but until
-    the new nova-compute reports, its last heartbeat is the one before the stop: a server
-    booted then gets "No valid host was found"."""
-    out = sql(
-        "SELECT COUNT(*) FROM services WHERE `binary`='nova-compute' AND deleted=0 "
-        "AND disabled=0 AND updated_at > UTC_TIMESTAMP() - INTERVAL 50 SECOND",
-        "nova",
-    )
-    return out.strip() not in ("", "0")
-
-
-def volume_service_up() -> bool:
-    out = sql(
-        "SELECT COUNT(*) FROM services WHERE `binary`='cinder-volume' AND deleted=0 "
-        "AND updated_at > NOW() - INTERVAL 60 SECOND",
-        "cinder",
-    )
-    return out.strip() not in ("", "0")
-
-
-def discover_hosts() -> None:
-    wait_for("nova-compute registered", compute_node_present, 120, 0.5)
-    if not compute_mapped():
-        run_setup(
-            [
-                venv_bin("nova-manage"),
-                "--config-file",
-                str(configs.conf_path("nova")),
-                "cell_v2",
-                "discover_hosts",
-            ],
-            "nova",
-        )
-    wait_for("nova-compute mapped", compute_mapped, 30, 0.5)
 
 
 def start_all(register_services: Callable[[], None]) -> None:
