@@ -1,8 +1,15 @@
-"""Starting the sandbox cloud's processes in dependency order, and waiting for them.
+"""Starting the sandbox cloud's processes in dependency order, and waiting for them; stopping
+them.
 
 Order: MariaDB + RabbitMQ + the fault proxy -> all schema syncs in parallel (keystone first to
 finish, then keystone itself and the service accounts) -> every API and daemon -> nova-compute
 mapped into cell1.
+
+The pieces are modules of their own: ``infra`` (MariaDB, RabbitMQ), ``schemas`` (the schema
+syncs), ``launch`` (the API and daemon tables and starting each process), ``hosts`` (nova-compute
+and cinder-volume registered and reporting), ``probes`` (waiting, port and HTTP checks) and
+``commands`` (one-shot setup commands); ``__all__`` lists what this module defines and what
+it re-exports from them.
 """
 
 from __future__ import annotations
@@ -44,7 +51,6 @@ from sandbox.cloud.launch import (
 from sandbox.cloud.probes import http_answers, port_open, wait_for
 from sandbox.cloud.schemas import db_sync
 
-#: The public names of the cloud's processes, defined here or in the modules it imports.
 __all__ = [
     "ALL_PROCS",
     "APIS",
