@@ -11,16 +11,19 @@ from sandbox.cloud.infra import sql
 from sandbox.cloud.probes import wait_for
 
 
+def _counted(statement: str, database: str) -> bool:
+    """A ``SELECT COUNT(*)`` that counts more than nothing."""
+    return sql(statement, database).strip() not in ("", "0")
+
+
 def compute_mapped() -> bool:
-    out = sql(f"SELECT COUNT(*) FROM host_mappings WHERE host='{c.COMPUTE_HOST}'", "nova_api")
-    return out.strip() not in ("", "0")
+    return _counted(f"SELECT COUNT(*) FROM host_mappings WHERE host='{c.COMPUTE_HOST}'", "nova_api")
 
 
 def compute_node_present() -> bool:
-    out = sql(
+    return _counted(
         f"SELECT COUNT(*) FROM compute_nodes WHERE host='{c.COMPUTE_HOST}' AND deleted=0", "nova"
     )
-    return out.strip() not in ("", "0")
 
 
 def compute_service_up() -> bool:
@@ -28,21 +31,19 @@ def compute_service_up() -> bool:
     50 here for margin). After a restart the compute node's row is there at once, but until
     the new nova-compute reports, its last heartbeat is the one before the stop: a server
     booted then gets "No valid host was found"."""
-    out = sql(
+    return _counted(
         "SELECT COUNT(*) FROM services WHERE `binary`='nova-compute' AND deleted=0 "
         "AND disabled=0 AND updated_at > UTC_TIMESTAMP() - INTERVAL 50 SECOND",
         "nova",
     )
-    return out.strip() not in ("", "0")
 
 
 def volume_service_up() -> bool:
-    out = sql(
+    return _counted(
         "SELECT COUNT(*) FROM services WHERE `binary`='cinder-volume' AND deleted=0 "
         "AND updated_at > NOW() - INTERVAL 60 SECOND",
         "cinder",
     )
-    return out.strip() not in ("", "0")
 
 
 def discover_hosts() -> None:
