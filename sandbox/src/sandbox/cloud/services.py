@@ -1,451 +1,94 @@
-"""Starting the sandbox cloud's processes in dependency order, and waiting for them.
+"""Starting the sandbox cloud's processes in dependency order, and waiting for them; stopping
+them.
 
 Order: MariaDB + RabbitMQ + the fault proxy -> all schema syncs in parallel (keystone first to
 finish, then keystone itself and the service accounts) -> every API and daemon -> nova-compute
 mapped into cell1.
+
+The pieces are modules of their own: ``infra`` (MariaDB, RabbitMQ), ``schemas`` (the schema
+syncs), ``launch`` (the API and daemon tables and starting each process), ``hosts`` (nova-compute
+and cinder-volume registered and reporting), ``probes`` (waiting, port and HTTP checks) and
+``commands`` (one-shot setup commands); ``__all__`` lists what this module defines and what
+it re-exports from them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import http.client
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 
-from sandbox.cloud import common as c
-from sandbox.cloud import configs, packages, procs
+from sandbox.cloud import configs, procs
+from sandbox.cloud.hosts import (
+    compute_mapped,
+    compute_node_present,
+    compute_service_up,
+    discover_hosts,
+    volume_service_up,
+)
+from sandbox.cloud.infra import (
+    DATABASES,
+    INFRA,
+    sql,
+    start_mariadb,
+    start_rabbitmq,
+    stop_epmd,
+    wait_mariadb,
+    wait_rabbitmq,
+)
+from sandbox.cloud.launch import (
+    APIS,
+    DAEMONS,
+    FAULTS,
+    SERVICE_PROCS,
+    api_ready,
+    start_api,
+    start_daemon,
+    start_faults,
+    start_process,
+)
+from sandbox.cloud.probes import http_answers, port_open, wait_for
+from sandbox.cloud.schemas import db_sync
 
-DATABASES = [
-    "keystone",
-    "placement",
-    "glance",
-    "nova_api",
-    "nova_cell0",
-    "nova",
-    "neutron",
-    "cinder",
+__all__ = [
+    "ALL_PROCS",
+    "APIS",
+    "DAEMONS",
+    "DATABASES",
+    "FAULTS",
+    "INFRA",
+    "SERVICE_PROCS",
+    "api_ready",
+    "compute_mapped",
+    "compute_node_present",
+    "compute_service_up",
+    "db_sync",
+    "discover_hosts",
+    "http_answers",
+    "port_open",
+    "sql",
+    "start_all",
+    "start_api",
+    "start_daemon",
+    "start_faults",
+    "start_mariadb",
+    "start_process",
+    "start_rabbitmq",
+    "stop_all",
+    "stop_epmd",
+    "stop_services",
+    "volume_service_up",
+    "wait_for",
+    "wait_mariadb",
+    "wait_rabbitmq",
 ]
 
-#: uwsgi-served APIs: name -> (service type, wsgi file relative to site-packages, env, extra args)
-APIS: dict[str, tuple[str, str, dict[str, str], list[str]]] = {
-    "keystone": (
-        "identity",
-        "keystone/wsgi/api.py",
-        {"OS_KEYSTONE_CONFIG_DIR": str(c.ETC / "keystone")},
-        [],
-    ),
-    "placement-api": (
-        "placement",
-        "placement/wsgi/api.py",
-        {"OS_PLACEMENT_CONFIG_DIR": str(c.ETC / "placement")},
-        [],
-    ),
-    "glance-api": (
-        "image",
-        "glance/wsgi/api.py",
-        {"OS_GLANCE_CONFIG_DIR": str(c.ETC / "glance")},
-        [],
-    ),
-    "nova-api": (
-        "compute",
-        "nova/wsgi/osapi_compute.py",
-        {"OS_NOVA_CONFIG_DIR": str(c.ETC / "nova")},
-        [],
-    ),
-    "neutron-api": (
-        "network",
-        "neutron/wsgi/api.py",
-        {
-            "OS_NEUTRON_CONFIG_DIR": str(c.ETC / "neutron"),
-            "OS_NEUTRON_CONFIG_FILES": "neutron.conf",
-        },
-        [],
-    ),
-    "cinder-api": (
-        "block-storage",
-        "cinder/wsgi/api.py",
-        {},
-        ["--pyargv", f"--config-file {c.ETC / 'cinder' / 'cinder.conf'}"],
-    ),
-}
-
-#: Plain daemons: name -> (console script, service whose config file it reads)
-DAEMONS: dict[str, tuple[str, str]] = {
-    "nova-conductor": ("nova-conductor", "nova"),
-    "nova-scheduler": ("nova-scheduler", "nova"),
-    "nova-compute": ("nova-compute", "nova"),
-    "neutron-rpc-server": ("neutron-rpc-server", "neutron"),
-    "cinder-scheduler": ("cinder-scheduler", "cinder"),
-    "cinder-volume": ("cinder-volume", "cinder"),
-}
-
-#: Which processes belong to which service (started once its schema is in place).
-SERVICE_PROCS = {
-    "placement": ["placement-api"],
-    "glance": ["glance-api"],
-    "nova": ["nova-api", "nova-conductor", "nova-scheduler", "nova-compute"],
-    "neutron": ["neutron-api", "neutron-rpc-server"],
-    "cinder": ["cinder-api", "cinder-scheduler", "cinder-volume"],
-}
-
-INFRA = ["mariadb", "rabbitmq"]
-FAULTS = "fault-proxy"
 ALL_PROCS = [*INFRA, FAULTS, *APIS, *DAEMONS]
 
 
 def _log(msg: str) -> None:
     print(f"[sandbox.cloud] {msg}", flush=True)
-
-
-def _bin(name: str) -> str:
-    return str(c.VENV_BIN / name)
-
-
-def _run(argv: list[str], name: str) -> None:
-    if name != "keystone":
-        # keystone's chain is the one everything waits for: let it have the CPU first.
-        argv = ["nice", "-n", "10", *argv]
-    c.LOGS.mkdir(parents=True, exist_ok=True)
-    with procs.log_file(f"setup-{name}").open("ab") as log:
-        log.write(f"\n=== {' '.join(argv)}\n".encode())
-        log.flush()
-        rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    if rc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv)} failed (rc={rc.returncode}); see {procs.log_file('setup-' + name)}"
-        )
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.25) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except Exception:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"sandbox cloud: {what} not ready after {timeout:.0f} s")
-        time.sleep(interval)
-
-
-def port_open(port: int, host: str = c.HOST) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def http_answers(port: int, path: str = "/", *, tls: bool = False) -> bool:
-    """The port answers an HTTP GET below 500; with ``tls``, over HTTPS verified with the
-    sandbox CA (the public endpoints speak nothing else)."""
-    conn: http.client.HTTPConnection
-    if tls:
-        import ssl
-
-        from sandbox import ca
-
-        context = ssl.create_default_context(cafile=str(ca.ca_cert_path()))
-        conn = http.client.HTTPSConnection(c.HOST, port, timeout=5, context=context)
-    else:
-        conn = http.client.HTTPConnection(c.HOST, port, timeout=5)
-    try:
-        conn.request("GET", path)
-        return conn.getresponse().status < 500
-    finally:
-        conn.close()
-
-
-# -- MariaDB and RabbitMQ ---------------------------------------------------------------------
-def sql(statement: str, database: str | None = None) -> str:
-    argv = [
-        "mariadb",
-        "--no-defaults",
-        f"--socket={c.MYSQL_SOCK}",
-        "-u",
-        "root",
-        "-N",
-        "-B",
-        "-e",
-        statement,
-    ]
-    if database:
-        argv.append(database)
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
-def start_mariadb() -> None:
-    if procs.running("mariadb"):
-        return
-    if not (c.MYSQL_DIR / "mysql").is_dir():
-        c.MYSQL_DIR.mkdir(parents=True, exist_ok=True)
-        _run(
-            [
-                "mariadb-install-db",
-                "--no-defaults",
-                f"--datadir={c.MYSQL_DIR}",
-                "--user=root",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-            ],
-            "mariadb",
-        )
-    c.RUN.mkdir(parents=True, exist_ok=True)
-    procs.start(
-        "mariadb",
-        [
-            "/usr/sbin/mariadbd",
-            "--no-defaults",
-            f"--datadir={c.MYSQL_DIR}",
-            "--user=root",
-            f"--bind-address={c.HOST}",
-            f"--port={c.MYSQL_PORT}",
-            f"--socket={c.MYSQL_SOCK}",
-            f"--pid-file={c.RUN / 'mariadbd.pid'}",
-            "--skip-grant-tables",
-            "--skip-name-resolve",
-            "--innodb-buffer-pool-size=256M",
-            "--innodb-flush-log-at-trx-commit=0",
-            "--max-connections=1000",
-            "--character-set-server=utf8mb3",
-            "--collation-server=utf8mb3_general_ci",
-        ],
-    )
-
-
-def wait_mariadb() -> None:
-    wait_for("mariadb", lambda: sql("SELECT 1").strip() == "1", 60, 0.2)
-    sql("; ".join(f"CREATE DATABASE IF NOT EXISTS {db} CHARACTER SET utf8" for db in DATABASES))
-
-
-def _rabbit_env() -> dict[str, str]:
-    return {
-        "HOME": str(c.RABBIT_DIR),
-        "RABBITMQ_NODENAME": c.RABBIT_NODE,
-        "RABBITMQ_NODE_IP_ADDRESS": c.HOST,
-        "RABBITMQ_NODE_PORT": str(c.RABBIT_PORT),
-        "RABBITMQ_MNESIA_BASE": str(c.RABBIT_DIR / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(c.LOGS),
-        "RABBITMQ_LOGS": str(c.LOGS / "rabbitmq-node.log"),
-        "RABBITMQ_PID_FILE": str(c.RUN / "rabbitmq-node.pid"),
-        "RABBITMQ_CONFIG_FILE": str(c.RABBIT_DIR / "rabbitmq"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(c.RABBIT_DIR / "enabled_plugins"),
-        "RABBITMQ_SERVER_START_ARGS": "-kernel inet_dist_listen_min 25672 "
-        "-kernel inet_dist_listen_max 25672",
-    }
-
-
-def start_rabbitmq() -> None:
-    if procs.running("rabbitmq"):
-        return
-    c.RABBIT_DIR.mkdir(parents=True, exist_ok=True)
-    (c.RABBIT_DIR / "enabled_plugins").write_text("[].\n")
-    procs.start(
-        "rabbitmq", ["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=_rabbit_env(), cwd=c.RABBIT_DIR
-    )
-
-
-def wait_rabbitmq() -> None:
-    wait_for("rabbitmq", lambda: port_open(c.RABBIT_PORT), 90, 0.3)
-
-
-def stop_epmd() -> None:
-    """The Erlang port mapper that RabbitMQ started, unless another node still uses it."""
-    names = subprocess.run(["epmd", "-names"], capture_output=True, text=True, check=False)
-    registered = [ln for ln in names.stdout.splitlines() if ln.startswith("name ")]
-    if names.returncode == 0 and not registered:
-        subprocess.run(["epmd", "-kill"], capture_output=True, check=False)
-
-
-# -- schemas ----------------------------------------------------------------------------------
-def _synced_marker(service: str):
-    return c.STATE / "db-synced" / service
-
-
-def _stamp() -> str:
-    return "\n".join(packages.PINNED)
-
-
-def db_sync(service: str) -> None:
-    marker = _synced_marker(service)
-    if marker.exists() and marker.read_text() == _stamp():
-        return
-    conf = str(configs.conf_path(service))
-    if service == "keystone":
-        km = [_bin("keystone-manage"), "--config-file", conf]
-        _run([*km, "db_sync"], service)
-        _run([*km, "fernet_setup", "--keystone-user", "root", "--keystone-group", "root"], service)
-        _run(
-            [*km, "credential_setup", "--keystone-user", "root", "--keystone-group", "root"],
-            service,
-        )
-        _run(
-            [
-                *km,
-                "bootstrap",
-                "--bootstrap-password",
-                c.ADMIN_PASSWORD,
-                "--bootstrap-username",
-                c.ADMIN_USER,
-                "--bootstrap-project-name",
-                "admin",
-                "--bootstrap-role-name",
-                "admin",
-                "--bootstrap-service-name",
-                "keystone",
-                "--bootstrap-region-id",
-                c.REGION,
-                "--bootstrap-public-url",
-                c.public_url("identity"),
-                "--bootstrap-internal-url",
-                c.internal_url("identity"),
-                "--bootstrap-admin-url",
-                c.internal_url("identity"),
-            ],
-            service,
-        )
-    elif service == "placement":
-        _run([_bin("placement-manage"), "--config-file", conf, "db", "sync"], service)
-    elif service == "glance":
-        _run([_bin("glance-manage"), "--config-file", conf, "db_sync"], service)
-    elif service == "nova":
-        nm = [_bin("nova-manage"), "--config-file", conf]
-        _run([*nm, "api_db", "sync"], service)
-        _run(
-            [*nm, "cell_v2", "map_cell0", "--database_connection", c.db_url("nova_cell0")], service
-        )
-        cells = subprocess.run([*nm, "cell_v2", "list_cells"], capture_output=True, text=True)
-        if " cell1 " not in cells.stdout:
-            _run([*nm, "cell_v2", "create_cell", "--name", "cell1"], service)
-        _run([*nm, "db", "sync"], service)
-    elif service == "neutron":
-        _run([_bin("neutron-db-manage"), "--config-file", conf, "upgrade", "heads"], service)
-    elif service == "cinder":
-        _run([_bin("cinder-manage"), "--config-file", conf, "db", "sync"], service)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(_stamp())
-
-
-# -- services ---------------------------------------------------------------------------------
-def start_api(name: str) -> None:
-    service_type, wsgi, env, extra = APIS[name]
-    argv = [
-        _bin("uwsgi"),
-        "--http",
-        f"{c.HOST}:{c.backend_port(service_type)}",
-        "--wsgi-file",
-        str(c.SITE / wsgi),
-        "--master",
-        "--processes",
-        "1",
-        "--threads",
-        "4",
-        "--die-on-term",
-        "--lazy-apps",
-        "--need-app",
-        "--add-header",
-        "Connection: close",
-        "--buffer-size",
-        "65535",
-        "--http-timeout",
-        "600",
-        "--socket-timeout",
-        "600",
-        "--procname-prefix-spaced",
-        f"sails-{name}",
-        *extra,
-    ]
-    procs.start(name, argv, env=env)
-
-
-def start_daemon(name: str) -> None:
-    script, service = DAEMONS[name]
-    procs.start(name, [_bin(script), "--config-file", str(configs.conf_path(service))])
-
-
-def start_process(name: str) -> None:
-    if name in APIS:
-        start_api(name)
-    else:
-        start_daemon(name)
-
-
-def start_faults() -> None:
-    from sandbox import ca, faults
-
-    cert, key = ca.server_certificate(c.PUBLIC_HOST, c.HOST)
-    upstreams = {
-        stype: (port, c.backend_port(stype))
-        for stype, (_, port, _) in c.ENDPOINTS.items()
-        if stype != "volumev3"
-    }
-    procs.start(
-        FAULTS,
-        faults.server_argv(
-            str(c.VENV_BIN / "python"),
-            upstreams,
-            c.FAULTS_CTL_PORT,
-            (c.HOST, c.PUBLIC_HOST),
-            tls=(str(cert), str(key)),
-        ),
-    )
-
-
-def api_ready(name: str) -> bool:
-    service_type = APIS[name][0]
-    return http_answers(c.backend_port(service_type))
-
-
-def compute_mapped() -> bool:
-    out = sql(f"SELECT COUNT(*) FROM host_mappings WHERE host='{c.COMPUTE_HOST}'", "nova_api")
-    return out.strip() not in ("", "0")
-
-
-def compute_node_present() -> bool:
-    out = sql(
-        f"SELECT COUNT(*) FROM compute_nodes WHERE host='{c.COMPUTE_HOST}' AND deleted=0", "nova"
-    )
-    return out.strip() not in ("", "0")
-
-
-def compute_service_up() -> bool:
-    """What the scheduler's ComputeFilter asks: a heartbeat within ``service_down_time`` (60 s;
-    50 here for margin). After a restart the compute node's row is there at once, but until
-    the new nova-compute reports, its last heartbeat is the one before the stop: a server
-    booted then gets "No valid host was found"."""
-    out = sql(
-        "SELECT COUNT(*) FROM services WHERE `binary`='nova-compute' AND deleted=0 "
-        "AND disabled=0 AND updated_at > UTC_TIMESTAMP() - INTERVAL 50 SECOND",
-        "nova",
-    )
-    return out.strip() not in ("", "0")
-
-
-def volume_service_up() -> bool:
-    out = sql(
-        "SELECT COUNT(*) FROM services WHERE `binary`='cinder-volume' AND deleted=0 "
-        "AND updated_at > NOW() - INTERVAL 60 SECOND",
-        "cinder",
-    )
-    return out.strip() not in ("", "0")
-
-
-def discover_hosts() -> None:
-    wait_for("nova-compute registered", compute_node_present, 120, 0.5)
-    if not compute_mapped():
-        _run(
-            [
-                _bin("nova-manage"),
-                "--config-file",
-                str(configs.conf_path("nova")),
-                "cell_v2",
-                "discover_hosts",
-            ],
-            "nova",
-        )
-    wait_for("nova-compute mapped", compute_mapped, 30, 0.5)
 
 
 def start_all(register_services: Callable[[], None]) -> None:
