@@ -20,15 +20,17 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from prefect import task
 from pydantic import BaseModel, Field
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
+from tasks.access import open_vm
 from tasks.arc import vm_path
 from tasks.prefect_server import SERVER_ENV, SERVER_KEY_ID
 from tasks.service_user import as_service_user
-from tasks.vm import VM
+from tasks.vm import VM, VM_TASK
 
 #: Tables counted into a copy's record (what an operator looks for in it).
 
@@ -297,6 +299,22 @@ def _fetch(vm: VM, config: BootstrapConfig, record: BackupRecord, name: str) -> 
     return record.model_copy(
         update={"pruned": prune(folder, config.environment, config.backup.keep)}
     )
+
+
+@task(name="copy-database", **VM_TASK)
+def copy_database(config: BootstrapConfig, on_vm: bool) -> BackupRecord | None:
+    local = config.backup_destination == "local"
+    if on_vm and local:
+        raise BootstrapError(
+            "backup.destination is local (the operator's machine): the VM cannot put a copy "
+            "there; run `sails-bootstrap backup` from that machine, or set "
+            "backup.destination: arc"
+        )
+    vm = open_vm(config, on_vm)
+    try:
+        return backup_database(vm, config, local=local)
+    finally:
+        vm.close()
 
 
 def prune(folder: Path, environment: str, keep: int) -> list[str]:
