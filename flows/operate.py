@@ -18,10 +18,10 @@ from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
 from core.records import Action
+from flows.steps import ensure_canfar_auth, probe_all
 from tasks.access import load_canfar, open_vm
 from tasks.arc import UNIT, ensure_arc_host_keys, home, probe_arc, vm_path
-from tasks.canfar import ensure_canfar_auth
-from tasks.health import FAIL, OK, probe_all
+from tasks.health import FAIL, OK
 from tasks.service_user import as_service_user, systemctl
 from tasks.vm import StepRecord
 from tasks.vm_lock import vm_exclusive

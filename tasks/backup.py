@@ -20,7 +20,6 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from prefect import task
 from pydantic import BaseModel, Field
 
 from core.config import BootstrapConfig
@@ -30,7 +29,7 @@ from tasks.access import open_vm
 from tasks.arc import vm_path
 from tasks.prefect_server import SERVER_ENV, SERVER_KEY_ID
 from tasks.service_user import as_service_user
-from tasks.vm import VM, VM_TASK
+from tasks.vm import VM
 
 #: Tables counted into a copy's record (what an operator looks for in it).
 
@@ -301,7 +300,6 @@ def _fetch(vm: VM, config: BootstrapConfig, record: BackupRecord, name: str) -> 
     )
 
 
-@task(name="copy-database", **VM_TASK)
 def copy_database(config: BootstrapConfig, on_vm: bool) -> BackupRecord | None:
     local = config.backup_destination == "local"
     if on_vm and local:

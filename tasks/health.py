@@ -16,9 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from core.config import BootstrapConfig
 from core.records import Action
 from core.settings import IngressRule
@@ -175,7 +172,7 @@ def cloud_probes(conn: Connection, config: BootstrapConfig, on_vm: bool = False)
         from tasks.cloud.preflight import preflight
 
         key = load_key(config, apply=False, on_vm=on_vm)
-        facts = preflight.fn(conn, config, key)
+        facts = preflight(conn, config, key)
         records = converge(conn, config, key, facts, apply=False).records()
         off = [
             f"{r.kind} {r.name}: {r.action} ({r.reason})"
@@ -262,7 +259,6 @@ def host_probes(host: VM, config: BootstrapConfig, address: str, local: bool) ->
 
 
 # -- all of them -------------------------------------------------------------------------------
-@task(name="run-probes", cache_policy=NO_CACHE)
 def probe_all(config: BootstrapConfig, on_vm: bool) -> list[ProbeResult]:
     """The cloud probes start at once; from this machine, the host probes start as soon as the
     VM is located (its address comes from the cloud), so the check takes about as long as the
@@ -280,7 +276,7 @@ def probe_all(config: BootstrapConfig, on_vm: bool) -> list[ProbeResult]:
         context = contextvars.copy_context()  # the same Prefect API for the cloud probes
         cloud = pool.submit(context.run, run_probes, cloud_probes(conn, config))
         try:
-            target = locate_vm.fn(conn, config)
+            target = locate_vm(conn, config)
         except Exception as exc:
             reason = f"VM not located: {exc}"[:300]
             # The same probes, each reported failed (building them runs nothing).
