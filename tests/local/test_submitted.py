@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from tests.unit.test_steps import CONVERGED
+
 
 def test_converge_submits_each_step_as_a_task_run_of_its_name(
     prefect_server: Any, monkeypatch: pytest.MonkeyPatch
@@ -60,17 +62,7 @@ def test_converge_submits_each_step_as_a_task_run_of_its_name(
         return converge(conn, config, key, facts, True, run=submitted)  # type: ignore[arg-type]
 
     cloud = run()
-    assert sorted(ran) == sorted(
-        [
-            "ensure-keypair",
-            "ensure-security-group",
-            "ensure-volume",
-            "reserve-floating-ip",
-            "ensure-server",
-            "ensure-floating-ip",
-            "ensure-attachment",
-        ]
-    )
+    assert sorted(ran) == sorted(CONVERGED)
     assert all(r["task"] == name for name, r in ran.items()), ran
     assert cloud.server == "ensure-server done" and cloud.attachment == "ensure-attachment done"
     # the inputs as they were (not copies), the other steps' results in place of their futures
