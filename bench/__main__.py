@@ -77,10 +77,11 @@ def clean(cfg: Any, teardown: Any) -> None:
 
 def sequential_provision(cfg: Any) -> tuple[float, dict[str, float]]:
     """The same steps, one after another, each waiting for the last (a playbook's order)."""
+    from flows.steps import timed
     from tasks.access import load_key
     from tasks.cloud import open_connection
     from tasks.cloud.console import console_fingerprints
-    from tasks.cloud.converge import converge, timed
+    from tasks.cloud.converge import converge
     from tasks.cloud.preflight import preflight
     from tasks.local_ssh import ensure_local_ssh
 
@@ -89,11 +90,11 @@ def sequential_provision(cfg: Any) -> tuple[float, dict[str, float]]:
     key = load_key(cfg, apply=True)
     conn = open_connection(cfg)
     with timer(steps, "preflight"):
-        facts = preflight.fn(conn, cfg, key)
+        facts = preflight(conn, cfg, key)
     cloud = converge(conn, cfg, key, facts, apply=True, run=timed(steps))
     with timer(steps, "host-keys"):
-        fps = console_fingerprints.fn(conn, str(cloud.server.id))
-        ensure_local_ssh.fn(cfg, key, str(cloud.floating_ip.address), fps)
+        fps = console_fingerprints(conn, str(cloud.server.id))
+        ensure_local_ssh(cfg, key, str(cloud.floating_ip.address), fps)
     return time.monotonic() - t0, steps
 
 
@@ -246,7 +247,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         print("5/6 frozen /arc host", flush=True)
         from tasks.access import vm_for
 
-        vm = vm_for(a, locate_vm.fn(open_connection(a), a))
+        vm = vm_for(a, locate_vm(open_connection(a), a))
         canfar.arc_freeze()
         try:
             t0 = time.monotonic()
@@ -269,7 +270,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             bootstrap(a)
         copy = backup(a)
         assert copy is not None, "no backup made"
-        lost = locate_vm.fn(open_connection(a), a).volume_id
+        lost = locate_vm(open_connection(a), a).volume_id
         teardown(a, delete_data_volume=True, volume_id=lost)
         with timer(results, "volume_lost"):
             bootstrap(a)

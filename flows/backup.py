@@ -8,40 +8,23 @@ import contextlib
 import shlex
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
+from flows.steps import copy_database, snapshot_volume
 from tasks.access import open_vm
-from tasks.backup import BackupRecord, backup_database, key_id, stamp
+from tasks.backup import BackupRecord, key_id, stamp
 from tasks.backup_store import find_backup
 from tasks.cloud import open_connection
 from tasks.cloud.locate import locate_vm
-from tasks.cloud.snapshot import snapshot_volume
 from tasks.drain import drained
 from tasks.prefect_server import SERVER_UNIT, server_secrets
 from tasks.restore import RestoreRecord, start_on_copy, swap_database, unpack_on_vm
-from tasks.vm import VM_TASK
 from tasks.vm_lock import vm_exclusive
 from tasks.vm_server import remote_client
-
-
-@task(name="copy-database", **VM_TASK)
-def copy_database(config: BootstrapConfig, on_vm: bool) -> BackupRecord | None:
-    local = config.backup_destination == "local"
-    if on_vm and local:
-        raise BootstrapError(
-            "backup.destination is local (the operator's machine): the VM cannot put a copy "
-            "there; run `sails-bootstrap backup` from that machine, or set "
-            "backup.destination: arc"
-        )
-    vm = open_vm(config, on_vm)
-    try:
-        return backup_database(vm, config, local=local)
-    finally:
-        vm.close()
 
 
 @flow(name="backup")
@@ -53,7 +36,7 @@ def backup(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False) -> 
         return None
     if config.backup.snapshots:
         conn = open_connection(config)
-        volume_id = locate_vm.fn(conn, config).volume_id
+        volume_id = locate_vm(conn, config).volume_id
         if volume_id:
             name = record.file.rsplit("/", 1)[-1].removesuffix(".db.gz")
             snap = snapshot_volume(conn, config, volume_id, name)

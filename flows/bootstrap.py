@@ -75,7 +75,7 @@ def converge_from_vm(config: BootstrapConfig) -> dict[str, Any]:
 
         host = LocalHost()
         with vm_exclusive(host, config, "bootstrap"):
-            record = ensure_canfar_auth.fn(host, config, load_canfar(config))
+            record = ensure_canfar_auth(host, config, load_canfar(config))
         repairs.append(record.row())
     logger().info(
         "converged %s from the VM: %s",

@@ -13,21 +13,30 @@ from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
 from core.records import Action
+from flows.steps import (
+    ensure_arc_mount,
+    ensure_ca_bundle,
+    ensure_canfar_auth,
+    ensure_canfar_key,
+    ensure_operator_keys,
+    ensure_packages,
+    ensure_prefect_server,
+    ensure_prefect_venv,
+    ensure_service_user,
+    ensure_sshd_keepalive,
+    ensure_volume_mounted,
+    locate_vm,
+    record_fs_uuid,
+    wait_for_cloud_init,
+    wait_for_ssh,
+)
 from tasks.access import load_canfar, vm_for
-from tasks.arc import arc_user, ensure_arc_mount, ensure_canfar_key
-from tasks.canfar import ensure_ca_bundle, ensure_canfar_auth
+from tasks.arc import arc_user
 from tasks.cloud import open_connection
-from tasks.cloud.locate import VMTarget, locate_vm
-from tasks.cloud.volume import record_fs_uuid
-from tasks.first_boot import wait_for_cloud_init, wait_for_ssh
-from tasks.packages import ensure_packages
-from tasks.prefect_server import ensure_prefect_server, server_secrets
-from tasks.service_user import ensure_service_user
-from tasks.sshd import ensure_operator_keys, ensure_sshd_keepalive
-from tasks.venvs import ensure_prefect_venv
+from tasks.cloud.locate import VMTarget
+from tasks.prefect_server import server_secrets
 from tasks.vm import VM, LocalHost, StepRecord
 from tasks.vm_lock import vm_exclusive
-from tasks.volume_fs import ensure_volume_mounted
 
 
 class ConfigureResult(BaseModel):

@@ -9,9 +9,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, cast
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from pydantic import BaseModel
 
@@ -19,14 +18,12 @@ from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
 from core.records import Action
-from tasks.access import load_canfar, open_vm, vm_for
+from flows.steps import ensure_canfar_auth, probe_all
+from tasks.access import load_canfar, open_vm
 from tasks.arc import UNIT, ensure_arc_host_keys, home, probe_arc, vm_path
-from tasks.canfar import ensure_canfar_auth
-from tasks.cloud import open_connection
-from tasks.cloud.locate import locate_vm
-from tasks.health import FAIL, OK, ProbeResult, cloud_probes, host_probes, run_probes
+from tasks.health import FAIL, OK
 from tasks.service_user import as_service_user, systemctl
-from tasks.vm import LocalHost, StepRecord
+from tasks.vm import StepRecord
 from tasks.vm_lock import vm_exclusive
 
 STALE_EVENT = "sails.arc.stale"
@@ -45,39 +42,6 @@ class HealthReport(BaseModel):
     environment: str
     healthy: bool
     results: list[dict[str, Any]]
-
-
-@task(name="run-probes", cache_policy=NO_CACHE)
-def probe_all(config: BootstrapConfig, on_vm: bool) -> list[ProbeResult]:
-    """The cloud probes start at once; from this machine, the host probes start as soon as the
-    VM is located (its address comes from the cloud), so the check takes about as long as the
-    longer of the two chains rather than their sum."""
-    import contextvars
-    from concurrent.futures import ThreadPoolExecutor
-
-    conn = open_connection(config)
-    if on_vm:
-        return run_probes(
-            cloud_probes(conn, config, on_vm=True)
-            + host_probes(LocalHost(), config, "127.0.0.1", True)
-        )
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-probes") as pool:
-        context = contextvars.copy_context()  # the same Prefect API for the cloud probes
-        cloud = pool.submit(context.run, run_probes, cloud_probes(conn, config))
-        try:
-            target = locate_vm.fn(conn, config)
-        except Exception as exc:
-            reason = f"VM not located: {exc}"[:300]
-            # The same probes, each reported failed (building them runs nothing).
-            unrun = host_probes(LocalHost(), config, "", False)
-            host = [ProbeResult(p.name, FAIL, reason, 0.0) for p in unrun]
-        else:
-            vm = vm_for(config, target)
-            try:
-                host = run_probes(host_probes(vm, config, target.address, False))
-            finally:
-                vm.close()
-        return cloud.result() + host
 
 
 @flow(name="health-check")

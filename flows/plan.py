@@ -13,9 +13,9 @@ from core.log import logger
 from core.records import Action, Record
 from flows.configure import configure_host
 from flows.provision import provision
+from flows.steps import locate_vm
 from tasks.access import vm_for
 from tasks.cloud import open_connection
-from tasks.cloud.locate import locate_vm
 from tasks.vm import VM, StepRecord
 
 #: The cloud resources that must already be as configured before the VM itself can be read.

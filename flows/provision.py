@@ -24,13 +24,11 @@ from core.records import (
     ServerRecord,
     VolumeRecord,
 )
+from flows.steps import console_fingerprints, ensure_local_ssh, preflight, submitted
 from tasks.access import load_key
 from tasks.cloud import open_connection
-from tasks.cloud.console import console_fingerprints
-from tasks.cloud.converge import converge, submitted
-from tasks.cloud.preflight import preflight
+from tasks.cloud.converge import converge
 from tasks.cloud.server import boot_time_left
-from tasks.local_ssh import ensure_local_ssh
 
 
 class ProvisionResult(BaseModel):

@@ -12,20 +12,29 @@ from pydantic import BaseModel, Field
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.records import Action
+from flows.steps import (
+    canfar_smoke_test,
+    capture_ui,
+    copy_blocks,
+    deploy,
+    deploy_science,
+    ensure_code_venv,
+    ensure_local_profile,
+    ensure_work_pools,
+    ensure_workers,
+    install_code,
+    locate_vm,
+    run_on_server,
+)
 from tasks.access import vm_for
 from tasks.cloud import open_connection
-from tasks.cloud.locate import VMTarget, locate_vm
-from tasks.code_on_vm import install_code
-from tasks.deploy import deploy, deploy_science
+from tasks.cloud.locate import VMTarget
 from tasks.prefect_server import server_secrets
-from tasks.register import copy_blocks, ensure_local_profile, ensure_work_pools
-from tasks.smoke import SessionRecord, canfar_smoke_test
-from tasks.ui import UIRecord, capture_ui
-from tasks.venvs import ensure_code_venv
+from tasks.smoke import SessionRecord
+from tasks.ui import UIRecord
 from tasks.vm import VM, StepRecord
 from tasks.vm_lock import vm_exclusive
-from tasks.vm_server import latest_artifact_id, run_on_server
-from tasks.workers import ensure_workers
+from tasks.vm_server import latest_artifact_id
 
 
 class RegisterResult(BaseModel):

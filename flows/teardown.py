@@ -9,11 +9,8 @@ from prefect.artifacts import create_table_artifact
 from core.config import BootstrapConfig
 from core.log import logger
 from core.records import Action, Record
+from flows.steps import delete_security_group, delete_server, delete_volume, release_floating_ips
 from tasks.cloud import cloud_credentials, open_connection
-from tasks.cloud.floating_ip import release_floating_ips
-from tasks.cloud.secgroup import delete_security_group
-from tasks.cloud.server import delete_server
-from tasks.cloud.volume import delete_volume
 from tasks.local_ssh import remove_local_ssh
 from tasks.register import vm_credential_name
 

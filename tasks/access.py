@@ -73,4 +73,4 @@ def open_vm(config: BootstrapConfig, on_vm: bool) -> VM:
     VM located in the cloud and reached over SSH."""
     if on_vm:
         return LocalHost()
-    return vm_for(config, locate_vm.fn(open_connection(config), config))
+    return vm_for(config, locate_vm(open_connection(config), config))

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import shlex
 
-from prefect import task
-
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
@@ -18,7 +16,7 @@ from core.records import Action
 from tasks.blocks import load_block
 from tasks.service_user import as_service_user, service_dirs, service_home, systemctl
 from tasks.units import enable_unit, install_unit, unit_active
-from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
+from tasks.vm import MANAGED, VM, StepRecord, planned
 
 UNIT = "sails-arc.service"
 #: The unit gives up after this many starts within this many seconds (until reset-failed).
@@ -51,7 +49,6 @@ class ArcKeyRecord(StepRecord):
     path: str = ""
 
 
-@task(name="ensure-canfar-key", **VM_TASK)
 def ensure_canfar_key(vm: VM, config: BootstrapConfig, apply: bool = True) -> ArcKeyRecord:
     """The VM's key for /arc: from the key block CANFAR trusts, else generated once (RSA 4096,
     as CANFAR documents). An existing key is never replaced."""
@@ -231,7 +228,6 @@ def probe_arc(vm: VM, config: BootstrapConfig) -> tuple[str, str]:
     return (state or "dead"), (detail or r.stderr.strip())
 
 
-@task(name="ensure-arc-mount", **VM_TASK)
 def ensure_arc_mount(vm: VM, config: BootstrapConfig, user: str, apply: bool = True) -> StepRecord:
     """sshfs under systemd (back after a reboot, restarted if it dies); verified by listing."""
     log = logger()

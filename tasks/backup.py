@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
+from tasks.access import open_vm
 from tasks.arc import vm_path
 from tasks.prefect_server import SERVER_ENV, SERVER_KEY_ID
 from tasks.service_user import as_service_user
@@ -297,6 +298,21 @@ def _fetch(vm: VM, config: BootstrapConfig, record: BackupRecord, name: str) -> 
     return record.model_copy(
         update={"pruned": prune(folder, config.environment, config.backup.keep)}
     )
+
+
+def copy_database(config: BootstrapConfig, on_vm: bool) -> BackupRecord | None:
+    local = config.backup_destination == "local"
+    if on_vm and local:
+        raise BootstrapError(
+            "backup.destination is local (the operator's machine): the VM cannot put a copy "
+            "there; run `sails-bootstrap backup` from that machine, or set "
+            "backup.destination: arc"
+        )
+    vm = open_vm(config, on_vm)
+    try:
+        return backup_database(vm, config, local=local)
+    finally:
+        vm.close()
 
 
 def prune(folder: Path, environment: str, keep: int) -> list[str]:

@@ -13,15 +13,13 @@ import shlex
 from typing import TYPE_CHECKING, Any
 from xml.etree import ElementTree
 
-from prefect import task
-
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
 from core.records import Action
 from tasks.arc import home
 from tasks.service_user import service_dirs
-from tasks.vm import VM, VM_TASK, StepRecord, planned
+from tasks.vm import VM, StepRecord, planned
 
 if TYPE_CHECKING:
     from blocks.canfar import CanfarCredentials
@@ -138,7 +136,6 @@ class CertificateRecord(StepRecord):
     days_left: float | None = None
 
 
-@task(name="ensure-ca-bundle", **VM_TASK)
 def ensure_ca_bundle(vm: VM, config: BootstrapConfig, apply: bool = True) -> StepRecord:
     """System CAs plus the config's extra CA file, for private services (SSL_CERT_FILE)."""
     from pathlib import Path
@@ -154,7 +151,6 @@ def ensure_ca_bundle(vm: VM, config: BootstrapConfig, apply: bool = True) -> Ste
     )
 
 
-@task(name="ensure-canfar-auth", **VM_TASK)
 def ensure_canfar_auth(
     vm: VM,
     config: BootstrapConfig,

@@ -8,14 +8,12 @@ import shlex
 import tarfile
 from pathlib import Path
 
-from prefect import task
-
 from core.config import BootstrapConfig, dump_config
 from core.errors import BootstrapError
 from core.records import Action
 from tasks.canfar import VM_CA_BUNDLE
 from tasks.drain import drained
-from tasks.vm import VM, VM_TASK, StepRecord
+from tasks.vm import VM, StepRecord
 from tasks.vm_server import remote_client
 
 PACKAGES = ("core", "blocks", "tasks", "flows", "deployments")
@@ -86,7 +84,6 @@ def _tarball() -> bytes:
     return buf.getvalue()
 
 
-@task(name="install-code-on-vm", **VM_TASK)
 def install_code(
     vm: VM, config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
 ) -> StepRecord:

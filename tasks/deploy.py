@@ -10,9 +10,6 @@ import sys
 from collections import Counter
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
@@ -20,7 +17,7 @@ from core.prefect_settings import OWN_POOL
 from core.records import Action
 from tasks.code_on_vm import code_digest, code_dir, code_root, prefect_yaml
 from tasks.service_user import as_service_user, service_home
-from tasks.vm import VM, VM_TASK, StepRecord
+from tasks.vm import VM, StepRecord
 from tasks.vm_server import remote_client
 from tasks.workers import WORKER_ENV
 
@@ -111,7 +108,6 @@ def deployed_as(
     return decide_deployments(ours, runs, wanted, version)
 
 
-@task(name="deploy", cache_policy=NO_CACHE)
 def deploy(
     config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
 ) -> StepRecord:
@@ -187,7 +183,6 @@ def retire_deployments(url: str, auth_string: str | None, wanted: list[str]) -> 
     return sorted(d.name for d in retired)
 
 
-@task(name="deploy-science-codebase", **VM_TASK)
 def deploy_science(vm: VM, config: BootstrapConfig, directory: str) -> StepRecord:
     """`prefect deploy --all` of the science codebase's prefect.yaml, from its folder on /arc."""
     p = config.prefect

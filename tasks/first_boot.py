@@ -5,12 +5,9 @@ from __future__ import annotations
 import socket
 import time
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from core.errors import BOOTING_ERRNOS, BootstrapError
 from core.log import Progress, logger
-from tasks.vm import VM, VM_TASK, StepRecord
+from tasks.vm import VM, StepRecord
 
 
 def wait_for_port(host: str, port: int, timeout: float) -> float:
@@ -38,7 +35,6 @@ def wait_for_port(host: str, port: int, timeout: float) -> float:
             time.sleep(2)
 
 
-@task(name="wait-for-ssh", cache_policy=NO_CACHE)
 def wait_for_ssh(vm: VM, timeout: float) -> StepRecord:
     """The SSH port, then a login with the key and the host key verified."""
     import paramiko
@@ -98,7 +94,6 @@ class CloudInitRecord(StepRecord):
     status: str = ""
 
 
-@task(name="wait-for-cloud-init", **VM_TASK)
 def wait_for_cloud_init(vm: VM, timeout: float) -> CloudInitRecord:
     """Wait for cloud-init's first boot to finish before packages or disks are touched (it
     creates the user, installs keys, mounts the ephemeral disk and may run apt itself).

@@ -19,9 +19,12 @@ from typing import TYPE_CHECKING, Any
 from core.config import BootstrapConfig
 from core.records import Action
 from core.settings import IngressRule
+from tasks.access import vm_for
 from tasks.arc import probe_arc
 from tasks.canfar import read_vm_expiry
-from tasks.vm import VM
+from tasks.cloud import open_connection
+from tasks.cloud.locate import locate_vm
+from tasks.vm import VM, LocalHost
 
 if TYPE_CHECKING:
     from openstack.connection import Connection
@@ -169,7 +172,7 @@ def cloud_probes(conn: Connection, config: BootstrapConfig, on_vm: bool = False)
         from tasks.cloud.preflight import preflight
 
         key = load_key(config, apply=False, on_vm=on_vm)
-        facts = preflight.fn(conn, config, key)
+        facts = preflight(conn, config, key)
         records = converge(conn, config, key, facts, apply=False).records()
         off = [
             f"{r.kind} {r.name}: {r.action} ({r.reason})"
@@ -253,3 +256,36 @@ def host_probes(host: VM, config: BootstrapConfig, address: str, local: bool) ->
     if config.arc.enabled:
         probes.append(Probe("arc-mount", arc, config.arc.probe_timeout + 2))
     return probes
+
+
+# -- all of them -------------------------------------------------------------------------------
+def probe_all(config: BootstrapConfig, on_vm: bool) -> list[ProbeResult]:
+    """The cloud probes start at once; from this machine, the host probes start as soon as the
+    VM is located (its address comes from the cloud), so the check takes about as long as the
+    longer of the two chains rather than their sum."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    conn = open_connection(config)
+    if on_vm:
+        return run_probes(
+            cloud_probes(conn, config, on_vm=True)
+            + host_probes(LocalHost(), config, "127.0.0.1", True)
+        )
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-probes") as pool:
+        context = contextvars.copy_context()  # the same Prefect API for the cloud probes
+        cloud = pool.submit(context.run, run_probes, cloud_probes(conn, config))
+        try:
+            target = locate_vm(conn, config)
+        except Exception as exc:
+            reason = f"VM not located: {exc}"[:300]
+            # The same probes, each reported failed (building them runs nothing).
+            unrun = host_probes(LocalHost(), config, "", False)
+            host = [ProbeResult(p.name, FAIL, reason, 0.0) for p in unrun]
+        else:
+            vm = vm_for(config, target)
+            try:
+                host = run_probes(host_probes(vm, config, target.address, False))
+            finally:
+                vm.close()
+        return cloud.result() + host

@@ -17,12 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from blocks.ssh import fingerprint, write_private
 from core.config import BootstrapConfig
-from core.errors import BootstrapError, HostKeyError, retry_transient
+from core.errors import BootstrapError, HostKeyError
 from core.log import Progress, logger
 from core.records import Action, LocalSSHRecord
 from tasks.first_boot import wait_for_port
@@ -136,13 +133,6 @@ def wait_for_host_keys(address: str, timeout: float, port: int = 22) -> list[str
         time.sleep(2)
 
 
-@task(
-    name="ensure-local-ssh",
-    cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_transient,
-)
 def ensure_local_ssh(
     config: BootstrapConfig,
     key: SSHKeyPair,

@@ -20,14 +20,13 @@ import shlex
 import time
 from enum import StrEnum
 
-from prefect import task
 from pydantic import Field
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import Progress, logger
 from core.records import Action
-from tasks.vm import VM, VM_TASK, Result, StepRecord
+from tasks.vm import VM, Result, StepRecord
 
 #: Package lists older than this are refreshed before installing.
 LISTS_MAX_AGE = 24 * 3600
@@ -285,7 +284,6 @@ def _repair(vm: VM, deadline: float, outcome: AptOutcome) -> None:
         )
 
 
-@task(name="ensure-packages", **VM_TASK)
 def ensure_packages(vm: VM, config: BootstrapConfig, apply: bool = True) -> PackagesRecord:
     """Install what the configuration needs and the image lacks; keep what is there."""
     wanted = needed_packages(config)

@@ -14,8 +14,6 @@ import secrets
 import shlex
 from typing import Any
 
-from prefect import task
-
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
@@ -23,7 +21,7 @@ from core.poll import poll
 from core.records import Action
 from tasks.drain import drained
 from tasks.units import enable_unit, install_unit, unit_active
-from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
+from tasks.vm import MANAGED, VM, StepRecord, planned
 
 SERVER_UNIT = "prefect-server.service"
 SERVER_ENV = "/etc/sails-bootstrap/prefect-server.env"
@@ -179,7 +177,6 @@ def wait_for_health(url: str, timeout: float, shown: str | None = None) -> None:
     )
 
 
-@task(name="ensure-prefect-server", **VM_TASK)
 def ensure_prefect_server(
     vm: VM,
     config: BootstrapConfig,

@@ -7,9 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from core.config import BootstrapConfig
 from core.log import logger
 from core.prefect_settings import WorkPool
@@ -21,7 +18,6 @@ from tasks.vm import StepRecord, planned
 from tasks.vm_server import remote_client, remove_private_keys, save_remote
 
 
-@task(name="ensure-local-profile", cache_policy=NO_CACHE)
 def ensure_local_profile(
     config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
 ) -> StepRecord:
@@ -54,7 +50,6 @@ def ensure_local_profile(
     )
 
 
-@task(name="copy-blocks-to-vm", cache_policy=NO_CACHE)
 def copy_blocks(
     config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
 ) -> StepRecord:
@@ -179,7 +174,6 @@ def decide_work_pools(wanted: list[WorkPool], listed: dict[str, int | None]) -> 
     return out
 
 
-@task(name="ensure-work-pools", cache_policy=NO_CACHE)
 def ensure_work_pools(
     config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
 ) -> StepRecord:

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import shlex
 
-from prefect import task
-
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.records import Action
-from tasks.vm import MANAGED, VM, VM_TASK, Result, StepRecord, planned
+from tasks.vm import MANAGED, VM, Result, StepRecord, planned
 from tasks.vm_lock import VM_LOCK_DIR
 
 #: The helper the service user may run as root, and the sudoers rule that allows only it.
@@ -92,7 +90,6 @@ def service_dirs(vm: VM, config: BootstrapConfig, *files: str) -> None:
     vm.run(as_service_user(config, f"mkdir -p -m 700 {dirs}"), check=False)
 
 
-@task(name="ensure-service-user", **VM_TASK)
 def ensure_service_user(vm: VM, config: BootstrapConfig, apply: bool = True) -> StepRecord:
     """The service user with its fixed uid, in no admin group; the units helper, its one sudo
     rule (checked by ``visudo`` before it is installed) and the VM's lock files."""

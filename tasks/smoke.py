@@ -10,9 +10,6 @@ import json
 import shlex
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from core.config import BootstrapConfig
 from core.log import logger
 from core.records import Action
@@ -35,7 +32,6 @@ class SessionRecord(StepRecord):
     log_tail: str = ""
 
 
-@task(name="canfar-smoke-test", cache_policy=NO_CACHE)
 def canfar_smoke_test(vm: VM, config: BootstrapConfig) -> SessionRecord:
     """Launch, wait for, read and delete one headless session; the record says why it failed."""
     smoke = config.canfar.smoke_test

@@ -3,16 +3,13 @@ keepalive for silent sessions."""
 
 from __future__ import annotations
 
-from prefect import task
-
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.records import Action
-from tasks.vm import VM, VM_TASK, StepRecord, planned
+from tasks.vm import VM, StepRecord, planned
 
 
 # -- operator keys -----------------------------------------------------------------------------
-@task(name="ensure-operator-keys", **VM_TASK)
 def ensure_operator_keys(vm: VM, config: BootstrapConfig, apply: bool = True) -> StepRecord:
     """Add listed team keys; remove only keys this tool added earlier and no longer lists."""
     home = f"/home/{config.server.user}"
@@ -73,7 +70,6 @@ SSHD_DROP_IN = "/etc/ssh/sshd_config.d/60-sails-bootstrap.conf"
 SSHD_KEEPALIVE = "ClientAliveInterval 15\nClientAliveCountMax 4\n"
 
 
-@task(name="ensure-sshd-keepalive", **VM_TASK)
 def ensure_sshd_keepalive(vm: VM, apply: bool = True) -> StepRecord:
     """sshd ends sessions whose client stopped answering; the file is checked with ``sshd -t``
     before sshd reloads it (a bad file is removed again, so the next restart still lets us in)."""

@@ -10,8 +10,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from core.errors import BootstrapError
@@ -46,7 +44,6 @@ def chromium_path() -> str:
     )
 
 
-@task(name="capture-ui", cache_policy=NO_CACHE)
 def capture_ui(
     ui_url: str,
     auth_string: str | None,

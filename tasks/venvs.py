@@ -17,13 +17,11 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from prefect import task
-
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import Progress, logger
 from core.records import Action
-from tasks.vm import VM, VM_TASK, StepRecord
+from tasks.vm import VM, StepRecord
 
 #: The libraries the VM's flows use beside Prefect, at the versions this package pins:
 #: the pipeline's (headless sessions) and this package's own (its deployments).
@@ -164,7 +162,6 @@ def converge_venv(
     return StepRecord(name=name, action=action, reason=f"{done}installed {', '.join(packages)}")
 
 
-@task(name="ensure-prefect-venv", **VM_TASK)
 def ensure_prefect_venv(vm: VM, config: BootstrapConfig, apply: bool = True) -> StepRecord:
     """The pipeline's venv: Prefect at the server's version, the canfar client for headless
     sessions, and the operators' requirements. It holds the operators' own packages too."""
@@ -181,7 +178,6 @@ def ensure_prefect_venv(vm: VM, config: BootstrapConfig, apply: bool = True) -> 
     )
 
 
-@task(name="ensure-code-venv", **VM_TASK)
 def ensure_code_venv(vm: VM, config: BootstrapConfig, apply: bool = True) -> StepRecord:
     """This package's own venv: the same Prefect, and the libraries its deployments import."""
     version = config.prefect.version or local_prefect_version()

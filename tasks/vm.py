@@ -17,15 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prefect.cache_policies import NO_CACHE
-
 from blocks.ssh import fingerprint
 from core.errors import (
     BootstrapError,
     RemoteCommandError,
     missing_tool,
     missing_tool_error,
-    retry_transient,
 )
 from core.records import Record
 from tasks.host_key_policy import _verify_policy, untrusted_host_key
@@ -40,16 +37,9 @@ if TYPE_CHECKING:
 
 #: The outer bound of one step on the VM, past every bound inside it (the config allows at most
 #: an hour for apt, SSH, the boot and the volume, two for the drain of a restart; each command
-#: has its own timeout): a step hung where none of those reaches fails here, not retried.
+#: has its own timeout): a step hung where none of those reaches fails here, not retried (the
+#: task timeout of every VM step, ``VM_TASK`` in flows/steps.py).
 STEP_BOUND = 3 * 3600
-
-VM_TASK: dict[str, Any] = {
-    "cache_policy": NO_CACHE,
-    "retries": 2,
-    "retry_delay_seconds": 5,
-    "retry_condition_fn": retry_transient,
-    "timeout_seconds": STEP_BOUND,
-}
 MANAGED = "# managed by sails-bootstrap"
 
 

@@ -7,9 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from core.errors import BootstrapError
 from core.log import logger
 from core.poll import poll
@@ -107,7 +104,6 @@ def remove_private_keys(url: str, auth_string: str | None, apply: bool = True) -
     return sorted(str(d.name) for d in found)
 
 
-@task(name="run-deployment-on-vm", cache_policy=NO_CACHE)
 def run_on_server(
     url: str, auth_string: str | None, name: str, timeout: float = 300
 ) -> dict[str, Any]:

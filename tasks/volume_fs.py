@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import shlex
 
-from prefect import task
-
 from core.config import BootstrapConfig
 from core.errors import BootstrapError, RemoteCommandError
 from core.log import logger
 from core.poll import poll
 from core.records import Action
-from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
+from tasks.vm import MANAGED, VM, StepRecord, planned
 
 #: The one command that may format the data volume, run as root on the VM: under a lock (two
 #: configures format at most once), and only a device that reads, where blkid finds nothing and
@@ -111,7 +109,6 @@ class MountRecord(StepRecord):
     uuid: str | None = None
 
 
-@task(name="ensure-volume-mounted", **VM_TASK)
 def ensure_volume_mounted(
     vm: VM,
     config: BootstrapConfig,

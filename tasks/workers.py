@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from prefect import task
-
 from core.config import BootstrapConfig
 from core.prefect_settings import OWN_POOL, WorkPool
 from core.records import Action
@@ -16,7 +14,7 @@ from tasks.code_on_vm import code_dir
 from tasks.drain import drained
 from tasks.units import enable_unit, install_unit, unit_active, unit_enabled
 from tasks.venvs import code_venv
-from tasks.vm import MANAGED, VM, VM_TASK, StepRecord, planned
+from tasks.vm import MANAGED, VM, StepRecord, planned
 from tasks.vm_server import remote_client
 
 WORKER_UNIT = "prefect-worker@.service"
@@ -122,7 +120,6 @@ def decide_workers(
     return WorkersDecision(enable, start, restart, notes, stop)
 
 
-@task(name="ensure-workers", **VM_TASK)
 def ensure_workers(
     vm: VM, config: BootstrapConfig, url: str, auth_string: str | None, apply: bool = True
 ) -> StepRecord:

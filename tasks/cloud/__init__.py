@@ -7,7 +7,7 @@ the read-only checks before anything is touched (``preflight``), the host keys a
 mode is this code path, not a second one). What this tool created is found again by name plus a
 marker (server and volume metadata, the floating IP's description, the group's description), so
 no state file is kept and a run killed anywhere converges. This module holds what they share:
-the connection, the markers, the task options and the finders of what is ours.
+the connection, the markers and the finders of what is ours.
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
-
 from core.config import BootstrapConfig
-from core.errors import BootstrapError, retry_transient
+from core.errors import BootstrapError
 from tasks.blocks import load_block
 
 if TYPE_CHECKING:
@@ -34,17 +31,6 @@ MARKER = "sails-bootstrap"  # metadata key on servers and volumes we create
 #: Volume metadata: the UUID of the filesystem configure made (or found) there. A volume with one
 #: is never formatted again, whatever the guest reads on it.
 FS_UUID_KEY = "sails-bootstrap-fs-uuid"
-
-
-# Side-effect steps never cache (a cached "create" would silently skip work); transient errors
-# retry with exponential backoff and jitter, permanent ones fail at once.
-CLOUD_TASK: dict[str, Any] = {
-    "cache_policy": NO_CACHE,
-    "retries": 4,
-    "retry_delay_seconds": exponential_backoff(backoff_factor=1),
-    "retry_jitter_factor": 0.5,
-    "retry_condition_fn": retry_transient,
-}
 
 
 def cloud_credentials(config: BootstrapConfig) -> OpenStackCredentials:

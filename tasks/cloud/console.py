@@ -7,16 +7,12 @@ import re
 import time
 from typing import TYPE_CHECKING
 
-from prefect import task
-
 from core.log import Progress
-from tasks.cloud import CLOUD_TASK
 
 if TYPE_CHECKING:
     from openstack.connection import Connection
 
 
-@task(name="console-fingerprints", **CLOUD_TASK)
 def console_fingerprints(conn: Connection, server_id: str, wait: float = 60) -> list[str]:
     """SSH host key fingerprints the server printed on its console (cloud-init's block).
 

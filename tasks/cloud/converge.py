@@ -3,13 +3,15 @@ an address, server, floating IP, attachment.
 
 ``converge`` is what provision runs (its steps submitted at once, so independent work overlaps
 the server's build), what the health check's drift probe runs in plan mode, and what the bench
-runs one step after another. How the steps are run is the caller's ``Runner``; which step
-waits for which is written here only.
+runs one step after another. How the steps are run is the caller's ``Runner``: ``inline`` here
+calls them in this thread; the runners that make task runs of them (``submitted``, and
+``timed``, which notes each under its task name) are beside the task wrappers, in
+flows/steps.py. Which step waits for which is written here only.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -39,18 +41,11 @@ T = TypeVar("T")
 
 
 class Runner(Protocol):
-    def __call__(self, step: Any, *args: Any, wait_for: list[Any] | None = None) -> Any: ...
+    """Runs one step (a plain function of tasks/) on the results, or the futures, of others."""
 
-
-def submitted(step: Any, *args: Any, wait_for: list[Any] | None = None) -> Any:
-    """Each step a task run on the flow's task runner, started as soon as its inputs are.
-
-    Each input is ``opaque``: its future is resolved, but Prefect does not walk into it. The
-    observed SDK resources are dicts that build new values on every read, which Prefect's
-    walk would take for changes and rebuild as empty resources."""
-    from prefect.utilities.annotations import opaque
-
-    return step.submit(*(opaque(a) for a in args), wait_for=wait_for or [])
+    def __call__(
+        self, step: Callable[..., Any], *args: Any, wait_for: list[Any] | None = None
+    ) -> Any: ...
 
 
 class Done(Generic[T]):
@@ -67,22 +62,9 @@ def _resolved(args: tuple[Any, ...]) -> list[Any]:
     return [a.result() if isinstance(a, Done) else a for a in args]
 
 
-def inline(step: Any, *args: Any, wait_for: list[Any] | None = None) -> Done[Any]:
+def inline(step: Callable[..., Any], *args: Any, wait_for: list[Any] | None = None) -> Done[Any]:
     """Each step called in order, in this thread, without a task run of its own."""
-    return Done(step.fn(*_resolved(args)))
-
-
-def timed(durations: dict[str, float]) -> Runner:
-    """``inline``, noting each step's wall time under its task name."""
-
-    def run(step: Any, *args: Any, wait_for: list[Any] | None = None) -> Done[Any]:
-        t0 = time.monotonic()
-        try:
-            return inline(step, *args)
-        finally:
-            durations[step.name] = time.monotonic() - t0
-
-    return run
+    return Done(step(*_resolved(args)))
 
 
 @dataclass

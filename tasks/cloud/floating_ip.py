@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
-
 from core.config import BootstrapConfig
 from core.log import Progress, logger
 from core.records import (
@@ -14,7 +12,7 @@ from core.records import (
     FloatingIPRecord,
     ServerRecord,
 )
-from tasks.cloud import CLOUD_TASK, first_look, our_floating_ips
+from tasks.cloud import first_look, our_floating_ips
 from tasks.cloud.facts import CloudFacts
 
 if TYPE_CHECKING:
@@ -62,7 +60,6 @@ def decide_floating_ip(on_port: Any | None, ours: list[Any]) -> FloatingIPDecisi
     return FloatingIPDecision(Action.CREATE, None, [])
 
 
-@task(name="reserve-floating-ip", **CLOUD_TASK)
 def reserve_floating_ip(
     conn: Connection, config: BootstrapConfig, facts: CloudFacts, apply: bool = True
 ) -> FloatingIPRecord | None:
@@ -91,7 +88,6 @@ def bound_to_server(server: ServerRecord, ours: list[Any]) -> Any | None:
     return next((f for f in ours if f.port_id and f.floating_ip_address in listed), None)
 
 
-@task(name="ensure-floating-ip", **CLOUD_TASK)
 def ensure_floating_ip(
     conn: Connection,
     config: BootstrapConfig,
@@ -170,7 +166,6 @@ def ensure_floating_ip(
     )
 
 
-@task(name="release-floating-ips", **CLOUD_TASK)
 def release_floating_ips(
     conn: Connection, config: BootstrapConfig, apply: bool = True
 ) -> list[FloatingIPRecord]:

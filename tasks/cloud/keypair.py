@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prefect import task
-
 from blocks.openstack import find_or_none
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
@@ -15,7 +13,7 @@ from core.records import (
     Action,
     KeypairRecord,
 )
-from tasks.cloud import CLOUD_TASK, first_look
+from tasks.cloud import first_look
 from tasks.cloud.facts import CloudFacts
 
 if TYPE_CHECKING:
@@ -39,7 +37,6 @@ def decide_keypair(existing: str | None, wanted: str) -> Action:
     return Action.KEEP
 
 
-@task(name="ensure-keypair", **CLOUD_TASK)
 def ensure_keypair(
     conn: Connection,
     config: BootstrapConfig,
@@ -78,6 +75,6 @@ def ensure_keypair(
         try:
             conn.compute.create_keypair(name=name, public_key=key.public_key)
         except os_exc.ConflictException:  # created by a concurrent or retried request
-            return ensure_keypair.fn(conn, config, key, None, apply)
+            return ensure_keypair(conn, config, key, None, apply)
         logger().info("imported keypair %s (%s)", name, key.fingerprint)
     return record

@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prefect import task
-
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
-from tasks.cloud import CLOUD_TASK, FS_UUID_KEY, our_servers, our_volumes
+from tasks.cloud import FS_UUID_KEY, our_servers, our_volumes
 from tasks.cloud.console import console_fingerprints
 from tasks.cloud.floating_ip import server_port
 
@@ -29,7 +27,6 @@ class VMTarget:
     fs_uuid: str | None = None  # recorded on the volume (FS_UUID_KEY)
 
 
-@task(name="locate-vm", **CLOUD_TASK)
 def locate_vm(conn: Connection, config: BootstrapConfig) -> VMTarget:
     """Find this environment's server, floating IP and volume. Makes no writes."""
     servers = [s for s in our_servers(conn, config) if s.status != "ERROR"]
@@ -54,7 +51,7 @@ def locate_vm(conn: Connection, config: BootstrapConfig) -> VMTarget:
         server_id=server.id,
         address=fips[0].floating_ip_address,
         volume_id=volumes[0].id if volumes else None,
-        host_keys=console_fingerprints.fn(conn, server.id, wait=0),
+        host_keys=console_fingerprints(conn, server.id, wait=0),
         status=server.status,
         fs_uuid=(volumes[0].metadata or {}).get(FS_UUID_KEY) if volumes else None,
     )

@@ -7,14 +7,11 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
-
 from blocks.openstack import find_or_none
 from core.config import BootstrapConfig
 from core.errors import PreflightError
 from core.log import logger
 from tasks.cloud import (
-    CLOUD_TASK,
     our_floating_ips,
     our_servers,
     our_volumes,
@@ -44,7 +41,6 @@ def _single(items: list[Any], what: str, setting: str, wanted: str | None) -> An
     raise LookupError(f"{len(items)} {what}s to choose from ({names}); set {setting}")
 
 
-@task(name="preflight", **CLOUD_TASK)
 def preflight(conn: Connection, config: BootstrapConfig, key: SSHKeyPair) -> CloudFacts:
     """Check credentials, image, flavor, networks, key and quota. Makes no writes.
 

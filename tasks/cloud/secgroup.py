@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
-
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
@@ -15,7 +13,7 @@ from core.records import (
     Action,
     RulesRecord,
 )
-from tasks.cloud import CLOUD_TASK, MARKER, first_look, our_groups
+from tasks.cloud import MARKER, first_look, our_groups
 from tasks.cloud.facts import CloudFacts
 
 if TYPE_CHECKING:
@@ -85,7 +83,6 @@ def _shared_group_extras(config: BootstrapConfig, group: Any) -> list[str]:
     )
 
 
-@task(name="ensure-security-group", **CLOUD_TASK)
 def ensure_security_group(
     conn: Connection, config: BootstrapConfig, facts: CloudFacts, apply: bool = True
 ) -> RulesRecord:
@@ -201,7 +198,6 @@ def _delete_when_free(conn: Connection, group: Any) -> None:
     )
 
 
-@task(name="delete-security-group", **CLOUD_TASK)
 def delete_security_group(
     conn: Connection, config: BootstrapConfig, apply: bool = True
 ) -> list[RulesRecord]:

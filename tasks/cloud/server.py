@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
-
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import Progress, logger
@@ -15,7 +13,7 @@ from core.records import (
     RulesRecord,
     ServerRecord,
 )
-from tasks.cloud import CLOUD_TASK, MARKER, first_look, our_servers
+from tasks.cloud import MARKER, first_look, our_servers
 from tasks.cloud.facts import CloudFacts
 
 if TYPE_CHECKING:
@@ -142,7 +140,6 @@ def _delete_others(conn: Connection, decision: ServerDecision) -> None:
         conn.compute.delete_server(s.id, ignore_missing=True)
 
 
-@task(name="ensure-server", **CLOUD_TASK)
 def ensure_server(
     conn: Connection,
     config: BootstrapConfig,
@@ -216,7 +213,6 @@ def ensure_server(
     return _server_record(server, Action.CREATE, reason)
 
 
-@task(name="delete-server", **CLOUD_TASK)
 def delete_server(
     conn: Connection, config: BootstrapConfig, apply: bool = True
 ) -> list[ServerRecord]:

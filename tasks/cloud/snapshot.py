@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
 from pydantic import Field
 
 from core.config import BootstrapConfig
 from core.log import Progress, logger
 from core.records import Action, Record
-from tasks.cloud import CLOUD_TASK, MARKER, find_ours
+from tasks.cloud import MARKER, find_ours
 
 if TYPE_CHECKING:
     from openstack.connection import Connection
@@ -45,7 +44,6 @@ def decide_snapshots(names: list[str], wanted: str, keep: int) -> tuple[bool, li
     return take, after[: max(0, len(after) - keep)]
 
 
-@task(name="snapshot-volume", **CLOUD_TASK)
 def snapshot_volume(
     conn: Connection, config: BootstrapConfig, volume_id: str, name: str
 ) -> SnapshotRecord:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
-
 from blocks.openstack import find_or_none
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
@@ -19,7 +17,6 @@ from core.records import (
     by_id_path,
 )
 from tasks.cloud import (
-    CLOUD_TASK,
     FS_UUID_KEY,
     MARKER,
     first_look,
@@ -111,7 +108,6 @@ def _attachments(volume: Any) -> dict[str, str]:
     }
 
 
-@task(name="ensure-volume", **CLOUD_TASK)
 def ensure_volume(
     conn: Connection, config: BootstrapConfig, facts: CloudFacts | None, apply: bool = True
 ) -> VolumeRecord:
@@ -173,7 +169,6 @@ def ensure_volume(
     )
 
 
-@task(name="ensure-attachment", **CLOUD_TASK)
 def ensure_attachment(
     conn: Connection,
     config: BootstrapConfig,
@@ -279,7 +274,6 @@ def _nova_attachment(conn: Connection, server_id: str, volume_id: str) -> Any | 
     return None
 
 
-@task(name="delete-volume", **CLOUD_TASK)
 def delete_volume(
     conn: Connection, config: BootstrapConfig, apply: bool = True, only: str | None = None
 ) -> list[VolumeRecord]:
@@ -322,7 +316,6 @@ def our_volume_ids(config: BootstrapConfig) -> list[str]:
         conn.close()
 
 
-@task(name="record-filesystem", **CLOUD_TASK)
 def record_fs_uuid(conn: Connection, volume_id: str, uuid: str) -> None:
     """Write the data filesystem's UUID on the volume (one metadata key, nothing else touched)."""
     conn.block_storage.set_volume_metadata(volume_id, **{FS_UUID_KEY: uuid})

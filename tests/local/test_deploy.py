@@ -25,7 +25,7 @@ def test_a_second_deploy_writes_nothing_and_a_lost_trigger_is_made_again(tmp_pat
             with remote_client(server.url, None) as client:
                 return sorted(str(a.id) for a in client.read_automations())
 
-        first = deploy.fn(cfg, server.url, None)
+        first = deploy(cfg, server.url, None)
         assert first.action == Action.CHANGE
         made = automations()
         assert len(made) == 2  # the two repairs' triggers
@@ -33,19 +33,19 @@ def test_a_second_deploy_writes_nothing_and_a_lost_trigger_is_made_again(tmp_pat
             versions = {d.version for d in client.read_deployments()}
         assert versions == {deploy_version(cfg)}
 
-        again = deploy.fn(cfg, server.url, None)
+        again = deploy(cfg, server.url, None)
         assert again.action == Action.KEEP, again
         assert automations() == made  # a deploy would have made them anew
 
-        planned = deploy.fn(cfg, server.url, None, apply=False)
+        planned = deploy(cfg, server.url, None, apply=False)
         assert planned.action == Action.KEEP
 
         with remote_client(server.url, None) as client:
             client.delete_automation(made[0])  # type: ignore[arg-type]
-        pending = deploy.fn(cfg, server.url, None, apply=False)
+        pending = deploy(cfg, server.url, None, apply=False)
         assert pending.action == Action.CHANGE and not pending.applied
         assert len(automations()) == 1  # the plan made nothing
-        assert deploy.fn(cfg, server.url, None).action == Action.CHANGE
+        assert deploy(cfg, server.url, None).action == Action.CHANGE
         assert len(automations()) == 2
     finally:
         stop_prefect_server(server)

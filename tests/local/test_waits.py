@@ -43,7 +43,7 @@ def test_health_wait_on_a_non_200_answer_ends_at_its_bound(unhealthy_url: str) -
 HUNG = """
 import json, socket, time
 from prefect import flow, task
-from tasks.vm import VM_TASK
+from flows.steps import VM_TASK
 
 listener = socket.create_server(("127.0.0.1", 0))
 attempts = []

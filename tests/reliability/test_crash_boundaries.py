@@ -90,7 +90,7 @@ class TaskRunWatch:
 
 def fingerprint(cfg: Any) -> tuple[str, str]:
     """(filesystem UUID of the mounted volume, sha256 of the data file), read on the VM."""
-    vm = vm_for(cfg, locate_vm.fn(open_connection(cfg), cfg))
+    vm = vm_for(cfg, locate_vm(open_connection(cfg), cfg))
     try:
         uuid = vm.run("findmnt -n -o UUID --mountpoint /mnt/pspace").stdout.strip()
         digest = vm.run(f"sha256sum {DATA}").stdout.split()[0]
@@ -105,7 +105,7 @@ def test_up_killed_at_every_step_boundary_converges(
 ) -> None:
     cfg = vm_config("t-crash")
     bootstrap(cfg)
-    vm = vm_for(cfg, locate_vm.fn(open_connection(cfg), cfg))
+    vm = vm_for(cfg, locate_vm(open_connection(cfg), cfg))
     vm.run(f"head -c 4M /dev/urandom > {DATA}", sudo=True)
     vm.close()
     before = fingerprint(cfg)

@@ -261,7 +261,7 @@ def test_data_survives_teardown_and_reprovision(vm_config) -> None:  # type: ign
     from tasks.cloud.locate import locate_vm
 
     conn = open_connection(cfg)
-    target = locate_vm.fn(conn, cfg)
+    target = locate_vm(conn, cfg)
     assert target.volume_id and target.fs_uuid == volume.id
     device = f"/dev/disk/by-id/virtio-{target.volume_id[:20]}"
     wiped = run(

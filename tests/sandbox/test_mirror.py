@@ -275,7 +275,7 @@ def test_an_install_cut_off_mid_unpack_is_repaired(
     key = SSHKeyPair(private_key=guest_key[1].read_text(), public_key=guest_key[0])
     vm = VM(g.ip, key, host_keys=[fingerprint(f"{scan[1]} {scan[2]}")])
     try:
-        record = ensure_packages.fn(vm, BootstrapConfig())
+        record = ensure_packages(vm, BootstrapConfig())
     finally:
         vm.close()
     assert record.missing and record.reason.startswith("installed"), record

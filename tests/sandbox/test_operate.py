@@ -165,7 +165,7 @@ def test_bootstrap_register_and_self_repair(
 ) -> None:  # type: ignore[no-untyped-def]
     cfg, out = operated.cfg, operated.out
     assert out["smoke"] and out["smoke"].startswith("Succeeded")
-    target = locate_vm.fn(open_connection(cfg), cfg)
+    target = locate_vm(open_connection(cfg), cfg)
     # the VM's API as an operator reaches it: through the ssh alias's forward
     url = tunnel.enter_context(operator_tunnel(cfg))
     assert url == f"http://127.0.0.1:{cfg.prefect.local_port}/api"
@@ -291,7 +291,7 @@ def test_bootstrap_register_and_self_repair(
     start = dt.datetime.now(dt.UTC)
     old = read_vm_expiry(vm, cfg)
     assert old is not None and old < start
-    health_run = run_on_server.fn(url, auth, "health-check/health-check", timeout=180)
+    health_run = run_on_server(url, auth, "health-check/health-check", timeout=180)
     assert health_run["state"] == "Failed" and "expired" in health_run["message"], health_run
     with remote_api(url, auth), vm_client(cfg, target.address) as client:
         reauth = wait_for_run(client, "reauth-canfar", start)
@@ -305,7 +305,7 @@ def test_bootstrap_register_and_self_repair(
     science = register(cfg, science_codebase=science_codebase(cfg, canfar_sandbox))
     assert [r.action for r in science.records if r.name == "science deployments"] == ["change"]
     for name in ("hello-vm", "hello-headless"):
-        run = run_on_server.fn(url, auth, f"science-hello/{name}", timeout=180)
+        run = run_on_server(url, auth, f"science-hello/{name}", timeout=180)
         assert run["state"] == "Completed", run
     with remote_api(url, auth), vm_client(cfg, target.address) as client:
         pools = {d.name: d.work_pool_name for d in client.read_deployments()}
@@ -418,7 +418,7 @@ def test_no_secret_outside_its_0600_home(
     journal, or in any file that is not 0600."""
     cfg = operated.cfg
     assert operated.out["smoke"] and operated.out["smoke"].startswith("Succeeded"), operated.out
-    target = locate_vm.fn(open_connection(cfg), cfg)
+    target = locate_vm(open_connection(cfg), cfg)
     reauth_canfar(cfg)  # the smoke tests above left an expired certificate on the VM
     vm = vm_for(cfg, target)
     canfar_sandbox.arc_freeze()  # a stale /arc: the health check fails, remount repairs
@@ -438,11 +438,11 @@ def test_no_secret_outside_its_0600_home(
     assert health_check(cfg).healthy
     secret = server_secrets(cfg)
     url = tunnel.enter_context(operator_tunnel(cfg))
-    assert run_on_server.fn(url, secret["auth_string"], "health-check/health-check")["state"] == (
+    assert run_on_server(url, secret["auth_string"], "health-check/health-check")["state"] == (
         "Completed"
     )
     # The VM converges itself without the key that opens it: that key never went there.
-    converged = run_on_server.fn(url, secret["auth_string"], "bootstrap/bootstrap", timeout=600)
+    converged = run_on_server(url, secret["auth_string"], "bootstrap/bootstrap", timeout=600)
     assert converged["state"] == "Completed", converged
     with remote_client(url, secret["auth_string"]) as client:
         kinds = sorted({d.block_type.slug for d in client.read_block_documents() if d.block_type})
@@ -590,7 +590,7 @@ def test_one_changing_run_on_the_vm_at_a_time(
     from core.errors import LockHeldOnVM
 
     cfg = operated.cfg
-    target = locate_vm.fn(open_connection(cfg), cfg)
+    target = locate_vm(open_connection(cfg), cfg)
     vm = vm_for(cfg, target)
     before = read_vm_expiry(vm, cfg)
     other = lock_from_elsewhere(cfg, "`up` from another laptop")
@@ -666,7 +666,7 @@ def test_restarts_wait_for_the_runs_in_flight(
     register(cfg, science_codebase=codebase)
     url = tunnel.enter_context(operator_tunnel(cfg))
     auth = server_secrets(cfg)["auth_string"]
-    vm = vm_for(cfg, locate_vm.fn(open_connection(cfg), cfg))
+    vm = vm_for(cfg, locate_vm(open_connection(cfg), cfg))
 
     def start(seconds: float) -> Any:
         with remote_api(url, auth):
@@ -791,7 +791,7 @@ def test_backup_off_the_cloud_and_restore(
             return found.value if found else None
 
     reauth_canfar(cfg)  # an earlier test may leave a short-lived certificate behind
-    vm = vm_for(cfg, locate_vm.fn(open_connection(cfg), cfg))
+    vm = vm_for(cfg, locate_vm(open_connection(cfg), cfg))
     try:
         marker("in the copy")
         # /arc outlives environments: copies an earlier run of this test left go first
@@ -801,7 +801,7 @@ def test_backup_off_the_cloud_and_restore(
         before = arc_copies(vm, cfg)
         assert before == []
         # on the VM's schedule (run now): its worker writes the copy to /arc
-        assert run_on_server.fn(url, auth, "backup/backup", timeout=300)["state"] == "Completed"
+        assert run_on_server(url, auth, "backup/backup", timeout=300)["state"] == "Completed"
         assert len(arc_copies(vm, cfg)) == len(before) + 1
         out = cli(cfg, "backup")  # from this machine, to the same place
         (newest,) = [line for line in out.splitlines() if line.startswith("backup: ")]
@@ -845,7 +845,7 @@ def test_backup_off_the_cloud_and_restore(
         assert f"removed older snapshots: {taken}" in out, out
         from tasks.cloud.snapshot import our_snapshots
 
-        volume_id = locate_vm.fn(open_connection(cfg), cfg).volume_id
+        volume_id = locate_vm(open_connection(cfg), cfg).volume_id
         snaps = our_snapshots(open_connection(cfg), cfg, str(volume_id))
         assert [(s.status, s.name in out) for s in snaps] == [("available", True)], snaps
         (copy,) = here.glob(f"{cfg.environment}/*.db.gz")
@@ -894,11 +894,11 @@ def test_a_lost_volume_is_rebuilt_and_its_history_restored_from_arc(
     assert runs and "backup" in deployments
     copy = backup(cfg)
     assert copy is not None and copy.counts["flow_run"] >= len(runs)
-    lost = locate_vm.fn(open_connection(cfg), cfg).volume_id
+    lost = locate_vm(open_connection(cfg), cfg).volume_id
     teardown(cfg, delete_data_volume=True, volume_id=lost)
 
     bootstrap(cfg)  # a new VM on a new, empty volume
-    rebuilt = locate_vm.fn(open_connection(cfg), cfg)
+    rebuilt = locate_vm(open_connection(cfg), cfg)
     assert rebuilt.volume_id and rebuilt.volume_id != lost
     fresh, _ = history()
     assert not runs & fresh  # none of the old history is there yet

@@ -495,7 +495,7 @@ def test_preflight_of_a_run_that_changes_nothing_reads_no_quota(
     agent = f"t-preflight-{os.getpid()}"
     conn = openstack.connect(cloud=os.environ["OS_CLOUD"], app_name=agent)
     before = fault_control.counts()["agents"].get(agent, {})
-    facts = preflight.fn(conn, cfg, key)
+    facts = preflight(conn, cfg, key)
     assert facts.image_id and facts.security_group_id
     seen = fault_control.counts()["agents"].get(agent, {})
     assert not before

@@ -309,10 +309,10 @@ def test_host_keys_fail_closed_and_known_hosts_outlive_the_console(secured_vm: S
     filler = _ssh(vm, "sudo sh -c 'yes console-filler | head -c 150000 > /dev/console'")
     assert filler.returncode == 0, filler.stderr
     deadline = time.monotonic() + 30
-    while console_fingerprints.fn(conn, vm.server_id, wait=0):
+    while console_fingerprints(conn, vm.server_id, wait=0):
         assert time.monotonic() < deadline, "the fingerprints did not scroll off the console"
         time.sleep(0.5)
-    target = locate_vm.fn(conn, cfg)
+    target = locate_vm(conn, cfg)
     assert target.host_keys == []
     host = vm_for(cfg, target)
     try:
@@ -346,7 +346,7 @@ def test_host_keys_fail_closed_and_known_hosts_outlive_the_console(secured_vm: S
     again = provision(trusted)
     assert again.local_ssh and again.local_ssh.host_key_check == "trusted", again.local_ssh
     assert _ssh(vm, "test ! -e /tmp/should-not-exist").returncode == 0  # nothing ran before
-    host = vm_for(trusted, locate_vm.fn(conn, trusted))
+    host = vm_for(trusted, locate_vm(conn, trusted))
     try:
         assert host.run("echo verified").stdout == "verified\n"
     finally:
