@@ -697,7 +697,7 @@ def test_restarts_wait_for_the_runs_in_flight(
 
     try:
         # a worker restart
-        run = start(60)
+        run = start(40)
         drift(WORKER_ENV)
         workers = next(
             r for r in register(cfg, science_codebase=codebase).records if r.name == "workers"
@@ -709,7 +709,7 @@ def test_restarts_wait_for_the_runs_in_flight(
         assert paused == []
 
         # a server restart
-        run = start(60)
+        run = start(40)
         drift(SERVER_ENV)
         server = next(r for r in configure(cfg).records if r.name == "prefect server")
         assert "restarted" in server.reason and run.name in server.reason, server.reason
