@@ -6,16 +6,15 @@ need them, so ``--help`` and ``config validate`` answer at once.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from core.config import BootstrapConfig, ConfigError, dump_config
+from core.config import BootstrapConfig, dump_config
 from sails_bootstrap.local_api import ensure_api
 from sails_bootstrap.options import (
     ConfigOption,
@@ -25,6 +24,7 @@ from sails_bootstrap.options import (
     with_trusted,
 )
 from sails_bootstrap.output import _NoTracebackForNamedErrors, _print_records, fail
+from sails_bootstrap.running import apply_flow, run_flow
 
 app = typer.Typer(
     help="Build, check and repair the ALMA-SAILS orchestration VM on an OpenStack cloud.",
@@ -71,41 +71,13 @@ def blocks_register() -> None:
 
 
 # -- flows -------------------------------------------------------------------------------------
-def _run(fn: Any, lock: BootstrapConfig | None = None, command: str = "") -> Any:
-    """Run a flow function; errors that name a fix are printed without a traceback. With
-    ``lock`` (a command that changes the environment), one run of it at a time."""
-    from core.errors import BootstrapError, http_detail, is_transient
-    from sails_bootstrap.lock import LockHeld, environment_lock
-
-    ensure_api()
-    try:
-        with (
-            environment_lock(lock.environment, command, say=lambda m: typer.echo(m, err=True))
-            if lock is not None
-            else contextlib.nullcontext()
-        ):
-            return fn()
-    except (BootstrapError, ConfigError, LockHeld) as exc:
-        raise fail(f"error: {exc}", code=1) from None
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        raise fail(
-            f"error: still failing after retries: {http_detail(exc)}. Check that the cloud "
-            "(the auth URL of your clouds.yaml entry or credentials block) and the VM are "
-            "reachable from this machine, then run the command again: it picks up where it "
-            "stopped.",
-            code=1,
-        ) from None
-
-
 @app.command("plan")
 def plan_cmd(config: ConfigOption) -> None:
     """Say what `up` would change in the cloud and on the VM, changing nothing."""
     cfg = read_config(config)
     from flows.plan import plan
 
-    result = _run(lambda: plan(cfg))
+    result = run_flow(lambda: plan(cfg))
     typer.echo(f"plan for {cfg.environment}:")
     _print_records([*result.cloud, *result.vm, *result.server])
     if result.vm_note:
@@ -122,8 +94,7 @@ def provision_cmd(config: ConfigOption, trust_host_key: TrustOption = None) -> N
     cfg = with_trusted(read_config(config), trust_host_key)
     from flows.provision import provision
 
-    result = _run(lambda: provision(cfg), cfg, "provision")
-    _print_records(result.records)
+    result = apply_flow(cfg, "provision", provision)
     typer.echo(f"ready: ssh {cfg.ssh.alias}  ({cfg.server.user}@{result.address})")
 
 
@@ -133,8 +104,7 @@ def configure_cmd(config: ConfigOption, trust_host_key: TrustOption = None) -> N
     cfg = with_trusted(read_config(config), trust_host_key)
     from flows.configure import configure
 
-    result = _run(lambda: configure(cfg), cfg, "configure")
-    _print_records(result.records)
+    result = apply_flow(cfg, "configure", configure)
     typer.echo(f"Prefect UI: {result.ui_url} (run `ssh -N {cfg.ssh.alias}` to reach it)")
 
 
@@ -147,8 +117,7 @@ def register_cmd(
     cfg = read_config(config)
     from flows.register import register
 
-    result = _run(lambda: register(cfg, science_codebase=science_codebase), cfg, "register")
-    _print_records(result.records)
+    result = apply_flow(cfg, "register", lambda c: register(c, science_codebase=science_codebase))
     typer.echo(
         f"profile {cfg.environment} -> {result.api_url} (run `ssh -N {cfg.ssh.alias}` to reach it)"
     )
@@ -164,7 +133,7 @@ def up_cmd(
     cfg = with_trusted(read_config(config), trust_host_key)
     from flows.bootstrap import bootstrap
 
-    out = _run(lambda: bootstrap(cfg, science_codebase=science_codebase), cfg, "up")
+    out = run_flow(lambda: bootstrap(cfg, science_codebase=science_codebase), cfg, "up")
     typer.echo(f"\n{cfg.environment} is up")
     typer.echo(f"  Prefect UI:  {out['ui_url']} while `ssh -N {cfg.ssh.alias}` runs")
     typer.echo(f"  ssh:         ssh {cfg.ssh.alias}")
@@ -181,7 +150,7 @@ def health_cmd(config: ConfigOption) -> None:
 
     from flows.operate import health_check
 
-    state = _run(lambda: health_check(cfg, return_state=True))
+    state = run_flow(lambda: health_check(cfg, return_state=True))
     report = state.result(raise_on_failure=False) if isinstance(state, State) else state
     if isinstance(report, BaseException):
         typer.secho(str(report), err=True, fg=typer.colors.RED)
@@ -196,7 +165,7 @@ def remount_cmd(config: ConfigOption) -> None:
     cfg = read_config(config)
     from flows.operate import remount_arc
 
-    record = _run(lambda: remount_arc(cfg), cfg, "remount")
+    record = run_flow(lambda: remount_arc(cfg), cfg, "remount")
     typer.echo(f"/arc: {record.reason}")
 
 
@@ -206,7 +175,7 @@ def reauth_cmd(config: ConfigOption) -> None:
     cfg = read_config(config)
     from flows.operate import reauth_canfar
 
-    record = _run(lambda: reauth_canfar(cfg), cfg, "reauth")
+    record = run_flow(lambda: reauth_canfar(cfg), cfg, "reauth")
     typer.echo(f"CANFAR: {record.reason}")
 
 
@@ -219,7 +188,7 @@ def backup_cmd(config: ConfigOption) -> None:
     cfg = read_config(config)
     from flows.backup import backup
 
-    record = _run(lambda: backup(cfg), cfg, "backup")
+    record = run_flow(lambda: backup(cfg), cfg, "backup")
     if record is None:
         typer.echo(f"backup: {NO_DATABASE}")
         return
@@ -264,7 +233,7 @@ def restore_cmd(
         raise fail("nothing restored", code=1)
     from flows.backup import restore
 
-    done = _run(lambda: restore(cfg, source=source), cfg, "restore")
+    done = run_flow(lambda: restore(cfg, source=source), cfg, "restore")
     typer.echo(f"restored from {done.file}; the database before is kept on the VM at {done.kept}")
     if done.drain:
         typer.echo(f"  runs in flight: {done.drain}")
@@ -288,7 +257,7 @@ def ui_cmd(
     cfg = read_config(config)
     from flows.register import ui_check
 
-    record = _run(lambda: ui_check(cfg, str(out), run_health))
+    record = run_flow(lambda: ui_check(cfg, str(out), run_health))
     for page in record.pages:
         typer.echo(f"  {page.name:<16} {page.screenshot}  ({page.url})")
 
@@ -332,7 +301,7 @@ def down_cmd(
         from flows.backup import backup
 
         try:
-            record = _run(lambda: backup(cfg), cfg, "backup")
+            record = run_flow(lambda: backup(cfg), cfg, "backup")
         except typer.Exit:
             raise fail(
                 "the Prefect database could not be copied off the VM (above), so nothing was "
@@ -341,7 +310,7 @@ def down_cmd(
                 code=1,
             ) from None
         typer.echo(f"backup: {record.summary() if record else NO_DATABASE}")
-    records = _run(
+    records = run_flow(
         lambda: teardown(cfg, delete_data_volume=delete_volume, volume_id=volume_id), cfg, "down"
     )
     _print_records(records)

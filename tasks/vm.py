@@ -199,6 +199,11 @@ class VM:
         timeout: float = 300,
         check: bool = True,
     ) -> Result:
+        """Run ``command`` with ``sh`` (as root with ``sudo``), ``stdin`` fed to it; its
+        result, checked (an error on a non-zero exit) unless ``check`` is False."""
+        return self._checked(command, self._execute(command, sudo, stdin, timeout), check)
+
+    def _execute(self, command: str, sudo: bool, stdin: str | None, timeout: float) -> Result:
         full = f"sudo -n sh -c {shlex.quote(command)}" if sudo else command
         kwargs: dict[str, Any] = {"hide": True, "warn": True, "timeout": timeout, "pty": False}
         if stdin is not None:
@@ -214,7 +219,7 @@ class VM:
                 f"the SSH connection to {self.host} ended before "
                 f"`{command.splitlines()[0][:80]}` reported its exit status"
             )
-        return self._checked(command, Result(r.stdout, r.stderr, r.exited), check)
+        return Result(r.stdout, r.stderr, r.exited)
 
     def _checked(self, command: str, result: Result, check: bool) -> Result:
         """A command the image lacks is an error naming the image's requirement, whether or
@@ -360,15 +365,7 @@ class LocalHost(VM):
 
         shutil.copyfile(remote, local)
 
-    def run(
-        self,
-        command: str,
-        *,
-        sudo: bool = False,
-        stdin: str | None = None,
-        timeout: float = 300,
-        check: bool = True,
-    ) -> Result:
+    def _execute(self, command: str, sudo: bool, stdin: str | None, timeout: float) -> Result:
         import subprocess
 
         argv = ["sh", "-c", command]
@@ -383,7 +380,6 @@ class LocalHost(VM):
                 timeout=timeout,
                 start_new_session=True,
             )
-            result = Result(p.stdout, p.stderr, p.returncode)
         except subprocess.TimeoutExpired:
-            result = Result("", f"timed out after {timeout:.0f} s", 124)
-        return self._checked(command, result, check)
+            return Result("", f"timed out after {timeout:.0f} s", 124)
+        return Result(p.stdout, p.stderr, p.returncode)

@@ -13,10 +13,12 @@ the connection, the markers and the finders of what is ours.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
+from core.log import Progress
 from tasks.blocks import load_block
 
 if TYPE_CHECKING:
@@ -125,3 +127,19 @@ def first_look() -> bool:
     from prefect.runtime import task_run
 
     return task_run.run_count <= 1
+
+
+def wait_until_active(
+    wait: Callable[..., Any], resource: Any, what: str, timeout: float, state: Callable[[Any], str]
+) -> Any:
+    """openstacksdk's ``wait`` (``wait_for_server``, ``wait_for_status``) for ACTIVE, ERROR
+    failing it, polled each second with a progress line ("waiting for WHAT: STATE")."""
+    progress = Progress(what)
+    return wait(
+        resource,
+        status="ACTIVE",
+        failures=["ERROR"],
+        interval=1,
+        wait=int(timeout),
+        callback=lambda seen: progress.tick(state(seen)),
+    )

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from core.config import BootstrapConfig
-from core.log import Progress, logger
+from core.log import logger
 from core.records import (
     Action,
     FloatingIPRecord,
     ServerRecord,
 )
-from tasks.cloud import first_look, our_floating_ips
+from tasks.cloud import first_look, our_floating_ips, wait_until_active
 from tasks.cloud.facts import CloudFacts
 
 if TYPE_CHECKING:
@@ -26,14 +26,12 @@ def server_port(conn: Connection, server_id: str) -> Any | None:
 
 def wait_for_ip(conn: Connection, fip: Any, timeout: float = 120) -> Any:
     """The address once Neutron says ACTIVE (openstacksdk's wait)."""
-    progress = Progress(f"floating IP {fip.floating_ip_address}")
-    return conn.network.wait_for_status(
+    return wait_until_active(
+        conn.network.wait_for_status,
         fip,
-        status="ACTIVE",
-        failures=["ERROR"],
-        interval=1,
-        wait=int(timeout),
-        callback=lambda _: progress.tick("not yet ACTIVE"),
+        f"floating IP {fip.floating_ip_address}",
+        timeout,
+        lambda _: "not yet ACTIVE",
     )
 
 

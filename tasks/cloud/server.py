@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, Any
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
-from core.log import Progress, logger
+from core.log import logger
 from core.records import (
     Action,
     RulesRecord,
     ServerRecord,
 )
-from tasks.cloud import MARKER, first_look, our_servers
+from tasks.cloud import MARKER, first_look, our_servers, wait_until_active
 from tasks.cloud.facts import CloudFacts
 
 if TYPE_CHECKING:
@@ -69,15 +69,13 @@ def wait_for_server(conn: Connection, server: Any, timeout: float) -> Any:
     """The server once ACTIVE (openstacksdk's wait); one gone to ERROR fails with Nova's fault."""
     from openstack import exceptions as os_exc
 
-    progress = Progress(f"server {server.name}")
     try:
-        return conn.compute.wait_for_server(
+        return wait_until_active(
+            conn.compute.wait_for_server,
             server,
-            status="ACTIVE",
-            failures=["ERROR"],
-            interval=1,
-            wait=int(timeout),
-            callback=lambda pct: progress.tick(f"building ({pct}%)"),
+            f"server {server.name}",
+            timeout,
+            lambda pct: f"building ({pct}%)",
         )
     except os_exc.ResourceFailure:
         failed = conn.compute.get_server(server.id)

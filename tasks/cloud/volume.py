@@ -85,6 +85,13 @@ def wait_for_volume(
     )
 
 
+def volume_record(volume: Any, **fields: Any) -> VolumeRecord:
+    """The record of a volume as Cinder gave it (name, id, size, status), with ``fields``."""
+    return VolumeRecord(
+        name=volume.name, id=volume.id, size_gb=volume.size, status=volume.status, **fields
+    )
+
+
 def decide_volume(volumes: list[Any], size_gb: int) -> tuple[Action, str, list[Any]]:
     """``volumes``: ours (a volume being deleted is on its way out: not counted; the ones that
     count are returned). One: KEEP (never resized; a smaller one is said). None: CREATE. Two:
@@ -117,15 +124,7 @@ def ensure_volume(
     seen = facts.volumes if facts is not None and first_look() else our_volumes(conn, config)
     action, reason, vols = decide_volume(seen, config.volume.size_gb)
     if action == Action.BLOCKED:
-        return VolumeRecord(
-            name=vols[0].name,
-            id=vols[0].id,
-            size_gb=vols[0].size,
-            status=vols[0].status,
-            action=Action.BLOCKED,
-            reason=reason,
-            applied=apply,
-        )
+        return volume_record(vols[0], action=Action.BLOCKED, reason=reason, applied=apply)
     if action == Action.KEEP:
         volume = vols[0]
         if apply and volume.status not in SETTLED:
@@ -133,11 +132,8 @@ def ensure_volume(
             # ends available or in-use.
             volume = wait_for_volume(conn, volume, SETTLED, config.volume.timeout)
             _, reason, _ = decide_volume([volume], config.volume.size_gb)
-        return VolumeRecord(
-            name=volume.name,
-            id=volume.id,
-            size_gb=volume.size,
-            status=volume.status,
+        return volume_record(
+            volume,
             fs_uuid=(volume.metadata or {}).get(FS_UUID_KEY),
             attachments=_attachments(volume),
             reason=reason,
@@ -159,14 +155,7 @@ def ensure_volume(
     )
     log.info("creating volume %s (%s, %s GB)", volume.name, volume.id, volume.size)
     volume = wait_for_volume(conn, volume, "available", config.volume.timeout)
-    return VolumeRecord(
-        name=volume.name,
-        id=volume.id,
-        size_gb=volume.size,
-        status=volume.status,
-        action=Action.CREATE,
-        reason="missing",
-    )
+    return volume_record(volume, action=Action.CREATE, reason="missing")
 
 
 def ensure_attachment(
@@ -283,11 +272,8 @@ def delete_volume(
     for vol in vols:
         deleting = vol.status == "deleting"
         out.append(
-            VolumeRecord(
-                name=vol.name,
-                id=vol.id,
-                size_gb=vol.size,
-                status=vol.status,
+            volume_record(
+                vol,
                 action=Action.DELETE,
                 reason="already being deleted" if deleting else "teardown --delete-volume",
                 applied=apply,
