@@ -64,8 +64,7 @@ def plan(config: BootstrapConfig = BootstrapConfig()) -> PlanResult:
                 result.vm = configure_host(
                     vm, config, target.volume_id, target.address, True, target.fs_uuid
                 ).records
-                if result.vm:
-                    result.notes += _backup_notes(config, vm)
+                result.notes += _backup_notes(config, vm)
                 _plan_server(config, vm, result)
             except BootstrapError as exc:
                 result.vm_note = f"not read: {exc}"
@@ -88,9 +87,9 @@ def _plan_server(config: BootstrapConfig, vm: VM, result: PlanResult) -> None:
     from flows.register import register_on
 
     pending = [r.name for r in result.vm if r.name in SERVER_PREREQUISITES and r.changed]
-    if pending or not result.vm:
+    if pending:
         result.server_note = (
-            f"not read: {', '.join(pending) or 'the VM'} not in place yet; register runs "
+            f"not read: {', '.join(pending)} not in place yet; register runs "
             "every step once configure has started the server"
         )
         return
