@@ -7,6 +7,7 @@ import time
 
 from core.errors import BOOTING_ERRNOS, BootstrapError
 from core.log import Progress, logger
+from core.poll import poll
 from tasks.vm import VM, StepRecord
 
 
@@ -16,23 +17,34 @@ def wait_for_port(host: str, port: int, timeout: float) -> float:
     A guest that Nova calls ACTIVE is still booting: its address answers "no route to host",
     refuses, or stays silent until sshd listens (20-90 s on a real cloud). Those are waited out
     within ``timeout``; only then is it an error, naming what to check."""
-    progress = Progress(f"{host}:{port} to accept connections (the VM is booting)")
-    deadline = time.monotonic() + timeout
-    while True:
+    t0 = time.monotonic()
+
+    def refused(exc: OSError) -> BootstrapError:
+        return BootstrapError(
+            f"{host}:{port} did not accept connections within {timeout:.0f} s "
+            f"({exc.strerror or exc}); check that the security group allows TCP {port} "
+            "from this machine, that the floating IP is attached, and the server's "
+            "console log (`openstack console log show`) for a boot that stopped"
+        )
+
+    def connect() -> OSError | None:
         try:
             with socket.create_connection((host, port), timeout=5):
-                return progress.elapsed
+                return None
         except OSError as exc:
-            booting = isinstance(exc, TimeoutError) or exc.errno in BOOTING_ERRNOS
-            if not booting or time.monotonic() > deadline:
-                raise BootstrapError(
-                    f"{host}:{port} did not accept connections within {timeout:.0f} s "
-                    f"({exc.strerror or exc}); check that the security group allows TCP {port} "
-                    "from this machine, that the floating IP is attached, and the server's "
-                    "console log (`openstack console log show`) for a boot that stopped"
-                ) from None
-            progress.tick(exc.strerror or type(exc).__name__)
-            time.sleep(2)
+            if isinstance(exc, TimeoutError) or exc.errno in BOOTING_ERRNOS:
+                return exc  # still booting
+            raise refused(exc) from None
+
+    poll(
+        connect,
+        lambda exc: exc is None,
+        f"{host}:{port} to accept connections (the VM is booting)",
+        timeout,
+        state=lambda exc: str(exc and (exc.strerror or type(exc).__name__)),
+        timed_out=lambda exc: refused(exc or OSError()),
+    )
+    return time.monotonic() - t0
 
 
 def wait_for_ssh(vm: VM, timeout: float) -> StepRecord:
@@ -40,13 +52,11 @@ def wait_for_ssh(vm: VM, timeout: float) -> StepRecord:
     import paramiko
 
     wait_for_port(vm.host, vm.port, timeout)
-    deadline = time.monotonic() + timeout
-    progress = Progress(f"ssh login on {vm.host}")
-    while True:
+
+    def login() -> str:
+        """ "ok", or why the login did not get through yet (a key refused fails at once)."""
         try:
-            out = vm.run("echo ok", timeout=30).stdout.strip()
-            if out == "ok":
-                break
+            return vm.run("echo ok", timeout=30).stdout.strip()
         except paramiko.BadHostKeyException:
             raise BootstrapError(
                 f"{vm.host} presented a host key that is not among the fingerprints on the "
@@ -59,10 +69,16 @@ def wait_for_ssh(vm: VM, timeout: float) -> StepRecord:
             ) from None
         except (OSError, paramiko.SSHException, EOFError) as exc:
             vm.close()
-            if time.monotonic() > deadline:
-                raise BootstrapError(f"could not log in to {vm.host}: {exc}") from None
-            progress.tick(type(exc).__name__)
-            time.sleep(2)
+            return f"{type(exc).__name__}: {exc}"
+
+    poll(
+        login,
+        lambda out: out == "ok",
+        f"ssh login on {vm.host}",
+        timeout,
+        state=lambda out: out.split(":", 1)[0],
+        timed_out=lambda out: BootstrapError(f"could not log in to {vm.host}: {out}"),
+    )
     return StepRecord(name="ssh", reason=f"logged in as {vm.key.username}@{vm.host}")
 
 

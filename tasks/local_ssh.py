@@ -12,7 +12,6 @@ import base64
 import hashlib
 import hmac
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +19,8 @@ from typing import TYPE_CHECKING
 from blocks.ssh import fingerprint, write_private
 from core.config import BootstrapConfig
 from core.errors import BootstrapError, HostKeyError
-from core.log import Progress, logger
+from core.log import logger
+from core.poll import poll
 from core.records import Action, LocalSSHRecord
 from tasks.first_boot import wait_for_port
 
@@ -110,27 +110,31 @@ def wait_for_host_keys(address: str, timeout: float, port: int = 22) -> list[str
     route, refused, sshd not answering its banner yet) is waited for within ``timeout``."""
     import paramiko
 
-    deadline = time.monotonic() + timeout
     waited = wait_for_port(address, port, timeout)
     if waited > 5:
         logger().info("%s:%d accepts connections after %.0f s", address, port, waited)
-    progress = Progress(f"sshd on {address} to present its host keys")
-    while True:
+
+    def scan() -> list[str] | str:
+        """The host keys, or why there are none yet."""
         try:
-            keys = scan_host_keys(address, port)
-            if keys:
-                return keys
-            problem = "no host key offered"
+            return scan_host_keys(address, port) or "no host key offered"
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            problem = str(exc) or type(exc).__name__
-        if time.monotonic() > deadline:
-            raise BootstrapError(
-                f"{address}:{port} accepts connections but no SSH handshake succeeded within "
-                f"{timeout:.0f} s (server.boot_timeout): {problem}. Check the server's console "
-                "log for sshd"
-            )
-        progress.tick(problem)
-        time.sleep(2)
+            return str(exc) or type(exc).__name__
+
+    keys = poll(
+        scan,
+        lambda found: isinstance(found, list),
+        f"sshd on {address} to present its host keys",
+        max(0.0, timeout - waited),
+        state=str,
+        timed_out=lambda problem: BootstrapError(
+            f"{address}:{port} accepts connections but no SSH handshake succeeded within "
+            f"{timeout:.0f} s (server.boot_timeout): {problem}. Check the server's console "
+            "log for sshd"
+        ),
+    )
+    assert isinstance(keys, list)
+    return keys
 
 
 def ensure_local_ssh(

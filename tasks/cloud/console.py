@@ -7,7 +7,7 @@ import re
 import time
 from typing import TYPE_CHECKING
 
-from core.log import Progress
+from core.poll import poll
 
 if TYPE_CHECKING:
     from openstack.connection import Connection
@@ -22,16 +22,27 @@ def console_fingerprints(conn: Connection, server_id: str, wait: float = 60) -> 
     early once cloud-init says it finished without printing them (an image configured not to)."""
     since = _seconds_since_launch(conn, server_id) if wait > 0 else 0.0
     deadline = time.monotonic() + max(0.0, wait - since)
-    progress = Progress(f"the host key fingerprints on server {server_id[:8]}'s console")
-    while True:
-        output = conn.compute.get_server_console_output(server_id).get("output") or ""
-        found = parse_fingerprints(output)
-        if found or time.monotonic() > deadline:
-            return found
-        if CLOUD_INIT_FINISHED.search(output):
-            return []
-        progress.tick("not printed yet (cloud-init's final stage prints them)")
-        time.sleep(3)
+
+    def read() -> str:
+        return conn.compute.get_server_console_output(server_id).get("output") or ""
+
+    def settled(output: str) -> bool:
+        """Printed, or cloud-init finished without printing them, or the wait is over."""
+        return (
+            bool(parse_fingerprints(output))
+            or bool(CLOUD_INIT_FINISHED.search(output))
+            or time.monotonic() > deadline
+        )
+
+    output = poll(
+        read,
+        settled,
+        f"the host key fingerprints on server {server_id[:8]}'s console",
+        max(0.0, wait - since) + 60,  # the deadline above ends it; this bound is never met
+        interval=3,
+        state=lambda _: "not printed yet (cloud-init's final stage prints them)",
+    )
+    return parse_fingerprints(output)
 
 
 def _seconds_since_launch(conn: Connection, server_id: str) -> float:

@@ -1,21 +1,30 @@
 """What a real first boot shows the product, read by its pure parts: cloud-init's console, apt's
 answers, dpkg's status, ``cloud-init status``, a shell that lacks a command; and the venv probe
-and a missing tool on this machine (``LocalHost``)."""
+and a missing tool on this machine (``LocalHost``); the wait for a port on loopback."""
 
 from __future__ import annotations
 
 import errno
+import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from blocks.ssh import fingerprint
 from core.config import BootstrapConfig
-from core.errors import MissingToolError, RemoteCommandError, is_transient, missing_tool
+from core.errors import (
+    BootstrapError,
+    MissingToolError,
+    RemoteCommandError,
+    is_transient,
+    missing_tool,
+)
 from tasks.arc import START_LIMIT_BURST, unit_text
 from tasks.cloud.console import parse_fingerprints
-from tasks.first_boot import cloud_init_state
+from tasks.first_boot import cloud_init_state, wait_for_port
 from tasks.packages import (
     AptOutcome,
     classify_apt,
@@ -287,3 +296,34 @@ def test_booting_guest_errors_are_transient_and_the_arc_unit_gives_up() -> None:
     assert f"StartLimitBurst={START_LIMIT_BURST}" in unit
     assert "StartLimitIntervalSec=0" not in unit  # 0 would retry forever
     assert "Restart=always" in unit and "RestartSec=10" in unit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_port_that_opens_late_is_waited_for() -> None:
+    port = _free_port()
+    listener = socket.socket()
+
+    def open_late() -> None:
+        time.sleep(1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+
+    opener = threading.Thread(target=open_late)
+    opener.start()
+    try:
+        assert 0.9 < wait_for_port("127.0.0.1", port, timeout=20) < 15
+    finally:
+        opener.join()
+        listener.close()
+
+
+def test_a_port_that_stays_closed_names_what_to_check() -> None:
+    port = _free_port()
+    with pytest.raises(BootstrapError, match=r"did not accept connections within 0 s .*security"):
+        wait_for_port("127.0.0.1", port, timeout=0)
