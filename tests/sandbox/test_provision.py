@@ -534,20 +534,20 @@ def test_application_credential_block_opens_the_project(
 
 
 def test_provision_waits_out_a_late_sshd(env_config) -> None:  # type: ignore[no-untyped-def]
-    """ACTIVE comes when the guest starts; its sshd answers a minute later (a real cloud's
+    """ACTIVE comes when the guest starts; its sshd answers half a minute later (a real cloud's
     first boot). Provisioning waits for it, verifies the host keys on the console and leaves
     `ssh <alias>` working, without failing on the refused or unanswered connections before."""
     from sandbox import latency
 
     cfg = env_config("t-latesshd", server={"flavor": "p1-1.5gb"})
     saved = {k: latency.get(k) for k in ("boot", "volume_create", "volume_delete")}
-    latency.set_latency(**{k: v for k, v in saved.items() if v}, sshd_delay=60)
+    latency.set_latency(**{k: v for k, v in saved.items() if v}, sshd_delay=30)
     try:
         result = provision(cfg)
     finally:
         latency.set_latency(**{k: v for k, v in saved.items() if v})
     assert result.local_ssh and result.local_ssh.host_key_check == "console", result.local_ssh
-    r = ssh_alias(cfg, "systemctl cat ssh.service | grep -c 'sleep 60'; cloud-init status")
+    r = ssh_alias(cfg, "systemctl cat ssh.service | grep -c 'sleep 30'; cloud-init status")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split()[0] == "1"  # the late sshd was in force on this guest
     assert "done" in r.stdout
