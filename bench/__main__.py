@@ -284,7 +284,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
-    beyond = r["noop"] - r["prefect_overhead"]
+    beyond = max(0.0, r["noop"] - r["prefect_overhead"])  # below zero is noise
     rows = [
         (
             "fresh provisioning: flow minus a bare server's build",
