@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from sandbox import layout, net
+from sandbox import layout, net, pidfile
 
 REQUIREMENTS = [
     "prefect==3.9.1",
@@ -129,14 +129,14 @@ def build(log=print) -> Path:  # type: ignore[no-untyped-def]
     return target
 
 
+def _marks() -> tuple[bytes, bytes]:
+    """What the index server's command line carries: Python's http.server on the index port."""
+    return b"http.server", str(layout.INDEX_PORT).encode()
+
+
 def _alive() -> int | None:
     """The index's server process (checked by its command line, not just the pid)."""
-    try:
-        pid = int(PID_FILE.read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    return pid if b"http.server" in cmdline and str(layout.INDEX_PORT).encode() in cmdline else None
+    return pidfile.alive(PID_FILE, *_marks())
 
 
 def running() -> bool:
@@ -184,11 +184,4 @@ def up() -> str:
 
 
 def down() -> None:
-    pid = _alive()
-    if pid:
-        os.kill(pid, 15)
-        for _ in range(50):
-            if _alive() is None:
-                break
-            time.sleep(0.1)
-    PID_FILE.unlink(missing_ok=True)
+    pidfile.stop(PID_FILE, *_marks())

@@ -30,26 +30,5 @@ from __future__ import annotations
 
 from sandbox.faults.client import FaultControl
 from sandbox.faults.proxy import FaultProxy, main, server_argv
-from sandbox.faults.wire import (
-    HOP_BY_HOP,
-    REASONS,
-    WRITE_METHODS,
-    ProtocolError,
-    _header,
-    _read_body,
-    _read_head,
-)
 
-__all__ = [
-    "HOP_BY_HOP",
-    "REASONS",
-    "WRITE_METHODS",
-    "FaultControl",
-    "FaultProxy",
-    "ProtocolError",
-    "_header",
-    "_read_body",
-    "_read_head",
-    "main",
-    "server_argv",
-]
+__all__ = ["FaultControl", "FaultProxy", "main", "server_argv"]

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from sandbox import layout, net
+from sandbox import layout, net, pidfile
 from sandbox.mirror.common import (
     COMPONENT,
     HEALTH_PATH,
@@ -26,15 +26,13 @@ from sandbox.mirror.common import (
 from sandbox.mirror.faultfile import DEFAULT_FAULTS, FAULTS_FILE, faults
 from sandbox.mirror.repository import build, ready
 
+#: What the mirror server's command line carries.
+SERVER_MARK = b"sandbox.mirror.server"
+
 
 def _alive() -> int | None:
     """The mirror's server process (checked by its command line, not just the pid)."""
-    try:
-        pid = int(PID_FILE.read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    return pid if b"sandbox.mirror.server" in cmdline else None
+    return pidfile.alive(PID_FILE, SERVER_MARK)
 
 
 def _health() -> str | None:
@@ -92,14 +90,7 @@ def _start(served: Path) -> None:
 
 
 def down() -> None:
-    pid = _alive()
-    if pid:
-        os.kill(pid, 15)
-        for _ in range(50):
-            if _alive() is None:
-                break
-            time.sleep(0.1)
-    PID_FILE.unlink(missing_ok=True)
+    pidfile.stop(PID_FILE, SERVER_MARK)
 
 
 def status() -> dict[str, Any]:
