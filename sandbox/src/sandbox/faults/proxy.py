@@ -25,6 +25,7 @@ from sandbox.faults.wire import (
     _header,
     _read_body,
     _read_head,
+    read_request,
 )
 
 
@@ -114,14 +115,14 @@ class FaultProxy:
         self, service: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            while True:
-                head = await _read_head(reader)
-                if head is None:
-                    break
-                request_line, headers = head
-                method, target, _version = request_line.split(" ", 2)
-                body = await _read_body(reader, headers, until_eof=False)
-                path = target.split("?", 1)[0]
+            while (request := await read_request(reader)) is not None:
+                method, target, headers, body = (
+                    request.method,
+                    request.target,
+                    request.headers,
+                    request.body,
+                )
+                path = request.path
                 self.counts[service][method] += 1
                 self.paths[service][f"{method} {path}"] += 1
                 agent = _header(headers, "user-agent") or ""
@@ -236,13 +237,10 @@ class FaultProxy:
 
     async def control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await _read_head(reader)
-            if head is None:
+            request = await read_request(reader)
+            if request is None:
                 return
-            request_line, headers = head
-            method, target, _ = request_line.split(" ", 2)
-            body = await _read_body(reader, headers, until_eof=False)
-            path = target.split("?", 1)[0]
+            method, path, body = request.method, request.path, request.body
             code, payload = 200, {}
             try:
                 if path == "/_faults" and method == "GET":

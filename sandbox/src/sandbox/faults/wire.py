@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 HOP_BY_HOP = {
@@ -69,3 +70,26 @@ async def _read_body(
     if until_eof:
         return await reader.read()
     return b""
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    target: str  # as sent: the path and its query
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+
+async def read_request(reader: asyncio.StreamReader) -> Request | None:
+    """The next request on a client's connection; None once the client closed it."""
+    head = await _read_head(reader)
+    if head is None:
+        return None
+    request_line, headers = head
+    method, target, _version = request_line.split(" ", 2)
+    body = await _read_body(reader, headers, until_eof=False)
+    return Request(method, target, headers, body)
