@@ -14,6 +14,9 @@ NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+#: Seconds of one wait in a run: more than none, at most an hour (a bound on every wait the
+#: config sets; the steps' own outer bound lies past all of them).
+WaitSeconds = Annotated[float, Field(gt=0, le=3600)]
 
 # Values that reach root shells, systemd units and sshfs on the VM: each type admits only what
 # its field needs, so no value can end a line, open a substitution or add an option.

@@ -16,7 +16,16 @@ from pydantic import (
     model_validator,
 )
 
-from core.fields import SSHFS_OPTIONS, HostName, Name, NonEmpty, Port, UserName, checked_vm_path
+from core.fields import (
+    SSHFS_OPTIONS,
+    HostName,
+    Name,
+    NonEmpty,
+    Port,
+    UserName,
+    WaitSeconds,
+    checked_vm_path,
+)
 
 SEED_IMAGE = "Ubuntu-24.04-Noble-x64-2024-06"
 SEED_FLAVOR = "c1-7.5gb-36"
@@ -108,20 +117,14 @@ class ServerSettings(_Model):
     )
     ingress: list[IngressRule] = Field(default_factory=_seed_rules)
     user: UserName = Field(default="ubuntu", description="Login user of the image.")
-    build_timeout: float = Field(
-        default=900, gt=0, le=3600, description="Seconds to wait for ACTIVE."
-    )
-    boot_timeout: float = Field(
+    build_timeout: WaitSeconds = Field(default=900, description="Seconds to wait for ACTIVE.")
+    boot_timeout: WaitSeconds = Field(
         default=600,
-        gt=0,
-        le=3600,
         description="Seconds for the guest's own boot after ACTIVE: sshd listening, the console's "
         "host key fingerprints, cloud-init's first boot.",
     )
-    apt_timeout: float = Field(
+    apt_timeout: WaitSeconds = Field(
         default=900,
-        gt=0,
-        le=3600,
         description="Seconds the packages step may take, waiting for the dpkg lock included "
         "(unattended-upgrades holds it for minutes on a first boot).",
     )
@@ -138,9 +141,7 @@ class VolumeSettings(_Model):
         default="/dev/vdc",
         description="Device name asked of Nova; a hint only (the guest path is found by id).",
     )
-    timeout: float = Field(
-        default=300, gt=0, le=3600, description="Seconds to wait for the volume."
-    )
+    timeout: WaitSeconds = Field(default=300, description="Seconds to wait for the volume.")
 
     @field_validator("mount_point")
     @classmethod
@@ -154,9 +155,7 @@ class SSHSettings(_Model):
     )
     alias: Name = Field(default="prefect-vm", description="Host alias written for `ssh ALIAS`.")
     config_dir: str = Field(default="~/.ssh", description="Where the ssh config and keys live.")
-    connect_timeout: float = Field(
-        default=300, gt=0, le=3600, description="Seconds to wait for SSH."
-    )
+    connect_timeout: WaitSeconds = Field(default=300, description="Seconds to wait for SSH.")
     operator_keys: list[str] = Field(
         default_factory=list,
         description="Extra public keys allowed to log in as the VM user (the team's keys).",
@@ -259,7 +258,7 @@ class SmokeTest(_Model):
     args: str = "alma-sails smoke test"
     cores: int = Field(default=1, ge=1)
     ram: int = Field(default=1, ge=1, description="GB")
-    timeout: float = Field(default=600, gt=0, le=3600)
+    timeout: WaitSeconds = 600
 
 
 class CanfarSettings(_Model):
