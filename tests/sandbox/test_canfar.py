@@ -447,3 +447,33 @@ def test_package_index_alone_installs_prefect_and_canfar(canfar_sandbox, tmp_pat
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0 and r.stdout.strip() == "3.9.1", r.stderr
+
+
+def test_blocks_saved_by_sails_sandbox_are_read_by_the_product_on_a_fresh_home(
+    canfar_sandbox, sandbox_env, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """The demo's sequence with no Prefect API set, on a fresh Prefect home: the product's
+    command starts the local server (its block key kept outside the database), `sails-sandbox
+    blocks` saves the CANFAR account there, and the product reads it back. (A Prefect server
+    started by the sandbox on its own made another key, and the product's read failed.)"""
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_PROFILE="ephemeral")
+    bin_dir = Path(sys.executable).parent
+
+    def cli(*argv: str) -> str:
+        r = subprocess.run(
+            argv, env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return r.stdout
+
+    cli(str(bin_dir / "sails-bootstrap"), "blocks", "register")
+    saved = cli(str(bin_dir / "sails-sandbox"), "blocks", "--config", "examples/sandbox.yaml")
+    assert "saved CanfarCredentials block 'sails-demo-canfar'" in saved, saved
+    read = (
+        "from sails_bootstrap.local_api import ensure_api; ensure_api(); "
+        "from blocks import CanfarCredentials; "
+        "print(type(CanfarCredentials.load('sails-demo-canfar')).__name__)"
+    )
+    assert cli(sys.executable, "-c", read).strip().endswith("CanfarCredentials")

@@ -2,8 +2,10 @@
 config names (``sails-sandbox blocks``), as they would save their real CADC account.
 
 This is the sandbox's one bridge to the product: it saves the product's own block types
-(``blocks``) under the names its config model (``core.config``) reads, both imported when called.
-The stand-ins themselves know nothing of the product.
+(``blocks``) under the names its config model (``core.config``) reads, on the Prefect API the
+product's commands use (with none set, the same local server, ``sails_bootstrap.local_api``,
+whose block key is kept outside its database), all imported when called. The stand-ins
+themselves know nothing of the product.
 """
 
 from __future__ import annotations
@@ -12,10 +14,6 @@ import os
 from typing import Any
 
 from sandbox import canfar
-
-#: Prefect's own bound for starting a local server (20 s) is shorter than a first start (its
-#: database migrations) takes on a 2-core machine.
-STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
 
 def canfar_credentials() -> Any:
@@ -60,14 +58,16 @@ def save_blocks(config: Any, fresh_arc_key: bool = False) -> list[str]:
 
 
 def save_blocks_from_file(path: str) -> list[str]:
-    """``save_blocks`` for a config file, on the Prefect API in use (a local one by default:
-    started with a bound that fits a first start, its files private)."""
+    """``save_blocks`` for a config file, on the Prefect API in use. With none set, on the
+    local server the product's commands start: a Prefect server started here on its own would
+    keep another block key in the database, and the product could not read what it saved."""
     from core.config import ConfigError, load_config
+    from sails_bootstrap.local_api import ensure_api
 
     try:
         config = load_config(path)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
-    os.environ.setdefault(STARTUP_TIMEOUT_ENV, "300")
     os.umask(0o077)
+    ensure_api()
     return save_blocks(config)
