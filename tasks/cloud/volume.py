@@ -182,13 +182,28 @@ def ensure_attachment(
         )
     if volume.status == "in-use" and server.id in volume.attachments:  # as observed
         return AttachmentRecord(**base, id=volume.attachments[server.id], reason="attached")
-    if apply and server.created and volume.status == "available" and first_look():
-        # A server this run made has no attachment yet, and the volume was free moments ago:
-        # nothing to read before asking (a request that got there first is met in _attach).
-        att_id = _attach(conn, config, str(server.id), str(server.name), volume)
-        wait_for_volume(conn, volume, "in-use", config.volume.timeout)
-        return AttachmentRecord(**base, id=att_id, action=Action.CREATE, reason="attached now")
-    current = conn.block_storage.get_volume(volume.id)
+    # A server this run made has no attachment yet, and the volume was free moments ago:
+    # nothing to read before asking (a request that got there first is met in _attach).
+    fresh = apply and server.created and volume.status == "available" and first_look()
+    seen = volume if fresh else _read_attachment(conn, config, server, volume, base, apply)
+    if isinstance(seen, AttachmentRecord):
+        return seen
+    att_id = _attach(conn, config, str(server.id), str(server.name), seen)
+    wait_for_volume(conn, seen, "in-use", config.volume.timeout)
+    return AttachmentRecord(**base, id=att_id, action=Action.CREATE, reason="attached now")
+
+
+def _read_attachment(
+    conn: Connection,
+    config: BootstrapConfig,
+    server: ServerRecord,
+    volume: VolumeRecord,
+    base: dict[str, Any],
+    apply: bool,
+) -> AttachmentRecord | Any:
+    """The attachment as the cloud has it now, when that decides the step (attached, an
+    earlier request's, blocked, or the plan's answer); else the volume, free, to attach."""
+    current = conn.block_storage.get_volume(str(volume.id))
     if apply and current.status not in SETTLED:
         # A request in flight (a killed run's, whose server side went on): Cinder holds the
         # volume reserved or attaching, and Nova may not list the request yet. It is let
@@ -199,7 +214,7 @@ def ensure_attachment(
             return AttachmentRecord(**base, id=att.get("attachment_id"), reason="attached")
     # Cinder lists an attachment once it is complete; Nova's list has it from the request on.
     # A request still in flight (a killed run's, whose server side went on) is waited for.
-    pending = _nova_attachment(conn, server.id, volume.id)
+    pending = _nova_attachment(conn, str(server.id), str(volume.id))
     if pending is not None:
         if not apply:
             return AttachmentRecord(**base, id=pending.id, reason=f"attaching ({current.status})")
@@ -218,9 +233,7 @@ def ensure_attachment(
         return AttachmentRecord(**base, action=Action.CREATE, reason="not attached", applied=False)
     if current.status != "available":
         current = wait_for_volume(conn, current, "available", config.volume.timeout)
-    att_id = _attach(conn, config, str(server.id), str(server.name), current)
-    wait_for_volume(conn, current, "in-use", config.volume.timeout)
-    return AttachmentRecord(**base, id=att_id, action=Action.CREATE, reason="attached now")
+    return current
 
 
 def _attach(
