@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import contextvars
 import subprocess
 import time
 from pathlib import Path
@@ -50,9 +52,9 @@ def test_first_boot_configure_noop_drift_venv_repair_and_reboot(vm_config) -> No
     from sandbox import mirror
 
     cfg = vm_config("t-conf")
-    # unattended-upgrades holding the dpkg lock past provisioning and the plan (the lock's own
-    # cases are test_mirror's)
-    with mirror.fault(dpkg_lock_seconds=100):
+    # unattended-upgrades holding the dpkg lock past provisioning and the plan, until it ends
+    # while configure waits (the lock's own cases are test_mirror's)
+    with mirror.fault(dpkg_lock_seconds=600):
         prov = provision(cfg)
     assert prov.attachment and prov.attachment.device_path
     device = prov.attachment.device_path
@@ -83,7 +85,22 @@ def test_first_boot_configure_noop_drift_venv_repair_and_reboot(vm_config) -> No
 
     lock = run(cfg, f"systemctl is-active {mirror.LOCK_UNIT}").stdout.strip()
     assert lock == "active", "the dpkg lock is no longer held: the test would not show the wait"
-    first = configure(cfg)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # (in this test's Prefect settings, which live in a context variable)
+        running = pool.submit(contextvars.copy_context().run, configure, cfg)
+        # configure's apt waits on the lock; then unattended-upgrades finishes
+        waiting = "pgrep -f 'DPkg::Lock::[T]imeout=[0-9]+ install ' >/dev/null"
+        deadline = time.monotonic() + 120
+        try:
+            while run(cfg, waiting).returncode != 0:
+                assert not running.done(), running.result()
+                assert time.monotonic() < deadline, "configure never waited for the dpkg lock"
+                time.sleep(1)
+            time.sleep(3)
+            assert not running.done(), "configure went on while the dpkg lock was held"
+        finally:
+            run(cfg, f"sudo systemctl stop {mirror.LOCK_UNIT}")
+        first = running.result(timeout=900)
     records = {r.name: r for r in first.records}
     assert records["packages"].action == Action.CHANGE
     assert records["packages"].reason.startswith("installed python3-venv, sshfs"), records
