@@ -3,7 +3,9 @@ secrets scan of everything that left behind (one environment, bootstrapped once)
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import contextvars
 import datetime as dt
 import json
 import os
@@ -47,14 +49,18 @@ SERVICES_IP, MIRROR_PORT, INDEX_PORT = layout.SERVICES_IP, layout.MIRROR_PORT, l
 
 
 SCIENCE_FLOW = """\
+import os
 import time
 
 from prefect import flow
 
 
 @flow(name="science-hello")
-def hello(who: str = "ALMA-SAILS", seconds: float = 0) -> str:
-    time.sleep(seconds)
+def hello(who: str = "ALMA-SAILS", seconds: float = 0, until: str = "") -> str:
+    # works `seconds`, or until the file `until` exists on the VM (its work is done)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not (until and os.path.exists(until)):
+        time.sleep(0.5)
     return f"hello {who}"
 """
 #: Where the operators keep their codebase on /arc (below the /arc user's home).
@@ -668,11 +674,11 @@ def test_restarts_wait_for_the_runs_in_flight(
     auth = server_secrets(cfg)["auth_string"]
     vm = vm_for(cfg, locate_vm(open_connection(cfg), cfg))
 
-    def start(seconds: float) -> Any:
+    def start(seconds: float, until: str = "") -> Any:
         with remote_api(url, auth):
             run = run_deployment(
                 "science-hello/hello-vm",
-                parameters={"seconds": seconds},
+                parameters={"seconds": seconds, "until": until},
                 timeout=0,
                 as_subflow=False,
             )
@@ -695,13 +701,39 @@ def test_restarts_wait_for_the_runs_in_flight(
     def drift(path: str) -> None:
         vm.run(f"echo '# edited by hand' >> {path}", sudo=True)
 
+    def repaired_around_a_run(drifted: str, repair: Any) -> tuple[Any, Any]:
+        """``repair()`` of the file ``drifted`` while a science run works; the run's work ends
+        only once the repair has paused the pools and is waiting for it. (The run, the
+        repair's result.)"""
+        marker = f"/tmp/sails-test-done-{os.urandom(4).hex()}"
+        run = start(600, until=marker)
+        drift(drifted)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # (in this test's Prefect settings, which live in a context variable)
+            repairing = pool.submit(contextvars.copy_context().run, repair)
+            try:
+                deadline = time.monotonic() + 300
+                with remote_client(url, auth) as client:
+                    while not any(p.is_paused for p in client.read_work_pools()):
+                        assert not repairing.done(), repairing.result()
+                        assert time.monotonic() < deadline, "the repair never paused the pools"
+                        time.sleep(1)
+                time.sleep(3)
+                assert not repairing.done(), "the repair did not wait for the run in flight"
+            finally:
+                vm.run(f"touch {marker}")
+            return run, repairing.result(timeout=600)
+
+    def register_cfg() -> Any:
+        return register(cfg, science_codebase=codebase)
+
+    def configure_cfg() -> Any:
+        return configure(cfg)
+
     try:
         # a worker restart
-        run = start(40)
-        drift(WORKER_ENV)
-        workers = next(
-            r for r in register(cfg, science_codebase=codebase).records if r.name == "workers"
-        )
+        run, registered = repaired_around_a_run(WORKER_ENV, register_cfg)
+        workers = next(r for r in registered.records if r.name == "workers")
         assert "restarted vm-runs" in workers.reason, workers.reason
         assert f"run(s) in flight ({run.name})" in workers.reason, workers.reason
         state, paused = final(run)
@@ -709,9 +741,8 @@ def test_restarts_wait_for_the_runs_in_flight(
         assert paused == []
 
         # a server restart
-        run = start(40)
-        drift(SERVER_ENV)
-        server = next(r for r in configure(cfg).records if r.name == "prefect server")
+        run, configured = repaired_around_a_run(SERVER_ENV, configure_cfg)
+        server = next(r for r in configured.records if r.name == "prefect server")
         assert "restarted" in server.reason and run.name in server.reason, server.reason
         state, paused = final(run)
         assert state.type == StateType.COMPLETED, state
