@@ -13,12 +13,12 @@ that hold them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from core.fields import Name
+from core.fields import DerivedName, Name
 from core.prefect_settings import (
     OWN_POOL,
     BackupSettings,
@@ -108,22 +108,11 @@ class BootstrapConfig(_Model):
         return self
 
     # -- names derived from the environment -------------------------------------------------
-    @property
-    def keypair_name(self) -> str:
-        return f"{self.environment}-key"
-
-    @property
-    def server_name(self) -> str:
-        return f"{self.environment}-vm"
-
-    @property
-    def volume_name(self) -> str:
-        return f"{self.environment}-pspace"
-
-    @property
-    def security_group_name(self) -> str:
-        """The environment's own security group: exactly the ingress rules of the config."""
-        return f"{self.environment}-access"
+    keypair_name: ClassVar[DerivedName] = DerivedName("key")
+    server_name: ClassVar[DerivedName] = DerivedName("vm")
+    volume_name: ClassVar[DerivedName] = DerivedName("pspace")
+    #: The environment's own security group: exactly the ingress rules of the config.
+    security_group_name: ClassVar[DerivedName] = DerivedName("access")
 
     @property
     def ui_url(self) -> str:

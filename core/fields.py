@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import PurePosixPath
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, StringConstraints
 
@@ -71,3 +71,14 @@ def checked_vm_path(value: str, *, home: bool = False) -> str:
 
 #: A cron schedule (five fields, or a @nickname), in characters a unit or YAML cannot misread.
 Cron = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z*/,?#@ -]{1,100}$")]
+
+
+class DerivedName:
+    """A resource name derived from the environment, ``<environment>-<suffix>``: a read-only
+    attribute of the config (declared ``ClassVar``, so it is no field and no parameter)."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+
+    def __get__(self, config: Any, owner: type | None = None) -> str:
+        return f"{config.environment}-{self.suffix}"

@@ -12,20 +12,7 @@ from pydantic import BaseModel, Field
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.records import Action
-from flows.steps import (
-    canfar_smoke_test,
-    capture_ui,
-    copy_blocks,
-    deploy,
-    deploy_science,
-    ensure_code_venv,
-    ensure_local_profile,
-    ensure_work_pools,
-    ensure_workers,
-    install_code,
-    locate_vm,
-    run_on_server,
-)
+from flows import steps
 from tasks.access import vm_for
 from tasks.cloud import open_connection
 from tasks.cloud.locate import VMTarget
@@ -54,7 +41,7 @@ def register(
     """Make the VM's server ready for the pipeline: one command instead of `screen` sessions.
     ``plan=True`` only reads the server and says what would change."""
     if target is None:
-        target = locate_vm(open_connection(config), config)
+        target = steps.locate_vm(open_connection(config), config)
     vm = vm_for(config, target)
     try:
         return register_on(vm, config, science_codebase, plan)
@@ -73,18 +60,18 @@ def register_on(
     # operators reach the API through the ssh alias's forward; this run through its own
     result = RegisterResult(environment=config.environment, api_url=f"{config.ui_url}/api")
     records = result.records
-    records.append(ensure_local_profile(config, result.api_url, auth, apply))
+    records.append(steps.ensure_local_profile(config, result.api_url, auth, apply))
     lock = vm_exclusive(vm, config, "register") if apply else contextlib.nullcontext()
     with lock, vm.api(config.prefect.port) as base:
         url = f"{base}/api"
-        records.append(install_code(vm, config, url, auth, apply))
-        records.append(ensure_code_venv(vm, config, apply))
-        records.append(copy_blocks(config, url, auth, apply))
-        records.append(ensure_work_pools(config, url, auth, apply))
-        records.append(ensure_workers(vm, config, url, auth, apply))
-        records.append(deploy(config, url, auth, apply))
+        records.append(steps.install_code(vm, config, url, auth, apply))
+        records.append(steps.ensure_code_venv(vm, config, apply))
+        records.append(steps.copy_blocks(config, url, auth, apply))
+        records.append(steps.ensure_work_pools(config, url, auth, apply))
+        records.append(steps.ensure_workers(vm, config, url, auth, apply))
+        records.append(steps.deploy(config, url, auth, apply))
         if science_codebase and apply:
-            records.append(deploy_science(vm, config, science_codebase))
+            records.append(steps.deploy_science(vm, config, science_codebase))
     create_table_artifact(
         key=f"{'plan-' if plan else ''}register-{config.environment}",
         table=[r.row() for r in result.records],
@@ -101,10 +88,10 @@ def smoke_test(
 ) -> SessionRecord:
     """Launch a headless session from the VM, wait, read its logs, delete it."""
     if target is None:
-        target = locate_vm(open_connection(config), config)
+        target = steps.locate_vm(open_connection(config), config)
     vm = vm_for(config, target)
     try:
-        record = canfar_smoke_test(vm, config)
+        record = steps.canfar_smoke_test(vm, config)
     finally:
         vm.close()
     verdict = "FAILED" if record.action == Action.BLOCKED else "passed"
@@ -132,7 +119,7 @@ def ui_check(
     """The VM server's UI as an operator sees it: run the health-check deployment there (so its
     artifact is current), log in with the auth string in headless Chromium, and screenshot the
     deployments page and the health artifact."""
-    target = locate_vm(open_connection(config), config)
+    target = steps.locate_vm(open_connection(config), config)
     auth = (
         server_secrets(config, must_exist=True)["auth_string"] if config.prefect.api_auth else None
     )
@@ -141,9 +128,9 @@ def ui_check(
         # as an operator's browser does: through an SSH forward (the server is on loopback)
         with vm.api(config.prefect.port) as ui_url:
             api_url = f"{ui_url}/api"
-            health = (
-                run_on_server(api_url, auth, "health-check/health-check") if run_health else None
-            )
+            health = None
+            if run_health:
+                health = steps.run_on_server(api_url, auth, "health-check/health-check")
             key = f"health-{config.environment}"
             artifact = latest_artifact_id(api_url, auth, key)
             if artifact is None:
@@ -151,7 +138,7 @@ def ui_check(
                     f"the VM's server has no {key!r} artifact yet: run the health-check "
                     "deployment there first (or leave out --no-run-health)"
                 )
-            record = capture_ui(
+            record = steps.capture_ui(
                 ui_url,
                 auth,
                 {
