@@ -10,7 +10,8 @@ the same machine, so the table speaks of the design, not of the machine:
    and against a bare server's build (create → ACTIVE), which no tool can go below;
 2. a no-op re-run: API calls (all reads, zero writes) and wall time beyond Prefect's start-up;
 3. the first configure of a bare cloud-init guest (packages, volume, venv, server, /arc)
-   against a no-op configure, and the health check against its slowest single probe;
+   against a no-op configure, and the health check (beyond an empty flow) against its slowest
+   single probe;
 4. a no-op register (nothing changed on the VM's Prefect server) and a no-op `up`;
 5. the time to detect a frozen /arc host, against the probe's own limit;
 6. recovery: a lost VM (`up` again on the kept volume) and a lost volume (`up` on a new one,
@@ -337,10 +338,13 @@ def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
             + ", ".join(r["first_changed"]),
         ),
         (
-            "health check, whole flow run / slowest probe",
-            f"{r['health'] / r['slowest_probe']:.2f}",
+            # the probes run at once: beyond Prefect's own start of a flow run, the check
+            # should take about its slowest probe (plus locating the VM and one SSH login)
+            "health check beyond an empty flow / its slowest probe",
+            f"{max(0.0, r['health'] - r['prefect_overhead']) / r['slowest_probe']:.2f}",
             "≤ 1.30",
-            f"{r['health']:.1f} s vs {r['slowest_probe']:.1f} s ({r['slowest_name']})",
+            f"{r['health']:.1f} s run, {r['prefect_overhead']:.1f} s empty flow, slowest probe "
+            f"{r['slowest_probe']:.1f} s ({r['slowest_name']})",
         ),
         (
             "frozen /arc detected / probe limit",
