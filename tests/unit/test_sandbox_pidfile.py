@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from sandbox import pidfile
@@ -12,9 +13,21 @@ from sandbox import pidfile
 SERVER = [sys.executable, "-c", "import time; time.sleep(60)", "sails-test-server"]
 
 
+def started(command: list[str]) -> subprocess.Popen[bytes]:
+    """``command`` running: until its exec, a child's command line is still its parent's."""
+    proc = subprocess.Popen(command)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[:-1] != [
+        arg.encode() for arg in command
+    ]:
+        assert time.monotonic() < deadline, "the process never ran its command"
+        time.sleep(0.01)
+    return proc
+
+
 def test_the_server_is_found_and_stopped(tmp_path: Path) -> None:
     pid_file = tmp_path / "server.pid"
-    proc = subprocess.Popen(SERVER)
+    proc = started(SERVER)
     try:
         pid_file.write_text(f"{proc.pid}\n")
         assert pidfile.alive(pid_file, b"sails-test-server", b"time.sleep") == proc.pid
@@ -27,7 +40,7 @@ def test_the_server_is_found_and_stopped(tmp_path: Path) -> None:
 
 def test_a_pid_of_another_process_is_left_alone(tmp_path: Path) -> None:
     pid_file = tmp_path / "server.pid"
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = started([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         pid_file.write_text(f"{other.pid}\n")  # the server is gone; its pid was reused
         assert pidfile.alive(pid_file, b"sails-test-server") is None
