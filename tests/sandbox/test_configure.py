@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import contextvars
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from flows.teardown import teardown
 from tasks.arc import UNIT
 from tasks.prefect_server import api_check, server_secrets
 from tasks.service_user import UNITS_HELPER
-from tests.fixtures.bootstrap import operator_tunnel, ssh_alias
+from tests.fixtures.bootstrap import operator_tunnel, released_once_waiting, ssh_alias
 
 pytestmark = [pytest.mark.sandbox]
 
@@ -85,22 +83,14 @@ def test_first_boot_configure_noop_drift_venv_repair_and_reboot(vm_config) -> No
 
     lock = run(cfg, f"systemctl is-active {mirror.LOCK_UNIT}").stdout.strip()
     assert lock == "active", "the dpkg lock is no longer held: the test would not show the wait"
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        # (in this test's Prefect settings, which live in a context variable)
-        running = pool.submit(contextvars.copy_context().run, configure, cfg)
-        # configure's apt waits on the lock; then unattended-upgrades finishes
-        waiting = "pgrep -f 'DPkg::Lock::[T]imeout=[0-9]+ install ' >/dev/null"
-        deadline = time.monotonic() + 120
-        try:
-            while run(cfg, waiting).returncode != 0:
-                assert not running.done(), running.result()
-                assert time.monotonic() < deadline, "configure never waited for the dpkg lock"
-                time.sleep(1)
-            time.sleep(3)
-            assert not running.done(), "configure went on while the dpkg lock was held"
-        finally:
-            run(cfg, f"sudo systemctl stop {mirror.LOCK_UNIT}")
-        first = running.result(timeout=900)
+    # configure's apt waits on the lock; then unattended-upgrades finishes
+    waiting = "pgrep -f 'DPkg::Lock::[T]imeout=[0-9]+ install ' >/dev/null"
+    first = released_once_waiting(
+        lambda: configure(cfg),
+        lambda: run(cfg, waiting).returncode == 0,
+        lambda: run(cfg, f"sudo systemctl stop {mirror.LOCK_UNIT}"),
+        "configure, for the dpkg lock,",
+    )
     records = {r.name: r for r in first.records}
     assert records["packages"].action == Action.CHANGE
     assert records["packages"].reason.startswith("installed python3-venv, sshfs"), records

@@ -3,10 +3,9 @@ secrets scan of everything that left behind (one environment, bootstrapped once)
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import contextvars
 import datetime as dt
+import functools
 import json
 import os
 import shlex
@@ -40,7 +39,12 @@ from tasks.code_on_vm import OLD_PTH
 from tasks.deploy import deploy_version
 from tasks.prefect_server import server_secrets
 from tasks.vm_server import remote_api, remote_client, run_on_server
-from tests.fixtures.bootstrap import operator_config, operator_tunnel, remove_environment
+from tests.fixtures.bootstrap import (
+    operator_config,
+    operator_tunnel,
+    released_once_waiting,
+    remove_environment,
+)
 from tests.fixtures.capture import Capture, capturing, encodings
 
 pytestmark = [pytest.mark.sandbox]
@@ -708,31 +712,22 @@ def test_restarts_wait_for_the_runs_in_flight(
         marker = f"/tmp/sails-test-done-{os.urandom(4).hex()}"
         run = start(600, until=marker)
         drift(drifted)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            # (in this test's Prefect settings, which live in a context variable)
-            repairing = pool.submit(contextvars.copy_context().run, repair)
-            try:
-                deadline = time.monotonic() + 300
-                with remote_client(url, auth) as client:
-                    while not any(p.is_paused for p in client.read_work_pools()):
-                        assert not repairing.done(), repairing.result()
-                        assert time.monotonic() < deadline, "the repair never paused the pools"
-                        time.sleep(1)
-                time.sleep(3)
-                assert not repairing.done(), "the repair did not wait for the run in flight"
-            finally:
-                vm.run(f"touch {marker}")
-            return run, repairing.result(timeout=600)
 
-    def register_cfg() -> Any:
-        return register(cfg, science_codebase=codebase)
-
-    def configure_cfg() -> Any:
-        return configure(cfg)
+        with remote_client(url, auth) as client:
+            released = released_once_waiting(
+                repair,
+                lambda: any(p.is_paused for p in client.read_work_pools()),
+                lambda: vm.run(f"touch {marker}"),
+                "the repair, for the run in flight,",
+                timeout=300,
+            )
+        return run, released
 
     try:
         # a worker restart
-        run, registered = repaired_around_a_run(WORKER_ENV, register_cfg)
+        run, registered = repaired_around_a_run(
+            WORKER_ENV, functools.partial(register, cfg, science_codebase=codebase)
+        )
         workers = next(r for r in registered.records if r.name == "workers")
         assert "restarted vm-runs" in workers.reason, workers.reason
         assert f"run(s) in flight ({run.name})" in workers.reason, workers.reason
@@ -741,7 +736,7 @@ def test_restarts_wait_for_the_runs_in_flight(
         assert paused == []
 
         # a server restart
-        run, configured = repaired_around_a_run(SERVER_ENV, configure_cfg)
+        run, configured = repaired_around_a_run(SERVER_ENV, functools.partial(configure, cfg))
         server = next(r for r in configured.records if r.name == "prefect server")
         assert "restarted" in server.reason and run.name in server.reason, server.reason
         state, paused = final(run)
