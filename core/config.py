@@ -12,7 +12,7 @@ that hold them.
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Literal
 
 import yaml
@@ -85,6 +85,51 @@ class BootstrapConfig(_Model):
                 "backup.destination is arc but arc.enabled is false: enable /arc, or set "
                 "backup.destination: local"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _database_fits(self) -> BootstrapConfig:
+        db, field = self.prefect.database, "prefect.database"
+        if db.switch and db.kind != "postgresql":
+            raise ValueError(
+                f"{field}.switch: true moves the server to PostgreSQL: set {field}.kind: "
+                "postgresql too, or remove switch"
+            )
+        if db.password_block == self.prefect.auth_block:
+            raise ValueError(
+                f"{field}.password_block: {db.password_block!r} is prefect.auth_block, the "
+                "block of the server's auth string and key; name a block of its own (default "
+                "'sails-prefect-db')"
+            )
+        if db.kind != "postgresql":
+            return self
+        if db.port == self.prefect.port:
+            raise ValueError(
+                f"{field}.port: {db.port} is prefect.port, the Prefect server's; pick another "
+                "(default 5432)"
+            )
+        data, mount = PurePosixPath(db.data_directory), PurePosixPath(self.volume.mount_point)
+        if mount not in data.parents:
+            raise ValueError(
+                f"{field}.data_directory: {db.data_directory} is not on the volume: put it "
+                f"below volume.mount_point ({mount}), e.g. {mount}/postgres, so the database "
+                "outlives the VM"
+            )
+        # the server's home and venv, and this package's code and venv (tasks/code_on_vm.py,
+        # tasks/venvs.py), which are replaced whole on update
+        taken = {
+            "prefect.home": self.prefect.home,
+            "prefect.venv": self.prefect.venv,
+            "this package's code": f"{mount}/sails-bootstrap",
+            "this package's venv": f"{mount}/sails-bootstrap-env",
+        }
+        for what, path in taken.items():
+            other = PurePosixPath(path)
+            if data == other or other in data.parents or data in other.parents:
+                raise ValueError(
+                    f"{field}.data_directory: {db.data_directory} overlaps {what} ({path}): "
+                    f"give PostgreSQL a folder of its own, e.g. {mount}/postgres"
+                )
         return self
 
     @property

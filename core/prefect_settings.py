@@ -1,5 +1,5 @@
-"""The configuration's sections for the VM's Prefect server (its venv, home, work pools) and
-for the copies of its database, with their defaults."""
+"""The configuration's sections for the VM's Prefect server (its venv, home, work pools, its
+database) and for the copies of its database, with their defaults."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, field_validator
+from pydantic import AfterValidator, Field, StringConstraints, field_validator
 
 from core.fields import Cron, Name, NonEmpty, Port, UserName, checked_vm_path
 from core.settings import _Model
@@ -32,6 +32,54 @@ def _seed_pools() -> list[WorkPool]:
         WorkPool(name="headless-runs", concurrency=12),
         WorkPool(name=OWN_POOL),
     ]
+
+
+def _pg_name(value: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", value):
+        raise ValueError(
+            f"{value!r} is not a PostgreSQL name this tool accepts: lowercase letters, digits "
+            "and underscores, starting with a letter or underscore (no dashes), e.g. prefect"
+        )
+    return value
+
+
+#: A PostgreSQL role or database name that needs no quoting in SQL, a URL or a shell.
+PgName = Annotated[str, AfterValidator(_pg_name)]
+
+
+class DatabaseSettings(_Model):
+    """The Prefect server's database: SQLite in ``prefect.home`` (the default), or PostgreSQL
+    from the distribution's packages with its data directory on the volume."""
+
+    kind: Literal["sqlite", "postgresql"] = Field(
+        default="sqlite",
+        description="'sqlite': prefect.home/prefect.db. 'postgresql': a cluster of the VM's "
+        "own PostgreSQL with its data directory on the volume, listening on the VM's loopback.",
+    )
+    switch: bool = Field(
+        default=False,
+        description="Move a server whose SQLite database holds history to PostgreSQL (the "
+        "SQLite file is kept where it is; its history is not copied). Without it such a "
+        "volume keeps SQLite and configure refuses.",
+    )
+    data_directory: str = Field(
+        default="/mnt/pspace/postgres",
+        description="The PostgreSQL cluster's data directory, below volume.mount_point.",
+    )
+    port: int = Field(
+        default=5432, ge=1024, le=65535, description="Port of PostgreSQL on the VM's loopback."
+    )
+    name: PgName = Field(default="prefect", description="The Prefect server's database.")
+    user: PgName = Field(default="prefect", description="The role the Prefect server logs in as.")
+    password_block: Name = Field(
+        default="sails-prefect-db",
+        description="Secret block holding that role's password (made when missing).",
+    )
+
+    @field_validator("data_directory")
+    @classmethod
+    def _vm_path(cls, value: str) -> str:
+        return checked_vm_path(value).rstrip("/")
 
 
 class PrefectSettings(_Model):
@@ -83,6 +131,7 @@ class PrefectSettings(_Model):
         "runs it interrupted.",
     )
     health_cron: Cron = Field(default="*/15 * * * *", description="Health check schedule.")
+    database: DatabaseSettings = DatabaseSettings()
 
     @field_validator("home", "venv")
     @classmethod

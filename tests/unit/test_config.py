@@ -89,6 +89,63 @@ def test_names_derive_from_the_environment() -> None:
             "who has sudo",
         ),
         ({"prefect": {"uid": 0}}, "prefect.uid", "greater than or equal to 1000"),
+        (
+            {"prefect": {"database": {"kind": "mysql"}}},
+            "prefect.database.kind",
+            "'sqlite' or 'postgresql'",
+        ),
+        (
+            {"prefect": {"database": {"switch": True}}},
+            "prefect.database.switch",
+            "set prefect.database.kind: postgresql too",
+        ),
+        (
+            {"prefect": {"database": {"kind": "postgresql", "data_directory": "/var/lib/pg"}}},
+            "prefect.database.data_directory",
+            "below volume.mount_point (/mnt/pspace), e.g. /mnt/pspace/postgres",
+        ),
+        (
+            {"prefect": {"database": {"kind": "postgresql", "data_directory": "/mnt/pspace"}}},
+            "prefect.database.data_directory",
+            "not on the volume",
+        ),
+        (
+            {
+                "prefect": {
+                    "database": {
+                        "kind": "postgresql",
+                        "data_directory": "/mnt/pspace/prefect-data/pg",
+                    }
+                }
+            },
+            "prefect.database.data_directory",
+            "overlaps prefect.home",
+        ),
+        (
+            {
+                "prefect": {
+                    "database": {
+                        "kind": "postgresql",
+                        "data_directory": "/mnt/pspace/sails-bootstrap",
+                    }
+                }
+            },
+            "prefect.database.data_directory",
+            "overlaps this package's code",
+        ),
+        (
+            {"prefect": {"database": {"kind": "postgresql", "port": 4200}}},
+            "prefect.database.port",
+            "is prefect.port",
+        ),
+        ({"prefect": {"database": {"port": 80}}}, "prefect.database.port", "1024"),
+        ({"prefect": {"database": {"user": "prefect-db"}}}, "prefect.database.user", "no dashes"),
+        ({"prefect": {"database": {"name": "Prefect"}}}, "prefect.database.name", "lowercase"),
+        (
+            {"prefect": {"database": {"password_block": "sails-prefect-auth"}}},
+            "prefect.database.password_block",
+            "name a block of its own",
+        ),
     ],
 )
 def test_bad_input_names_field_and_fix(data: dict, field: str, fix: str) -> None:
@@ -124,6 +181,11 @@ def test_bad_input_names_field_and_fix(data: dict, field: str, fix: str) -> None
         ),
         ({"prefect": {"health_cron": "* * * * *\nx"}}, "prefect.health_cron"),
         ({"backup": {"cron": "30 2 * * *\nx"}}, "backup.cron"),
+        (
+            {"prefect": {"database": {"data_directory": "/mnt/pspace/pg\nExecStart=/bin/sh"}}},
+            "prefect.database.data_directory",
+        ),
+        ({"prefect": {"database": {"user": "prefect'; DROP ROLE x; --"}}}, "prefect.database.user"),
         ({"backup": {"arc_dir": "backups/../../.ssh"}}, "backup.arc_dir"),
         ({"backup": {"arc_dir": "backups/$(reboot)"}}, "backup.arc_dir"),
         (
@@ -237,3 +299,30 @@ def test_pinned_arc_host_keys_are_the_only_ones_sshfs_accepts() -> None:
     assert known_hosts_text(pinned).splitlines()[1:] == [f"[ws-uv.canfar.net]:64022 {key}"]
     unpinned = unit_text(parse_config({}, "test.yaml"), "sailsuser")
     assert "StrictHostKeyChecking=accept-new" in unpinned and "UserKnownHostsFile" not in unpinned
+
+
+def test_the_database_is_sqlite_unless_asked() -> None:
+    db = BootstrapConfig().prefect.database
+    assert (db.kind, db.switch, db.data_directory) == ("sqlite", False, "/mnt/pspace/postgres")
+    assert (db.name, db.user, db.port, db.password_block) == (
+        "prefect",
+        "prefect",
+        5432,
+        "sails-prefect-db",
+    )
+    moved = parse_config(
+        {
+            "volume": {"mount_point": "/data"},
+            "prefect": {
+                "home": "/data/prefect-data",
+                "database": {
+                    "kind": "postgresql",
+                    "switch": True,
+                    "data_directory": "/data/pg/",
+                },
+            },
+        }
+    ).prefect.database
+    assert (moved.kind, moved.switch, moved.data_directory) == ("postgresql", True, "/data/pg")
+    # SQLite never reads the PostgreSQL fields' placement: another mount point keeps validating
+    assert parse_config({"volume": {"mount_point": "/data"}}).prefect.database.kind == "sqlite"
