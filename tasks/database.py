@@ -1,0 +1,256 @@
+"""Which database the VM's Prefect server runs on, decided from what the VM shows: pure.
+
+SQLite (``prefect.home/prefect.db``) is the default. PostgreSQL is a cluster of the VM's own
+PostgreSQL, its data directory on the volume. A volume whose SQLite database holds the server's
+history keeps it until the operator sets ``prefect.database.switch``; a switch never deletes or
+moves the SQLite file, and copies none of its history (Prefect offers no way to). The cluster's
+existence on the volume records that the switch was asked for: a run cut off after it was made,
+or a VM made again around the same volume, finishes the switch without asking again.
+
+``tasks/postgres.py`` reads the VM and applies the decision.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from enum import StrEnum
+from typing import Literal, cast
+from urllib.parse import quote, unquote, urlsplit
+
+from pydantic import BaseModel, Field
+
+from core.prefect_settings import DatabaseSettings
+
+#: The server's environment variable for its database (PREFECT_API_DATABASE_CONNECTION_URL is
+#: Prefect's older alias for it).
+URL_VARIABLE = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+_URL_VARIABLES = (URL_VARIABLE, "PREFECT_API_DATABASE_CONNECTION_URL")
+
+
+class DbAction(StrEnum):
+    KEEP = "keep"  # as configured: nothing to do but check the settings
+    INIT = "init"  # a new cluster for a server with no history elsewhere
+    SWITCH = "switch"  # the server moves from SQLite to the cluster (the SQLite file stays)
+    ADOPT = "adopt"  # the volume's cluster, made by an earlier VM: run it, point the server at it
+    START = "start"  # the server's cluster is there but stopped
+    REFUSE = "refuse"  # changing anything would lose or hide history: the reason names the fix
+
+
+DataState = Literal["missing", "empty", "cluster", "other"]
+
+
+class DbObserved(BaseModel):
+    """What the VM shows of its databases."""
+
+    #: A non-empty prefect.db in prefect.home (a server that ran on SQLite).
+    sqlite_file: bool = False
+    #: The data directory: "missing", "empty", "cluster" (it holds PG_VERSION) or "other" (files,
+    #: but no cluster).
+    data: DataState = "missing"
+    #: The cluster's PostgreSQL major version (PG_VERSION), when there is one.
+    cluster_version: str | None = None
+    #: The user owning the data directory.
+    data_owner: str | None = None
+    #: Its postgresql.conf includes this tool's settings file.
+    conf_included: bool = False
+    #: Major versions of the PostgreSQL server installed on the VM.
+    installed: list[str] = Field(default_factory=list)
+    #: This tool's PostgreSQL unit is active.
+    running: bool = False
+    #: Something listens on prefect.database.port.
+    port_listening: bool = False
+    #: What the Prefect server's environment file points at ("none": no such file yet).
+    server_uses: Literal["none", "sqlite", "postgresql"] = "none"
+
+    @property
+    def port_busy(self) -> bool:
+        """Another server holds the port (ours is not running)."""
+        return self.port_listening and not self.running
+
+
+class DbDecision(BaseModel):
+    action: DbAction
+    reason: str
+
+    @property
+    def makes_cluster(self) -> bool:
+        return self.action in (DbAction.INIT, DbAction.SWITCH)
+
+
+def decide_database(db: DatabaseSettings, seen: DbObserved, sqlite_path: str) -> DbDecision:
+    """The action for the configured ``db`` given what the VM shows."""
+    where = db.data_directory
+    version = seen.cluster_version
+    if db.kind == "sqlite":
+        if seen.server_uses == "postgresql":
+            return DbDecision(
+                action=DbAction.REFUSE,
+                reason=f"the Prefect server runs on PostgreSQL ({where}), which holds its "
+                "history; this tool does not move it back to SQLite: set "
+                "prefect.database.kind: postgresql",
+            )
+        if seen.data == "cluster" and seen.server_uses == "none":
+            return DbDecision(
+                action=DbAction.REFUSE,
+                reason=f"the volume holds the PostgreSQL cluster at {where} that the Prefect "
+                f"server ran on; on SQLite it would show the older history of {sqlite_path} "
+                "instead: set prefect.database.kind: postgresql",
+            )
+        return DbDecision(action=DbAction.KEEP, reason=f"SQLite at {sqlite_path}")
+    if seen.data == "other":
+        return DbDecision(
+            action=DbAction.REFUSE,
+            reason=f"{where} holds files but no PostgreSQL cluster (no PG_VERSION): move them "
+            "away or set prefect.database.data_directory to another folder; nothing is "
+            "written over them",
+        )
+    if version and seen.installed and version not in seen.installed:
+        return DbDecision(
+            action=DbAction.REFUSE,
+            reason=f"the cluster at {where} is PostgreSQL {version} and the VM has the server "
+            f"of {', '.join(seen.installed)} only: install postgresql-{version} on the VM, or "
+            "upgrade the cluster (pg_upgrade) by hand; this tool does neither",
+        )
+    if seen.port_busy:
+        return DbDecision(
+            action=DbAction.REFUSE,
+            reason=f"port {db.port} on the VM is taken by another server (another PostgreSQL "
+            "cluster? see `pg_lsclusters` and `sudo ss -ltnp` there): stop it, or set "
+            "prefect.database.port",
+        )
+    if seen.server_uses == "postgresql":
+        if seen.data != "cluster":
+            return DbDecision(
+                action=DbAction.REFUSE,
+                reason=f"the Prefect server's environment points at PostgreSQL, but {where} "
+                "holds no cluster (another volume attached? the folder moved?): put it back; "
+                "no new cluster is made in its place",
+            )
+        if seen.running:
+            return DbDecision(action=DbAction.KEEP, reason=f"PostgreSQL {version} at {where}")
+        return DbDecision(action=DbAction.START, reason=f"start PostgreSQL {version} at {where}")
+    if seen.data == "cluster":
+        if seen.server_uses == "none":
+            return DbDecision(
+                action=DbAction.ADOPT,
+                reason=f"the volume's PostgreSQL {version} cluster at {where}: run it and point "
+                "the Prefect server at it",
+            )
+        return DbDecision(
+            action=DbAction.SWITCH,
+            reason=f"finish the switch to the PostgreSQL cluster at {where}: the Prefect server "
+            f"leaves SQLite ({sqlite_path} stays as it is)",
+        )
+    if seen.sqlite_file and not db.switch:
+        return DbDecision(
+            action=DbAction.REFUSE,
+            reason=f"a SQLite database with history is on the volume ({sqlite_path}); set "
+            "prefect.database.switch: true to move to PostgreSQL (the SQLite file is kept; "
+            "its history is not copied)",
+        )
+    if seen.sqlite_file:
+        return DbDecision(
+            action=DbAction.SWITCH,
+            reason=f"switch the Prefect server from SQLite to a new PostgreSQL cluster at "
+            f"{where}; {sqlite_path} stays as it is, its history not copied (run register "
+            "afterwards for the pools, blocks and deployments)",
+        )
+    return DbDecision(
+        action=DbAction.INIT,
+        reason=f"a new PostgreSQL cluster at {where} for the Prefect server",
+    )
+
+
+def parse_observed(output: str) -> DbObserved:
+    """The ``key=value`` lines ``tasks/postgres.py: OBSERVE`` prints."""
+    values: dict[str, list[str]] = {}
+    for line in output.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep:
+            values.setdefault(key, []).append(value.strip())
+
+    def one(key: str) -> str | None:
+        return values.get(key, [None])[-1]
+
+    data = one("data") or "missing"
+    return DbObserved(
+        sqlite_file=one("sqlite") == "1",
+        data=cast(DataState, data if data in ("missing", "empty", "cluster") else "other"),
+        cluster_version=one("version") or None,
+        data_owner=one("owner") or None,
+        conf_included=one("included") == "1",
+        installed=sorted(set(values.get("installed", [])), key=_major),
+        running=one("running") == "1",
+        port_listening=one("listening") == "1",
+        server_uses=_server_uses(one("server")),
+    )
+
+
+def _major(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (0, version)
+
+
+def _server_uses(value: str | None) -> Literal["none", "sqlite", "postgresql"]:
+    if value == "postgresql":
+        return "postgresql"
+    return "sqlite" if value == "sqlite" else "none"
+
+
+def server_version(seen: DbObserved) -> str | None:
+    """The major version the cluster runs with: its own, or for a new one the newest installed."""
+    if seen.cluster_version:
+        return seen.cluster_version
+    return seen.installed[-1] if seen.installed else None
+
+
+def database_url(db: DatabaseSettings, password: str) -> str:
+    """The Prefect server's connection URL (it holds the password: only for its 0600 env)."""
+    return (
+        f"postgresql+asyncpg://{db.user}:{quote(password, safe='')}@127.0.0.1:{db.port}/{db.name}"
+    )
+
+
+def password_in_env(env: str) -> str | None:
+    """The database password in the server's environment file text, if it points at
+    PostgreSQL."""
+    for line in env.splitlines():
+        name, _, value = line.partition("=")
+        if name.strip() in _URL_VARIABLES and value.startswith("postgresql"):
+            password = urlsplit(value.strip()).password
+            return unquote(password) if password else None
+    return None
+
+
+# -- the role's password, compared without sending it ----------------------------------------
+def scram_verifier(password: str, salt: bytes, iterations: int = 4096) -> str:
+    """PostgreSQL's SCRAM-SHA-256 verifier of ``password`` (what ``pg_authid.rolpassword``
+    holds, RFC 5802/7677): the role's password is set and compared through it, so the password
+    itself never reaches the VM's database, its logs or a command line."""
+    if not password.isascii():
+        raise ValueError("the database password must be ASCII (it is compared without SASLprep)")
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def verifier_matches(stored: str, password: str) -> bool:
+    """Whether a role's stored verifier is that of ``password`` (an md5 or plain one never is:
+    it is replaced by a SCRAM one)."""
+    try:
+        method, rest = stored.strip().split("$", 1)
+        head, _keys = rest.split("$", 1)
+        iterations, salt = head.split(":", 1)
+        if method != "SCRAM-SHA-256":
+            return False
+        expected = scram_verifier(password, base64.b64decode(salt), int(iterations))
+    except ValueError:
+        return False
+    return hmac.compare_digest(expected, stored.strip())
