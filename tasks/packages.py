@@ -50,7 +50,35 @@ def needed_packages(config: BootstrapConfig) -> list[str]:
     wanted = ["python3-venv"]
     if config.arc.enabled:
         wanted.append("sshfs")  # brings fuse3 (fusermount3, used by the unit)
+    if config.prefect.database.kind == "postgresql":
+        wanted.append("postgresql")  # the distribution's current server (tasks/postgres.py)
     return wanted
+
+
+#: Debian's and Ubuntu's server package makes a cluster "main" in /var/lib/postgresql, on the
+#: root disk and on port 5432, unless postgresql-common's createcluster.conf says not to; the
+#: Prefect server's cluster is made on the volume instead (tasks/postgres.py).
+NO_MAIN_CLUSTER = (
+    "f=/etc/postgresql-common/createcluster.conf; "
+    "grep -Eq '^[[:space:]]*create_main_cluster[[:space:]]*=[[:space:]]*false' \"$f\" 2>/dev/null "
+    '|| { mkdir -p "$(dirname "$f")" && touch "$f" && '
+    "sed -i -E '/^[[:space:]]*#?[[:space:]]*create_main_cluster[[:space:]]*=/d' \"$f\" && "
+    "echo 'create_main_cluster = false' >> \"$f\"; }"
+)
+
+#: Packages whose install is prepared: another package installed first, then a root command
+#: (and what it does, for the plan).
+PREPARED: dict[str, tuple[str, str, str]] = {
+    "postgresql": ("postgresql-common", NO_MAIN_CLUSTER, "told to make no 'main' cluster"),
+}
+
+
+def install_stages(missing: list[str]) -> list[tuple[list[str], str | None]]:
+    """The apt installs for ``missing``, in order, each with the root command run after it: the
+    packages a prepared one needs first and its command, then all the rest."""
+    first = {PREPARED[m][0]: PREPARED[m][1] for m in missing if m in PREPARED}
+    stages: list[tuple[list[str], str | None]] = [([p], cmd) for p, cmd in first.items()]
+    return [*stages, (missing, None)]
 
 
 def parse_dpkg_status(output: str) -> dict[str, bool]:
@@ -298,11 +326,12 @@ def ensure_packages(vm: VM, config: BootstrapConfig, apply: bool = True) -> Pack
         record.reason = f"pending: apt-get install {' '.join(missing)}" + (
             " (package lists refreshed first)" if stale else ""
         )
+        for first, _, note in (PREPARED[m] for m in missing if m in PREPARED):
+            record.reason += f" ({first} first, {note})"
         return record
     log = logger()
     start = time.monotonic()
     deadline = start + config.server.apt_timeout
-    install = "install --no-install-recommends " + " ".join(shlex.quote(m) for m in missing)
     refreshed = repaired = False
     if stale:
         log.info("refreshing the package lists on %s (apt-get update)", vm.host)
@@ -310,29 +339,33 @@ def ensure_packages(vm: VM, config: BootstrapConfig, apply: bool = True) -> Pack
         if classify_apt(update.code, update.stdout + update.stderr) != AptOutcome.OK:
             raise BootstrapError(f"apt-get update on {vm.host} failed: {_tail(update)}")
         refreshed = True
-    log.info("installing %s on %s with apt", ", ".join(missing), vm.host)
-    while True:
-        r = _apt(vm, install, deadline, f"installing {', '.join(missing)}")
-        outcome = classify_apt(r.code, r.stdout + r.stderr)
-        if outcome == AptOutcome.OK:
-            break
-        if outcome == AptOutcome.STALE_LISTS and not refreshed:
-            log.info("apt does not know %s yet: refreshing the package lists", " ".join(missing))
-            update = _apt(vm, "update", deadline, "refreshing the package lists")
-            refreshed = True
-            continue
-        if outcome in (AptOutcome.INTERRUPTED, AptOutcome.BROKEN) and not repaired:
-            _repair(vm, deadline, outcome)
-            repaired = True
-            continue
-        hint = (
-            "; the image's apt sources may not carry it (check /etc/apt/sources.list.d/)"
-            if outcome == AptOutcome.STALE_LISTS
-            else ""
-        )
-        raise BootstrapError(
-            f"apt on {vm.host} could not install {' '.join(missing)}: {_tail(r)}{hint}"
-        )
+    for names, command in install_stages(missing):
+        log.info("installing %s on %s with apt", ", ".join(names), vm.host)
+        install = "install --no-install-recommends " + " ".join(shlex.quote(m) for m in names)
+        while True:
+            r = _apt(vm, install, deadline, f"installing {', '.join(names)}")
+            outcome = classify_apt(r.code, r.stdout + r.stderr)
+            if outcome == AptOutcome.OK:
+                break
+            if outcome == AptOutcome.STALE_LISTS and not refreshed:
+                log.info("apt does not know %s yet: refreshing the package lists", " ".join(names))
+                update = _apt(vm, "update", deadline, "refreshing the package lists")
+                refreshed = True
+                continue
+            if outcome in (AptOutcome.INTERRUPTED, AptOutcome.BROKEN) and not repaired:
+                _repair(vm, deadline, outcome)
+                repaired = True
+                continue
+            hint = (
+                "; the image's apt sources may not carry it (check /etc/apt/sources.list.d/)"
+                if outcome == AptOutcome.STALE_LISTS
+                else ""
+            )
+            raise BootstrapError(
+                f"apt on {vm.host} could not install {' '.join(names)}: {_tail(r)}{hint}"
+            )
+        if command:
+            vm.run(command, sudo=True)
     still = missing_packages(wanted, _dpkg_status(vm, wanted))
     if still:
         raise BootstrapError(

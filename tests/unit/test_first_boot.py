@@ -26,8 +26,10 @@ from tasks.arc import START_LIMIT_BURST, unit_text
 from tasks.cloud.console import parse_fingerprints
 from tasks.first_boot import cloud_init_state, wait_for_port
 from tasks.packages import (
+    NO_MAIN_CLUSTER,
     AptOutcome,
     classify_apt,
+    install_stages,
     lists_stale,
     missing_packages,
     needed_packages,
@@ -228,6 +230,8 @@ def test_package_decision() -> None:
     assert needed_packages(BootstrapConfig()) == ["python3-venv", "sshfs"]
     no_arc = BootstrapConfig.model_validate({"arc": {"enabled": False}})
     assert needed_packages(no_arc) == ["python3-venv"]
+    on_pg = BootstrapConfig.model_validate({"prefect": {"database": {"kind": "postgresql"}}})
+    assert needed_packages(on_pg) == ["python3-venv", "sshfs", "postgresql"]
     status = parse_dpkg_status(
         "sshfs\tii \npython3-venv\trc \nfuse3:amd64\tiU \nopenssh-server\tii \n"
     )
@@ -327,3 +331,29 @@ def test_a_port_that_stays_closed_names_what_to_check() -> None:
     port = _free_port()
     with pytest.raises(BootstrapError, match=r"did not accept connections within 0 s .*security"):
         wait_for_port("127.0.0.1", port, timeout=0)
+
+
+def test_postgresql_is_installed_after_postgresql_common_is_told_to_make_no_main_cluster(
+    tmp_path: Path,
+) -> None:
+    assert install_stages(["sshfs"]) == [(["sshfs"], None)]
+    (first, command), rest = install_stages(["sshfs", "postgresql"])
+    assert first == ["postgresql-common"] and command == NO_MAIN_CLUSTER
+    assert rest == (["sshfs", "postgresql"], None)
+    # the command on the file postgresql-common ships (its template comments the setting out)
+    conf = tmp_path / "createcluster.conf"
+    conf.write_text("# create_main_cluster = true\nssl = on\n")
+    script = NO_MAIN_CLUSTER.replace("/etc/postgresql-common/createcluster.conf", str(conf))
+    for _ in range(2):  # a second run changes nothing
+        subprocess.run(["sh", "-c", script], check=True)
+        assert conf.read_text() == "ssl = on\ncreate_main_cluster = false\n"
+    missing = tmp_path / "none" / "createcluster.conf"
+    subprocess.run(
+        [
+            "sh",
+            "-c",
+            NO_MAIN_CLUSTER.replace("/etc/postgresql-common/createcluster.conf", str(missing)),
+        ],
+        check=True,
+    )
+    assert missing.read_text() == "create_main_cluster = false\n"
