@@ -32,6 +32,7 @@ from tasks import (
     health,
     local_ssh,
     packages,
+    postgres,
     prefect_server,
     register,
     service_user,
@@ -113,6 +114,7 @@ wait_for_ssh = _wrap(first_boot.wait_for_ssh, "wait-for-ssh", UNCACHED)
 wait_for_cloud_init = _wrap(first_boot.wait_for_cloud_init, "wait-for-cloud-init", VM_TASK)
 ensure_packages = _wrap(packages.ensure_packages, "ensure-packages", VM_TASK)
 ensure_volume_mounted = _wrap(volume_fs.ensure_volume_mounted, "ensure-volume-mounted", VM_TASK)
+ensure_database = _wrap(postgres.ensure_database, "ensure-database", VM_TASK)
 ensure_operator_keys = _wrap(sshd.ensure_operator_keys, "ensure-operator-keys", VM_TASK)
 ensure_sshd_keepalive = _wrap(sshd.ensure_sshd_keepalive, "ensure-sshd-keepalive", VM_TASK)
 ensure_service_user = _wrap(service_user.ensure_service_user, "ensure-service-user", VM_TASK)

@@ -23,6 +23,10 @@ from pydantic import BaseModel, Field
 
 from core.prefect_settings import DatabaseSettings
 
+#: This tool's unit for the cluster on the volume (not Debian's postgresql@VERSION-NAME: that one
+#: keeps the cluster's settings on the root disk, which a VM made again would not have).
+POSTGRES_UNIT = "sails-postgres.service"
+
 #: The server's environment variable for its database (PREFECT_API_DATABASE_CONNECTION_URL is
 #: Prefect's older alias for it).
 URL_VARIABLE = "PREFECT_SERVER_DATABASE_CONNECTION_URL"

@@ -14,11 +14,14 @@ import secrets
 import shlex
 from typing import Any
 
+from pydantic import SecretStr
+
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
 from core.poll import poll
 from core.records import Action
+from tasks.database import POSTGRES_UNIT, URL_VARIABLE
 from tasks.drain import drained
 from tasks.units import enable_unit, install_unit, unit_active
 from tasks.vm import MANAGED, VM, StepRecord, planned
@@ -105,7 +108,10 @@ def recover_server_secrets(host: VM, config: BootstrapConfig) -> dict[str, str] 
     return None
 
 
-def server_env(config: BootstrapConfig, secret: dict[str, str]) -> str:
+def server_env(
+    config: BootstrapConfig, secret: dict[str, str], database_url: SecretStr | None = None
+) -> str:
+    """The server's environment; ``database_url``: its PostgreSQL (none: SQLite in its home)."""
     p = config.prefect
     lines = [
         f"PREFECT_HOME={p.home}",
@@ -124,17 +130,24 @@ def server_env(config: BootstrapConfig, secret: dict[str, str]) -> str:
     ]
     if p.api_auth:
         lines.append(f"PREFECT_SERVER_API_AUTH_STRING={secret['auth_string']}")
+    if database_url is not None:
+        lines.append(f"{URL_VARIABLE}={database_url.get_secret_value()}")
     return "\n".join(lines) + "\n"
 
 
 def server_unit(config: BootstrapConfig) -> str:
     p = config.prefect
+    # on PostgreSQL: started after it (which waits for the volume), stopped before it
+    database = (
+        f"After={POSTGRES_UNIT}\nWants={POSTGRES_UNIT}\n" if p.database.kind == "postgresql" else ""
+    )
     return (
         f"{MANAGED}\n"
         "[Unit]\n"
         "Description=Prefect server (ALMA-SAILS orchestration)\n"
         "After=network-online.target\n"
         "Wants=network-online.target\n"
+        f"{database}"
         f"RequiresMountsFor={p.home} {p.venv}\n"
         "[Service]\n"
         f"User={config.prefect.user}\n"
@@ -183,9 +196,11 @@ def ensure_prefect_server(
     secret: dict[str, str],
     apply: bool = True,
     venv_changed: bool = False,
+    database_url: SecretStr | None = None,
 ) -> StepRecord:
     """The server's environment file and unit, enabled and running; restarted when either or
-    its venv (``venv_changed``: rebuilt or upgraded under the running process) changed."""
+    its venv (``venv_changed``: rebuilt or upgraded under the running process) changed.
+    ``database_url``: the PostgreSQL it runs on (none: SQLite in its home)."""
     changes: list[str] = []
     user = config.prefect.user
     home = shlex.quote(config.prefect.home)
@@ -200,7 +215,11 @@ def ensure_prefect_server(
             )
         changes.append(f"PREFECT_HOME {user}'s (0700)")
     env_changed = vm.write_file(
-        SERVER_ENV, server_env(config, secret), mode="0600", owner="root", apply=apply
+        SERVER_ENV,
+        server_env(config, secret, database_url),
+        mode="0600",
+        owner="root",
+        apply=apply,
     )
     if vm.write_file(
         SERVER_KEY_ID, key_digest(secret["encryption_key"]) + "\n", mode="0644", apply=apply
