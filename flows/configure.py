@@ -7,7 +7,7 @@ import contextlib
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
@@ -18,6 +18,7 @@ from flows.steps import (
     ensure_ca_bundle,
     ensure_canfar_auth,
     ensure_canfar_key,
+    ensure_database,
     ensure_operator_keys,
     ensure_packages,
     ensure_prefect_server,
@@ -34,6 +35,8 @@ from tasks.access import load_canfar, vm_for
 from tasks.arc import arc_user
 from tasks.cloud import open_connection
 from tasks.cloud.locate import VMTarget
+from tasks.database import database_url
+from tasks.postgres_role import database_password
 from tasks.prefect_server import server_secrets
 from tasks.vm import VM, LocalHost, StepRecord
 from tasks.vm_lock import vm_exclusive
@@ -123,6 +126,14 @@ def configure_host(
                     fs_uuid,
                 )
             record_fs_uuid(open_connection(config), volume_id, mounted.id)
+        # the database before anything else on the volume: a switch it would refuse stops here
+        db = config.prefect.database
+        password = database_password(config, apply, host) if db.kind == "postgresql" else None
+        database = ensure_database(host, config, password, apply)
+        records.append(database)
+        if database.action == Action.BLOCKED:
+            raise BootstrapError(f"database: {database.reason}")
+        url = SecretStr(database_url(db, password.get_secret_value())) if password else None
         records.append(ensure_operator_keys(host, config, apply))
         records.append(ensure_sshd_keepalive(host, apply))
         records.append(ensure_service_user(host, config, apply))
@@ -140,16 +151,24 @@ def configure_host(
         records.append(venv)
         secret = server_secrets(config, apply=apply, host=host)
         records.append(
-            ensure_prefect_server(host, config, secret, apply, venv_changed=venv.changed)
+            ensure_prefect_server(
+                host,
+                config,
+                secret,
+                apply,
+                venv_changed=venv.changed,
+                database_url=url,
+            )
         )
         result.ui_url = config.ui_url
     except BootstrapError as exc:
         if apply:
             raise
         # In a plan, a step that would refuse ends the plan there, named like any other row.
-        records.append(
-            StepRecord(name="next step", action=Action.BLOCKED, applied=False, reason=str(exc))
-        )
+        if not (records and records[-1].action == Action.BLOCKED):
+            records.append(
+                StepRecord(name="next step", action=Action.BLOCKED, applied=False, reason=str(exc))
+            )
     finally:
         held.close()
         if records:

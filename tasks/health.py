@@ -246,6 +246,11 @@ def host_probes(host: VM, config: BootstrapConfig, address: str, local: bool) ->
 
         return freshness(host, config, on_vm=local)
 
+    def database() -> tuple[str, str]:
+        from tasks.postgres import probe_database
+
+        return probe_database(host, config)
+
     probes = [
         Probe("ssh", ssh, 30),
         Probe("pspace", pspace, 30),
@@ -253,6 +258,8 @@ def host_probes(host: VM, config: BootstrapConfig, address: str, local: bool) ->
         Probe("canfar-certificate", certificate, 20),
         Probe("backup", backup, config.arc.probe_timeout + 10, critical=False),
     ]
+    if config.prefect.database.kind == "postgresql":
+        probes.append(Probe("database", database, 20))
     if config.arc.enabled:
         probes.append(Probe("arc-mount", arc, config.arc.probe_timeout + 2))
     return probes
