@@ -16,7 +16,7 @@ from core.errors import BootstrapError
 from core.log import logger
 from flows.steps import copy_database, snapshot_volume
 from tasks.access import open_vm
-from tasks.backup import BackupRecord, key_id, stamp
+from tasks.backup import BackupRecord, key_id, sqlite_only, stamp
 from tasks.backup_store import find_backup
 from tasks.cloud import open_connection
 from tasks.cloud.locate import locate_vm
@@ -73,6 +73,7 @@ def restore(
     VM's Prefect database. The runs in flight end first; the database it replaces is kept on
     the VM; a server that does not start on the copy gets its own database back."""
     log = logger()
+    sqlite_only(config, "restore")
     vm = open_vm(config, on_vm=False)
     try:
         with contextlib.ExitStack() as stack:

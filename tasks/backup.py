@@ -151,6 +151,18 @@ class BackupRecord(BaseModel):
         return f"{self.file} ({self.bytes / 1e6:.1f} MB; {', '.join(self.held())})"
 
 
+def sqlite_only(config: BootstrapConfig, what: str) -> None:
+    """Copies are SQLite's: on PostgreSQL, ``what`` would copy (or put back) the SQLite file a
+    switch left behind, not the server's history."""
+    if config.prefect.database.kind == "postgresql":
+        raise BootstrapError(
+            f"{what} copies the SQLite database, and the VM's Prefect server runs on PostgreSQL "
+            f"({config.prefect.database.data_directory}); copies of PostgreSQL (pg_dump) are not "
+            "built yet: meanwhile `sudo -u postgres pg_dump` on the VM, or a Cinder snapshot of "
+            "the volume (nothing was changed)"
+        )
+
+
 def database_path(config: BootstrapConfig) -> str:
     return f"{config.prefect.home}/prefect.db"
 
@@ -227,6 +239,7 @@ def sha256_of(path: Path, packed: bool = False) -> str:
 def backup_database(vm: VM, config: BootstrapConfig, local: bool) -> BackupRecord | None:
     """Copy the VM's database off the cloud: to /arc, or (``local``) to this machine. None
     when the VM has no database yet (never configured): nothing to copy."""
+    sqlite_only(config, "backup")
     log = logger()
     database = database_path(config)
     # (a VM never configured has neither the database nor the service user to copy it as)
