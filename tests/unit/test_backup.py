@@ -19,7 +19,7 @@ import pytest
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
-from tasks.backup import COUNTED, SNAPSHOT, BackupRecord, prune, sha256_of
+from tasks.backup import COUNTED, SNAPSHOT, BackupRecord, prune, sha256_of, sqlite_only
 from tasks.backup_store import age_hours, read_backup
 from tasks.restore import UNPACK
 
@@ -236,3 +236,13 @@ def test_the_newest_copys_age_is_judged_against_the_bound(tmp_path: Path) -> Non
     status, detail = freshness(host, cfg, on_vm=False)
     assert status == "ok" and detail.startswith("newest 2.0 h old") and "(2 kept)" in detail
     assert freshness(host, cfg, on_vm=True)[0] == "ok"  # the VM cannot see them: not its to judge
+
+
+def test_copies_are_sqlites_and_refused_on_postgresql() -> None:
+    """On PostgreSQL the SQLite file a switch left is not the history: neither copied nor put
+    back."""
+    sqlite_only(BootstrapConfig(), "backup")
+    on_pg = BootstrapConfig.model_validate({"prefect": {"database": {"kind": "postgresql"}}})
+    for what in ("backup", "restore"):
+        with pytest.raises(BootstrapError, match=f"^{what} copies the SQLite database.*pg_dump"):
+            sqlite_only(on_pg, what)
