@@ -83,92 +83,93 @@ class DbDecision(BaseModel):
         return self.action in (DbAction.INIT, DbAction.SWITCH)
 
 
+def _do(action: DbAction, reason: str) -> DbDecision:
+    return DbDecision(action=action, reason=reason)
+
+
+def _refuse(reason: str) -> DbDecision:
+    return DbDecision(action=DbAction.REFUSE, reason=reason)
+
+
 def decide_database(db: DatabaseSettings, seen: DbObserved, sqlite_path: str) -> DbDecision:
     """The action for the configured ``db`` given what the VM shows."""
     where = db.data_directory
     version = seen.cluster_version
     if db.kind == "sqlite":
         if seen.server_uses == "postgresql":
-            return DbDecision(
-                action=DbAction.REFUSE,
-                reason=f"the Prefect server runs on PostgreSQL ({where}), which holds its "
+            return _refuse(
+                f"the Prefect server runs on PostgreSQL ({where}), which holds its "
                 "history; this tool does not move it back to SQLite: set "
-                "prefect.database.kind: postgresql",
+                "prefect.database.kind: postgresql"
             )
         if seen.data == "cluster" and seen.server_uses == "none":
-            return DbDecision(
-                action=DbAction.REFUSE,
-                reason=f"the volume holds the PostgreSQL cluster at {where} that the Prefect "
+            return _refuse(
+                f"the volume holds the PostgreSQL cluster at {where} that the Prefect "
                 f"server ran on; on SQLite it would show the older history of {sqlite_path} "
-                "instead: set prefect.database.kind: postgresql",
+                "instead: set prefect.database.kind: postgresql"
             )
-        return DbDecision(action=DbAction.KEEP, reason=f"SQLite at {sqlite_path}")
+        return _do(DbAction.KEEP, f"SQLite at {sqlite_path}")
     if seen.data == "other":
-        return DbDecision(
-            action=DbAction.REFUSE,
-            reason=f"{where} holds files but no PostgreSQL cluster (no PG_VERSION): move them "
+        return _refuse(
+            f"{where} holds files but no PostgreSQL cluster (no PG_VERSION): move them "
             "away or set prefect.database.data_directory to another folder; nothing is "
-            "written over them",
+            "written over them"
         )
     if version and seen.installed and version not in seen.installed:
-        return DbDecision(
-            action=DbAction.REFUSE,
-            reason=f"the cluster at {where} is PostgreSQL {version} and the VM has the server "
+        return _refuse(
+            f"the cluster at {where} is PostgreSQL {version} and the VM has the server "
             f"of {', '.join(seen.installed)} only: install postgresql-{version} on the VM, or "
-            "upgrade the cluster (pg_upgrade) by hand; this tool does neither",
+            "upgrade the cluster (pg_upgrade) by hand; this tool does neither"
         )
     if seen.port_busy:
-        return DbDecision(
-            action=DbAction.REFUSE,
-            reason=f"port {db.port} on the VM is taken by another server (another PostgreSQL "
+        return _refuse(
+            f"port {db.port} on the VM is taken by another server (another PostgreSQL "
             "cluster? see `pg_lsclusters` and `sudo ss -ltnp` there): stop it, or set "
-            "prefect.database.port",
+            "prefect.database.port"
         )
     if seen.server_uses == "postgresql":
         if seen.data != "cluster":
-            return DbDecision(
-                action=DbAction.REFUSE,
-                reason=f"the Prefect server's environment points at PostgreSQL, but {where} "
+            return _refuse(
+                f"the Prefect server's environment points at PostgreSQL, but {where} "
                 "holds no cluster (another volume attached? the folder moved?): put it back; "
-                "no new cluster is made in its place",
+                "no new cluster is made in its place"
             )
         if seen.running:
-            return DbDecision(action=DbAction.KEEP, reason=f"PostgreSQL {version} at {where}")
-        return DbDecision(action=DbAction.START, reason=f"start PostgreSQL {version} at {where}")
+            return _do(DbAction.KEEP, f"PostgreSQL {version} at {where}")
+        return _do(DbAction.START, f"start PostgreSQL {version} at {where}")
     if seen.data == "cluster":
         if seen.server_uses == "none":
-            return DbDecision(
-                action=DbAction.ADOPT,
-                reason=f"the volume's PostgreSQL {version} cluster at {where}: run it and point "
+            return _do(
+                DbAction.ADOPT,
+                f"the volume's PostgreSQL {version} cluster at {where}: run it and point "
                 "the Prefect server at it",
             )
-        return DbDecision(
-            action=DbAction.SWITCH,
-            reason=f"finish the switch to the PostgreSQL cluster at {where}: the Prefect server "
+        return _do(
+            DbAction.SWITCH,
+            f"finish the switch to the PostgreSQL cluster at {where}: the Prefect server "
             f"leaves SQLite ({sqlite_path} stays as it is)",
         )
     if seen.sqlite_file and not db.switch:
-        return DbDecision(
-            action=DbAction.REFUSE,
-            reason=f"a SQLite database with history is on the volume ({sqlite_path}); set "
+        return _refuse(
+            f"a SQLite database with history is on the volume ({sqlite_path}); set "
             "prefect.database.switch: true to move to PostgreSQL (the SQLite file is kept; "
-            "its history is not copied)",
+            "its history is not copied)"
         )
     if seen.sqlite_file:
-        return DbDecision(
-            action=DbAction.SWITCH,
-            reason=f"switch the Prefect server from SQLite to a new PostgreSQL cluster at "
+        return _do(
+            DbAction.SWITCH,
+            f"switch the Prefect server from SQLite to a new PostgreSQL cluster at "
             f"{where}; {sqlite_path} stays as it is, its history not copied (run register "
             "afterwards for the pools, blocks and deployments)",
         )
-    return DbDecision(
-        action=DbAction.INIT,
-        reason=f"a new PostgreSQL cluster at {where} for the Prefect server",
+    return _do(
+        DbAction.INIT,
+        f"a new PostgreSQL cluster at {where} for the Prefect server",
     )
 
 
 def parse_observed(output: str) -> DbObserved:
-    """The ``key=value`` lines ``tasks/postgres.py: OBSERVE`` prints."""
+    """The ``key=value`` lines ``tasks/postgres.py: observe_script`` prints."""
     values: dict[str, list[str]] = {}
     for line in output.splitlines():
         key, sep, value = line.strip().partition("=")

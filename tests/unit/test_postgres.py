@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -144,15 +145,7 @@ class ScriptedVM(VM):
         self.uploads: list[str] = []
         self.enabled = False
 
-    def run(
-        self,
-        command: str,
-        *,
-        sudo: bool = False,
-        stdin: str | None = None,
-        timeout: float = 300,
-        check: bool = True,
-    ) -> Result:
+    def run(self, command: str, **_: Any) -> Result:
         self.commands.append(command)
         if command.startswith("d="):
             return Result(self.observed, "", 0)
