@@ -158,6 +158,7 @@ def configure_host(
                 apply,
                 venv_changed=venv.changed,
                 database_url=url,
+                database_restart=database.restart_with_server,
             )
         )
         result.ui_url = config.ui_url

@@ -22,15 +22,16 @@ from urllib.parse import quote, unquote, urlsplit
 from pydantic import BaseModel, Field
 
 from core.prefect_settings import DatabaseSettings
+from tasks.server_runs import URL_VARIABLES, key_values, written_since
 
 #: This tool's unit for the cluster on the volume (not Debian's postgresql@VERSION-NAME: that one
 #: keeps the cluster's settings on the root disk, which a VM made again would not have).
 POSTGRES_UNIT = "sails-postgres.service"
-
-#: The server's environment variable for its database (PREFECT_API_DATABASE_CONNECTION_URL is
-#: Prefect's older alias for it).
-URL_VARIABLE = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
-_URL_VARIABLES = (URL_VARIABLE, "PREFECT_API_DATABASE_CONNECTION_URL")
+POSTGRES_UNIT_FILE = f"/etc/systemd/system/{POSTGRES_UNIT}"
+#: Where the cluster's local sockets are (postgresql-common's /run/postgresql).
+SOCKETS = "/var/run/postgresql"
+#: What this tool's settings file sets that takes a restart, and its value.
+RESTART_SETTINGS = ("port", "listen_addresses", "unix_socket_directories")
 
 
 class DbAction(StrEnum):
@@ -65,8 +66,25 @@ class DbObserved(BaseModel):
     running: bool = False
     #: Something listens on prefect.database.port.
     port_listening: bool = False
-    #: What the Prefect server's environment file points at ("none": no such file yet).
+    #: What the Prefect server runs on: its running process's environment, or while it is
+    #: stopped its environment file ("none": no such file yet).
     server_uses: Literal["none", "sqlite", "postgresql"] = "none"
+    #: The Prefect server's process is running.
+    server_running: bool = False
+    #: The role, port and database its PostgreSQL URL names.
+    server_db_user: str | None = None
+    server_db_port: int | None = None
+    server_db_name: str | None = None
+    #: The running cluster's settings that take a restart (``SHOW``), by name.
+    shown: dict[str, str] = Field(default_factory=dict)
+    #: The port the running cluster listens on (its postmaster.pid).
+    running_port: int | None = None
+    #: When the running cluster last read its settings (epoch seconds).
+    conf_loaded: float | None = None
+    #: When the cluster's process started (epoch seconds, whole).
+    cluster_started: float | None = None
+    #: Modification times of the settings file, pg_hba.conf and the unit.
+    written: dict[str, float] = Field(default_factory=dict)
 
     @property
     def port_busy(self) -> bool:
@@ -168,18 +186,28 @@ def decide_database(db: DatabaseSettings, seen: DbObserved, sqlite_path: str) ->
     )
 
 
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
 def parse_observed(output: str) -> DbObserved:
-    """The ``key=value`` lines ``tasks/postgres.py: observe_script`` prints."""
-    values: dict[str, list[str]] = {}
-    for line in output.splitlines():
-        key, sep, value = line.strip().partition("=")
-        if sep:
-            values.setdefault(key, []).append(value.strip())
+    """The ``key=value`` lines ``tasks/postgres.py: observe_script`` prints (with those of
+    ``tasks/server_runs.py: runs_script``)."""
+    values = key_values(output)
 
     def one(key: str) -> str | None:
         return values.get(key, [None])[-1]
 
     data = one("data") or "missing"
+    port, pid_port = one("db_port") or "", one("pg_pid_port") or ""
+    written = {
+        key.removeprefix("pg_written_"): t
+        for key in values
+        if key.startswith("pg_written_") and (t := _number(one(key))) is not None
+    }
     return DbObserved(
         sqlite_file=one("sqlite") == "1",
         data=cast(DataState, data if data in ("missing", "empty", "cluster") else "other"),
@@ -190,6 +218,15 @@ def parse_observed(output: str) -> DbObserved:
         running=one("running") == "1",
         port_listening=one("listening") == "1",
         server_uses=_server_uses(one("server")),
+        server_running=one("server_running") == "1",
+        server_db_user=one("db_user") or None,
+        server_db_port=int(port) if port.isdigit() else None,
+        server_db_name=one("db_name") or None,
+        shown={name: v for name in RESTART_SETTINGS if (v := one(f"pg_{name}")) is not None},
+        running_port=int(pid_port) if pid_port.isdigit() else None,
+        conf_loaded=_number(one("pg_loaded")),
+        cluster_started=_number(one("pg_started")),
+        written=written,
     )
 
 
@@ -210,6 +247,46 @@ def server_version(seen: DbObserved) -> str | None:
     return seen.installed[-1] if seen.installed else None
 
 
+def settings_wanted(db: DatabaseSettings) -> dict[str, str]:
+    """The settings of ``RESTART_SETTINGS`` this tool gives the cluster, as ``SHOW`` prints them."""
+    return {
+        "port": str(db.port),
+        "listen_addresses": "localhost",
+        "unix_socket_directories": SOCKETS,
+    }
+
+
+def cluster_verb(seen: DbObserved, db: DatabaseSettings, wrote: list[str]) -> tuple[str, str]:
+    """What the cluster needs for what runs to be what its files say: ("start", "restart",
+    "reload" or "", and why). ``wrote``: what this run wrote ("settings", "pg_hba.conf",
+    "unit"); the rest is read from the running cluster (the settings that take a restart, as
+    ``SHOW`` gives them; when it last read its files; when its process started), so a run cut
+    off between writing and restarting is finished by the next one."""
+    if not seen.running:
+        return "start", "started"
+    differs = [
+        f"{name} {seen.shown[name]} -> {value}"
+        for name, value in settings_wanted(db).items()
+        if name in seen.shown and seen.shown[name] != value
+    ]
+    if differs:
+        return "restart", f"restarted ({', '.join(differs)})"
+    started, unit = seen.cluster_started, seen.written.get("unit")
+    if "unit" in wrote or (started is not None and unit and written_since(unit, started)):
+        return "restart", "restarted for its unit"
+    if "settings" in wrote and not seen.shown:  # (its running settings not read)
+        return "restart", "restarted"
+    loaded = seen.conf_loaded
+    unread = [
+        name
+        for name in ("settings", "pg_hba.conf")
+        if name in wrote or (loaded is not None and seen.written.get(name, 0) > loaded)
+    ]
+    if unread:
+        return "reload", f"reloaded ({' and '.join(unread)})"
+    return "", ""
+
+
 def database_url(db: DatabaseSettings, password: str) -> str:
     """The Prefect server's connection URL (it holds the password: only for its 0600 env)."""
     return (
@@ -222,7 +299,7 @@ def password_in_env(env: str) -> str | None:
     PostgreSQL."""
     for line in env.splitlines():
         name, _, value = line.partition("=")
-        if name.strip() in _URL_VARIABLES and value.startswith("postgresql"):
+        if name.strip() in URL_VARIABLES and value.startswith("postgresql"):
             password = urlsplit(value.strip()).password
             return unquote(password) if password else None
     return None

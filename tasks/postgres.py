@@ -26,14 +26,18 @@ from core.poll import poll
 from core.records import Action
 from tasks.database import (
     POSTGRES_UNIT,
+    POSTGRES_UNIT_FILE,
+    RESTART_SETTINGS,
+    SOCKETS,
     DbAction,
     DbObserved,
+    cluster_verb,
     decide_database,
     parse_observed,
     server_version,
 )
-from tasks.postgres_role import SOCKETS, converge_role
-from tasks.prefect_server import SERVER_ENV
+from tasks.postgres_role import converge_role
+from tasks.server_runs import mtime_script, runs_script, started_script
 from tasks.units import enable_unit, install_unit
 from tasks.vm import MANAGED, VM, StepRecord, planned
 
@@ -44,14 +48,31 @@ SETTINGS = "sails-bootstrap.conf"
 class DatabaseRecord(StepRecord):
     database: str = "sqlite"
     decision: str = DbAction.KEEP.value
+    #: The cluster must restart under a running Prefect server: done in the server step's
+    #: drain, the server stopped meanwhile.
+    restart_with_server: bool = False
+
+
+#: What the running cluster shows of its settings, and when it last read its files.
+SHOWN = " UNION ALL ".join(
+    [f"SELECT 'pg_{name}=' || current_setting('{name}')" for name in RESTART_SETTINGS]
+    + ["SELECT 'pg_loaded=' || extract(epoch FROM pg_conf_load_time())"]
+)
 
 
 def observe_script(config: BootstrapConfig) -> str:
-    """One root command printing what ``parse_observed`` reads."""
+    """One root command printing what ``parse_observed`` reads: the volume's SQLite file and
+    cluster, the installed servers, the running cluster's settings (through the port and socket
+    its postmaster.pid names) and what the Prefect server runs with."""
     db = config.prefect.database
     data = shlex.quote(db.data_directory)
     sqlite = shlex.quote(f"{config.prefect.home}/prefect.db")
     included = shlex.quote(f"include = '{SETTINGS}'")
+    psql = (
+        "(cd / && timeout 20 runuser -u postgres -- env PGCONNECT_TIMEOUT=5 "
+        '"/usr/lib/postgresql/$v/bin/psql" -XAtq -h "${s:-' + SOCKETS + '}" -p "$p" '
+        f"-d postgres -c {shlex.quote(SHOWN)} 2>/dev/null); "
+    )
     return (
         f"d={data}; [ -s {sqlite} ] && echo sqlite=1; "
         'if [ -f "$d/PG_VERSION" ]; then echo data=cluster; echo "version=$(cat "$d/PG_VERSION")"; '
@@ -61,11 +82,18 @@ def observe_script(config: BootstrapConfig) -> str:
         'elif [ -d "$d" ]; then echo data=empty; else echo data=missing; fi; '
         'for b in /usr/lib/postgresql/*/bin/postgres; do [ -x "$b" ] && '
         'echo "installed=$(basename "$(dirname "$(dirname "$b")")")"; done; '
-        f"systemctl is-active --quiet {POSTGRES_UNIT} && echo running=1; "
-        f"ss -Hltn 'sport = :{db.port}' 2>/dev/null | grep -q . && echo listening=1; "
-        f"if [ ! -f {SERVER_ENV} ]; then echo server=none; "
-        "elif grep -Eq '^PREFECT_(SERVER|API)_DATABASE_CONNECTION_URL=postgresql' "
-        f"{SERVER_ENV}; then echo server=postgresql; else echo server=sqlite; fi; true"
+        f"if systemctl is-active --quiet {POSTGRES_UNIT}; then echo running=1; "
+        + started_script(POSTGRES_UNIT, "pg_started")
+        + 'p=$(sed -n 4p "$d/postmaster.pid" 2>/dev/null); '
+        's=$(sed -n 5p "$d/postmaster.pid" 2>/dev/null); v=$(cat "$d/PG_VERSION" 2>/dev/null); '
+        'echo "pg_pid_port=$p"; if [ -n "$p" ] && [ -n "$v" ]; then '
+        + psql
+        + "fi; fi; "
+        + mtime_script("pg_written_settings", f"{db.data_directory}/{SETTINGS}")
+        + mtime_script("pg_written_pg_hba.conf", f"{db.data_directory}/pg_hba.conf")
+        + mtime_script("pg_written_unit", POSTGRES_UNIT_FILE)
+        + f"ss -Hltn 'sport = :{db.port}' 2>/dev/null | grep -q . && echo listening=1; "
+        + runs_script(config)
     )
 
 
@@ -160,7 +188,9 @@ def ensure_database(
 ) -> DatabaseRecord:
     """The database the configuration asks for, or a refusal (``cannot-proceed``) naming the
     fix when that would lose or hide history. With PostgreSQL: its cluster on the volume,
-    running, listening on the loopback, the server's role with ``password`` and its database."""
+    running, listening on the loopback, the server's role with ``password`` and its database.
+    A restart of the cluster under a running Prefect server is left to the server step's
+    drain (``restart_with_server``)."""
     db = config.prefect.database
     seen = parse_observed(vm.run(observe_script(config), sudo=True, check=False).stdout)
     decision = decide_database(db, seen, f"{config.prefect.home}/prefect.db")
@@ -182,10 +212,13 @@ def ensure_database(
             )
         record.action, record.reason = Action.CHANGE, f"pending: {decision.reason}"
         return record
-    changes = _converge_cluster(vm, config, seen, decision.makes_cluster, version, apply)
+    changes, deferred = _converge_cluster(vm, config, seen, decision.makes_cluster, version, apply)
     running = seen.running or apply
     if running and password is not None:
-        changes += converge_role(vm, config, version, password, apply)
+        # (a restart left to the server step: the cluster is still on the port it runs on)
+        port = (seen.running_port or db.port) if deferred else db.port
+        changes += converge_role(vm, config, version, password, apply, port)
+    record.restart_with_server = deferred
     made = decision.makes_cluster and seen.data != "cluster"
     record.action = Action.CREATE if made else Action.CHANGE if changes else Action.KEEP
     done = planned(changes, apply)
@@ -204,8 +237,9 @@ def _converge_cluster(
     make: bool,
     version: str,
     apply: bool,
-) -> list[str]:
-    """The cluster on the volume with this tool's settings, under its unit, running."""
+) -> tuple[list[str], bool]:
+    """The cluster on the volume with this tool's settings, under its unit, running; and
+    whether its restart is left to the Prefect server's drain (the server runs on it)."""
     data = config.prefect.database.data_directory
     changes: list[str] = []
     exists = seen.data == "cluster"
@@ -223,37 +257,33 @@ def _converge_cluster(
         if apply:
             include = shlex.quote(f"include = '{SETTINGS}'")
             vm.run(f"echo {include} >> {shlex.quote(data + '/postgresql.conf')}", sudo=True)
-    settings = hba = False
+    wrote: list[str] = []
     if exists:  # (a cluster still to be made gets them with it)
-        for path, text in ((SETTINGS, settings_text(config)), ("pg_hba.conf", hba_text(config))):
+        for name, path, text in (
+            ("settings", SETTINGS, settings_text(config)),
+            ("pg_hba.conf", "pg_hba.conf", hba_text(config)),
+        ):
             if vm.write_file(
                 f"{data}/{path}", text, mode="0600", owner="postgres:postgres", apply=apply
             ):
-                settings, hba = settings or path == SETTINGS, hba or path == "pg_hba.conf"
-        changes += ["settings"] * settings + ["pg_hba.conf"] * hba
-    unit = install_unit(
-        vm, f"/etc/systemd/system/{POSTGRES_UNIT}", unit_text(config, version), apply
-    )
-    if unit:
+                wrote.append(name)
+        changes += wrote
+    if install_unit(vm, POSTGRES_UNIT_FILE, unit_text(config, version), apply):
         changes.append(f"wrote {POSTGRES_UNIT}")
+        wrote.append("unit")
     if enable_unit(vm, POSTGRES_UNIT, apply):
         changes.append("enabled")
-    if not seen.running:
-        changes.append("started")
-        verb = "start"
-    elif settings or unit:
-        changes.append("restarted")
-        verb = "restart"
-    elif hba:
-        changes.append("reloaded")
-        verb = "reload"
-    else:
-        verb = ""
-    if apply and verb:
-        vm.run(f"systemctl {verb} {POSTGRES_UNIT}", sudo=True, timeout=600)
-    if apply:
+    verb, why = cluster_verb(seen, config.prefect.database, wrote)
+    deferred = verb == "restart" and seen.server_running and seen.server_uses == "postgresql"
+    if deferred:
+        changes.append(f"{why} in the Prefect server's drain")
+    elif verb:
+        changes.append(why)
+        if apply:
+            vm.run(f"systemctl {verb} {POSTGRES_UNIT}", sudo=True, timeout=600)
+    if apply and not deferred:
         _wait_ready(vm, config, version)
-    return changes
+    return changes, deferred
 
 
 # -- the health check's probe -----------------------------------------------------------------

@@ -15,11 +15,15 @@ from pydantic import SecretStr
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
-from tasks.database import POSTGRES_UNIT, password_in_env, scram_verifier, verifier_matches
-from tasks.prefect_server import SERVER_ENV
+from tasks.database import (
+    POSTGRES_UNIT,
+    SOCKETS,
+    password_in_env,
+    scram_verifier,
+    verifier_matches,
+)
+from tasks.server_runs import SERVER_ENV
 from tasks.vm import VM
-
-SOCKETS = "/var/run/postgresql"
 
 
 def database_password(
@@ -53,16 +57,19 @@ def database_password(
     return SecretStr(value)
 
 
-def psql(config: BootstrapConfig, version: str) -> str:
-    """psql as the superuser, through the local socket, from the login user's sudo."""
-    port = config.prefect.database.port
+def psql(config: BootstrapConfig, version: str, port: int | None = None) -> str:
+    """psql as the superuser, through the local socket of ``port`` (the configured one unless
+    given), from the login user's sudo."""
+    port = port or config.prefect.database.port
     return (
         f"cd / && sudo -n -u postgres /usr/lib/postgresql/{version}/bin/psql -X -q "
         f"-v ON_ERROR_STOP=1 -h {SOCKETS} -p {port} -d postgres"
     )
 
 
-def role_state(vm: VM, config: BootstrapConfig, version: str) -> tuple[str | None, bool]:
+def role_state(
+    vm: VM, config: BootstrapConfig, version: str, port: int | None = None
+) -> tuple[str | None, bool]:
     """The role's stored verifier (None: no role; "": no password) and whether its database
     exists."""
     db = config.prefect.database
@@ -70,7 +77,7 @@ def role_state(vm: VM, config: BootstrapConfig, version: str) -> tuple[str | Non
         f"SELECT 'role=' || coalesce(rolpassword, '') FROM pg_authid WHERE rolname = '{db.user}'"
         f" UNION ALL SELECT 'database=1' FROM pg_database WHERE datname = '{db.name}'"
     )
-    out = vm.run(f"{psql(config, version)} -At -c {shlex.quote(query)}").stdout
+    out = vm.run(f"{psql(config, version, port)} -At -c {shlex.quote(query)}").stdout
     lines = out.splitlines()
     stored = next((line[5:] for line in lines if line.startswith("role=")), None)
     return stored, "database=1" in lines
@@ -97,9 +104,16 @@ def role_sql(config: BootstrapConfig, verifier: str | None, database: bool) -> s
 
 
 def converge_role(
-    vm: VM, config: BootstrapConfig, version: str, password: SecretStr, apply: bool
+    vm: VM,
+    config: BootstrapConfig,
+    version: str,
+    password: SecretStr,
+    apply: bool,
+    port: int | None = None,
 ) -> list[str]:
-    stored, database = role_state(vm, config, version)
+    """The server's role with ``password`` and its database, in the cluster on ``port`` (the
+    configured one unless given: a cluster whose restart onto it is still to come)."""
+    stored, database = role_state(vm, config, version, port)
     value = password.get_secret_value()
     fresh = stored is None or not verifier_matches(stored, value)
     changes = []
@@ -117,7 +131,8 @@ def converge_role(
     # the file goes to psql on standard input (the login user's shell opens it); its errors
     # are not repeated: they may quote the verifier
     r = vm.run(
-        f'{psql(config, version)} < {q}; rc=$?; rm -rf "$(dirname {q})"; exit $rc', check=False
+        f'{psql(config, version, port)} < {q}; rc=$?; rm -rf "$(dirname {q})"; exit $rc',
+        check=False,
     )
     if not r.ok:
         raise BootstrapError(

@@ -21,13 +21,21 @@ from core.errors import BootstrapError
 from core.log import logger
 from core.poll import poll
 from core.records import Action
-from tasks.database import POSTGRES_UNIT, URL_VARIABLE
+from tasks.database import POSTGRES_UNIT
 from tasks.drain import drained
+from tasks.server_runs import (
+    SERVER_ENV,
+    SERVER_UNIT,
+    SERVER_UNIT_FILE,
+    URL_VARIABLE,
+    parse_runs,
+    restart_reason,
+    runs_script,
+    stale_files,
+)
 from tasks.units import enable_unit, install_unit, unit_active
 from tasks.vm import MANAGED, VM, StepRecord, planned
 
-SERVER_UNIT = "prefect-server.service"
-SERVER_ENV = "/etc/sails-bootstrap/prefect-server.env"
 #: The digest of the server's encryption key (not the key): what the service user may know of
 #: it, to name the key a backup's blocks need.
 SERVER_KEY_ID = "/etc/sails-bootstrap/prefect-server.key-id"
@@ -197,10 +205,13 @@ def ensure_prefect_server(
     apply: bool = True,
     venv_changed: bool = False,
     database_url: SecretStr | None = None,
+    database_restart: bool = False,
 ) -> StepRecord:
     """The server's environment file and unit, enabled and running; restarted when either or
-    its venv (``venv_changed``: rebuilt or upgraded under the running process) changed.
-    ``database_url``: the PostgreSQL it runs on (none: SQLite in its home)."""
+    its venv (``venv_changed``: rebuilt or upgraded under the running process) changed, or when
+    the running process started before they were last written (a run cut off before its
+    restart). ``database_url``: the PostgreSQL it runs on (none: SQLite in its home);
+    ``database_restart``: that PostgreSQL restarts in the same drain, the server stopped."""
     changes: list[str] = []
     user = config.prefect.user
     home = shlex.quote(config.prefect.home)
@@ -214,6 +225,8 @@ def ensure_prefect_server(
                 sudo=True,
             )
         changes.append(f"PREFECT_HOME {user}'s (0700)")
+    # what the running process read, before this run writes anything
+    stale = stale_files(parse_runs(vm.run(runs_script(config), sudo=True, check=False).stdout))
     env_changed = vm.write_file(
         SERVER_ENV,
         server_env(config, secret, database_url),
@@ -225,9 +238,7 @@ def ensure_prefect_server(
         SERVER_KEY_ID, key_digest(secret["encryption_key"]) + "\n", mode="0644", apply=apply
     ):
         changes.append("key id")
-    unit_changed = install_unit(
-        vm, f"/etc/systemd/system/{SERVER_UNIT}", server_unit(config), apply
-    )
+    unit_changed = install_unit(vm, SERVER_UNIT_FILE, server_unit(config), apply)
     if env_changed:
         changes.append("server environment")
     if unit_changed:
@@ -235,11 +246,18 @@ def ensure_prefect_server(
     if enable_unit(vm, SERVER_UNIT, apply):
         changes.append("enabled")
     active = unit_active(vm, SERVER_UNIT)
-    restart = not active or env_changed or unit_changed or venv_changed
-    if restart:
-        changes.append(
-            ("restarted for the new venv" if venv_changed else "restarted") if active else "started"
+    wrote = [
+        name
+        for name, done in (
+            ("environment", env_changed),
+            ("unit", unit_changed),
+            ("venv", venv_changed),
         )
+        if done
+    ]
+    why = restart_reason(active, wrote, stale, database_restart)
+    if why:
+        changes.append(why)
     # The server listens on the VM's loopback: reached through the SSH connection (on the VM
     # itself, directly).
     url = f"http://127.0.0.1:{config.prefect.port}/api on the VM"
@@ -248,7 +266,7 @@ def ensure_prefect_server(
 
         with contextlib.ExitStack() as stack:
             base = stack.enter_context(vm.api(config.prefect.port))
-            if restart and active:  # the runs in flight end first; the pools wait meanwhile
+            if why and active:  # the runs in flight end first; the pools wait meanwhile
                 auth = secret["auth_string"] if config.prefect.api_auth else None
                 client = stack.enter_context(remote_client(f"{base}/api", auth))
                 pools = [p.name for p in config.prefect.work_pools]
@@ -257,7 +275,13 @@ def ensure_prefect_server(
                 )
                 if drain.note():
                     changes.append(drain.note())
-            if restart:
+            if database_restart:  # (Type=notify: back once it accepts connections)
+                vm.run(
+                    f"systemctl stop {SERVER_UNIT} && systemctl restart {POSTGRES_UNIT}",
+                    sudo=True,
+                    timeout=600,
+                )
+            if why:
                 vm.run(f"systemctl restart {SERVER_UNIT}", sudo=True)
             wait_for_health(f"{base}/api", timeout=300, shown=url)
     return StepRecord(

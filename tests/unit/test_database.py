@@ -11,8 +11,10 @@ import pytest
 
 from core.prefect_settings import DatabaseSettings
 from tasks.database import (
+    SOCKETS,
     DbAction,
     DbObserved,
+    cluster_verb,
     database_url,
     decide_database,
     parse_observed,
@@ -37,6 +39,10 @@ STOPPED = DbObserved(**CLUSTER, server_uses="postgresql")
 HALF_SWITCHED = DbObserved(**CLUSTER, running=True, sqlite_file=True, server_uses="sqlite")
 #: A VM made again around the volume: the cluster (and the old SQLite file) on it, no server yet.
 NEW_VM = DbObserved(**CLUSTER, sqlite_file=True, server_uses="none")
+#: The server on PostgreSQL, its URL read: database prefect, role prefect, port 5432.
+URL_SEEN = {"server_db_user": "prefect", "server_db_port": 5432, "server_db_name": "prefect"}
+ON_PREFECT = RUNNING.model_copy(update=URL_SEEN)
+PG_PORT = DatabaseSettings(kind="postgresql", port=5433)
 
 
 @pytest.mark.parametrize(
@@ -174,3 +180,90 @@ def test_a_role_password_is_compared_through_its_verifier() -> None:
     assert not verifier_matches("SCRAM-SHA-256$x:y$z", "s3cret")  # garbled
     with pytest.raises(ValueError, match="ASCII"):
         scram_verifier("pässword", b"salt")
+
+
+#: A running cluster as configured: its settings shown, its files read since.
+AS_SET = DbObserved(
+    **CLUSTER,
+    running=True,
+    shown={"port": "5432", "listen_addresses": "localhost", "unix_socket_directories": SOCKETS},
+    conf_loaded=1_800_000_100.5,
+    cluster_started=1_800_000_000,
+    written={"settings": 1_799_000_000.0, "pg_hba.conf": 1_799_000_000.0, "unit": 1_799_000_000.0},
+)
+
+
+def _with(**update: object) -> DbObserved:
+    return AS_SET.model_copy(update=update)
+
+
+@pytest.mark.parametrize(
+    ("seen", "desired", "wrote", "verb", "words"),
+    [
+        (AS_SET, PG, [], "", ""),
+        (DbObserved(**CLUSTER), PG, ["settings"], "start", "started"),
+        # this run wrote them
+        (AS_SET, PG, ["pg_hba.conf"], "reload", "pg_hba.conf"),
+        (AS_SET, PG, ["settings"], "reload", "settings"),  # what it sets that restarts is as shown
+        (AS_SET, PG, ["unit"], "restart", "for its unit"),
+        # what runs differs from the settings, whoever wrote them (a run cut off before the
+        # restart): restarted
+        (AS_SET, PG_PORT, [], "restart", "port 5432 -> 5433"),
+        (
+            _with(shown={**AS_SET.shown, "listen_addresses": "*"}),
+            PG,
+            [],
+            "restart",
+            "* -> localhost",
+        ),
+        (
+            _with(written={**AS_SET.written, "unit": 1_800_000_050.0}),
+            PG,
+            [],
+            "restart",
+            "for its unit",
+        ),
+        # files written since it last read them: reloaded
+        (
+            _with(written={**AS_SET.written, "pg_hba.conf": 1_800_000_200.0}),
+            PG,
+            [],
+            "reload",
+            "pg_hba.conf",
+        ),
+        # its settings not readable (psql did not answer): what this run wrote decides
+        (_with(shown={}, conf_loaded=None), PG, [], "", ""),
+        (_with(shown={}, conf_loaded=None), PG, ["settings"], "restart", "restarted"),
+        (_with(shown={}, conf_loaded=None), PG, ["pg_hba.conf"], "reload", "pg_hba.conf"),
+    ],
+)
+def test_the_clusters_restart_is_decided_from_what_runs(
+    seen: DbObserved, desired: DatabaseSettings, wrote: list[str], verb: str, words: str
+) -> None:
+    got, why = cluster_verb(seen, desired, wrote)
+    assert got == verb, why
+    assert words in why, why
+
+
+def test_what_the_vm_prints_of_the_running_cluster_and_server_is_read() -> None:
+    seen = parse_observed(
+        "data=cluster\nversion=16\nrunning=1\npg_started=1800000000\npg_pid_port=5432\n"
+        "pg_port=5432\n"
+        "pg_listen_addresses=localhost\npg_unix_socket_directories=/var/run/postgresql\n"
+        "pg_loaded=1800000100.123456\npg_written_settings=1799000000.5\n"
+        "pg_written_pg_hba.conf=1799000001.5\npg_written_unit=1799000002.5\n"
+        "server_running=1\nserver=postgresql\ndb_user=prefect\ndb_port=5432\ndb_name=prefect\n"
+    )
+    assert seen.shown == AS_SET.shown and seen.running_port == 5432
+    assert (seen.conf_loaded, seen.cluster_started) == (1800000100.123456, 1800000000.0)
+    assert seen.written == {
+        "settings": 1799000000.5,
+        "pg_hba.conf": 1799000001.5,
+        "unit": 1799000002.5,
+    }
+    assert seen.server_running and seen.server_uses == "postgresql"
+    assert (seen.server_db_user, seen.server_db_port, seen.server_db_name) == (
+        "prefect",
+        5432,
+        "prefect",
+    )

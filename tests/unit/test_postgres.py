@@ -171,7 +171,13 @@ FRESH = "data=missing\ninstalled=16\nserver=none\n"
 
 
 def writes(vm: ScriptedVM) -> list[str]:
-    return [c for c in vm.commands if re.search(r"initdb|systemctl (start|restart|enable)|psql", c)]
+    """The commands that change something (the one read aside)."""
+    return [
+        c
+        for c in vm.commands
+        if re.search(r"initdb|systemctl (start|restart|reload|enable)|psql", c)
+        and not c.startswith("d=")
+    ]
 
 
 def test_a_new_cluster_is_made_and_the_password_stays_off_the_command_line() -> None:
@@ -233,3 +239,38 @@ def test_a_cluster_as_configured_is_kept() -> None:
     record = ensure_database(vm, PG, SecretStr("another"), apply=True)
     assert record.action == Action.CHANGE and "the role's password" in record.reason
     assert any("ALTER ROLE" in u for u in vm.uploads)
+
+
+def test_a_port_moved_under_a_running_server_restarts_the_cluster_in_the_servers_drain() -> None:
+    """PostgreSQL runs on 5432 and the settings say 5433, the Prefect server running on it:
+    the step writes the settings and leaves the restart to the server step's drain; the role
+    is read through the port the cluster still runs on."""
+    moved = parse_config({"prefect": {"database": {"kind": "postgresql", "port": 5433}}})
+    data = "/mnt/pspace/postgres"
+    files = {
+        f"{data}/{SETTINGS}": settings_text(PG),  # (5432's)
+        f"{data}/pg_hba.conf": hba_text(PG),
+        "/etc/systemd/system/sails-postgres.service": unit_text(PG, "16"),
+    }
+    observed = (
+        "data=cluster\nversion=16\nowner=postgres\nincluded=1\ninstalled=16\nrunning=1\n"
+        "pg_pid_port=5432\npg_port=5432\npg_listen_addresses=localhost\n"
+        "pg_unix_socket_directories=/var/run/postgresql\npg_loaded=1800000100\n"
+        "server_running=1\nserver=postgresql\ndb_user=prefect\ndb_port=5432\ndb_name=prefect\n"
+    )
+    role = f"role={scram_verifier(PASSWORD, b'saltsaltsaltsalt')}\ndatabase=1\n"
+    vm = ScriptedVM(observed, role, files)
+    vm.enabled = True
+    record = ensure_database(vm, moved, SecretStr(PASSWORD), apply=True)
+    assert record.restart_with_server, record.reason
+    assert "restarted (port 5432 -> 5433) in the Prefect server's drain" in record.reason
+    assert not [c for c in writes(vm) if "systemctl" in c]
+    assert not [c for c in vm.commands if "pg_isready" in c]
+    (read,) = [c for c in vm.commands if " -At -c " in c]
+    assert " -p 5432 " in read
+    # the server not on it (a switch under way): restarted here, at once
+    vm = ScriptedVM(observed.replace("server=postgresql", "server=sqlite"), role, files)
+    vm.enabled = True
+    record = ensure_database(vm, moved, SecretStr(PASSWORD), apply=True)
+    assert not record.restart_with_server
+    assert "systemctl restart sails-postgres.service" in vm.commands
