@@ -146,11 +146,26 @@ def decide_database(db: DatabaseSettings, seen: DbObserved, sqlite_path: str) ->
             "prefect.database.port"
         )
     if seen.server_uses == "postgresql":
+        moved = _moved(db, seen)
+        if moved and not db.switch:
+            return _refuse(
+                f"the Prefect server runs on {moved[0]}, which holds its history, and "
+                f"prefect.database names {moved[1]}: set it back, or set "
+                f"prefect.database.switch: true to start the server on a new, empty "
+                f"{moved[1]} ({moved[0]} is kept, its history not copied)"
+            )
         if seen.data != "cluster":
             return _refuse(
                 f"the Prefect server's environment points at PostgreSQL, but {where} "
                 "holds no cluster (another volume attached? the folder moved?): put it back; "
                 "no new cluster is made in its place"
+            )
+        if moved:
+            return _do(
+                DbAction.SWITCH,
+                f"move the Prefect server from {moved[0]} to a new, empty {moved[1]} in the "
+                f"cluster at {where}; {moved[0]} stays as it is, its history not copied (run "
+                "register afterwards for the pools, blocks and deployments)",
             )
         if seen.running:
             return _do(DbAction.KEEP, f"PostgreSQL {version} at {where}")
@@ -183,6 +198,18 @@ def decide_database(db: DatabaseSettings, seen: DbObserved, sqlite_path: str) ->
     return _do(
         DbAction.INIT,
         f"a new PostgreSQL cluster at {where} for the Prefect server",
+    )
+
+
+def _moved(db: DatabaseSettings, seen: DbObserved) -> tuple[str, str] | None:
+    """(what the server's URL names, what the settings name) when its database or role
+    differs: another database would hide the server's history (a port may change)."""
+    shown = (seen.server_db_name, seen.server_db_user)
+    if None in shown or shown == (db.name, db.user):
+        return None
+    return (
+        f"database {seen.server_db_name} (role {seen.server_db_user})",
+        f"database {db.name} (role {db.user})",
     )
 
 

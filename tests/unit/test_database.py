@@ -42,6 +42,8 @@ NEW_VM = DbObserved(**CLUSTER, sqlite_file=True, server_uses="none")
 #: The server on PostgreSQL, its URL read: database prefect, role prefect, port 5432.
 URL_SEEN = {"server_db_user": "prefect", "server_db_port": 5432, "server_db_name": "prefect"}
 ON_PREFECT = RUNNING.model_copy(update=URL_SEEN)
+PG_RENAMED = DatabaseSettings(kind="postgresql", name="prefect2")
+PG_OTHER_ROLE = DatabaseSettings(kind="postgresql", user="sails")
 PG_PORT = DatabaseSettings(kind="postgresql", port=5433)
 
 
@@ -91,6 +93,26 @@ PG_PORT = DatabaseSettings(kind="postgresql", port=5433)
             DbAction.REFUSE,
             "is PostgreSQL 15 and the VM has the server of 16 only",
         ),
+        # the server's URL names another database or role than the settings: its history
+        # would be hidden, unless a switch is asked for; a port may move
+        (
+            PG_RENAMED,
+            ON_PREFECT,
+            DbAction.REFUSE,
+            "runs on database prefect (role prefect), which holds its history, and "
+            "prefect.database names database prefect2 (role prefect): set it back, or set "
+            "prefect.database.switch: true",
+        ),
+        (PG_OTHER_ROLE, ON_PREFECT, DbAction.REFUSE, "names database prefect (role sails)"),
+        (
+            DatabaseSettings(kind="postgresql", name="prefect2", switch=True),
+            ON_PREFECT,
+            DbAction.SWITCH,
+            "to a new, empty database prefect2 (role prefect) in the cluster at "
+            "/mnt/pspace/postgres; database prefect (role prefect) stays as it is",
+        ),
+        (PG_PORT, ON_PREFECT, DbAction.KEEP, "PostgreSQL 16"),
+        (PG, ON_PREFECT, DbAction.KEEP, "PostgreSQL 16"),
         (PG, DbObserved(port_listening=True, installed=["16"]), DbAction.REFUSE, "port 5432"),
         (PG, DbObserved(**CLUSTER, port_listening=True), DbAction.REFUSE, "another server"),
     ],
