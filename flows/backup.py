@@ -73,11 +73,11 @@ def restore(
     VM's Prefect database. The runs in flight end first; the database it replaces is kept on
     the VM; a server that does not start on the copy gets its own database back."""
     log = logger()
-    sqlite_only(config, "restore")
     vm = open_vm(config, on_vm=False)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(vm_exclusive(vm, config, "restore"))
+            sqlite_only(vm, config, "restore")
             record, here = find_backup(vm, config, source)
             log.info("restoring %s from %s", config.environment, record.summary())
             if not record.key_id:

@@ -28,6 +28,7 @@ from core.log import logger
 from tasks.access import open_vm
 from tasks.arc import vm_path
 from tasks.prefect_server import SERVER_ENV, SERVER_KEY_ID
+from tasks.server_runs import Uses, on_postgresql, server_database
 from tasks.service_user import as_service_user
 from tasks.vm import VM
 
@@ -151,15 +152,30 @@ class BackupRecord(BaseModel):
         return f"{self.file} ({self.bytes / 1e6:.1f} MB; {', '.join(self.held())})"
 
 
-def sqlite_only(config: BootstrapConfig, what: str) -> None:
+#: What an operator can do meanwhile for a copy of a server on PostgreSQL.
+PG_DUMP_HINT = (
+    "`cd / && sudo -u postgres pg_dump -Fc DATABASE > FILE` on the VM (then copy FILE off it), "
+    "or a Cinder snapshot of the volume"
+)
+
+
+class OnPostgresError(BootstrapError):
+    """The VM's server runs on PostgreSQL: the copies, SQLite's, would not hold its history."""
+
+
+def sqlite_only(vm: VM, config: BootstrapConfig, what: str) -> None:
     """Copies are SQLite's: on PostgreSQL, ``what`` would copy (or put back) the SQLite file a
     switch left behind, not the server's history."""
-    if config.prefect.database.kind == "postgresql":
-        raise BootstrapError(
+    refuse_on_postgresql(server_database(vm, config), config, what)
+
+
+def refuse_on_postgresql(uses: Uses, config: BootstrapConfig, what: str) -> None:
+    """``sqlite_only``'s decision, from what the VM shows the server ``uses``."""
+    if on_postgresql(uses, config.prefect.database.kind):
+        raise OnPostgresError(
             f"{what} copies the SQLite database, and the VM's Prefect server runs on PostgreSQL "
             f"({config.prefect.database.data_directory}); copies of PostgreSQL (pg_dump) are not "
-            "built yet: meanwhile `sudo -u postgres pg_dump` on the VM, or a Cinder snapshot of "
-            "the volume (nothing was changed)"
+            f"built yet: meanwhile {PG_DUMP_HINT} (nothing was changed)"
         )
 
 
@@ -239,7 +255,7 @@ def sha256_of(path: Path, packed: bool = False) -> str:
 def backup_database(vm: VM, config: BootstrapConfig, local: bool) -> BackupRecord | None:
     """Copy the VM's database off the cloud: to /arc, or (``local``) to this machine. None
     when the VM has no database yet (never configured): nothing to copy."""
-    sqlite_only(config, "backup")
+    sqlite_only(vm, config, "backup")
     log = logger()
     database = database_path(config)
     # (a VM never configured has neither the database nor the service user to copy it as)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
     from core.config import BootstrapConfig
+    from tasks.vm import VM
 
 SERVER_UNIT = "prefect-server.service"
 SERVER_ENV = "/etc/sails-bootstrap/prefect-server.env"
@@ -164,3 +165,16 @@ def restart_reason(
             "(an earlier run was cut off before its restart)"
         )
     return None
+
+
+def on_postgresql(uses: Uses, configured: str) -> bool:
+    """Whether the server runs on PostgreSQL, from what the VM shows; only what the reader
+    could not see ("unknown") is taken from the configured kind."""
+    return configured == "postgresql" if uses == "unknown" else uses == "postgresql"
+
+
+def server_database(vm: VM, config: BootstrapConfig) -> Uses:
+    """The database the VM's server runs on: its process's, or its file's while it is stopped
+    ("unknown": neither readable to ``vm``'s user)."""
+    out = vm.run(runs_script(config), sudo=vm.privileged, check=False, timeout=30).stdout
+    return parse_runs(out).uses

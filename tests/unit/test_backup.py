@@ -19,9 +19,18 @@ import pytest
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
-from tasks.backup import COUNTED, SNAPSHOT, BackupRecord, prune, sha256_of, sqlite_only
+from tasks.backup import (
+    COUNTED,
+    SNAPSHOT,
+    BackupRecord,
+    OnPostgresError,
+    prune,
+    refuse_on_postgresql,
+    sha256_of,
+)
 from tasks.backup_store import age_hours, read_backup
 from tasks.restore import UNPACK
+from tasks.server_runs import Uses, on_postgresql
 
 
 def live_database(path: Path, runs: int) -> sqlite3.Connection:
@@ -238,11 +247,32 @@ def test_the_newest_copys_age_is_judged_against_the_bound(tmp_path: Path) -> Non
     assert freshness(host, cfg, on_vm=True)[0] == "ok"  # the VM cannot see them: not its to judge
 
 
-def test_copies_are_sqlites_and_refused_on_postgresql() -> None:
+@pytest.mark.parametrize(
+    ("uses", "kind", "refused"),
+    [
+        # what the VM's server runs on decides, whatever the config says
+        ("sqlite", "sqlite", False),
+        ("none", "sqlite", False),  # never configured: nothing to copy, said elsewhere
+        ("postgresql", "postgresql", True),
+        # a switch cut off before the server's restart: still SQLite, still copied
+        ("sqlite", "postgresql", False),
+        # kind edited back to sqlite while the server runs on PostgreSQL: refused
+        ("postgresql", "sqlite", True),
+        # the reader could not see (the service user, its server stopped): the config speaks
+        ("unknown", "postgresql", True),
+        ("unknown", "sqlite", False),
+    ],
+)
+def test_copies_are_sqlites_and_refused_where_the_server_runs_on_postgresql(
+    uses: Uses, kind: str, refused: bool
+) -> None:
     """On PostgreSQL the SQLite file a switch left is not the history: neither copied nor put
-    back."""
-    sqlite_only(BootstrapConfig(), "backup")
-    on_pg = BootstrapConfig.model_validate({"prefect": {"database": {"kind": "postgresql"}}})
+    back. Which one the server runs on is read from the VM."""
+    config = BootstrapConfig.model_validate({"prefect": {"database": {"kind": kind}}})
+    assert on_postgresql(uses, kind) is refused
     for what in ("backup", "restore"):
-        with pytest.raises(BootstrapError, match=f"^{what} copies the SQLite database.*pg_dump"):
-            sqlite_only(on_pg, what)
+        if not refused:
+            refuse_on_postgresql(uses, config, what)
+            continue
+        with pytest.raises(OnPostgresError, match=f"^{what} copies the SQLite database.*pg_dump"):
+            refuse_on_postgresql(uses, config, what)
