@@ -14,7 +14,8 @@ from typing import Annotated
 
 import typer
 
-from core.config import BootstrapConfig, dump_config
+from core.config import dump_config
+from sails_bootstrap.down_guards import copy_before_delete, typed_volume_id
 from sails_bootstrap.local_api import ensure_api
 from sails_bootstrap.options import (
     ConfigOption,
@@ -293,58 +294,18 @@ def down_cmd(
 
     what = f"server {cfg.server_name}, its security group and its floating IP"
     if delete_volume:
-        volume_id = _typed_volume_id(cfg, volume_id, yes)
+        volume_id = typed_volume_id(cfg, volume_id, yes)
         what += f", and volume {volume_id} WITH ITS DATA"
     if not yes and not typer.confirm(f"Delete {what}?", default=False):
         raise fail("nothing deleted", code=1)
     if delete_volume and backup_first:
-        from flows.backup import backup
-
-        try:
-            record = run_flow(lambda: backup(cfg), cfg, "backup")
-        except typer.Exit:
-            raise fail(
-                "the Prefect database could not be copied off the VM (above), so nothing was "
-                "deleted; fix that and run again, or pass --no-backup to delete the volume "
-                "without a copy",
-                code=1,
-            ) from None
+        record = copy_before_delete(cfg)
         typer.echo(f"backup: {record.summary() if record else NO_DATABASE}")
     records = run_flow(
         lambda: teardown(cfg, delete_data_volume=delete_volume, volume_id=volume_id), cfg, "down"
     )
     _print_records(records)
     typer.echo("nothing to remove" if not records else "removed")
-
-
-def _typed_volume_id(cfg: BootstrapConfig, given: str | None, yes: bool) -> str:
-    """The data volume is deleted only by its id, typed (or given with --volume-id): a slip of
-    the flag alone deletes nothing."""
-    from tasks.cloud.volume import our_volume_ids
-
-    ensure_api()
-    try:
-        ids = our_volume_ids(cfg)
-    except Exception as exc:
-        raise fail(f"cannot list the volumes: {exc}") from None
-    if not ids:
-        raise fail(f"no volume {cfg.volume_name} of {cfg.environment}: nothing to delete", code=1)
-    listed = ", ".join(ids)
-    if given is None:
-        if yes:
-            raise fail(
-                f"--delete-volume with --yes needs --volume-id (the volume's id: {listed}); "
-                "nothing deleted"
-            )
-        given = typer.prompt(
-            f"Volume {cfg.volume_name} ({listed}) holds the Prefect database and everything on "
-            "/mnt/pspace; its Cinder snapshots go with it. Type its id to delete it"
-        ).strip()
-    if given not in ids:
-        raise fail(
-            f"{given!r} is not the id of volume {cfg.volume_name} ({listed}); nothing deleted"
-        )
-    return given
 
 
 def main() -> None:

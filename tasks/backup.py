@@ -163,6 +163,13 @@ class OnPostgresError(BootstrapError):
     """The VM's server runs on PostgreSQL: the copies, SQLite's, would not hold its history."""
 
 
+def runs_on_postgresql(vm: VM, config: BootstrapConfig) -> bool:
+    """Whether the VM's Prefect server runs on PostgreSQL, read from the VM (its process, or
+    its environment file while it is stopped): in a switch cut off before the server's restart
+    it still runs on SQLite. Only what ``vm``'s user cannot read is taken from the config."""
+    return on_postgresql(server_database(vm, config), config.prefect.database.kind)
+
+
 def sqlite_only(vm: VM, config: BootstrapConfig, what: str) -> None:
     """Copies are SQLite's: on PostgreSQL, ``what`` would copy (or put back) the SQLite file a
     switch left behind, not the server's history."""

@@ -14,7 +14,14 @@ from pathlib import Path
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
-from tasks.backup import BackupRecord, arc_folder, record_beside, sha256_of
+from tasks.backup import (
+    PG_DUMP_HINT,
+    BackupRecord,
+    arc_folder,
+    record_beside,
+    runs_on_postgresql,
+    sha256_of,
+)
 from tasks.service_user import as_service_user
 from tasks.vm import VM
 
@@ -113,6 +120,8 @@ def freshness(host: VM, config: BootstrapConfig, on_vm: bool) -> tuple[str, str]
     for the health check and the plan. No copy yet, or a listing that did not end within the
     /arc probe's bound, is a warning."""
     b = config.backup
+    if runs_on_postgresql(host, config):
+        return "warn", f"no copies on PostgreSQL yet (pg_dump copies are not built): {PG_DUMP_HINT}"
     if config.backup_destination == "local":
         if on_vm:
             return "ok", "copies are kept on the operator's machine (not visible here)"
