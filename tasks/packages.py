@@ -26,7 +26,7 @@ from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import Progress, logger
 from core.records import Action
-from tasks.vm import VM, Result, StepRecord
+from tasks.vm import MANAGED, VM, Result, StepRecord
 
 #: Package lists older than this are refreshed before installing.
 LISTS_MAX_AGE = 24 * 3600
@@ -56,14 +56,21 @@ def needed_packages(config: BootstrapConfig) -> list[str]:
 
 
 #: Debian's and Ubuntu's server package makes a cluster "main" in /var/lib/postgresql, on the
-#: root disk and on port 5432, unless postgresql-common's createcluster.conf says not to; the
-#: Prefect server's cluster is made on the volume instead (tasks/postgres.py).
+#: root disk and on port 5432, unless postgresql-common's settings say not to; the Prefect
+#: server's cluster is made on the volume instead (tasks/postgres.py). The setting goes in a
+#: file of its own in createcluster.d, which the shipped createcluster.conf includes (that file
+#: stays as shipped, so the package's upgrades do not stop to ask about it); pg_conftool, which
+#: the package's scripts ask, must then read it as off.
+NO_MAIN_CLUSTER_FILE = "/etc/postgresql-common/createcluster.d/50-sails.conf"
 NO_MAIN_CLUSTER = (
-    "f=/etc/postgresql-common/createcluster.conf; "
-    "grep -Eq '^[[:space:]]*create_main_cluster[[:space:]]*=[[:space:]]*false' \"$f\" 2>/dev/null "
-    '|| { mkdir -p "$(dirname "$f")" && touch "$f" && '
-    "sed -i -E '/^[[:space:]]*#?[[:space:]]*create_main_cluster[[:space:]]*=/d' \"$f\" && "
-    "echo 'create_main_cluster = false' >> \"$f\"; }"
+    f"f={NO_MAIN_CLUSTER_FILE}; "
+    'mkdir -p "$(dirname "$f")" && '
+    f"printf '%s\\n' '{MANAGED}' 'create_main_cluster = false' > \"$f.new\" && "
+    'mv "$f.new" "$f" && '
+    "{ ! command -v pg_conftool >/dev/null || "
+    '[ "$(pg_conftool /etc/postgresql-common/createcluster.conf show -bs create_main_cluster)" '
+    '= off ] || { echo "postgresql-common does not read $f (does createcluster.conf lack its '
+    'include_dir?): set create_main_cluster = false there" >&2; exit 1; }; }'
 )
 
 #: Packages whose install is prepared: another package installed first, then a root command

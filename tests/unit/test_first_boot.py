@@ -5,6 +5,7 @@ and a missing tool on this machine (``LocalHost``); the wait for a port on loopb
 from __future__ import annotations
 
 import errno
+import shutil
 import socket
 import subprocess
 import threading
@@ -340,20 +341,28 @@ def test_postgresql_is_installed_after_postgresql_common_is_told_to_make_no_main
     (first, command), rest = install_stages(["sshfs", "postgresql"])
     assert first == ["postgresql-common"] and command == NO_MAIN_CLUSTER
     assert rest == (["sshfs", "postgresql"], None)
-    # the command on the file postgresql-common ships (its template comments the setting out)
-    conf = tmp_path / "createcluster.conf"
-    conf.write_text("# create_main_cluster = true\nssl = on\n")
-    script = NO_MAIN_CLUSTER.replace("/etc/postgresql-common/createcluster.conf", str(conf))
+    # the command in a copy of postgresql-common's folder: the shipped file stays as it is, the
+    # setting is a file of its own in the folder that file includes
+    etc = tmp_path / "postgresql-common"
+    etc.mkdir()
+    shipped = (
+        "#create_main_cluster = true\nssl = on\n"
+        "include_dir '/etc/postgresql-common/createcluster.d'\n"
+    )
+    conf = etc / "createcluster.conf"
+    conf.write_text(shipped.replace("/etc/postgresql-common", str(etc)))
+    script = NO_MAIN_CLUSTER.replace("/etc/postgresql-common", str(etc))
+    assert "/etc/" not in script
     for _ in range(2):  # a second run changes nothing
         subprocess.run(["sh", "-c", script], check=True)
-        assert conf.read_text() == "ssl = on\ncreate_main_cluster = false\n"
-    missing = tmp_path / "none" / "createcluster.conf"
-    subprocess.run(
-        [
-            "sh",
-            "-c",
-            NO_MAIN_CLUSTER.replace("/etc/postgresql-common/createcluster.conf", str(missing)),
-        ],
-        check=True,
-    )
-    assert missing.read_text() == "create_main_cluster = false\n"
+        assert conf.read_text() == shipped.replace("/etc/postgresql-common", str(etc))
+        assert (
+            (etc / "createcluster.d" / "50-sails.conf")
+            .read_text()
+            .endswith("\ncreate_main_cluster = false\n")
+        )
+        assert sorted(p.name for p in (etc / "createcluster.d").iterdir()) == ["50-sails.conf"]
+    if shutil.which("pg_conftool"):  # (postgresql-common on this machine: its reading checked)
+        conf.write_text("#create_main_cluster = true\n")  # a file that includes nothing
+        r = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+        assert r.returncode == 1 and "does not read" in r.stderr, r.stderr
