@@ -141,7 +141,10 @@ def unit_text(config: BootstrapConfig, version: str) -> str:
         "TimeoutStopSec=300\n"
         "Restart=on-failure\n"
         "RestartSec=5\n"
+        # the postmaster is the OOM killer's last choice; its backends (one per connection of
+        # the Prefect server) are not, or they would outlast the server and the flows
         "OOMScoreAdjust=-900\n"
+        "Environment=PG_OOM_ADJUST_FILE=/proc/self/oom_score_adj PG_OOM_ADJUST_VALUE=0\n"
         "[Install]\n"
         "WantedBy=multi-user.target\n"
     )

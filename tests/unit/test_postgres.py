@@ -65,6 +65,9 @@ def test_the_unit_waits_for_the_volume_and_starts_at_boot() -> None:
     assert "RequiresMountsFor=/mnt/pspace/postgres\n" in unit
     assert "ExecStart=/usr/lib/postgresql/16/bin/postgres -D /mnt/pspace/postgres\n" in unit
     assert "User=postgres\n" in unit and "Type=notify\n" in unit
+    # the postmaster spared by the OOM killer, its backends not
+    assert "OOMScoreAdjust=-900\n" in unit
+    assert "Environment=PG_OOM_ADJUST_FILE=/proc/self/oom_score_adj PG_OOM_ADJUST_VALUE=0\n" in unit
     assert unit.endswith("[Install]\nWantedBy=multi-user.target\n")
 
 
