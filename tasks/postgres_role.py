@@ -36,12 +36,12 @@ def database_password(
 
     name = config.prefect.database.password_block
     try:
+        block = Secret.load(name)
+    except ValueError:  # no such block
+        block = None
+    if block is not None:
         # (the value as stored: Secret.get() would read a password of digits as a number)
-        value = Secret.load(name).value.get_secret_value()  # type: ignore[union-attr]
-        if isinstance(value, str) and value:
-            return SecretStr(value)
-    except ValueError:
-        pass
+        return stored_password(name, block.value.get_secret_value())  # type: ignore[union-attr]
     recovered = None
     if host is not None:
         env = host.run(f"cat {SERVER_ENV}", sudo=host.privileged, check=False)
@@ -55,6 +55,19 @@ def database_password(
             name,
         )
     return SecretStr(value)
+
+
+def stored_password(name: str, stored: object) -> SecretStr:
+    """The password a Secret block ``name`` holds; a block holding anything but a non-empty
+    string is refused, naming it (a new password saved over it would lose what it held)."""
+    if isinstance(stored, str) and stored:
+        return SecretStr(stored)
+    raise BootstrapError(
+        f"Secret block {name!r} (prefect.database.password_block) holds "
+        + ("an empty string" if stored == "" else f"a value of type {type(stored).__name__}")
+        + ", not the database password: put the password there as a string, or name "
+        "another block (nothing was changed)"
+    )
 
 
 def psql(config: BootstrapConfig, version: str, port: int | None = None) -> str:

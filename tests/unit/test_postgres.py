@@ -15,6 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from core.config import BootstrapConfig, parse_config
+from core.errors import BootstrapError
 from core.records import Action
 from tasks.database import scram_verifier
 from tasks.postgres import (
@@ -28,7 +29,7 @@ from tasks.postgres import (
     settings_text,
     unit_text,
 )
-from tasks.postgres_role import role_sql
+from tasks.postgres_role import role_sql, stored_password
 from tasks.prefect_server import server_env, server_unit
 from tasks.vm import VM, Result
 
@@ -277,3 +278,17 @@ def test_a_port_moved_under_a_running_server_restarts_the_cluster_in_the_servers
     record = ensure_database(vm, moved, SecretStr(PASSWORD), apply=True)
     assert not record.restart_with_server
     assert "systemctl restart sails-postgres.service" in vm.commands
+
+
+@pytest.mark.parametrize(
+    ("stored", "words"),
+    [
+        ({"password": "x"}, "holds a value of type dict"),
+        (12345, "holds a value of type int"),
+        ("", "holds an empty string"),
+    ],
+)
+def test_a_password_block_holding_something_else_is_refused(stored: object, words: str) -> None:
+    assert stored_password("db", "pw").get_secret_value() == "pw"
+    with pytest.raises(BootstrapError, match=f"Secret block 'db' .*{words}"):
+        stored_password("db", stored)
