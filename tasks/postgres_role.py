@@ -116,6 +116,16 @@ def role_sql(config: BootstrapConfig, verifier: str | None, database: bool) -> s
     return "\n".join(lines) + "\n"
 
 
+def fed_from(command: str, path: str) -> str:
+    """``command`` reading the uploaded ``path`` on standard input (the login user's shell
+    opens it); the file's private folder goes when that shell ends, whatever ends it."""
+    return (
+        f'f={shlex.quote(path)}; trap \'rm -rf "$(dirname "$f")"\' EXIT; '
+        "trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; "
+        f'{command} < "$f"'
+    )
+
+
 def converge_role(
     vm: VM,
     config: BootstrapConfig,
@@ -140,13 +150,8 @@ def converge_role(
         return changes
     verifier = scram_verifier(value, secrets.token_bytes(16)) if fresh else None
     path = vm.upload(role_sql(config, verifier, database).encode())
-    q = shlex.quote(path)
-    # the file goes to psql on standard input (the login user's shell opens it); its errors
-    # are not repeated: they may quote the verifier
-    r = vm.run(
-        f'{psql(config, version, port)} < {q}; rc=$?; rm -rf "$(dirname {q})"; exit $rc',
-        check=False,
-    )
+    # psql's errors are not repeated: they may quote the verifier
+    r = vm.run(fed_from(psql(config, version, port), path), check=False)
     if not r.ok:
         raise BootstrapError(
             f"PostgreSQL on {vm.host} did not take the role and database of the Prefect server "

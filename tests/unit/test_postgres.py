@@ -29,7 +29,7 @@ from tasks.postgres import (
     settings_text,
     unit_text,
 )
-from tasks.postgres_role import role_sql, stored_password
+from tasks.postgres_role import fed_from, role_sql, stored_password
 from tasks.prefect_server import server_env, server_unit
 from tasks.vm import VM, Result
 
@@ -278,6 +278,19 @@ def test_a_port_moved_under_a_running_server_restarts_the_cluster_in_the_servers
     record = ensure_database(vm, moved, SecretStr(PASSWORD), apply=True)
     assert not record.restart_with_server
     assert "systemctl restart sails-postgres.service" in vm.commands
+
+
+def test_the_role_file_goes_whatever_ends_its_shell(tmp_path: Path) -> None:
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    (folder / "data").write_text("SELECT 1;\n")
+    r = subprocess.run(
+        ["sh", "-c", fed_from("{ cat; exit 3; }", str(folder / "data"))],
+        capture_output=True,
+        text=True,
+    )
+    assert (r.returncode, r.stdout) == (3, "SELECT 1;\n")  # psql's exit code kept
+    assert not folder.exists()
 
 
 @pytest.mark.parametrize(
