@@ -199,5 +199,12 @@ def drained(
         for name in drain.paused:
             try:
                 client.update_work_pool(name, WorkPoolUpdate(is_paused=False))
+            except ObjectNotFound:  # the server came back on another database (a switch)
+                log.warning(
+                    "work pool %s is not on %s since its restart (it runs on another "
+                    "database now): `sails-bootstrap register` makes it again",
+                    name,
+                    what,
+                )
             except Exception as exc:
                 log.error("work pool %s stays paused: %s; resume it in the UI", name, exc)
