@@ -113,6 +113,19 @@ def test_sqlite_history_kept_until_the_switch_then_postgresql_on_the_volume(vm_c
     with pytest.raises(BootstrapError, match=r"copies of PostgreSQL \(pg_dump\) are not built"):
         backup(switch)
 
+    # Another port under the running server: the cluster restarts inside the server's drain
+    # (server stopped, cluster restarted, server started on the new URL), history kept.
+    moved = database(switch, port=5433)
+    done = {r.name: r for r in configure(moved).records}
+    assert (
+        "restarted (port 5432 -> 5433) in the Prefect server's drain" in done["database"].reason
+    ), done["database"].reason
+    assert "restarted with its PostgreSQL" in done["prefect server"].reason, done
+    assert flow_runs(moved) == ["on-postgresql"]
+    listening = run(moved, "ss -Htln").stdout
+    assert "127.0.0.1:5433" in listening and ":5432 " not in listening, listening
+    assert [r.name for r in configure(moved).records if r.changed] == []
+
     # A reboot brings the cluster and the server back, history and all.
     ssh_config = str(Path(cfg.ssh.config_dir) / "config")
     subprocess.Popen(
@@ -125,11 +138,11 @@ def test_sqlite_history_kept_until_the_switch_then_postgresql_on_the_volume(vm_c
     seen: list[str] | str = "nothing yet"
     while time.monotonic() < deadline:
         try:
-            seen = flow_runs(switch)
+            seen = flow_runs(moved)
             break
         except Exception as exc:  # the VM, its sshd or its server still on the way
             seen = repr(exc)
         time.sleep(2)
     assert seen == ["on-postgresql"], seen
-    assert run(switch, "systemctl is-active sails-postgres.service").stdout.strip() == "active"
-    assert run(switch, digest).stdout == kept
+    assert run(moved, "systemctl is-active sails-postgres.service").stdout.strip() == "active"
+    assert run(moved, digest).stdout == kept
