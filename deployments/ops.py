@@ -11,7 +11,6 @@ anyone with UI access could start it. Teardown is the operator's `sails-bootstra
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from prefect import flow
@@ -21,8 +20,6 @@ from core.log import logger
 from flows import backup as backup_flows
 from flows import bootstrap as bootstrap_flows
 from flows import operate
-from tasks.backup import PG_DUMP_HINT, runs_on_postgresql
-from tasks.vm import LocalHost
 
 CONFIG_FILE = "config.yaml"
 
@@ -47,22 +44,13 @@ def reauth_canfar(config_path: str = CONFIG_FILE, reason: str = "on demand") -> 
 
 @flow(name="backup")
 def backup(config_path: str = CONFIG_FILE) -> Any:
-    """Scheduled: the Prefect database copied to CANFAR /arc (backup.destination: arc); on
-    PostgreSQL, whose copies are not built yet, nothing (said in the log)."""
+    """Scheduled: the Prefect database (SQLite or PostgreSQL) copied to CANFAR /arc
+    (backup.destination: arc)."""
     config = load_config(config_path)
     if config.backup_destination == "local":
         logger().info(
             "backup.destination is local: copies are made from the operator's machine "
             "(`sails-bootstrap backup`), not here"
-        )
-        return None
-    with contextlib.closing(LocalHost()) as vm:
-        on_postgresql = runs_on_postgresql(vm, config)
-    if on_postgresql:
-        logger().info(
-            "the Prefect server runs on PostgreSQL: its copies (pg_dump) are not built yet, so "
-            "nothing was copied; meanwhile %s",
-            PG_DUMP_HINT,
         )
         return None
     return backup_flows.backup.fn(config, on_vm=True)

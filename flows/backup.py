@@ -16,13 +16,15 @@ from core.errors import BootstrapError
 from core.log import logger
 from flows.steps import copy_database, snapshot_volume
 from tasks.access import open_vm
-from tasks.backup import BackupRecord, key_id, sqlite_only, stamp
+from tasks.backup import BackupRecord, key_id, runs_on_postgresql, stamp
+from tasks.backup_scripts import copy_stem
 from tasks.backup_store import find_backup
 from tasks.cloud import open_connection
 from tasks.cloud.locate import locate_vm
 from tasks.drain import drained
 from tasks.prefect_server import SERVER_UNIT, server_secrets
-from tasks.restore import RestoreRecord, start_on_copy, swap_database, unpack_on_vm
+from tasks.restore import RestoreRecord, put_back, start_on_copy, swap_database, unpack_on_vm
+from tasks.restore_postgres import drop_loaded, load_copy, put_back_database, swap_databases
 from tasks.vm_lock import vm_exclusive
 from tasks.vm_server import remote_client
 
@@ -38,7 +40,7 @@ def backup(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False) -> 
         conn = open_connection(config)
         volume_id = locate_vm(conn, config).volume_id
         if volume_id:
-            name = record.file.rsplit("/", 1)[-1].removesuffix(".db.gz")
+            name = copy_stem(record.file.rsplit("/", 1)[-1]) or record.created
             snap = snapshot_volume(conn, config, volume_id, name)
             record = record.model_copy(update={"snapshot": name, "snapshots_pruned": snap.pruned})
     where = "on the VM" if config.backup_destination == "arc" else "on the machine that ran it"
@@ -47,7 +49,8 @@ def backup(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False) -> 
         markdown=(
             f"# Backup of {config.environment}\n\n"
             f"- file ({where}): `{record.file}`\n"
-            f"- made: {record.created}, {record.bytes / 1e6:.1f} MB uncompressed, "
+            f"- database: {record.database}; made: {record.created}, "
+            f"{record.bytes / 1e6:.1f} MB{' uncompressed' if record.database == 'sqlite' else ''}, "
             f"sha256 {record.sha256[:16]}…\n"
             + "".join(f"- {line}\n" for line in record.held())
             + f"- older copies removed: {', '.join(record.pruned) or 'none'}\n"
@@ -59,7 +62,7 @@ def backup(config: BootstrapConfig = BootstrapConfig(), on_vm: bool = False) -> 
             )
             + "\n"
             "Put it back with `sails-bootstrap restore --config FILE --from "
-            f"{record.file.rsplit('/', 1)[-1].removesuffix('.db.gz')}`.\n"
+            f"{copy_stem(record.file.rsplit('/', 1)[-1])}`.\n"
         ),
     )
     return record
@@ -77,8 +80,15 @@ def restore(
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(vm_exclusive(vm, config, "restore"))
-            sqlite_only(vm, config, "restore")
+            kind = "postgresql" if runs_on_postgresql(vm, config) else "sqlite"
             record, here = find_backup(vm, config, source)
+            if record.database != kind:
+                raise BootstrapError(
+                    f"{record.file} is a copy of {record.database}, and the VM's Prefect server "
+                    f"runs on {kind} (prefect.database.kind): restore a copy made on {kind}, or "
+                    f"configure the server back onto {record.database} first (nothing was "
+                    "changed)"
+                )
             log.info("restoring %s from %s", config.environment, record.summary())
             if not record.key_id:
                 raise BootstrapError(
@@ -99,8 +109,12 @@ def restore(
                 stack.callback(vm.run, f"rm -rf {folder}", sudo=True, check=False)
                 user = shlex.quote(config.prefect.user)
                 vm.run(f"chown -R {user}:{user} {folder}", sudo=True)
-            unpacked, work = unpack_on_vm(vm, config, packed, record.sha256)
-            stack.callback(vm.run, f"rm -rf {shlex.quote(work)}", sudo=True, check=False)
+            if kind == "sqlite":
+                unpacked, work = unpack_on_vm(vm, config, packed, record.sha256)
+                stack.callback(vm.run, f"rm -rf {shlex.quote(work)}", sudo=True, check=False)
+            else:  # loaded beside the server's database while it keeps running
+                loaded = load_copy(vm, config, packed, record.sha256)
+                stack.callback(drop_loaded, vm, config)
             secret = server_secrets(config, host=vm)
             base = stack.enter_context(vm.api(config.prefect.port))
             auth = secret["auth_string"] if config.prefect.api_auth else None
@@ -110,8 +124,13 @@ def restore(
                 drained(client, pools, config.prefect.drain_timeout, "the Prefect server", vm)
             )
             vm.run(f"systemctl stop {SERVER_UNIT}", sudo=True, timeout=120)
-            kept = swap_database(vm, config, unpacked, stamp())
-            start_on_copy(vm, config, base, kept)
+            if kind == "sqlite":
+                kept = swap_database(vm, config, unpacked, stamp())
+                start_on_copy(vm, config, base, lambda: put_back(vm, config, kept))
+            else:
+                name = swap_databases(vm, config, loaded, stamp())
+                kept = f"PostgreSQL database {name}"
+                start_on_copy(vm, config, base, lambda: put_back_database(vm, config, name))
         done = RestoreRecord(
             environment=config.environment,
             file=record.file,

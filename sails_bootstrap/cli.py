@@ -209,7 +209,7 @@ def restore_cmd(
         str | None,
         typer.Option(
             "--from",
-            help="A backup: a .db.gz file on this machine, a backup's name, or 'latest' "
+            help="A backup: a .db.gz or .pgdump file on this machine, a backup's name, or 'latest' "
             "(the default) in backup.destination.",
         ),
     ] = None,
@@ -235,7 +235,7 @@ def restore_cmd(
     from flows.backup import restore
 
     done = run_flow(lambda: restore(cfg, source=source), cfg, "restore")
-    typer.echo(f"restored from {done.file}; the database before is kept on the VM at {done.kept}")
+    typer.echo(f"restored from {done.file}; the database before is kept on the VM: {done.kept}")
     if done.drain:
         typer.echo(f"  runs in flight: {done.drain}")
 

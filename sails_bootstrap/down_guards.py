@@ -17,22 +17,12 @@ if TYPE_CHECKING:
 
 
 def copy_before_delete(cfg: BootstrapConfig) -> BackupRecord | None:
-    """The copy ``down --delete-volume`` makes first; a failure deletes nothing. On PostgreSQL,
-    whose copies are not built yet, it refuses and names the copy to make by hand."""
+    """The copy ``down --delete-volume`` makes first (of SQLite or PostgreSQL, whichever the
+    server runs on); a failure deletes nothing."""
     from flows.backup import backup
-    from tasks.backup import OnPostgresError
-
-    on_postgresql: list[str] = []
-
-    def copy() -> BackupRecord | None:
-        try:
-            return backup(cfg)
-        except OnPostgresError as exc:
-            on_postgresql.append(str(exc))
-            return None
 
     try:
-        record = run_flow(copy, cfg, "backup")
+        return run_flow(lambda: backup(cfg), cfg, "backup")
     except typer.Exit:
         raise fail(
             "the Prefect database could not be copied off the VM (above), so nothing was "
@@ -40,18 +30,6 @@ def copy_before_delete(cfg: BootstrapConfig) -> BackupRecord | None:
             "without a copy",
             code=1,
         ) from None
-    if on_postgresql:
-        db = cfg.prefect.database
-        raise fail(
-            "error: the VM's Prefect server runs on PostgreSQL, and copies of PostgreSQL "
-            "(pg_dump) are not built yet, so the copy made before the volume goes cannot be "
-            "made; nothing was deleted. Copy the database off the VM first: `ssh "
-            f"{cfg.ssh.alias} 'cd / && sudo -u postgres pg_dump -Fc -p {db.port} {db.name}' > "
-            f"{cfg.environment}-{db.name}.dump` (check it with `pg_restore -l` here), or keep "
-            "the volume: `sails-bootstrap down` without --delete-volume deletes the server only",
-            code=1,
-        )
-    return record
 
 
 def typed_volume_id(cfg: BootstrapConfig, given: str | None, yes: bool) -> str:

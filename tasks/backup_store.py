@@ -15,11 +15,12 @@ from pathlib import Path
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from tasks.backup import (
-    PG_DUMP_HINT,
+    SUFFIXES,
     BackupRecord,
     arc_folder,
+    copy_stem,
+    local_copies,
     record_beside,
-    runs_on_postgresql,
     sha256_of,
 )
 from tasks.service_user import as_service_user
@@ -35,16 +36,22 @@ def _check_environment(record: BackupRecord, config: BootstrapConfig, where: str
 
 
 def read_backup(path: Path, config: BootstrapConfig) -> BackupRecord:
-    """A copy on this machine: its record, after checking the file against it and SQLite's
-    integrity check."""
+    """A copy on this machine: its record, after checking the file against it (and SQLite's
+    integrity check; pg_restore reads a PostgreSQL copy on the VM)."""
     meta = record_beside(path)
-    if not path.is_file() or not meta.is_file():
+    if copy_stem(path.name) is None or not path.is_file() or not meta.is_file():
         raise BootstrapError(
-            f"{path}: a backup is a .db.gz file with its .json record beside it (see "
-            f"`ls {config.backup.local_folder(config.environment)}`)"
+            f"{path}: a backup is a {' or '.join(SUFFIXES.values())} file with its .json record "
+            f"beside it (see `ls {config.backup.local_folder(config.environment)}`)"
         )
     record = BackupRecord.model_validate_json(meta.read_text())
     _check_environment(record, config, str(path))
+    if not path.name.endswith(SUFFIXES[record.database]):
+        raise BootstrapError(f"{path} is not the copy of {record.database} its record describes")
+    if record.database == "postgresql":
+        if sha256_of(path) != record.sha256:
+            raise BootstrapError(f"{path} does not match the digest in its record: damaged")
+        return record.model_copy(update={"file": str(path)})
     with tempfile.TemporaryDirectory() as tmp:
         plain = Path(tmp) / "prefect.db"
         try:
@@ -59,12 +66,6 @@ def read_backup(path: Path, config: BootstrapConfig) -> BackupRecord:
         if check != "ok":
             raise BootstrapError(f"{path}: SQLite's integrity check failed: {check}")
     return record.model_copy(update={"file": str(path)})
-
-
-def local_copies(config: BootstrapConfig) -> list[Path]:
-    return sorted(
-        config.backup.local_folder(config.environment).glob(f"{config.environment}-*.db.gz")
-    )
 
 
 #: Lists a folder on /arc without ever waiting on a stale mount: the listing runs detached and
@@ -87,7 +88,7 @@ def arc_copies(vm: VM, config: BootstrapConfig, deadline: float = 60) -> list[st
     stale /arc that does not answer within ``deadline`` seconds is an error."""
     script = LIST_ARC.format(
         folder=shlex.quote(arc_folder(config)),
-        pattern=shlex.quote(f"{config.environment}-*.db.gz"),
+        pattern=shlex.quote(f"{config.environment}-*"),
         deadline=max(1, round(deadline)),
     )
     r = vm.run(
@@ -100,14 +101,14 @@ def arc_copies(vm: VM, config: BootstrapConfig, deadline: float = 60) -> list[st
             f"/arc on {vm.host} did not answer within {deadline:.0f} s (stale? "
             "`sails-bootstrap remount`)"
         )
-    return sorted(line for line in r.stdout.split() if line.endswith(".db.gz"))
+    return sorted(line for line in r.stdout.split() if copy_stem(line) is not None)
 
 
 def age_hours(names: list[str], environment: str, now: dt.datetime) -> float | None:
     """Hours since the newest of the copies ``names`` was made (None: there is none)."""
     stamps = []
     for name in names:
-        made = name.removeprefix(f"{environment}-").removesuffix(".db.gz")
+        made = (copy_stem(name) or "").removeprefix(f"{environment}-")
         with contextlib.suppress(ValueError):
             stamps.append(dt.datetime.strptime(made, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC))
     if not stamps:
@@ -120,12 +121,12 @@ def freshness(host: VM, config: BootstrapConfig, on_vm: bool) -> tuple[str, str]
     for the health check and the plan. No copy yet, or a listing that did not end within the
     /arc probe's bound, is a warning."""
     b = config.backup
-    if runs_on_postgresql(host, config):
-        return "warn", f"no copies on PostgreSQL yet (pg_dump copies are not built): {PG_DUMP_HINT}"
     if config.backup_destination == "local":
         if on_vm:
             return "ok", "copies are kept on the operator's machine (not visible here)"
-        names = [p.name for p in local_copies(config)]
+        names = [
+            p.name for p in local_copies(b.local_folder(config.environment), config.environment)
+        ]
         where = str(b.local_folder(config.environment))
     else:
         try:
@@ -153,7 +154,8 @@ def find_backup(
     if on_arc and vm is not None:
         names = arc_copies(vm, config)
     else:
-        names = [p.name for p in local_copies(config)]
+        folder = config.backup.local_folder(config.environment)
+        names = [p.name for p in local_copies(folder, config.environment)]
     if source in (None, "latest"):
         if not names:
             raise BootstrapError(
@@ -162,15 +164,16 @@ def find_backup(
             )
         name = names[-1]
     else:
-        name = source if source.endswith(".db.gz") else f"{source}.db.gz"
-        if name not in names:
+        found = [n for n in names if source in (n, copy_stem(n))]
+        name = found[0] if found else source
+        if not found:
             raise BootstrapError(
                 f"no backup {source!r} in {where}; there: {', '.join(names[-5:]) or 'none'}"
             )
     if not on_arc:
         return read_backup(config.backup.local_folder(config.environment) / name, config), True
     assert vm is not None
-    meta = f"{arc_folder(config)}/{name.removesuffix('.db.gz')}.json"
+    meta = f"{arc_folder(config)}/{copy_stem(name)}.json"
     r = vm.run(as_service_user(config, f"cat {shlex.quote(meta)}"), check=False, timeout=60)
     if not r.ok:
         raise BootstrapError(f"{name} on /arc has no readable record ({meta}): {r.stderr[-200:]}")

@@ -286,9 +286,9 @@ def settings_wanted(db: DatabaseSettings) -> dict[str, str]:
 def cluster_verb(seen: DbObserved, db: DatabaseSettings, wrote: list[str]) -> tuple[str, str]:
     """What the cluster needs for what runs to be what its files say: ("start", "restart",
     "reload" or "", and why). ``wrote``: what this run wrote ("settings", "pg_hba.conf",
-    "unit"); the rest is read from the running cluster (the settings that take a restart, as
-    ``SHOW`` gives them; when it last read its files; when its process started), so a run cut
-    off between writing and restarting is finished by the next one."""
+    "pg_ident.conf", "unit"); the rest is read from the running cluster (the settings that
+    take a restart, as ``SHOW`` gives them; when it last read its files; when its process
+    started), so a run cut off between writing and restarting is finished by the next one."""
     if not seen.running:
         return "start", "started"
     differs = [
@@ -306,7 +306,7 @@ def cluster_verb(seen: DbObserved, db: DatabaseSettings, wrote: list[str]) -> tu
     loaded = seen.conf_loaded
     unread = [
         name
-        for name in ("settings", "pg_hba.conf")
+        for name in ("settings", "pg_hba.conf", "pg_ident.conf")
         if name in wrote or (loaded is not None and seen.written.get(name, 0) > loaded)
     ]
     if unread:

@@ -91,6 +91,7 @@ def observe_script(config: BootstrapConfig) -> str:
         + "fi; fi; "
         + mtime_script("pg_written_settings", f"{db.data_directory}/{SETTINGS}")
         + mtime_script("pg_written_pg_hba.conf", f"{db.data_directory}/pg_hba.conf")
+        + mtime_script("pg_written_pg_ident.conf", f"{db.data_directory}/pg_ident.conf")
         + mtime_script("pg_written_unit", POSTGRES_UNIT_FILE)
         + f"ss -Hltn 'sport = :{db.port}' 2>/dev/null | grep -q . && echo listening=1; "
         + runs_script(config)
@@ -107,16 +108,33 @@ def settings_text(config: BootstrapConfig) -> str:
     )
 
 
+#: pg_ident.conf's map from the server's system user to its role (the socket's peer check).
+IDENT_MAP = "sails"
+
+
 def hba_text(config: BootstrapConfig) -> str:
-    """Who may connect: the superuser through the local socket as ``postgres``, the server's
-    role to its database over the loopback with its password; nobody else."""
+    """Who may connect: the superuser through the local socket as ``postgres``; the server's
+    role over the loopback with its password, and through the local socket from the server's
+    own system user (copies and restores, which that user makes: ``IDENT_MAP``), to its
+    database and to one a restore loads beside it; nobody else."""
     db = config.prefect.database
+    both = f"{db.name},{db.name}_restoring"
     return (
         f"{MANAGED}\n"
         "# TYPE  DATABASE  USER      ADDRESS       METHOD\n"
         "local   all       postgres                peer\n"
+        f"local   {both}  {db.user}  peer map={IDENT_MAP}\n"
         f"host    {db.name}  {db.user}  127.0.0.1/32  scram-sha-256\n"
         f"host    {db.name}  {db.user}  ::1/128       scram-sha-256\n"
+    )
+
+
+def ident_text(config: BootstrapConfig) -> str:
+    """The server's system user (``prefect.user``) may log in as its role, and no one else."""
+    return (
+        f"{MANAGED}\n"
+        "# MAPNAME  SYSTEM-USERNAME  PG-USERNAME\n"
+        f"{IDENT_MAP}  {config.prefect.user}  {config.prefect.database.user}\n"
     )
 
 
@@ -265,6 +283,7 @@ def _converge_cluster(
         for name, path, text in (
             ("settings", SETTINGS, settings_text(config)),
             ("pg_hba.conf", "pg_hba.conf", hba_text(config)),
+            ("pg_ident.conf", "pg_ident.conf", ident_text(config)),
         ):
             if vm.write_file(
                 f"{data}/{path}", text, mode="0600", owner="postgres:postgres", apply=apply

@@ -11,6 +11,7 @@ database back.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 
 from pydantic import BaseModel, Field
 
@@ -110,15 +111,15 @@ def put_back(vm: VM, config: BootstrapConfig, kept: str) -> str:
     return r.stdout.strip()
 
 
-def start_on_copy(vm: VM, config: BootstrapConfig, base: str, kept: str) -> None:
-    """Start the server on the restored copy; if it does not become healthy, its own database
-    goes back and the error says so."""
+def start_on_copy(vm: VM, config: BootstrapConfig, base: str, undo: Callable[[], str]) -> None:
+    """Start the server on the restored copy; if it does not become healthy, ``undo`` gives it
+    its own database back (and says where the copy went), and the error says so."""
     vm.run(f"systemctl start {SERVER_UNIT}", sudo=True, timeout=120)
     url = f"http://127.0.0.1:{config.prefect.port}/api on the VM"
     try:
         wait_for_health(f"{base}/api", timeout=300, shown=url)
     except BootstrapError as exc:
-        failed = put_back(vm, config, kept)
+        failed = undo()
         wait_for_health(f"{base}/api", timeout=300, shown=url)
         raise BootstrapError(
             f"the server did not start on the restored copy ({exc}); it runs on its own "

@@ -844,7 +844,7 @@ def test_backup_off_the_cloud_and_restore(
         marker("after the copy", after=True)  # written after the copy: the restore undoes it
         out = cli(cfg, "restore", "--yes")
         assert f"restored from {arc_folder(cfg)}/{names[-1]}" in out, out
-        kept = out.split("kept on the VM at ")[1].split()[0]
+        kept = out.split("kept on the VM: ")[1].split()[0]
         assert marker() == "in the copy"
         assert vm.run(f"test -s {shlex.quote(kept)}/prefect.db", sudo=True, check=False).ok
         assert health_check(cfg).healthy

@@ -19,15 +19,8 @@ import pytest
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
-from tasks.backup import (
-    COUNTED,
-    SNAPSHOT,
-    BackupRecord,
-    OnPostgresError,
-    prune,
-    refuse_on_postgresql,
-    sha256_of,
-)
+from tasks.backup import BackupRecord, prune, sha256_of
+from tasks.backup_scripts import COPY_END, COPY_SQLITE, COPY_START, copy_stem
 from tasks.backup_store import age_hours, read_backup
 from tasks.restore import UNPACK
 from tasks.server_runs import Uses, on_postgresql
@@ -57,8 +50,9 @@ def run_script(script: str, *args: str) -> dict[str, Any]:
 
 def snapshot(database: Path, name: str, dest: str = "", keep: int = 14) -> dict[str, Any]:
     static = {"environment": name.rsplit("-", 1)[0], "created": name[-16:], "key_id": "k" * 16}
-    script = SNAPSHOT.replace("COUNTED", repr(COUNTED))
-    return run_script(script, str(database), name, dest, str(keep), json.dumps(static))
+    script = COPY_START + COPY_SQLITE + COPY_END
+    home = str(database.parent)
+    return run_script(script, home, name, dest, str(keep), json.dumps(static), str(database))
 
 
 def test_the_copy_holds_what_the_live_server_committed(tmp_path: Path) -> None:
@@ -248,31 +242,49 @@ def test_the_newest_copys_age_is_judged_against_the_bound(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    ("uses", "kind", "refused"),
+    ("uses", "kind", "copied"),
     [
         # what the VM's server runs on decides, whatever the config says
-        ("sqlite", "sqlite", False),
-        ("none", "sqlite", False),  # never configured: nothing to copy, said elsewhere
-        ("postgresql", "postgresql", True),
-        # a switch cut off before the server's restart: still SQLite, still copied
-        ("sqlite", "postgresql", False),
-        # kind edited back to sqlite while the server runs on PostgreSQL: refused
-        ("postgresql", "sqlite", True),
+        ("sqlite", "sqlite", "sqlite"),
+        ("none", "sqlite", "sqlite"),  # never configured: nothing to copy, said elsewhere
+        ("postgresql", "postgresql", "postgresql"),
+        # a switch cut off before the server's restart: still SQLite, its file copied
+        ("sqlite", "postgresql", "sqlite"),
+        # kind edited back to sqlite while the server runs on PostgreSQL: its database copied
+        ("postgresql", "sqlite", "postgresql"),
         # the reader could not see (the service user, its server stopped): the config speaks
-        ("unknown", "postgresql", True),
-        ("unknown", "sqlite", False),
+        ("unknown", "postgresql", "postgresql"),
+        ("unknown", "sqlite", "sqlite"),
     ],
 )
-def test_copies_are_sqlites_and_refused_where_the_server_runs_on_postgresql(
-    uses: Uses, kind: str, refused: bool
-) -> None:
-    """On PostgreSQL the SQLite file a switch left is not the history: neither copied nor put
-    back. Which one the server runs on is read from the VM."""
-    config = BootstrapConfig.model_validate({"prefect": {"database": {"kind": kind}}})
-    assert on_postgresql(uses, kind) is refused
-    for what in ("backup", "restore"):
-        if not refused:
-            refuse_on_postgresql(uses, config, what)
-            continue
-        with pytest.raises(OnPostgresError, match=f"^{what} copies the SQLite database.*pg_dump"):
-            refuse_on_postgresql(uses, config, what)
+def test_the_copy_is_of_the_database_the_server_runs_on(uses: Uses, kind: str, copied: str) -> None:
+    """A switch leaves the SQLite file behind, which is no longer the history: the copy (and
+    the restore, which takes only a copy of that database) follows what the VM runs."""
+    assert ("postgresql" if on_postgresql(uses, kind) else "sqlite") == copied
+
+
+def test_copies_of_either_database_are_named_pruned_and_aged_together(tmp_path: Path) -> None:
+    """After a switch the copies of both databases sit side by side: one count, one age."""
+    folder = tmp_path / "alma"
+    folder.mkdir()
+    names = [
+        "alma-20261201T023000Z.db.gz",
+        "alma-20261202T023000Z.pgdump",
+        "alma-20261203T023000Z.pgdump",
+    ]
+    for name in names:
+        (folder / name).touch()
+        (folder / f"{copy_stem(name)}.json").touch()
+    (folder / "alma-20261204T023000Z.pgdump.partial").touch()  # a copy still landing
+    assert [copy_stem(n) for n in names] == [n.split(".")[0] for n in names]
+    assert copy_stem("alma-20261204T023000Z.pgdump.partial") is None
+    assert prune(folder, "alma", keep=2) == ["alma-20261201T023000Z.db.gz"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [
+            *names[1:],
+            *(f"{copy_stem(n)}.json" for n in names[1:]),
+            "alma-20261204T023000Z.pgdump.partial",
+        ]
+    )
+    now = dt.datetime(2026, 12, 3, 4, 30, tzinfo=dt.UTC)
+    assert age_hours(names, "alma", now) == 2.0

@@ -16,6 +16,7 @@ from tasks.database import scram_verifier
 from tasks.postgres import (
     SETTINGS,
     hba_text,
+    ident_text,
     initdb_script,
     judge_probe,
     observe_script,
@@ -49,9 +50,13 @@ def test_postgresql_listens_on_the_loopback_and_lets_in_the_servers_role_only() 
     rules = [line.split() for line in hba_text(PG).splitlines() if not line.startswith("#")]
     assert rules == [
         ["local", "all", "postgres", "peer"],
+        # the server's own user, for copies and restores (its database and a restore's beside)
+        ["local", "prefect,prefect_restoring", "prefect", "peer", "map=sails"],
         ["host", "prefect", "prefect", "127.0.0.1/32", "scram-sha-256"],
         ["host", "prefect", "prefect", "::1/128", "scram-sha-256"],
     ]
+    ident = [line.split() for line in ident_text(PG).splitlines() if not line.startswith("#")]
+    assert ident == [["sails", PG.prefect.user, "prefect"]]
 
 
 def test_the_unit_waits_for_the_volume_and_starts_at_boot() -> None:

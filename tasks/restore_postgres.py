@@ -1,0 +1,157 @@
+"""A copy of a Prefect server on PostgreSQL (pg_dump's archive) put back.
+
+The archive is checked on the VM before anything changes (its digest against its record, its
+table of contents read by ``pg_restore -l``), then loaded into a new database beside the
+server's, as the server's role (its extensions made first by the superuser, who owns them):
+a copy that does not load leaves nothing behind but its own database, dropped. Only then is the
+server stopped and the two databases renamed in one transaction: the server's own kept as
+``NAME_before_restore_STAMP``, never dropped. A server that does not become healthy on the copy
+gets its own database back.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from core.config import BootstrapConfig
+from core.errors import BootstrapError
+from tasks.backup import vm_python
+from tasks.database import SOCKETS
+from tasks.prefect_server import SERVER_UNIT
+from tasks.service_user import as_service_user
+from tasks.vm import VM
+
+#: Run on the VM as the server's user: ``python3 SCRIPT ARCHIVE SHA256 HOME``. Checks the
+#: archive and writes the list pg_restore follows (all but the extensions, which the superuser
+#: makes); prints the list's path, its folder and the extensions, or what is wrong.
+CHECK = r"""
+import hashlib, json, os, re, shutil, subprocess, sys, tempfile
+archive, sha256, home = sys.argv[1], sys.argv[2], sys.argv[3]
+if not os.path.isfile(archive):
+    print(json.dumps({"error": "no backup at " + archive}))
+    sys.exit(0)
+h = hashlib.sha256()
+with open(archive, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+if h.hexdigest() != sha256:
+    print(json.dumps({"error": archive + " does not match the digest in its record: damaged"}))
+    sys.exit(0)
+r = subprocess.run(["pg_restore", "-l", archive], capture_output=True, text=True)
+if r.returncode:
+    print(json.dumps({"error": archive + ": pg_restore cannot read it: " + r.stderr.strip()}))
+    sys.exit(0)
+extension = re.compile(r"^\d+; \d+ \d+ (COMMENT - )?EXTENSION (- )?(\S+)")
+extensions, kept = [], []
+for line in r.stdout.splitlines():
+    m = extension.match(line)
+    if m is None:
+        kept.append(line)
+    elif not m.group(1):
+        extensions.append(m.group(3))
+work = tempfile.mkdtemp(prefix=".sails-restore-", dir=home)
+listed = os.path.join(work, "restore.list")
+with open(listed, "w") as f:
+    f.write("\n".join(kept) + "\n")
+print(json.dumps({"list": listed, "work": work, "extensions": extensions}))
+"""
+
+_NAME = r"[a-z_][a-z0-9_]*"
+
+
+def _superuser(sql: str, database: str = "postgres") -> str:
+    """psql as the superuser through the local socket, ``sql`` in one transaction (root)."""
+    return (
+        f"cd / && runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -h {SOCKETS} "
+        f"-p {{port}} -d {shlex.quote(database)} -1 -c {shlex.quote(sql)}"
+    )
+
+
+def restoring_name(config: BootstrapConfig) -> str:
+    return f"{config.prefect.database.name}_restoring"
+
+
+def load_copy(vm: VM, config: BootstrapConfig, archive: str, sha256: str) -> str:
+    """The archive at ``archive`` on the VM checked and loaded into a new database beside the
+    server's; returns that database's name. A failure drops it and changes nothing else."""
+    db = config.prefect.database
+    out = vm_python(vm, config, CHECK, [archive, sha256, config.prefect.home], "the check")
+    if "error" in out:
+        raise BootstrapError(f"{out['error']} (nothing was changed)")
+    work = str(out["work"])
+    target = restoring_name(config)
+    extensions = [e for e in out["extensions"] if re.fullmatch(_NAME, e)]
+    port = str(db.port)
+    try:
+        # (a database of this name is a restore's cut off before its rename: never the server's)
+        vm.run(
+            f"cd / && runuser -u postgres -- dropdb --if-exists -h {SOCKETS} -p {port} {target}"
+            f" && runuser -u postgres -- createdb -h {SOCKETS} -p {port} -O {db.user} {target}",
+            sudo=True,
+            timeout=300,
+        )
+        if extensions:
+            made = "; ".join(f"CREATE EXTENSION IF NOT EXISTS {e}" for e in extensions)
+            vm.run(_superuser(made, target).format(port=port), sudo=True, timeout=120)
+        restore = (
+            f"pg_restore -h {SOCKETS} -p {port} -U {db.user} -d {target} --no-owner "
+            f"--exit-on-error -L {shlex.quote(out['list'])} {shlex.quote(archive)}"
+        )
+        r = vm.run(as_service_user(config, restore), check=False, timeout=3600)
+        if not r.ok:
+            drop_loaded(vm, config)
+            raise BootstrapError(
+                f"{archive} did not load into PostgreSQL on {vm.host}: "
+                f"{(r.stderr or r.stdout).strip()[-400:]} (nothing was changed)"
+            )
+    finally:
+        vm.run(f"rm -rf {shlex.quote(work)}", sudo=True, check=False)
+    return target
+
+
+def drop_loaded(vm: VM, config: BootstrapConfig) -> None:
+    """The database a copy was loaded into, dropped if it is still there (a restore that ended
+    before its rename; after it, the name is gone)."""
+    vm.run(
+        f"cd / && runuser -u postgres -- dropdb --if-exists -h {SOCKETS} "
+        f"-p {config.prefect.database.port} {restoring_name(config)}",
+        sudo=True,
+        check=False,
+    )
+
+
+def _rename(config: BootstrapConfig, renames: list[tuple[str, str]]) -> str:
+    """Root's command: the server's database freed of stray sessions, then ``renames`` in one
+    transaction."""
+    db = config.prefect.database
+    names = ", ".join(f"'{old}'" for old, _ in renames)
+    free = (
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname IN ({names}) AND pid <> pg_backend_pid()"
+    )
+    moves = "; ".join(f"ALTER DATABASE {old} RENAME TO {new}" for old, new in renames)
+    return (
+        _superuser(free).format(port=db.port)
+        + " >/dev/null && "
+        + _superuser(moves).format(port=db.port)
+    )
+
+
+def swap_databases(vm: VM, config: BootstrapConfig, loaded: str, when: str) -> str:
+    """With the server stopped: its database renamed aside, the loaded copy renamed into its
+    place. Returns the name it is kept under."""
+    name = config.prefect.database.name
+    kept = f"{name}_before_restore_{when.lower()}"
+    vm.run(_rename(config, [(name, kept), (loaded, name)]), sudo=True, timeout=300)
+    return kept
+
+
+def put_back_database(vm: VM, config: BootstrapConfig, kept: str) -> str:
+    """The server's own database back in its place; the copy renamed aside, its name returned."""
+    name = config.prefect.database.name
+    failed = f"{kept.replace('_before_restore_', '_failed_restore_')}"
+    vm.run(f"systemctl stop {SERVER_UNIT}", sudo=True, timeout=120)
+    vm.run(_rename(config, [(name, failed), (kept, name)]), sudo=True, timeout=300)
+    vm.run(f"systemctl start {SERVER_UNIT}", sudo=True, timeout=120)
+    return f"PostgreSQL database {failed}"
