@@ -1,9 +1,10 @@
 """PostgreSQL on the volume as the Prefect server's database, on a real guest: a SQLite history
-is kept until the operator asks to switch, the switch leaves the SQLite file as it was, and the
-cluster comes back with the VM."""
+is kept until the operator asks to switch, the switch leaves the SQLite file as it was, copies
+are pg_dump's and put back (a damaged one refused), and the cluster comes back with the VM."""
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -13,12 +14,13 @@ import pytest
 from prefect import flow
 
 from core.errors import BootstrapError
-from flows.backup import backup
+from flows.backup import backup, restore
 from flows.configure import configure
 from flows.operate import health_check
 from flows.plan import plan
 from flows.provision import provision
 from tasks.prefect_server import server_secrets
+from tasks.service_user import as_service_user
 from tasks.vm_server import remote_client
 from tests.fixtures.bootstrap import operator_tunnel, ssh_alias
 
@@ -52,6 +54,8 @@ def record_history(cfg: Any, name: str) -> None:
     with operator_tunnel(cfg) as url, remote_client(url, auth) as client:
         client.create_flow_run(history, name=name)
 
+
+LIST_DATABASES = "cd / && sudo -u postgres psql -XAt -p 5432 -c 'SELECT datname FROM pg_database'"
 
 SQLITE_ROWS = (
     "sudo python3 -c \"import sqlite3, sys; print(sqlite3.connect('file:' + sys.argv[1] + "
@@ -105,13 +109,31 @@ def test_sqlite_history_kept_until_the_switch_then_postgresql_on_the_volume(vm_c
     assert "restarted: it ran with an older environment" in server.reason, server.reason
     assert [r.name for r in configure(switch).records if r.changed] == []
     assert run(switch, digest).stdout == kept
+    # Copies are of the database the server runs on: pg_dump's archive, off the VM.
+    copy = backup(switch)
+    assert copy is not None and copy.database == "postgresql", copy
+    assert copy.file.endswith(".pgdump") and copy.counts["flow_run"] == 1, copy
     report = health_check(switch)
     rows_by_probe = {r["probe"]: r for r in report.results}
     assert rows_by_probe["database"]["status"] == "ok", rows_by_probe["database"]
-    # Copies are SQLite's: on PostgreSQL a backup says so instead of copying the file left behind
-    assert rows_by_probe["backup"]["detail"].startswith("no copies on PostgreSQL yet")
-    with pytest.raises(BootstrapError, match=r"copies of PostgreSQL \(pg_dump\) are not built"):
-        backup(switch)
+    assert rows_by_probe["backup"]["status"] == "ok", rows_by_probe["backup"]
+    # Put back: what was written since is gone, the database it replaced is kept.
+    record_history(switch, "after-the-copy")
+    done = restore(switch)
+    assert flow_runs(switch) == ["on-postgresql"]
+    kept = done.kept.removeprefix("PostgreSQL database ")
+    assert kept.startswith("prefect_before_restore_"), done.kept
+    databases = run(switch, LIST_DATABASES).stdout.split()
+    assert kept in databases and "prefect_restoring" not in databases, databases
+    assert health_check(switch).healthy
+    # A damaged copy is refused before anything changes.
+    damaged = as_service_user(switch, f"truncate -s 4000 {shlex.quote(copy.file)}")
+    assert run(switch, damaged).returncode == 0
+    record_history(switch, "after-the-restore")
+    with pytest.raises(BootstrapError, match="does not match the digest in its record"):
+        restore(switch)
+    assert flow_runs(switch) == ["after-the-restore", "on-postgresql"]
+    assert run(switch, LIST_DATABASES).stdout.split() == databases
 
     # Another port under the running server: the cluster restarts inside the server's drain
     # (server stopped, cluster restarted, server started on the new URL), history kept.
@@ -121,7 +143,7 @@ def test_sqlite_history_kept_until_the_switch_then_postgresql_on_the_volume(vm_c
         "restarted (port 5432 -> 5433) in the Prefect server's drain" in done["database"].reason
     ), done["database"].reason
     assert "restarted with its PostgreSQL" in done["prefect server"].reason, done
-    assert flow_runs(moved) == ["on-postgresql"]
+    assert flow_runs(moved) == ["after-the-restore", "on-postgresql"]
     listening = run(moved, "ss -Htln").stdout
     assert "127.0.0.1:5433" in listening and ":5432 " not in listening, listening
     assert [r.name for r in configure(moved).records if r.changed] == []
@@ -143,6 +165,6 @@ def test_sqlite_history_kept_until_the_switch_then_postgresql_on_the_volume(vm_c
         except Exception as exc:  # the VM, its sshd or its server still on the way
             seen = repr(exc)
         time.sleep(2)
-    assert seen == ["on-postgresql"], seen
+    assert seen == ["after-the-restore", "on-postgresql"], seen
     assert run(moved, "systemctl is-active sails-postgres.service").stdout.strip() == "active"
     assert run(moved, digest).stdout == kept
