@@ -121,10 +121,10 @@ def test_sqlite_history_kept_until_the_switch_then_postgresql_on_the_volume(vm_c
     record_history(switch, "after-the-copy")
     done = restore(switch)
     assert flow_runs(switch) == ["on-postgresql"]
-    kept = done.kept.removeprefix("PostgreSQL database ")
-    assert kept.startswith("prefect_before_restore_"), done.kept
+    replaced = done.kept.removeprefix("PostgreSQL database ")
+    assert replaced.startswith("prefect_before_restore_"), done.kept
     databases = run(switch, LIST_DATABASES).stdout.split()
-    assert kept in databases and "prefect_restoring" not in databases, databases
+    assert replaced in databases and "prefect_restoring" not in databases, databases
     assert health_check(switch).healthy
     # A damaged copy is refused before anything changes.
     damaged = as_service_user(switch, f"truncate -s 4000 {shlex.quote(copy.file)}")
