@@ -36,6 +36,7 @@ demo: system
 
 bench: system
 	$(RUN) python -m bench
+	$(RUN) python -m bench.load
 
 clean:
 	-$(RUN) sails-sandbox down

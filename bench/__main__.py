@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,20 @@ def server_build(cfg: Any) -> float:
         conn.close()
 
 
+@contextmanager
+def on_sandbox(prefix: str) -> Iterator[Path]:
+    """The sandbox up, its exports in this process, a Prefect server of this run's own; a
+    scratch folder."""
+    from sandbox import manager
+    from sandbox.prefect_server import serving_prefect
+
+    manager.up()
+    os.environ.update(manager.env())
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    with serving_prefect(tmp / "prefect"):
+        yield tmp
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--api-delay", type=float, default=0.1, help="seconds per API call")
@@ -145,13 +160,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args()
 
-    from sandbox import manager
-    from sandbox.prefect_server import serving_prefect
-
-    manager.up()
-    os.environ.update(manager.env())
-    tmp = Path(tempfile.mkdtemp(prefix="sails-bench-"))
-    with serving_prefect(tmp / "prefect"):
+    with on_sandbox("sails-bench-") as tmp:
         results = measure(args, tmp)
     write_results(args, results)
     print(args.out.read_text())
@@ -380,7 +389,10 @@ def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
         f"Steps when run one by one: {steps}.",
         "",
     ]
-    args.out.write_text("\n".join(lines))
+    # (the load benchmark's section, written by `python -m bench.load`, is kept)
+    kept = args.out.read_text().split("\n## Load", 1) if args.out.exists() else []
+    load = "\n## Load" + kept[1] if len(kept) == 2 else ""
+    args.out.write_text("\n".join(lines) + load)
 
 
 if __name__ == "__main__":
