@@ -22,7 +22,7 @@ from urllib.parse import quote, unquote, urlsplit
 from pydantic import BaseModel, Field
 
 from core.prefect_settings import DatabaseSettings
-from tasks.server_runs import URL_VARIABLES, key_values, written_since
+from tasks.server_runs import URL_VARIABLES, key_values, number, written_since, written_times
 
 #: This tool's unit for the cluster on the volume (not Debian's postgresql@VERSION-NAME: that one
 #: keeps the cluster's settings on the root disk, which a VM made again would not have).
@@ -213,13 +213,6 @@ def _moved(db: DatabaseSettings, seen: DbObserved) -> tuple[str, str] | None:
     )
 
 
-def _number(text: str | None) -> float | None:
-    try:
-        return float(text) if text else None
-    except ValueError:
-        return None
-
-
 def parse_observed(output: str) -> DbObserved:
     """The ``key=value`` lines ``tasks/postgres.py: observe_script`` prints (with those of
     ``tasks/server_runs.py: runs_script``)."""
@@ -230,11 +223,7 @@ def parse_observed(output: str) -> DbObserved:
 
     data = one("data") or "missing"
     port, pid_port = one("db_port") or "", one("pg_pid_port") or ""
-    written = {
-        key.removeprefix("pg_written_"): t
-        for key in values
-        if key.startswith("pg_written_") and (t := _number(one(key))) is not None
-    }
+    written = written_times(values, "pg_written_")
     return DbObserved(
         sqlite_file=one("sqlite") == "1",
         data=cast(DataState, data if data in ("missing", "empty", "cluster") else "other"),
@@ -251,8 +240,8 @@ def parse_observed(output: str) -> DbObserved:
         server_db_name=one("db_name") or None,
         shown={name: v for name in RESTART_SETTINGS if (v := one(f"pg_{name}")) is not None},
         running_port=int(pid_port) if pid_port.isdigit() else None,
-        conf_loaded=_number(one("pg_loaded")),
-        cluster_started=_number(one("pg_started")),
+        conf_loaded=number(one("pg_loaded")),
+        cluster_started=number(one("pg_started")),
         written=written,
     )
 

@@ -98,11 +98,20 @@ def key_values(output: str) -> dict[str, list[str]]:
     return values
 
 
-def _number(text: str | None) -> float | None:
+def number(text: str | None) -> float | None:
     try:
         return float(text) if text else None
     except ValueError:
         return None
+
+
+def written_times(values: dict[str, list[str]], prefix: str) -> dict[str, float]:
+    """The ``PREFIX<name>=EPOCH`` lines (``mtime_script``'s) as {name: time}."""
+    return {
+        key.removeprefix(prefix): t
+        for key, seen in values.items()
+        if key.startswith(prefix) and (t := number(seen[-1])) is not None
+    }
 
 
 def parse_runs(output: str) -> ServerRuns:
@@ -114,14 +123,10 @@ def parse_runs(output: str) -> ServerRuns:
 
     uses = one("server")
     port = one("db_port")
-    written = {
-        key.removeprefix("written_"): t
-        for key in values
-        if key.startswith("written_") and (t := _number(one(key))) is not None
-    }
+    written = written_times(values, "written_")
     return ServerRuns(
         running=one("server_running") == "1",
-        started=_number(one("started")),
+        started=number(one("started")),
         written=written,
         uses=uses if uses in ("sqlite", "postgresql", "unknown") else "none",  # type: ignore[arg-type]
         db_user=one("db_user"),
