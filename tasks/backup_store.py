@@ -14,15 +14,8 @@ from pathlib import Path
 
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
-from tasks.backup import (
-    SUFFIXES,
-    BackupRecord,
-    arc_folder,
-    copy_stem,
-    local_copies,
-    record_beside,
-    sha256_of,
-)
+from tasks.backup import BackupRecord, arc_folder, local_copies, record_beside, sha256_of
+from tasks.backup_scripts import SUFFIXES, copy_stem
 from tasks.service_user import as_service_user
 from tasks.vm import VM
 

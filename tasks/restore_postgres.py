@@ -60,12 +60,20 @@ print(json.dumps({"list": listed, "work": work, "extensions": extensions}))
 _NAME = r"[a-z_][a-z0-9_]*"
 
 
-def _superuser(sql: str, database: str = "postgres") -> str:
-    """psql as the superuser through the local socket, ``sql`` in one transaction (root)."""
-    return (
-        f"cd / && runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -h {SOCKETS} "
-        f"-p {{port}} -d {shlex.quote(database)} -1 -c {shlex.quote(sql)}"
-    )
+def _as_postgres(config: BootstrapConfig, client: str) -> str:
+    """A PostgreSQL client command as the superuser through the cluster's local socket (root)."""
+    port = config.prefect.database.port
+    return f"cd / && runuser -u postgres -- {client} -h {SOCKETS} -p {port}"
+
+
+def _sql(config: BootstrapConfig, sql: str, database: str = "postgres") -> str:
+    """``sql`` in one transaction, as the superuser (root)."""
+    psql = _as_postgres(config, "psql -X -q -v ON_ERROR_STOP=1")
+    return f"{psql} -d {shlex.quote(database)} -1 -c {shlex.quote(sql)}"
+
+
+def _drop(config: BootstrapConfig) -> str:
+    return _as_postgres(config, "dropdb --if-exists") + f" {restoring_name(config)}"
 
 
 def restoring_name(config: BootstrapConfig) -> str:
@@ -82,20 +90,15 @@ def load_copy(vm: VM, config: BootstrapConfig, archive: str, sha256: str) -> str
     work = str(out["work"])
     target = restoring_name(config)
     extensions = [e for e in out["extensions"] if re.fullmatch(_NAME, e)]
-    port = str(db.port)
     try:
         # (a database of this name is a restore's cut off before its rename: never the server's)
-        vm.run(
-            f"cd / && runuser -u postgres -- dropdb --if-exists -h {SOCKETS} -p {port} {target}"
-            f" && runuser -u postgres -- createdb -h {SOCKETS} -p {port} -O {db.user} {target}",
-            sudo=True,
-            timeout=300,
-        )
+        made = _as_postgres(config, f"createdb -O {db.user}") + f" {target}"
+        vm.run(f"{_drop(config)} && {made}", sudo=True, timeout=300)
         if extensions:
-            made = "; ".join(f"CREATE EXTENSION IF NOT EXISTS {e}" for e in extensions)
-            vm.run(_superuser(made, target).format(port=port), sudo=True, timeout=120)
+            sql = "; ".join(f"CREATE EXTENSION IF NOT EXISTS {e}" for e in extensions)
+            vm.run(_sql(config, sql, target), sudo=True, timeout=120)
         restore = (
-            f"pg_restore -h {SOCKETS} -p {port} -U {db.user} -d {target} --no-owner "
+            f"pg_restore -h {SOCKETS} -p {db.port} -U {db.user} -d {target} --no-owner "
             f"--exit-on-error -L {shlex.quote(out['list'])} {shlex.quote(archive)}"
         )
         r = vm.run(as_service_user(config, restore), check=False, timeout=3600)
@@ -113,29 +116,19 @@ def load_copy(vm: VM, config: BootstrapConfig, archive: str, sha256: str) -> str
 def drop_loaded(vm: VM, config: BootstrapConfig) -> None:
     """The database a copy was loaded into, dropped if it is still there (a restore that ended
     before its rename; after it, the name is gone)."""
-    vm.run(
-        f"cd / && runuser -u postgres -- dropdb --if-exists -h {SOCKETS} "
-        f"-p {config.prefect.database.port} {restoring_name(config)}",
-        sudo=True,
-        check=False,
-    )
+    vm.run(_drop(config), sudo=True, check=False)
 
 
 def _rename(config: BootstrapConfig, renames: list[tuple[str, str]]) -> str:
     """Root's command: the server's database freed of stray sessions, then ``renames`` in one
     transaction."""
-    db = config.prefect.database
     names = ", ".join(f"'{old}'" for old, _ in renames)
     free = (
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
         f"WHERE datname IN ({names}) AND pid <> pg_backend_pid()"
     )
     moves = "; ".join(f"ALTER DATABASE {old} RENAME TO {new}" for old, new in renames)
-    return (
-        _superuser(free).format(port=db.port)
-        + " >/dev/null && "
-        + _superuser(moves).format(port=db.port)
-    )
+    return f"{_sql(config, free)} >/dev/null && {_sql(config, moves)}"
 
 
 def swap_databases(vm: VM, config: BootstrapConfig, loaded: str, when: str) -> str:
@@ -150,7 +143,7 @@ def swap_databases(vm: VM, config: BootstrapConfig, loaded: str, when: str) -> s
 def put_back_database(vm: VM, config: BootstrapConfig, kept: str) -> str:
     """The server's own database back in its place; the copy renamed aside, its name returned."""
     name = config.prefect.database.name
-    failed = f"{kept.replace('_before_restore_', '_failed_restore_')}"
+    failed = kept.replace("_before_restore_", "_failed_restore_")
     vm.run(f"systemctl stop {SERVER_UNIT}", sudo=True, timeout=120)
     vm.run(_rename(config, [(name, failed), (kept, name)]), sudo=True, timeout=300)
     vm.run(f"systemctl start {SERVER_UNIT}", sudo=True, timeout=120)
