@@ -86,7 +86,7 @@ def venv_probe(venv: str, code: str) -> str:
     )
 
 
-def _versions_code(names: list[str]) -> str:
+def versions_code(names: list[str]) -> str:
     return (
         "import importlib.metadata as m\n"
         "def v(n):\n"
@@ -108,16 +108,22 @@ def converge_venv(
     apply: bool = True,
 ) -> StepRecord:
     """``venv`` with ``packages`` (``name==version``) installed, and a local ``requirements``
-    file (installed on every run that has one: pip keeps what already satisfies it)."""
+    file (installed again when its text differs from the one last installed whole, kept as the
+    venv's requirements.txt)."""
     version = packages[0].split("==")[-1]
     py = f"{venv}/bin/python"
     have = vm.run(
-        venv_probe(venv, _versions_code([p.split("==")[0] for p in packages])), check=False
+        venv_probe(venv, versions_code([p.split("==")[0] for p in packages])), check=False
     )
     state = have.stdout.strip() if have.stdout.strip() in ("missing", "broken") else "ok"
     current = state == "ok" and have.ok and sorted(have.stdout.split()) == sorted(packages)
-    if current and not requirements:
-        return StepRecord(name=name, applied=apply, reason=f"{venv} has prefect {version}")
+    text = Path(requirements).expanduser().read_text() if requirements else None
+    if current and text is not None:  # installed whole last time: kept beside the packages
+        kept = vm.run(f"cat {shlex.quote(venv)}/requirements.txt", check=False)
+        current = kept.ok and kept.stdout.strip() == text.strip()
+    if current:
+        also = " and the requirements" if text is not None else ""
+        return StepRecord(name=name, applied=apply, reason=f"{venv} has prefect {version}{also}")
     wanted = ", ".join(packages) + (" and the requirements" if requirements else "")
     action = Action.CREATE if state == "missing" else Action.CHANGE
     if not apply:
@@ -147,16 +153,18 @@ def converge_venv(
             )
     vm.run(f"chown -R {user}:{user} {shlex.quote(venv)}", sudo=True, check=False)
     reqs = ""
-    if requirements:
-        text = Path(requirements).expanduser().read_text()
-        vm.write_file(f"{venv}/requirements.txt", text, owner=f"{user}:{user}", sudo=False)
-        reqs = f"-r {venv}/requirements.txt"
+    if text is not None:  # named requirements.txt once installed (what the next run compares)
+        vm.write_file(f"{venv}/requirements.txt.new", text, owner=f"{user}:{user}", sudo=False)
+        reqs = f"-r {venv}/requirements.txt.new"
     quoted = " ".join(shlex.quote(p) for p in packages)
     vm.run(
         f"{py} -m pip install -q --disable-pip-version-check {pip_index_args(config)} "
         f"{quoted} {reqs}",
         timeout=1800,
     )
+    if text is not None:
+        q = shlex.quote(venv)
+        vm.run(f"mv -f {q}/requirements.txt.new {q}/requirements.txt")
     logger().info("installed %s in %s (%.0f s)", ", ".join(packages), venv, progress.elapsed)
     done = {"missing": "created the venv; ", "broken": "rebuilt the broken venv; "}.get(state, "")
     return StepRecord(name=name, action=action, reason=f"{done}installed {', '.join(packages)}")
