@@ -35,6 +35,18 @@ REQUIREMENTS = [
     "setuptools",
     "wheel",
 ]
+#: Sets downloaded apart (they conflict with REQUIREMENTS): the Prefect the operators ran
+#: before this package's pin, which an upgrade starts from, with the FastAPI and Starlette of
+#: its time (3.6.29 fails on today's: its router lacks what FastAPI 0.137 reads).
+OLDER = [
+    [
+        "prefect==3.6.29",
+        "canfar==1.5.2",
+        "fastapi<0.137",
+        "starlette<1",
+        "async-timeout>=4.0.3",
+    ]
+]
 #: What the guests run: Debian 12's CPython 3.11 on x86_64, glibc 2.36. pip (23.x) does not
 #: widen a manylinux_2_N tag to older ones by itself, so every accepted tag is listed.
 TARGET = [
@@ -56,7 +68,7 @@ def url() -> str:
 
 
 def _key() -> str:
-    text = "\n".join([*TARGET, *REQUIREMENTS])
+    text = "\n".join([*TARGET, *REQUIREMENTS, *(r for older in OLDER for r in older)])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -106,6 +118,8 @@ def build(log=print) -> Path:  # type: ignore[no-untyped-def]
     if wheels.returncode:  # some project has no wheel: this host's own tags, sdists allowed
         log(f"wheels only failed ({wheels.stderr.decode()[-300:].strip()}); allowing sdists")
         subprocess.run([*pip, "--prefer-binary", *REQUIREMENTS], env=env, check=True)
+    for older in OLDER:
+        subprocess.run([*pip, "--only-binary=:all:", *TARGET, *older], env=env, check=True)
     simple = target / "simple"
     shutil.rmtree(simple, ignore_errors=True)
     projects: dict[str, list[str]] = {}
