@@ -14,6 +14,7 @@ from core.errors import BootstrapError
 from core.log import logger
 from core.records import Action
 from flows.steps import (
+    check_prefect_version,
     ensure_arc_mount,
     ensure_ca_bundle,
     ensure_canfar_auth,
@@ -38,6 +39,7 @@ from tasks.cloud.locate import VMTarget
 from tasks.database import database_url
 from tasks.postgres_role import database_password
 from tasks.prefect_server import server_secrets
+from tasks.venvs import local_prefect_version
 from tasks.vm import VM, LocalHost, StepRecord
 from tasks.vm_lock import vm_exclusive
 
@@ -147,16 +149,25 @@ def configure_host(
             records.append(key)
             user = arc_user(config, creds.username)
             records.append(ensure_arc_mount(host, config, user, apply))
-        venv = ensure_prefect_venv(host, config, apply=apply)
-        records.append(venv)
         secret = server_secrets(config, apply=apply, host=host)
+        # a new Prefect version on a server with history: upgraded with a way back
+        wanted = config.prefect.version or local_prefect_version()
+        version = check_prefect_version(host, config, secret, wanted, apply)
+        records.append(version)
+        if version.action == Action.BLOCKED:
+            raise BootstrapError(f"{version.name}: {version.reason}")
+        venv_changed = False
+        if apply or not version.changed:  # (in a plan, the pending upgrade builds the venv)
+            venv = ensure_prefect_venv(host, config, apply=apply)
+            records.append(venv)
+            venv_changed = venv.changed
         records.append(
             ensure_prefect_server(
                 host,
                 config,
                 secret,
                 apply,
-                venv_changed=venv.changed,
+                venv_changed=venv_changed,
                 database_url=url,
                 database_restart=database.restart_with_server,
             )

@@ -80,7 +80,7 @@ def plan(config: BootstrapConfig = BootstrapConfig()) -> PlanResult:
 
 #: Configure's steps that must be in place before the VM's Prefect server can be read (a
 #: database still to be made or switched to: the server that would read it is not there yet).
-SERVER_PREREQUISITES = ("database", "prefect venv", "prefect server")
+SERVER_PREREQUISITES = ("database", "prefect version", "prefect venv", "prefect server")
 
 
 def _plan_server(config: BootstrapConfig, vm: VM, result: PlanResult) -> None:

@@ -39,6 +39,7 @@ from tasks import (
     smoke,
     sshd,
     ui,
+    upgrade,
     venvs,
     vm_server,
     volume_fs,
@@ -122,6 +123,8 @@ ensure_ca_bundle = _wrap(canfar.ensure_ca_bundle, "ensure-ca-bundle", VM_TASK)
 ensure_canfar_auth = _wrap(canfar.ensure_canfar_auth, "ensure-canfar-auth", VM_TASK)
 ensure_canfar_key = _wrap(arc.ensure_canfar_key, "ensure-canfar-key", VM_TASK)
 ensure_arc_mount = _wrap(arc.ensure_arc_mount, "ensure-arc-mount", VM_TASK)
+# (not retried: an upgrade that fails has gone back to the version before, and says why)
+check_prefect_version = _wrap(upgrade.check_prefect_version, "check-prefect-version", UNCACHED)
 ensure_prefect_venv = _wrap(venvs.ensure_prefect_venv, "ensure-prefect-venv", VM_TASK)
 ensure_prefect_server = _wrap(
     prefect_server.ensure_prefect_server, "ensure-prefect-server", VM_TASK

@@ -131,12 +131,29 @@ def _rename(config: BootstrapConfig, renames: list[tuple[str, str]]) -> str:
     return f"{_sql(config, free)} >/dev/null && {_sql(config, moves)}"
 
 
+def rename_databases(vm: VM, config: BootstrapConfig, renames: list[tuple[str, str]]) -> None:
+    """``renames`` in one transaction, the databases freed of stray sessions (root)."""
+    vm.run(_rename(config, renames), sudo=True, timeout=300)
+
+
+def template_copy(vm: VM, config: BootstrapConfig, copy: str) -> str:
+    """A copy of the server's database (the server stopped) named ``copy``; returns its name."""
+    db = config.prefect.database
+    free = (
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname = '{db.name}' AND pid <> pg_backend_pid()"
+    )
+    made = _as_postgres(config, f"createdb -T {db.name} -O {db.user}") + f" {copy}"
+    vm.run(f"{_sql(config, free)} >/dev/null && {made}", sudo=True, timeout=3600)
+    return copy
+
+
 def swap_databases(vm: VM, config: BootstrapConfig, loaded: str, when: str) -> str:
     """With the server stopped: its database renamed aside, the loaded copy renamed into its
     place. Returns the name it is kept under."""
     name = config.prefect.database.name
     kept = f"{name}_before_restore_{when.lower()}"
-    vm.run(_rename(config, [(name, kept), (loaded, name)]), sudo=True, timeout=300)
+    rename_databases(vm, config, [(name, kept), (loaded, name)])
     return kept
 
 
@@ -145,6 +162,6 @@ def put_back_database(vm: VM, config: BootstrapConfig, kept: str) -> str:
     name = config.prefect.database.name
     failed = kept.replace("_before_restore_", "_failed_restore_")
     vm.run(f"systemctl stop {SERVER_UNIT}", sudo=True, timeout=120)
-    vm.run(_rename(config, [(name, failed), (kept, name)]), sudo=True, timeout=300)
+    rename_databases(vm, config, [(name, failed), (kept, name)])
     vm.run(f"systemctl start {SERVER_UNIT}", sudo=True, timeout=120)
     return f"PostgreSQL database {failed}"

@@ -1,10 +1,14 @@
-"""Versions are pinned once, in pyproject.toml; the VM's libraries are read from there."""
+"""Versions are pinned once, in pyproject.toml; the VM's libraries are read from there. A
+version change of the VM's Prefect is an upgrade only where there is history to keep."""
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
 
+import pytest
+
+from tasks.upgrade import Observed, decide_upgrade
 from tasks.venvs import VM_LIBRARIES, vm_packages
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -14,3 +18,29 @@ def test_the_vms_libraries_are_the_versions_pyproject_pins() -> None:
     pinned = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     wanted = [next(p for p in pinned if p.startswith(f"{name}==")) for name in VM_LIBRARIES]
     assert vm_packages() == wanted
+
+
+# -- an upgrade of the VM's Prefect: when, and when not -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("installed", "set_up", "action"),
+    [
+        (None, True, "none"),  # no venv (or a broken one): the venv step makes it
+        ("3.6.29", False, "none"),  # a server never set up has no history to keep
+        ("3.9.1", True, "none"),
+        ("3.6.29", True, "upgrade"),
+        ("3.9.1rc1", True, "upgrade"),
+        ("3.10.0", True, "refuse"),  # Prefect does not migrate a database back
+    ],
+)
+def test_an_upgrade_only_where_a_server_with_history_runs_an_older_prefect(
+    installed: str | None, set_up: bool, action: str
+) -> None:
+    decision = decide_upgrade(Observed(installed=installed, server_set_up=set_up), "3.9.1")
+    assert decision.action == action
+    if action == "refuse":
+        assert "set prefect.version: 3.10.0" in decision.reason
+        assert "nothing was changed" in decision.reason
+    if action == "upgrade":
+        assert decision.reason == f"Prefect {installed} → 3.9.1"
