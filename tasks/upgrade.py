@@ -48,11 +48,14 @@ STEP = "prefect version"
 
 
 class Observed(BaseModel):
-    """The pipeline venv's Prefect (None: no venv, a broken one, or no Prefect in it) and
-    whether the server has been set up (its environment file is there)."""
+    """The pipeline venv's Prefect (None: no venv, a broken one, or no Prefect in it), whether
+    this VM's server has been set up (its environment file is there) and whether the volume
+    holds a database."""
 
     installed: str | None
     server_set_up: bool
+    #: A database on the volume (SQLite's file, or a PostgreSQL cluster's data directory).
+    history: bool = False
 
 
 class UpgradeDecision(BaseModel):
@@ -67,10 +70,12 @@ def versioned(config: BootstrapConfig, version: str) -> str:
 
 def decide_upgrade(seen: Observed, wanted: str) -> UpgradeDecision:
     """An upgrade only where a server with history runs another version; a missing or broken
-    venv, or a server never set up, is the venv step's to make."""
+    venv, or a volume with no database yet, is the venv step's to make."""
     installed = seen.installed
-    if installed is None or not seen.server_set_up or installed == wanted:
+    if installed is None or installed == wanted:
         return UpgradeDecision(action="none")
+    if not seen.server_set_up and not seen.history:
+        return UpgradeDecision(action="none")  # nothing to keep: installed in place
     try:
         newer = Version(wanted) > Version(installed)
     except InvalidVersion:
@@ -84,6 +89,15 @@ def decide_upgrade(seen: Observed, wanted: str) -> UpgradeDecision:
                 f"set prefect.version: {installed} (nothing was changed)"
             ),
         )
+    if not seen.server_set_up:  # a new VM on a volume with history: its server comes first
+        return UpgradeDecision(
+            action="refuse",
+            reason=(
+                f"the volume holds Prefect {installed}'s venv and database, and this VM's server "
+                f"is not set up yet: configure with prefect.version: {installed} first (it sets "
+                f"the server up on that data), then change the version (nothing was changed)"
+            ),
+        )
     return UpgradeDecision(action="upgrade", reason=f"Prefect {installed} → {wanted}")
 
 
@@ -93,7 +107,10 @@ def observe(vm: VM, config: BootstrapConfig) -> Observed:
     last = probe[-1].removeprefix("prefect==") if probe else "missing"
     installed = None if last in ("missing", "broken", "none") else last
     env = vm.run(f"test -e {SERVER_ENV}", sudo=True, check=False).ok
-    return Observed(installed=installed, server_set_up=env)
+    sqlite = shlex.quote(f"{config.prefect.home}/prefect.db")
+    cluster = shlex.quote(f"{config.prefect.database.data_directory}/PG_VERSION")
+    data = vm.run(f"test -s {sqlite} || test -e {cluster}", sudo=True, check=False).ok
+    return Observed(installed=installed, server_set_up=env, history=data)
 
 
 def check_prefect_version(
@@ -255,16 +272,16 @@ def upgrade(
     new = versioned(config, wanted)
     pg = runs_on_postgresql(vm, config)
     log.info("upgrading the VM's Prefect %s → %s: a backup first", installed, wanted)
-    copy = backup_database(vm, config, local=config.backup_destination == "local")
-    copy_name = copy.file if copy else "none (no database yet)"
     packages = [f"prefect=={wanted}", *vm_packages(PIPELINE_LIBRARIES)]
     try:
+        copy = backup_database(vm, config, local=config.backup_destination == "local")
         converge_venv(vm, config, "prefect venv", new, packages, config.prefect.requirements)
     except BootstrapError as exc:
         raise BootstrapError(
-            f"the upgrade to Prefect {wanted} stopped before any switch: {exc}. Prefect "
-            f"{installed} runs on, unchanged"
+            f"the upgrade to Prefect {wanted} stopped before anything was switched: {exc}. "
+            f"Prefect {installed} runs on, unchanged"
         ) from None
+    copy_name = copy.file if copy else "none (no database yet)"
     vm.run(f"touch {shlex.quote(new)}/{MARK}", check=False)
     auth = secret["auth_string"] if config.prefect.api_auth else None
     url = f"http://127.0.0.1:{config.prefect.port}/api on the VM"

@@ -1,6 +1,7 @@
 """A Prefect upgrade on a real guest: an environment set up on Prefect 3.6 (the operators'
 version) with flow runs recorded is upgraded to the pinned version by changing the config,
-history kept; a migration that fails leaves the old version running on its data."""
+history kept; a migration that fails leaves the old version running on its data, on SQLite and
+on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -135,3 +136,50 @@ def test_prefect_3_6_upgraded_by_the_config_and_a_failed_migration_goes_back(
         report.healthy
         and {r["probe"]: r["status"] for r in report.results}["prefect-server"] == "ok"
     ), report.results
+
+
+#: A table 3.9's migrations create (after others that commit on their own, CREATE INDEX
+#: CONCURRENTLY): there already, the migration fails half-way.
+HELD = "automation_held_event"
+
+
+def psql(cfg: Any, sql: str) -> str:
+    db = cfg.prefect.database
+    q = shlex.quote(sql)
+    return run(cfg, f"cd / && sudo -u postgres psql -XAt -p {db.port} -d {db.name} -c {q}")
+
+
+@pytest.mark.timeout(1800)
+def test_on_postgresql_a_failed_migration_leaves_the_database_as_it_was(
+    vm_config, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    cfg = vm_config("t-up-pg")
+    pg = cfg.prefect.database.model_copy(update={"kind": "postgresql"})
+    cfg = cfg.model_copy(update={"prefect": cfg.prefect.model_copy(update={"database": pg})})
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(REQUIREMENTS)
+    old, new = on_version(cfg, OLD, requirements), on_version(cfg, None)
+    provision(old)
+    configure(old)
+    record_history(old, "on-3-6")
+    databases = "SELECT datname FROM pg_database WHERE datname LIKE 'prefect%' ORDER BY 1"
+
+    # (the role's, as the server's own tables are: its copies read every table)
+    role = cfg.prefect.database.user
+    psql(old, f"CREATE TABLE {HELD} (id integer); ALTER TABLE {HELD} OWNER TO {role}")
+    with pytest.raises(BootstrapError, match=rf"Prefect {OLD} runs again") as failed:
+        configure(new)
+    assert f'relation "{HELD}" already exists' in str(failed.value), failed.value
+    assert server(old) == (OLD, ["on-3-6"])
+    names = psql(old, databases).split()
+    # the copy kept before the migration is the server's database again; the migrated one aside
+    assert names[0] == "prefect" and len(names) == 2, names
+    assert names[1].startswith("prefect_failed_upgrade_"), names
+
+    psql(old, f"DROP TABLE {HELD}")
+    done = {r.name: r for r in configure(new).records}
+    assert f"upgraded Prefect {OLD} → {NEW}" in done["prefect version"].reason, done
+    assert server(new) == (NEW, ["on-3-6"])
+    names = psql(new, databases).split()
+    assert any(n.startswith("prefect_before_upgrade_") for n in names), names
+    assert [r.name for r in configure(new).records if r.changed] == []

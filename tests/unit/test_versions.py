@@ -24,23 +24,25 @@ def test_the_vms_libraries_are_the_versions_pyproject_pins() -> None:
 
 
 @pytest.mark.parametrize(
-    ("installed", "set_up", "action"),
+    ("installed", "set_up", "history", "action"),
     [
-        (None, True, "none"),  # no venv (or a broken one): the venv step makes it
-        ("3.6.29", False, "none"),  # a server never set up has no history to keep
-        ("3.9.1", True, "none"),
-        ("3.6.29", True, "upgrade"),
-        ("3.9.1rc1", True, "upgrade"),
-        ("3.10.0", True, "refuse"),  # Prefect does not migrate a database back
+        (None, True, True, "none"),  # no venv (or a broken one): the venv step makes it
+        ("3.6.29", False, False, "none"),  # nothing to keep: installed in place
+        ("3.9.1", True, True, "none"),
+        ("3.6.29", True, True, "upgrade"),
+        ("3.9.1rc1", True, True, "upgrade"),
+        ("3.10.0", True, True, "refuse"),  # Prefect does not migrate a database back
+        ("3.6.29", False, True, "refuse"),  # a new VM on old data: its server first
     ],
 )
 def test_an_upgrade_only_where_a_server_with_history_runs_an_older_prefect(
-    installed: str | None, set_up: bool, action: str
+    installed: str | None, set_up: bool, history: bool, action: str
 ) -> None:
-    decision = decide_upgrade(Observed(installed=installed, server_set_up=set_up), "3.9.1")
+    seen = Observed(installed=installed, server_set_up=set_up, history=history)
+    decision = decide_upgrade(seen, "3.9.1")
     assert decision.action == action
     if action == "refuse":
-        assert "set prefect.version: 3.10.0" in decision.reason
+        assert f"prefect.version: {installed}" in decision.reason
         assert "nothing was changed" in decision.reason
     if action == "upgrade":
         assert decision.reason == f"Prefect {installed} → 3.9.1"
