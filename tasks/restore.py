@@ -76,16 +76,25 @@ def unpack_on_vm(vm: VM, config: BootstrapConfig, packed: str, sha256: str) -> t
     return str(out["path"]), str(out["work"])
 
 
+def files_into(config: BootstrapConfig, folder: str, verb: str = "mv") -> str:
+    """Root's shell: ``folder`` (quoted, or a shell variable in quotes) made, the server's user's
+    alone, and the database's files (with its WAL) moved into it (``verb``: ``cp -a`` copies)."""
+    db = shlex.quote(database_path(config))
+    user = shlex.quote(config.prefect.user)
+    return (
+        f"mkdir -m 0700 {folder} && chown {user}:{user} {folder} && "
+        f'for f in {db} {db}-wal {db}-shm; do [ ! -e "$f" ] || {verb} "$f" {folder}/; done'
+    )
+
+
 def swap_database(vm: VM, config: BootstrapConfig, unpacked: str, when: str) -> str:
     """With the server stopped: the current database (and its WAL) moved into a folder of its
     own beside it, the unpacked copy moved in its place. Returns that folder."""
     db = shlex.quote(database_path(config))
     kept = f"{config.prefect.home}/before-restore-{when}"
-    q = shlex.quote(kept)
     user = shlex.quote(config.prefect.user)
     vm.run(
-        f"set -e; mkdir -m 0700 {q}; chown {user}:{user} {q}; "
-        f'for f in {db} {db}-wal {db}-shm; do [ ! -e "$f" ] || mv "$f" {q}/; done; '
+        f"set -e; {files_into(config, shlex.quote(kept))}; "
         f"chown {user}:{user} {shlex.quote(unpacked)}; mv {shlex.quote(unpacked)} {db}",
         sudo=True,
         timeout=300,
@@ -96,13 +105,12 @@ def swap_database(vm: VM, config: BootstrapConfig, unpacked: str, when: str) -> 
 def put_back(vm: VM, config: BootstrapConfig, kept: str) -> str:
     """The database the server ran with before, back in its place; the copy moved aside into
     a failed-restore folder, whose path is returned."""
-    db = shlex.quote(database_path(config))
     home = shlex.quote(config.prefect.home)
     q = shlex.quote(kept)
+    failed = '"$failed"'  # (the folder's name, made on the VM)
     r = vm.run(
         f"set -e; systemctl stop {SERVER_UNIT}; failed={home}/failed-restore-$(date +%s); "
-        f'mkdir -m 0700 "$failed"; for f in {db} {db}-wal {db}-shm; do '
-        f'[ ! -e "$f" ] || mv "$f" "$failed"/; done; '
+        f"{files_into(config, failed)}; "
         f'for f in {q}/prefect.db*; do [ ! -e "$f" ] || mv "$f" {home}/; done; '
         f'rmdir {q}; systemctl start {SERVER_UNIT}; echo "$failed"',
         sudo=True,
