@@ -24,8 +24,10 @@ server uses. A version older than the VM's is refused: Prefect does not migrate 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import shlex
+from pathlib import Path
 from typing import Literal
 
 from packaging.version import InvalidVersion, Version
@@ -38,6 +40,7 @@ from core.records import Action
 from tasks.backup import backup_database, runs_on_postgresql, stamp
 from tasks.drain import drained
 from tasks.prefect_server import SERVER_ENV, SERVER_UNIT, wait_for_health
+from tasks.restore import files_into
 from tasks.restore_postgres import rename_databases, template_copy
 from tasks.venvs import PIPELINE_LIBRARIES, converge_venv, venv_probe, versions_code, vm_packages
 from tasks.vm import VM, StepRecord
@@ -56,6 +59,8 @@ class Observed(BaseModel):
     server_set_up: bool
     #: A database on the volume (SQLite's file, or a PostgreSQL cluster's data directory).
     history: bool = False
+    #: The operators' requirements the venv was built with (None: none).
+    requirements: str | None = None
 
 
 class UpgradeDecision(BaseModel):
@@ -63,19 +68,39 @@ class UpgradeDecision(BaseModel):
     reason: str = ""
 
 
-def versioned(config: BootstrapConfig, version: str) -> str:
-    """Where the venv of ``version`` is built, beside the operators' path."""
-    return f"{config.prefect.venv}-{version}"
+def _text(requirements: str | None) -> str:
+    return (requirements or "").strip()
 
 
-def decide_upgrade(seen: Observed, wanted: str) -> UpgradeDecision:
-    """An upgrade only where a server with history runs another version; a missing or broken
-    venv, or a volume with no database yet, is the venv step's to make."""
+def versioned(config: BootstrapConfig, version: str, requirements: str | None = None) -> str:
+    """Where the venv of ``version`` (with ``requirements``, by digest) is built, beside the
+    operators' path."""
+    text = _text(requirements)
+    digest = f"-{hashlib.sha256(text.encode()).hexdigest()[:8]}" if text else ""
+    return f"{config.prefect.venv}-{version}{digest}"
+
+
+def wanted_requirements(config: BootstrapConfig) -> str | None:
+    path = config.prefect.requirements
+    return Path(path).expanduser().read_text() if path else None
+
+
+def decide_upgrade(seen: Observed, wanted: str, requirements: str | None = None) -> UpgradeDecision:
+    """An upgrade only where a server with history runs another version, or the same one with
+    other operators' ``requirements``; a missing or broken venv, or a volume with no database
+    yet, is the venv step's to make."""
     installed = seen.installed
-    if installed is None or installed == wanted:
+    same_requirements = _text(seen.requirements) == _text(requirements)
+    if installed is None or (installed == wanted and same_requirements):
         return UpgradeDecision(action="none")
     if not seen.server_set_up and not seen.history:
         return UpgradeDecision(action="none")  # nothing to keep: installed in place
+    if installed == wanted:
+        if not seen.server_set_up:  # its server is not running yet: installed in place
+            return UpgradeDecision(action="none")
+        return UpgradeDecision(
+            action="upgrade", reason=f"Prefect {wanted} with the operators' new requirements"
+        )
     try:
         newer = Version(wanted) > Version(installed)
     except InvalidVersion:
@@ -98,7 +123,8 @@ def decide_upgrade(seen: Observed, wanted: str) -> UpgradeDecision:
                 f"the server up on that data), then change the version (nothing was changed)"
             ),
         )
-    return UpgradeDecision(action="upgrade", reason=f"Prefect {installed} → {wanted}")
+    also = "" if same_requirements else " with the operators' new requirements"
+    return UpgradeDecision(action="upgrade", reason=f"Prefect {installed} → {wanted}{also}")
 
 
 def observe(vm: VM, config: BootstrapConfig) -> Observed:
@@ -110,7 +136,13 @@ def observe(vm: VM, config: BootstrapConfig) -> Observed:
     sqlite = shlex.quote(f"{config.prefect.home}/prefect.db")
     cluster = shlex.quote(f"{config.prefect.database.data_directory}/PG_VERSION")
     data = vm.run(f"test -s {sqlite} || test -e {cluster}", sudo=True, check=False).ok
-    return Observed(installed=installed, server_set_up=env, history=data)
+    kept = vm.run(f"cat {shlex.quote(venv)}/requirements.txt", check=False)
+    return Observed(
+        installed=installed,
+        server_set_up=env,
+        history=data,
+        requirements=kept.stdout if kept.ok else None,
+    )
 
 
 def check_prefect_version(
@@ -122,13 +154,14 @@ def check_prefect_version(
 ) -> StepRecord:
     """The VM's server at ``wanted``: upgraded with a way back when it runs an older one."""
     seen = observe(vm, config)
-    decision = decide_upgrade(seen, wanted)
+    requirements = wanted_requirements(config)
+    decision = decide_upgrade(seen, wanted, requirements)
     if decision.action == "none":
         reason = f"Prefect {seen.installed}" if seen.installed else "no venv yet"
         return StepRecord(name=STEP, applied=apply, reason=reason)
     if decision.action == "refuse":
         return StepRecord(name=STEP, action=Action.BLOCKED, applied=False, reason=decision.reason)
-    new = versioned(config, wanted)
+    new = versioned(config, wanted, requirements)
     if not apply:
         return StepRecord(
             name=STEP,
@@ -141,7 +174,7 @@ def check_prefect_version(
             ),
         )
     assert seen.installed is not None
-    done = upgrade(vm, config, secret, seen, wanted)
+    done = upgrade(vm, config, secret, seen, wanted, new, decision.reason)
     return StepRecord(name=STEP, action=Action.CHANGE, applied=True, reason=done)
 
 
@@ -162,16 +195,8 @@ def _keep_database(vm: VM, config: BootstrapConfig, on_postgresql: bool, when: s
     if on_postgresql:
         name = f"{config.prefect.database.name}_before_upgrade_{when.lower()}"
         return template_copy(vm, config, name)
-    home = config.prefect.home
-    kept = f"{home}/before-upgrade-{when}"
-    db = shlex.quote(f"{home}/prefect.db")
-    q = shlex.quote(kept)
-    vm.run(
-        f"set -e; mkdir -m 0700 {q}; chown --reference={shlex.quote(home)} {q}; "
-        f'for f in {db} {db}-wal {db}-shm; do [ ! -e "$f" ] || cp -a "$f" {q}/; done',
-        sudo=True,
-        timeout=1800,
-    )
+    kept = f"{config.prefect.home}/before-upgrade-{when}"
+    vm.run(f"set -e; {files_into(config, shlex.quote(kept), 'cp -a')}", sudo=True, timeout=1800)
     return kept
 
 
@@ -183,14 +208,12 @@ def _put_back_database(vm: VM, config: BootstrapConfig, on_postgresql: bool, kep
         failed = kept.replace("_before_upgrade_", "_failed_upgrade_")
         rename_databases(vm, config, [(name, failed), (kept, name)])
         return f"PostgreSQL database {failed}"
-    home = config.prefect.home
-    db = shlex.quote(f"{home}/prefect.db")
+    home = shlex.quote(config.prefect.home)
     failed = kept.replace("/before-upgrade-", "/failed-upgrade-")
-    q, f = shlex.quote(kept), shlex.quote(failed)
+    q = shlex.quote(kept)
     vm.run(
-        f"set -e; mkdir -m 0700 {f}; chown --reference={shlex.quote(home)} {f}; "
-        f'for x in {db} {db}-wal {db}-shm; do [ ! -e "$x" ] || mv "$x" {f}/; done; '
-        f'for x in {q}/prefect.db*; do [ ! -e "$x" ] || cp -a "$x" {shlex.quote(home)}/; done',
+        f"set -e; {files_into(config, shlex.quote(failed))}; "
+        f'for x in {q}/prefect.db*; do [ ! -e "$x" ] || cp -a "$x" {home}/; done',
         sudo=True,
         timeout=1800,
     )
@@ -262,23 +285,30 @@ def _prune(vm: VM, config: BootstrapConfig, keep: list[str]) -> None:
 
 
 def upgrade(
-    vm: VM, config: BootstrapConfig, secret: dict[str, str], seen: Observed, wanted: str
+    vm: VM,
+    config: BootstrapConfig,
+    secret: dict[str, str],
+    seen: Observed,
+    wanted: str,
+    new: str,
+    what: str,
 ) -> str:
-    """Steps 1 to 6 of the module's docstring; returns what was done."""
+    """Steps 1 to 6 of the module's docstring, the new venv at ``new`` (``what``: the
+    decision's words, "Prefect OLD → NEW"); returns what was done."""
     from tasks.vm_server import remote_client
 
     log = logger()
     installed = seen.installed
-    new = versioned(config, wanted)
     pg = runs_on_postgresql(vm, config)
-    log.info("upgrading the VM's Prefect %s → %s: a backup first", installed, wanted)
+    log.info("upgrading to %s: a backup first", what)
     packages = [f"prefect=={wanted}", *vm_packages(PIPELINE_LIBRARIES)]
     try:
         copy = backup_database(vm, config, local=config.backup_destination == "local")
         converge_venv(vm, config, "prefect venv", new, packages, config.prefect.requirements)
     except BootstrapError as exc:
+        vm.run(f"rm -rf {shlex.quote(new)}", sudo=True, check=False)  # (nothing uses it)
         raise BootstrapError(
-            f"the upgrade to Prefect {wanted} stopped before anything was switched: {exc}. "
+            f"the upgrade to {what} stopped before anything was switched: {exc}. "
             f"Prefect {installed} runs on, unchanged"
         ) from None
     copy_name = copy.file if copy else "none (no database yet)"
@@ -309,9 +339,7 @@ def upgrade(
                 raise BootstrapError(f"the server reports version {running}, not {wanted}")
         except Exception as exc:
             why = str(exc) if isinstance(exc, BootstrapError) else f"{type(exc).__name__}: {exc}"
-            log.error(
-                "the upgrade to Prefect %s failed (%s): going back to %s", wanted, why, installed
-            )
+            log.error("the upgrade to %s failed (%s): back to %s", what, why, installed)
             vm.run(f"systemctl stop {units}", sudo=True, timeout=120, check=False)
             failed = _put_back_database(vm, config, pg, kept)
             if previous is not None:
@@ -319,7 +347,7 @@ def upgrade(
             vm.run(f"systemctl start {units}", sudo=True, timeout=120)
             wait_for_health(f"{base}/api", timeout=300, shown=url)
             raise BootstrapError(
-                f"the upgrade of the VM's Prefect {installed} → {wanted} failed ({why}). Prefect "
+                f"the upgrade to {what} failed ({why}). Prefect "
                 f"{installed} runs again on its database as it was before the upgrade; the one "
                 f"the new version touched is kept at {failed}, its venv at {new}, and the backup "
                 f"made first is {copy_name}"
@@ -327,7 +355,7 @@ def upgrade(
         note = drain.note()
     _prune(vm, config, [new, previous or ""])
     done = (
-        f"upgraded Prefect {installed} → {wanted} (backup first: {copy_name}; the database as it "
+        f"upgraded to {what} (backup first: {copy_name}; the database as it "
         f"was kept at {kept}; the old venv kept at {previous or config.prefect.venv + '.previous'})"
     )
     log.info("%s", done)

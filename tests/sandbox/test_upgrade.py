@@ -119,7 +119,7 @@ def test_prefect_3_6_upgraded_by_the_config_and_a_failed_migration_goes_back(
     # Mended, the same change upgrades it: history kept, the old venv kept beside.
     sqlite(old, f"DROP TABLE {BLOCKER}")
     done = {r.name: r for r in configure(new).records}
-    assert f"upgraded Prefect {OLD} → {NEW}" in done["prefect version"].reason, done
+    assert f"upgraded to Prefect {OLD} → {NEW}" in done["prefect version"].reason, done
     assert server(new) == (NEW, ["on-3-6"])
     assert run(new, f"readlink {venv}") == f"{venv}-{NEW}"
     assert run(new, f"test -x {venv}.previous/bin/python && echo kept") == "kept"
@@ -128,6 +128,23 @@ def test_prefect_3_6_upgraded_by_the_config_and_a_failed_migration_goes_back(
 
     # A second run changes nothing; an older version is refused, naming the one to set.
     assert [r.name for r in configure(new).records if r.changed] == []
+
+    # The operators' requirements changed: the same way, a venv beside. One that does not
+    # install (3.9 needs Starlette 1) stops before anything is switched.
+    stuck = tmp_path / "stuck.txt"
+    stuck.write_text("starlette<1\n")
+    with pytest.raises(BootstrapError, match="stopped before anything was switched"):
+        configure(on_version(cfg, None, stuck))
+    assert run(new, f"readlink {venv}") == f"{venv}-{NEW}"
+    assert run(new, f"ls -d {venv}-{NEW}-* 2>/dev/null || echo none") == "none"
+    more = tmp_path / "more.txt"
+    more.write_text("pyyaml\n")
+    done = {r.name: r for r in configure(on_version(cfg, None, more)).records}
+    assert "with the operators' new requirements" in done["prefect version"].reason, done
+    assert run(new, f"readlink {venv}").startswith(f"{venv}-{NEW}-")
+    assert run(new, f"{venv}/bin/python -c 'import yaml; print(1)'") == "1"
+    assert server(new) == (NEW, ["on-3-6"])
+    assert [r.name for r in configure(on_version(cfg, None, more)).records if r.changed] == []
     with pytest.raises(BootstrapError, match=rf"set prefect\.version: {NEW}"):
         configure(old)
     assert server(new) == (NEW, ["on-3-6"])
@@ -178,7 +195,7 @@ def test_on_postgresql_a_failed_migration_leaves_the_database_as_it_was(
 
     psql(old, f"DROP TABLE {HELD}")
     done = {r.name: r for r in configure(new).records}
-    assert f"upgraded Prefect {OLD} → {NEW}" in done["prefect version"].reason, done
+    assert f"upgraded to Prefect {OLD} → {NEW}" in done["prefect version"].reason, done
     assert server(new) == (NEW, ["on-3-6"])
     names = psql(new, databases).split()
     assert any(n.startswith("prefect_before_upgrade_") for n in names), names

@@ -46,3 +46,15 @@ def test_an_upgrade_only_where_a_server_with_history_runs_an_older_prefect(
         assert "nothing was changed" in decision.reason
     if action == "upgrade":
         assert decision.reason == f"Prefect {installed} → 3.9.1"
+
+
+def test_new_requirements_on_a_server_with_history_are_an_upgrade_of_their_own() -> None:
+    seen = Observed(installed="3.9.1", server_set_up=True, history=True, requirements="a\n")
+    assert decide_upgrade(seen, "3.9.1", "a").action == "none"  # (compared as text)
+    changed = decide_upgrade(seen, "3.9.1", "a\nb\n")
+    assert changed.action == "upgrade"
+    assert changed.reason == "Prefect 3.9.1 with the operators' new requirements"
+    assert decide_upgrade(seen, "3.9.1", None).action == "upgrade"  # dropped: a venv without
+    # a server not set up yet on this VM has nothing running to keep: installed in place
+    fresh = seen.model_copy(update={"server_set_up": False})
+    assert decide_upgrade(fresh, "3.9.1", "b").action == "none"
