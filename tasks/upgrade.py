@@ -1,10 +1,11 @@
 """A Prefect upgrade of the VM's server with a way back.
 
-A new ``prefect.version`` on a VM whose server has a database is not installed over the running
-one. In order:
+A new ``prefect.version`` (or new operators' requirements, ``prefect.requirements``) on a VM
+whose server has a database is not installed over the running one. In order:
 
 1. a backup of the database off the VM (/arc, or the operator's machine), the server running;
-2. the new venv built beside the old one, at ``VENV-VERSION``, the server running;
+2. the new venv built beside the old one, at ``VENV-VERSION`` (``-DIGEST`` of the requirements'
+   text when there are some), the server running;
 3. the pools drained as for any restart, the server and the pipeline's workers stopped;
 4. the database kept on the volume as it is (SQLite: its files copied into
    ``before-upgrade-STAMP`` in the Prefect home; PostgreSQL: a copy ``NAME_before_upgrade_STAMP``
