@@ -28,7 +28,6 @@ import contextlib
 import hashlib
 import re
 import shlex
-from pathlib import Path
 from typing import Literal
 
 from packaging.version import InvalidVersion, Version
@@ -37,14 +36,25 @@ from pydantic import BaseModel
 from core.config import BootstrapConfig
 from core.errors import BootstrapError
 from core.log import logger
+from core.prefect_settings import OWN_POOL
 from core.records import Action
 from tasks.backup import backup_database, runs_on_postgresql, stamp
 from tasks.drain import drained
 from tasks.prefect_server import SERVER_ENV, SERVER_UNIT, wait_for_health
 from tasks.restore import files_into
 from tasks.restore_postgres import rename_databases, template_copy
-from tasks.venvs import PIPELINE_LIBRARIES, converge_venv, venv_probe, versions_code, vm_packages
+from tasks.venvs import (
+    PIPELINE_LIBRARIES,
+    converge_venv,
+    installed_requirements,
+    requirements_text,
+    same_requirements,
+    venv_probe,
+    versions_code,
+    vm_packages,
+)
 from tasks.vm import VM, StepRecord
+from tasks.workers import worker_unit_name
 
 #: A file in each venv this package builds beside the operators' (what it may remove later).
 MARK = ".sails-bootstrap-venv"
@@ -69,21 +79,12 @@ class UpgradeDecision(BaseModel):
     reason: str = ""
 
 
-def _text(requirements: str | None) -> str:
-    return (requirements or "").strip()
-
-
 def versioned(config: BootstrapConfig, version: str, requirements: str | None = None) -> str:
     """Where the venv of ``version`` (with ``requirements``, by digest) is built, beside the
     operators' path."""
-    text = _text(requirements)
+    text = (requirements or "").strip()
     digest = f"-{hashlib.sha256(text.encode()).hexdigest()[:8]}" if text else ""
     return f"{config.prefect.venv}-{version}{digest}"
-
-
-def wanted_requirements(config: BootstrapConfig) -> str | None:
-    path = config.prefect.requirements
-    return Path(path).expanduser().read_text() if path else None
 
 
 def decide_upgrade(seen: Observed, wanted: str, requirements: str | None = None) -> UpgradeDecision:
@@ -91,8 +92,8 @@ def decide_upgrade(seen: Observed, wanted: str, requirements: str | None = None)
     other operators' ``requirements``; a missing or broken venv, or a volume with no database
     yet, is the venv step's to make."""
     installed = seen.installed
-    same_requirements = _text(seen.requirements) == _text(requirements)
-    if installed is None or (installed == wanted and same_requirements):
+    same = same_requirements(seen.requirements, requirements)
+    if installed is None or (installed == wanted and same):
         return UpgradeDecision(action="none")
     if not seen.server_set_up and not seen.history:
         return UpgradeDecision(action="none")  # nothing to keep: installed in place
@@ -124,7 +125,7 @@ def decide_upgrade(seen: Observed, wanted: str, requirements: str | None = None)
                 f"the server up on that data), then change the version (nothing was changed)"
             ),
         )
-    also = "" if same_requirements else " with the operators' new requirements"
+    also = "" if same else " with the operators' new requirements"
     return UpgradeDecision(action="upgrade", reason=f"Prefect {installed} → {wanted}{also}")
 
 
@@ -137,12 +138,11 @@ def observe(vm: VM, config: BootstrapConfig) -> Observed:
     sqlite = shlex.quote(f"{config.prefect.home}/prefect.db")
     cluster = shlex.quote(f"{config.prefect.database.data_directory}/PG_VERSION")
     data = vm.run(f"test -s {sqlite} || test -e {cluster}", sudo=True, check=False).ok
-    kept = vm.run(f"cat {shlex.quote(venv)}/requirements.txt", check=False)
     return Observed(
         installed=installed,
         server_set_up=env,
         history=data,
-        requirements=kept.stdout if kept.ok else None,
+        requirements=installed_requirements(vm, venv),
     )
 
 
@@ -155,7 +155,7 @@ def check_prefect_version(
 ) -> StepRecord:
     """The VM's server at ``wanted``: upgraded with a way back when it runs an older one."""
     seen = observe(vm, config)
-    requirements = wanted_requirements(config)
+    requirements = requirements_text(config.prefect.requirements)
     decision = decide_upgrade(seen, wanted, requirements)
     if decision.action == "none":
         reason = f"Prefect {seen.installed}" if seen.installed else "no venv yet"
@@ -174,21 +174,19 @@ def check_prefect_version(
                 "and the database as it was kept for a way back)"
             ),
         )
-    assert seen.installed is not None
-    done = upgrade(vm, config, secret, seen, wanted, new, decision.reason)
+    assert seen.installed is not None  # (an upgrade is from a version)
+    done = upgrade(vm, config, secret, seen.installed, wanted, new, decision.reason)
     return StepRecord(name=STEP, action=Action.CHANGE, applied=True, reason=done)
 
 
 def _pipeline_workers(vm: VM) -> list[str]:
     """The running workers that run from the pipeline's venv (not this package's pool's)."""
-    from core.prefect_settings import OWN_POOL
-
     out = vm.run(
         "systemctl list-units --type=service --state=active --plain --no-legend "
         "'prefect-worker@*' | awk '{print $1}'",
         check=False,
     ).stdout.split()
-    return [u for u in out if u != f"prefect-worker@{OWN_POOL}.service"]
+    return [u for u in out if u != worker_unit_name(OWN_POOL)]
 
 
 def _keep_database(vm: VM, config: BootstrapConfig, on_postgresql: bool, when: str) -> str:
@@ -263,15 +261,6 @@ def _switch_back(vm: VM, config: BootstrapConfig, previous: str) -> None:
     vm.run(cmd, sudo=True)
 
 
-def _running_version(base: str, auth: str | None) -> str:
-    import httpx
-
-    creds = tuple(auth.split(":", 1)) if auth else None
-    r = httpx.get(f"{base}/api/admin/version", auth=creds, timeout=10)  # type: ignore[arg-type]
-    r.raise_for_status()
-    return str(r.json())
-
-
 def _prune(vm: VM, config: BootstrapConfig, keep: list[str]) -> None:
     """This package's older venvs beside the operators' path, but the two in ``keep``."""
     venv = config.prefect.venv
@@ -289,7 +278,7 @@ def upgrade(
     vm: VM,
     config: BootstrapConfig,
     secret: dict[str, str],
-    seen: Observed,
+    installed: str,
     wanted: str,
     new: str,
     what: str,
@@ -299,7 +288,6 @@ def upgrade(
     from tasks.vm_server import remote_client
 
     log = logger()
-    installed = seen.installed
     pg = runs_on_postgresql(vm, config)
     log.info("upgrading to %s: a backup first", what)
     packages = [f"prefect=={wanted}", *vm_packages(PIPELINE_LIBRARIES)]
@@ -335,7 +323,7 @@ def upgrade(
             previous = _switch(vm, config, new)
             vm.run(f"systemctl start {units}", sudo=True, timeout=120)
             wait_for_health(f"{base}/api", timeout=300, shown=url)
-            running = _running_version(base, auth)
+            running = client.api_version()
             if running != wanted:
                 raise BootstrapError(f"the server reports version {running}, not {wanted}")
         except Exception as exc:

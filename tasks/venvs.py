@@ -56,6 +56,21 @@ def vm_packages(names: tuple[str, ...] = VM_LIBRARIES) -> list[str]:
     return [pins[name] for name in names]
 
 
+def requirements_text(path: str | None) -> str | None:
+    """The operators' requirements file's text (None: no file configured)."""
+    return Path(path).expanduser().read_text() if path else None
+
+
+def installed_requirements(vm: VM, venv: str) -> str | None:
+    """The requirements ``venv`` was last built with whole (None: none)."""
+    kept = vm.run(f"cat {shlex.quote(venv)}/requirements.txt", check=False)
+    return kept.stdout if kept.ok else None
+
+
+def same_requirements(a: str | None, b: str | None) -> bool:
+    return (a or "").strip() == (b or "").strip()
+
+
 def local_prefect_version() -> str:
     import prefect
 
@@ -117,10 +132,9 @@ def converge_venv(
     )
     state = have.stdout.strip() if have.stdout.strip() in ("missing", "broken") else "ok"
     current = state == "ok" and have.ok and sorted(have.stdout.split()) == sorted(packages)
-    text = Path(requirements).expanduser().read_text() if requirements else None
+    text = requirements_text(requirements)
     if current and text is not None:  # installed whole last time: kept beside the packages
-        kept = vm.run(f"cat {shlex.quote(venv)}/requirements.txt", check=False)
-        current = kept.ok and kept.stdout.strip() == text.strip()
+        current = same_requirements(installed_requirements(vm, venv), text)
     if current:
         also = " and the requirements" if text is not None else ""
         return StepRecord(name=name, applied=apply, reason=f"{venv} has prefect {version}{also}")
